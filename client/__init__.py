@@ -1,0 +1,46 @@
+"""pipeq: Hugging Face transformers pipelines as asynchronous jobs on Celery workers.
+
+    from pipeq import pipeline
+    classifier = pipeline("sentiment-analysis")
+    classifier("I've been waiting for a HuggingFace course my whole life.")
+"""
+
+from pipeq._client import Client, Job, JobState
+from pipeq._config import Deployment, load_deployments
+from pipeq._pipeline import RemotePipeline, pipeline
+from pipeq.errors import (
+    InvalidRequest,
+    JobCancelled,
+    JobError,
+    JobFailed,
+    JobLost,
+    JobTimeout,
+    ModelLoadError,
+    NoLiveWorker,
+    Overloaded,
+    PipeqError,
+    UnknownDeployment,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "Deployment",
+    "InvalidRequest",
+    "Job",
+    "JobCancelled",
+    "JobError",
+    "JobFailed",
+    "JobLost",
+    "JobState",
+    "JobTimeout",
+    "ModelLoadError",
+    "NoLiveWorker",
+    "Overloaded",
+    "PipeqError",
+    "RemotePipeline",
+    "UnknownDeployment",
+    "load_deployments",
+    "pipeline",
+]

@@ -1,0 +1,3 @@
+from pipeq._cli import main
+
+raise SystemExit(main())

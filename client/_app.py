@@ -1,0 +1,68 @@
+"""The wire contract shared by producers, workers and Flower.
+
+One Celery task name (`RUN_TASK`) serves every deployment; the queue says which
+deployment runs it. Producers send by name and never import worker code. Every
+setting that must agree on both sides (serializer, visibility timeout, acks) is here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery
+
+__all__ = [
+    "DEFAULT_REDIS_URL",
+    "RUN_TASK",
+    "VISIBILITY_TIMEOUT_S",
+    "make_app",
+    "queue_for",
+    "redis_url",
+]
+
+#: where `pipeq up` puts its embedded Redis, and where clients look when told nothing
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6399/0"
+#: the one task every worker registers
+RUN_TASK = "pipeq.run"
+#: a job not acknowledged this long after delivery goes back to its queue (worker died)
+VISIBILITY_TIMEOUT_S = 3600
+#: results (and errors) stay readable this long
+RESULT_TTL_S = 24 * 3600
+
+
+def redis_url(url: str | None = None) -> str:
+    """The explicit URL, else $PIPEQ_REDIS_URL, else the local default."""
+    return url or os.environ.get("PIPEQ_REDIS_URL") or DEFAULT_REDIS_URL
+
+
+def queue_for(deployment: str) -> str:
+    return f"pipeq.{deployment}"
+
+
+def make_app(url: str | None = None, **overrides: Any) -> Celery:
+    """A Celery app with pipeq's settings, on Redis as broker and result backend."""
+    url = redis_url(url)
+    app = Celery("pipeq", broker=url, backend=url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        result_expires=RESULT_TTL_S,
+        result_extended=True,  # Flower and `pipeq status` can see args of finished jobs
+        task_track_started=True,
+        task_acks_late=True,  # a worker killed mid-job costs no job: it is redelivered
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_connection_retry_on_startup=True,
+        task_default_queue="pipeq.default",
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_pool_limit=10,
+    )
+    app.conf.update(overrides)
+    return app

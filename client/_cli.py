@@ -1,0 +1,209 @@
+"""The `pipeq` command. Options fall back to $PIPEQ_REDIS_URL and $PIPEQ_CONFIG."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from pipeq.errors import PipeqError
+
+__all__ = ["main"]
+
+
+def _param(text: str) -> tuple[str, Any]:
+    """key=value, the value read as JSON when it parses (2, true, [..]) else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--param wants key=value, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def _input(text: str) -> Any:
+    """A plain string, or JSON when it starts like JSON (for lists and QA dicts)."""
+    if text[:1] in "[{":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return text
+
+
+def _print(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from pipeq._config import load_deployments, pick
+
+    deployment = pick(load_deployments(args.config), args.deployment)
+    from pipeq.worker.main import run_worker  # torch lives behind this import
+
+    return run_worker(
+        deployment,
+        redis_url=args.redis_url,
+        gpu=args.gpu,
+        concurrency=args.concurrency,
+        loglevel=args.loglevel,
+    )
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from pipeq._config import load_deployments
+    from pipeq._stack import Stack
+
+    stack = Stack(
+        load_deployments(args.config),
+        args.config,
+        redis_url=args.redis_url,
+        redis_port=args.redis_port,
+        flower_port=None if args.no_flower else args.flower_port,
+    )
+    stopping = threading.Event()
+
+    def _stop(signum: int, frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        stack.start()
+        print(f"redis:   {stack.url}" + ("  (embedded)" if stack.redis_proc else ""), flush=True)
+        if stack.flower_proc:
+            print(f"flower:  http://127.0.0.1:{args.flower_port}", flush=True)
+        print(f"logs:    {stack.log_dir}", flush=True)
+        for name, state in stack.wait_ready(args.ready_timeout).items():
+            print(f"worker {name}: {state}", flush=True)
+        print("pipeq is up; Ctrl-C stops it", flush=True)
+        reported = set(stack.failed())
+        while not stopping.wait(1.0):
+            for name, code in stack.failed().items():
+                if name not in reported:
+                    reported.add(name)
+                    print(f"worker {name} exited ({code}): {stack.log_tail(name)}", flush=True)
+    finally:
+        print("stopping...", flush=True)
+        stack.stop()
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from pipeq import Client
+
+    return Client(args.redis_url)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.submit(args.target, _input(args.input), model=args.model, **dict(args.param))
+        _print(job.result(timeout=args.timeout))
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.submit(args.target, _input(args.input), model=args.model, **dict(args.param))
+        print(job.id)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(client.job(args.job_id).status().value)
+    return 0
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print(client.job(args.job_id).result(timeout=args.timeout))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        cancelled = client.job(args.job_id).cancel()
+        print("cancelled" if cancelled else "already finished")
+    return 0 if cancelled else 1
+
+
+def cmd_deployments(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for name, d in sorted(client.deployments().items()):
+            live = len(client.registry.live_workers(name))
+            print(f"{name}\t{d.task}\t{d.model}\t{live} live worker(s)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeq.worker.demo import main as demo_main
+
+    return demo_main(models_dir=args.models_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipeq", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    env_url = os.environ.get("PIPEQ_REDIS_URL")
+    env_config = os.environ.get("PIPEQ_CONFIG")
+
+    def add(name: str, help: str, func: Any) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        sp.add_argument(
+            "--redis-url", default=env_url, help="default: $PIPEQ_REDIS_URL or redis://127.0.0.1:6399/0"
+        )
+        return sp
+
+    w = add("worker", "serve one deployment (one model on one device)", cmd_worker)
+    w.add_argument("deployment", help="deployment name (or a task served by one)")
+    w.add_argument("--config", default=env_config, help="deployments TOML (default: the course's nine)")
+    w.add_argument("--gpu", type=int, help="use only this GPU (sets CUDA_VISIBLE_DEVICES)")
+    w.add_argument("--concurrency", type=int, help="job threads (default 4 x max_batch_size)")
+    w.add_argument("--loglevel", default="INFO")
+
+    u = add("up", "start Redis (embedded unless --redis-url), the workers and Flower", cmd_up)
+    u.add_argument("--config", default=env_config)
+    u.add_argument("--redis-port", type=int, default=6399, help="port of the embedded Redis")
+    u.add_argument("--flower-port", type=int, default=5555)
+    u.add_argument("--no-flower", action="store_true")
+    u.add_argument("--ready-timeout", type=float, default=300.0)
+
+    for name, func, help in (
+        ("run", cmd_run, "submit one request, wait, print the result as JSON"),
+        ("submit", cmd_submit, "submit one request and print its job id"),
+    ):
+        sp = add(name, help, func)
+        sp.add_argument("target", help="deployment name or task")
+        sp.add_argument("input", help="the text (JSON for lists or question-answering dicts)")
+        sp.add_argument("--model", help="pick the deployment of the task serving this model")
+        sp.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE")
+        if name == "run":
+            sp.add_argument("--timeout", type=float, default=None)
+
+    s = add("status", "print a job's state", cmd_status)
+    s.add_argument("job_id")
+    r = add("result", "wait for a job's result and print it", cmd_result)
+    r.add_argument("job_id")
+    r.add_argument("--timeout", type=float, default=None)
+    c = add("cancel", "cancel a job that has not run yet", cmd_cancel)
+    c.add_argument("job_id")
+    add("deployments", "list the deployments workers have announced", cmd_deployments)
+    d = add("demo", "run the course's chapter 1 on a local stack with tiny offline models", cmd_demo)
+    d.add_argument("--models-dir", default=".cache/pipeq-models")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PipeqError as e:
+        print(f"pipeq: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2

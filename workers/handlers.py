@@ -1,0 +1,110 @@
+"""Load a deployment's model once and run lists of items through it.
+
+A handler wraps a `transformers.pipeline` (or, for the tasks transformers 5 removed,
+pipeq's own `legacy_pipelines`) behind one contract: `run(items, params)` takes a list
+of items and returns, for each, exactly what `pipe(item, **params)` would return, as
+plain JSON-able lists, dicts, strings and numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+from pipeq._config import Deployment
+from pipeq.errors import ModelLoadError
+
+__all__ = ["Handler", "load_handler", "to_jsonable"]
+
+
+def to_jsonable(value: Any) -> Any:
+    """numpy/torch scalars and arrays -> Python numbers and lists, recursively."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, str | bool | int | float) or value is None:
+        return value
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
+        return to_jsonable(value.tolist())
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+class Handler:
+    """One model on one device, called with lists of items."""
+
+    def __init__(self, deployment: Deployment, pipe: Callable[..., Any], native: bool) -> None:
+        self.deployment = deployment
+        self.task = deployment.canonical_task
+        self.pipe = pipe
+        self.native = native  # a transformers pipeline (takes batch_size)
+
+    def info(self) -> dict[str, Any]:
+        """What producers need to know beyond the config (announced in Redis)."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        info = self.deployment.to_dict()
+        info["mask_token"] = getattr(tokenizer, "mask_token", None)
+        return info
+
+    def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+        if len(items) == 1:
+            return [to_jsonable(self.pipe(items[0], **params))]
+        extra = {"batch_size": len(items)} if self.native else {}
+        outs = self.pipe(items, **extra, **params)
+        if self.task == "text-classification" and "top_k" not in params:
+            outs = [[o] for o in outs]  # what pipe(one string) returns
+        if len(outs) != len(items):
+            raise RuntimeError(f"pipeline returned {len(outs)} results for {len(items)} items")
+        if self.task == "feature-extraction":
+            outs = self._unpad(items, outs, params)
+        return [to_jsonable(o) for o in outs]
+
+    def _unpad(self, items: list[Any], outs: list[Any], params: dict[str, Any]) -> list[Any]:
+        """A batched feature-extraction pads every item to the longest; cut that padding
+        off so a result does not depend on its batch-mates."""
+        tok = self.pipe.tokenizer  # type: ignore[attr-defined]
+        kwargs = dict(params.get("tokenize_kwargs") or {})
+        if "truncation" in params:
+            kwargs["truncation"] = params["truncation"]
+        lengths = [len(ids) for ids in tok(items, **kwargs)["input_ids"]]
+        left = tok.padding_side == "left"
+        return [
+            [o[0][-n:] if left else o[0][:n]] for o, n in zip(outs, lengths, strict=True)
+        ]
+
+
+def _device_for_torch(device: str) -> str:
+    # `pipeq worker` narrows CUDA_VISIBLE_DEVICES to the one GPU, which is then cuda:0
+    return "cuda:0" if device.startswith("cuda") else "cpu"
+
+
+def load_handler(deployment: Deployment) -> Handler:
+    """Load the model; ModelLoadError says why it could not be loaded."""
+    task = deployment.canonical_task
+    device = _device_for_torch(deployment.device)
+    try:
+        if task in ("question-answering", "summarization", "translation"):
+            from pipeq.worker.legacy_pipelines import load_legacy_pipeline
+
+            pipe = load_legacy_pipeline(
+                deployment.task, deployment.model, revision=deployment.revision, device=device
+            )
+            return Handler(deployment, pipe, native=False)
+        from transformers import pipeline
+
+        pipe = pipeline(task, model=deployment.model, revision=deployment.revision, device=device)
+    except Exception as e:  # any failure to load is reported the same way
+        raise ModelLoadError(
+            f"could not load {deployment.model!r} for {deployment.task}: {type(e).__name__}: {e}",
+            deployment=deployment.name,
+        ) from e
+    tok = pipe.tokenizer
+    if task == "text-generation" and tok is not None and tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # batching needs a pad token; decoder-only pads left
+        tok.padding_side = "left"
+    return Handler(deployment, pipe, native=True)
+
+

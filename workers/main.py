@@ -1,0 +1,190 @@
+"""`pipeq worker <deployment>`: one process, one model, one device, one queue.
+
+Order matters: the GPU is chosen (CUDA_VISIBLE_DEVICES) before torch is imported, the
+model is loaded once before the worker takes a job, and the worker runs Celery's
+threads pool, so nothing forks after CUDA is initialised. The jobs' threads hand their
+items to the batcher thread, the only one that touches the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, wait
+from typing import Any
+
+import redis
+from celery import Celery, signals
+from celery.exceptions import Ignore
+
+from pipeq import _app, _tasks
+from pipeq._client import cancel_key
+from pipeq._config import Deployment
+from pipeq._registry import HEARTBEAT_S, Registry
+from pipeq.errors import InvalidRequest, JobFailed, JobLost, JobTimeout, ModelLoadError, PipeqError
+
+log = logging.getLogger("pipeq.worker")
+
+__all__ = ["EXIT_MODEL_LOAD_FAILED", "MAX_ATTEMPTS", "run_worker"]
+
+#: a job delivered this many times without finishing (it kills its worker) fails
+MAX_ATTEMPTS = 3
+#: exit status of a worker whose model could not be loaded
+EXIT_MODEL_LOAD_FAILED = 3
+
+
+def pin_device(deployment: Deployment, gpu: int | None) -> Deployment:
+    """Restrict this process to one GPU before torch is imported; return the deployment."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        return Deployment(**{**deployment.to_dict(), "device": f"cuda:{gpu}"})
+    if deployment.device.startswith("cuda:"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = deployment.device.split(":", 1)[1]
+    elif deployment.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    return deployment
+
+
+def _free_cuda_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _as_job_error(e: BaseException) -> PipeqError:
+    if isinstance(e, PipeqError):
+        return e
+    return JobFailed(f"{type(e).__name__}: {e}")
+
+
+def build_app(deployment: Deployment, redis_url: str, registry: Registry, batcher: Any) -> Celery:
+    """The Celery app of this worker, with the one task it runs."""
+    from pipeq.worker.handlers import to_jsonable
+
+    app = _app.make_app(redis_url)
+    task = deployment.task
+    store = registry.redis
+
+    @app.task(name=_app.RUN_TASK, bind=True)  # type: ignore[untyped-decorator]
+    def run(self: Any, inputs: Any, params: dict[str, Any]) -> Any:
+        job_id: str = self.request.id
+        if store.exists(cancel_key(job_id)):
+            app.backend.mark_as_revoked(job_id, "cancelled by the producer")
+            raise Ignore()
+        attempt_key = f"pipeq:attempts:{job_id}"
+        attempts = int(store.incr(attempt_key))  # type: ignore[arg-type]
+        store.expire(attempt_key, _app.RESULT_TTL_S)
+        if attempts > MAX_ATTEMPTS:
+            raise JobLost(f"delivered {attempts} times without finishing; giving up")
+        try:
+            inputs, params = _tasks.validate(task, inputs, params)
+            items, many = _tasks.split_items(task, inputs)
+        except InvalidRequest:
+            raise
+        futures = batcher.submit(job_id, items, params)
+        done, not_done = wait(futures, timeout=deployment.job_timeout_s, return_when=FIRST_EXCEPTION)
+        for f in futures:
+            if f in done and f.exception() is not None:
+                for other in not_done:
+                    other.cancel()
+                raise _as_job_error(f.exception())  # type: ignore[arg-type]
+        if not_done:
+            for f in not_done:
+                f.cancel()
+            raise JobTimeout(f"no result within job_timeout_s={deployment.job_timeout_s}")
+        results = [f.result() for f in futures]
+        return to_jsonable(_tasks.combine(task, params, results) if many else results[0])
+
+    return app
+
+
+def _heartbeat(registry: Registry, name: str, hostname: str, info: dict[str, Any],
+               batcher: Any, stop: threading.Event) -> None:
+    registry.announce(name, info, hostname)
+    while not stop.wait(HEARTBEAT_S):
+        try:
+            registry.heartbeat(name, hostname, batcher.stats.as_dict())
+        except redis.RedisError as e:  # Redis away for a moment: try again next beat
+            log.warning("heartbeat failed: %s", e)
+
+
+def run_worker(
+    deployment: Deployment,
+    *,
+    redis_url: str | None = None,
+    gpu: int | None = None,
+    concurrency: int | None = None,
+    loglevel: str = "INFO",
+) -> int:
+    """Load the model, then consume the deployment's queue until told to stop."""
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    deployment = pin_device(deployment, gpu)
+    url = _app.redis_url(redis_url)
+    registry = Registry(redis.Redis.from_url(url))
+    hostname = f"pipeq.{deployment.name}.{os.getpid()}@{socket.gethostname()}"
+
+    from pipeq.worker.batcher import Batcher
+    from pipeq.worker.handlers import load_handler
+
+    started = time.monotonic()
+    try:
+        handler = load_handler(deployment)
+    except ModelLoadError as e:
+        print(f"pipeq worker {deployment.name}: {e.message}", file=sys.stderr, flush=True)
+        try:
+            registry.load_failed(deployment.name, deployment.to_dict(), e.message)
+        except redis.RedisError:
+            pass
+        return EXIT_MODEL_LOAD_FAILED
+    log.info("loaded %s in %.1f s", deployment.model, time.monotonic() - started)
+
+    batcher = Batcher(
+        handler.run,
+        max_batch_size=deployment.max_batch_size,
+        max_batch_wait_ms=deployment.max_batch_wait_ms,
+        cancelled=lambda ids: {
+            i for i, hit in zip(ids, registry.redis.mget([cancel_key(i) for i in ids])) if hit
+        },
+        on_oom=_free_cuda_memory,
+    ).start()
+    app = build_app(deployment, url, registry, batcher)
+    stop = threading.Event()
+
+    @signals.worker_ready.connect(weak=False)
+    def _ready(**_: Any) -> None:
+        threading.Thread(
+            target=_heartbeat,
+            args=(registry, deployment.name, hostname, handler.info(), batcher, stop),
+            name="pipeq-heartbeat",
+            daemon=True,
+        ).start()
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _going(**_: Any) -> None:
+        stop.set()
+        try:
+            registry.withdraw(deployment.name, hostname)
+        except redis.RedisError:
+            pass
+
+    threads = concurrency or max(16, 4 * deployment.max_batch_size)
+    app.worker_main(
+        [
+            "worker",
+            f"--queues={_app.queue_for(deployment.name)}",
+            "--pool=threads",
+            f"--concurrency={threads}",
+            f"--hostname={hostname}",
+            "--without-gossip",
+            "--without-mingle",
+            f"--loglevel={loglevel}",
+        ]
+    )
+    stop.set()
+    batcher.stop()
+    return 0
