@@ -1,8 +1,8 @@
 """pipeq: Hugging Face transformers pipelines as asynchronous jobs on Celery workers.
 
-    from pipeq import pipeline
-    classifier = pipeline("sentiment-analysis")
-    classifier("I've been waiting for a HuggingFace course my whole life.")
+from pipeq import pipeline
+classifier = pipeline("sentiment-analysis")
+classifier("I've been waiting for a HuggingFace course my whole life.")
 """
 
 from pipeq._client import Client, Job, JobState
@@ -10,6 +10,7 @@ from pipeq._config import Deployment, load_deployments
 from pipeq._pipeline import RemotePipeline, pipeline
 from pipeq.errors import (
     InvalidRequest,
+    ItemsFailed,
     JobCancelled,
     JobError,
     JobFailed,
@@ -28,6 +29,7 @@ __all__ = [
     "Client",
     "Deployment",
     "InvalidRequest",
+    "ItemsFailed",
     "Job",
     "JobCancelled",
     "JobError",

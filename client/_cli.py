@@ -62,7 +62,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = Stack(
         load_deployments(args.config),
         args.config,
-        redis_url=args.redis_url,
+        redis_url=args.redis_url or None,
         redis_port=args.redis_port,
         flower_port=None if args.no_flower else args.flower_port,
     )
@@ -157,13 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(func=func)
         sp.add_argument(
-            "--redis-url", default=env_url, help="default: $PIPEQ_REDIS_URL or redis://127.0.0.1:6399/0"
+            "--redis-url",
+            default=env_url,
+            help="default: $PIPEQ_REDIS_URL or redis://127.0.0.1:6399/0",
         )
         return sp
 
     w = add("worker", "serve one deployment (one model on one device)", cmd_worker)
     w.add_argument("deployment", help="deployment name (or a task served by one)")
-    w.add_argument("--config", default=env_config, help="deployments TOML (default: the course's nine)")
+    w.add_argument(
+        "--config", default=env_config, help="deployments TOML (default: the course's nine)"
+    )
     w.add_argument("--gpu", type=int, help="use only this GPU (sets CUDA_VISIBLE_DEVICES)")
     w.add_argument("--concurrency", type=int, help="job threads (default 4 x max_batch_size)")
     w.add_argument("--loglevel", default="INFO")
@@ -195,12 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     c = add("cancel", "cancel a job that has not run yet", cmd_cancel)
     c.add_argument("job_id")
     add("deployments", "list the deployments workers have announced", cmd_deployments)
-    d = add("demo", "run the course's chapter 1 on a local stack with tiny offline models", cmd_demo)
+    d = add(
+        "demo", "run the course's chapter 1 on a local stack with tiny offline models", cmd_demo
+    )
     d.add_argument("--models-dir", default=".cache/pipeq-models")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser, in the worker package (it needs transformers)
+        from pipeq.worker.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -12,11 +13,13 @@ from celery import states
 from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
+from tqdm import tqdm
 
 from pipeq import _app, _tasks
 from pipeq._registry import Announced, Registry
 from pipeq.errors import (
     InvalidRequest,
+    ItemsFailed,
     JobCancelled,
     JobTimeout,
     Overloaded,
@@ -33,7 +36,16 @@ def cancel_key(job_id: str) -> str:
     return f"pipeq:cancel:{job_id}"
 
 
-class JobState(str, enum.Enum):
+def _about(target: Announced, check: Any, *args: Any) -> Any:
+    """Run a check; an InvalidRequest it raises names the deployment."""
+    try:
+        return check(*args)
+    except InvalidRequest as e:
+        e.deployment = target.name
+        raise
+
+
+class JobState(enum.StrEnum):
     """Where a job is: QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED."""
 
     QUEUED = "queued"
@@ -164,10 +176,18 @@ class Client:
             raise Overloaded(
                 f"the queue holds {limit} jobs or more; retry later", deployment=target.name
             )
+        return self._send(target, inputs, params)
+
+    def _send(
+        self, target: Announced, inputs: Any, params: dict[str, Any], *, per_item: bool = False
+    ) -> Job:
         job_id = str(uuid.uuid4())
+        kwargs = {"inputs": inputs, "params": params}
+        if per_item:
+            kwargs["per_item"] = True
         self.app.send_task(
             _app.RUN_TASK,
-            kwargs={"inputs": inputs, "params": params},
+            kwargs=kwargs,
             queue=_app.queue_for(target.name),
             task_id=job_id,
             shadow=f"{_app.RUN_TASK}[{target.name}]",
@@ -178,21 +198,91 @@ class Client:
         self, target: Announced, inputs: Any, params: dict[str, Any]
     ) -> tuple[Any, dict[str, Any]]:
         """Validate a request for a deployment; InvalidRequest names what is wrong."""
-        try:
-            inputs, params = _tasks.validate(target.task, inputs, params)
-            mask = target.info.get("mask_token")
-            if mask and _tasks.canonical_task(target.task) == "fill-mask":
-                items, _ = _tasks.split_items(target.task, inputs)
-                for item in items:
-                    if mask not in item:
-                        raise InvalidRequest(
-                            f"fill-mask input {item!r:.60} has no mask token {mask!r} "
-                            "(the mask token belongs to the model)"
+        params = self.check_params(target, params)
+        items, many = _about(target, _tasks.items_of, target.task, inputs)
+        for i, item in enumerate(items):
+            self.check_item(target, item, f"inputs[{i}]" if many else "inputs")
+        return (items if many else items[0]), params
+
+    def check_params(self, target: Announced, params: dict[str, Any]) -> dict[str, Any]:
+        return _about(target, _tasks.validate_params, target.task, params)  # type: ignore[no-any-return]
+
+    def check_item(self, target: Announced, item: Any, where: str = "inputs") -> None:
+        _about(target, _tasks.check_item, target.task, item, where)
+        mask = target.info.get("mask_token")
+        if mask and target.canonical_task == "fill-mask" and mask not in item:
+            raise InvalidRequest(
+                f"{where} {item!r:.60} has no mask token {mask!r} "
+                "(the mask token belongs to the model)",
+                deployment=target.name,
+            )
+
+    def map(
+        self,
+        deployment_or_task: str,
+        inputs: Iterable[Any],
+        *,
+        model: str | None = None,
+        chunk_size: int | None = None,
+        timeout: float | None = None,
+        progress: bool | None = None,
+        return_exceptions: bool = False,
+        **params: Any,
+    ) -> list[Any]:
+        """Run many inputs; results in input order, each what `pipe(item)` returns.
+
+        Inputs travel `chunk_size` to a message (default: half the deployment's batch
+        size) and fail one by one: a bad item does not fail its neighbours. With
+        `return_exceptions`, failed items hold their error in the list; otherwise
+        ItemsFailed is raised once all are done, carrying every result and error. A
+        progress bar shows on a terminal for 64 inputs or more (`progress` forces it).
+        """
+        items = list(inputs)
+        target = self.resolve(deployment_or_task, model)
+        params = self.check_params(target, params)
+        outcomes: list[Any] = [None] * len(items)
+        todo: list[int] = []
+        for i, item in enumerate(items):
+            try:
+                self.check_item(target, item, f"inputs[{i}]")
+                todo.append(i)
+            except InvalidRequest as e:
+                outcomes[i] = e
+        size = chunk_size or max(1, int(target.info.get("max_batch_size") or 16) // 2)
+        chunks = [todo[k : k + size] for k in range(0, len(todo), size)]
+        jobs = [
+            self._send(target, [items[i] for i in chunk], params, per_item=True) for chunk in chunks
+        ]
+        bar = tqdm(
+            total=len(items),
+            disable=(not progress) if progress is not None else (len(items) < 64 or None),
+            desc=target.name,
+            unit="item",
+        )
+        with bar:
+            bar.update(len(items) - len(todo))
+            for chunk, job in zip(chunks, jobs, strict=True):
+                try:
+                    got = job.result(timeout=timeout)
+                    for i, out in zip(chunk, got, strict=True):
+                        outcomes[i] = (
+                            out["result"]
+                            if "result" in out
+                            else from_wire(*out["error"], job_id=job.id, deployment=target.name)
                         )
-        except InvalidRequest as e:
-            e.deployment = target.name
-            raise
-        return inputs, params
+                except PipeqError as e:  # the whole chunk failed (timeout, lost, ...)
+                    for i in chunk:
+                        outcomes[i] = e
+                bar.update(len(chunk))
+        errors = {i: o for i, o in enumerate(outcomes) if isinstance(o, PipeqError)}
+        if errors and not return_exceptions:
+            first = next(iter(errors.values()))
+            raise ItemsFailed(
+                f"{len(errors)} of {len(items)} items failed; first: {first}",
+                results=outcomes,
+                errors=errors,
+            )
+        return outcomes
 
     def job(self, job_id: str) -> Job:
         """A handle on a job submitted earlier (by any producer)."""

@@ -97,7 +97,10 @@ class Deployment:
 
 def default_deployments() -> dict[str, Deployment]:
     """The course's nine tasks with the course's default models, on the CPU."""
-    return {task: Deployment(name=task, task=task, model=model) for task, model in DEFAULT_MODELS.items()}
+    return {
+        task: Deployment(name=task, task=task, model=model)
+        for task, model in DEFAULT_MODELS.items()
+    }
 
 
 def load_deployments(path: str | Path | None) -> dict[str, Deployment]:

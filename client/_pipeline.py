@@ -27,7 +27,9 @@ class RemotePipeline:
         self.client = client
         self.timeout = timeout
         self.deployment = client.resolve(task, model)
-        _tasks.validate_params(self.deployment.task, defaults, complete=False)  # bad defaults fail here, not later
+        _tasks.validate_params(
+            self.deployment.task, defaults, complete=False
+        )  # bad defaults fail here, not later
         self.defaults = defaults
 
     def __repr__(self) -> str:
@@ -35,10 +37,19 @@ class RemotePipeline:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         inputs, params = self._split_call(args, {**self.defaults, **kwargs})
-        job = self.client.submit(self.deployment.name, inputs, **params)
-        return job.result(timeout=self.timeout)
+        name = self.deployment.name
+        items, many = _tasks.items_of(self.deployment.task, inputs)
+        if not many:
+            return self.client.submit(name, inputs, **params).result(timeout=self.timeout)
+        # a list: items spread over messages and workers, then put back in transformers' shape
+        results = self.client.map(name, items, timeout=self.timeout, **params)
+        return _tasks.combine(
+            self.deployment.task, self.client.check_params(self.deployment, params), results
+        )
 
-    def _split_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    def _split_call(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, dict[str, Any]]:
         """transformers' positional and keyword forms -> (inputs, params)."""
         task = _tasks.canonical_task(self.deployment.task)
         if task == "question-answering" and ("question" in kwargs or "context" in kwargs):
@@ -48,7 +59,9 @@ class RemotePipeline:
             if isinstance(question, list) and isinstance(context, list):
                 if len(question) != len(context):
                     raise InvalidRequest("question and context lists differ in length")
-                return [{"question": q, "context": c} for q, c in zip(question, context)], kwargs
+                return [
+                    {"question": q, "context": c} for q, c in zip(question, context, strict=True)
+                ], kwargs
             if isinstance(question, list) or isinstance(context, list):
                 other = context if isinstance(question, list) else question
                 many = question if isinstance(question, list) else context

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import redis
 
-from pipeq import _app
 from pipeq._config import Deployment
 from pipeq._registry import Registry
 
@@ -47,6 +46,7 @@ def find_redis_server() -> str:
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
         try:
             s.bind((host, port))
         except OSError:
@@ -59,13 +59,20 @@ def start_redis(port: int, workdir: Path, *, appendonly: bool = False) -> subpro
     proc = subprocess.Popen(
         [
             find_redis_server(),
-            "--bind", "127.0.0.1",
-            "--port", str(port),
-            "--dir", str(workdir),
-            "--save", "",
-            "--appendonly", "yes" if appendonly else "no",
-            "--maxmemory-policy", "noeviction",
-            "--logfile", str(workdir / "redis.log"),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if appendonly else "no",
+            "--maxmemory-policy",
+            "noeviction",
+            "--logfile",
+            str(workdir / "redis.log"),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
@@ -141,12 +148,19 @@ class Stack:
         try:
             import flower  # type: ignore[import-untyped]  # noqa: F401
         except ImportError:
-            print("flower is not installed (pip install pipeq[stack]); no dashboard", file=sys.stderr)
+            print(
+                "flower is not installed (pip install pipeq[stack]); no dashboard", file=sys.stderr
+            )
             return None
         cmd = [
-            sys.executable, "-m", "celery", "--broker", self.url, "flower",
-            f"--port={self.flower_port}", "--address=127.0.0.1",
-            f"--broker_api={self.url}",
+            sys.executable,
+            "-m",
+            "celery",
+            "--broker",
+            self.url,
+            "flower",
+            f"--port={self.flower_port}",
+            "--address=127.0.0.1",
         ]
         with open(self.log_dir / "flower.log", "wb") as log:
             return subprocess.Popen(

@@ -16,7 +16,18 @@ from typing import Any
 
 from pipeq.errors import InvalidRequest, UnknownDeployment
 
-__all__ = ["TaskSpec", "canonical_task", "combine", "is_task", "spec", "split_items", "validate", "validate_params"]
+__all__ = [
+    "TaskSpec",
+    "canonical_task",
+    "check_item",
+    "combine",
+    "is_task",
+    "items_of",
+    "spec",
+    "split_items",
+    "validate",
+    "validate_params",
+]
 
 Check = Callable[[str, Any], None]
 
@@ -279,35 +290,44 @@ def _check_qa(v: Any, where: str) -> None:
 
 def _check_chat(v: Any, where: str) -> None:
     for i, m in enumerate(v):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
-            m.get("content"), str
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
         ):
             raise InvalidRequest(f"{where}[{i}] must be a message {{'role': str, 'content': str}}")
 
 
-def split_items(task: str, inputs: Any) -> tuple[list[Any], bool]:
-    """The items of a request and whether it was a list (so the result is a list too)."""
-    s = spec(task)
+def items_of(task: str, inputs: Any) -> tuple[list[Any], bool]:
+    """The items of a request, unchecked, and whether it was a list (result is a list too)."""
     if inputs is None:
         raise InvalidRequest("inputs are missing (None)")
-    if s.inputs == "generation" and isinstance(inputs, list) and inputs:
+    if spec(task).inputs == "generation" and isinstance(inputs, list) and inputs:
         if all(isinstance(m, dict) for m in inputs):  # one chat
-            _check_chat(inputs, "inputs")
             return [inputs], False
     if isinstance(inputs, list | tuple):
         if not inputs:
             raise InvalidRequest("inputs is an empty list")
-        items, many = list(inputs), True
+        return list(inputs), True
+    return [inputs], False
+
+
+def check_item(task: str, item: Any, where: str = "inputs") -> None:
+    """One item's type and content; InvalidRequest names what is wrong."""
+    kind = spec(task).inputs
+    if kind == "qa":
+        _check_qa(item, where)
+    elif kind == "generation" and isinstance(item, list):
+        _check_chat(item, where)
     else:
-        items, many = [inputs], False
+        _check_text(item, where)
+
+
+def split_items(task: str, inputs: Any) -> tuple[list[Any], bool]:
+    """The checked items of a request and whether it was a list."""
+    items, many = items_of(task, inputs)
     for i, item in enumerate(items):
-        where = f"inputs[{i}]" if many else "inputs"
-        if s.inputs == "qa":
-            _check_qa(item, where)
-        elif s.inputs == "generation" and isinstance(item, list):
-            _check_chat(item, where)
-        else:
-            _check_text(item, where)
+        check_item(task, item, f"inputs[{i}]" if many else "inputs")
     return items, many
 
 

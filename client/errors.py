@@ -10,7 +10,8 @@
         ├── JobFailed           the pipeline raised while running the job
         ├── JobTimeout          no result within the time asked for
         ├── JobCancelled        the job was cancelled before it ran
-        └── JobLost             the job killed its worker too many times
+        ├── JobLost             the job killed its worker too many times
+        └── ItemsFailed         some items of a bulk submission failed; the rest succeeded
 
 Errors raised on a worker travel back to the producer through the JSON result
 backend as (type name, message); `from_wire` turns them back into these classes.
@@ -19,8 +20,11 @@ Every class takes a single message argument so that round trip is lossless.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "InvalidRequest",
+    "ItemsFailed",
     "JobCancelled",
     "JobError",
     "JobFailed",
@@ -99,6 +103,15 @@ class JobCancelled(JobError):
 
 class JobLost(JobError):
     """The job was delivered too many times without finishing (it kills its worker)."""
+
+
+class ItemsFailed(JobError):
+    """Some items of `Client.map` failed; `.results` has every outcome, `.errors` the failures."""
+
+    def __init__(self, message: str, *, results: list[Any], errors: dict[int, PipeqError]) -> None:
+        super().__init__(message)
+        self.results = results
+        self.errors = errors
 
 
 _BY_NAME: dict[str, type[PipeqError]] = {

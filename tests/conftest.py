@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -14,8 +15,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pipeq import Client  # noqa: E402
-from pipeq._stack import Stack, start_redis, stop_process  # noqa: E402
+from pipeq import Client
+from pipeq._stack import Stack, start_redis, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = Path(os.environ.get("PIPEQ_TEST_MODELS", ROOT / ".cache" / "pipeq-models"))
@@ -50,7 +51,9 @@ def deployments(models_dir: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def config_file(deployments: dict[str, Any], models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def config_file(
+    deployments: dict[str, Any], models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     from pipeq.worker.demo import write_config
 
     return write_config(deployments, tmp_path_factory.mktemp("config") / "pipeq.toml")
@@ -82,14 +85,31 @@ def assert_close(got: Any, want: Any, tol: float = 1e-5, path: str = "result") -
             f"{path}: {got!r} != {want!r}"
         )
     elif isinstance(want, dict):
-        assert isinstance(got, dict) and set(got) == set(want), f"{path}: {got!r:.200} != {want!r:.200}"
+        assert isinstance(got, dict) and set(got) == set(want), (
+            f"{path}: {got!r:.200} != {want!r:.200}"
+        )
         for k in want:
             assert_close(got[k], want[k], tol, f"{path}[{k!r}]")
     elif isinstance(want, list | tuple):
         assert isinstance(got, list) and len(got) == len(want), (
             f"{path}: {got!r:.200} != {want!r:.200}"
         )
-        for i, (g, w) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
             assert_close(g, w, tol, f"{path}[{i}]")
     else:
         assert got == want, f"{path}: {got!r:.200} != {want!r:.200}"
+
+
+@contextlib.contextmanager
+def paused(client: Client, deployment: str) -> Iterator[None]:
+    """Stop the deployment's own workers from taking jobs (only theirs: a broadcast
+    add_consumer would make every worker consume the queue)."""
+    from pipeq._app import queue_for
+
+    workers = client.registry.live_workers(deployment)
+    queue = queue_for(deployment)
+    client.app.control.cancel_consumer(queue, destination=workers, reply=True)
+    try:
+        yield
+    finally:
+        client.app.control.add_consumer(queue, destination=workers, reply=True)

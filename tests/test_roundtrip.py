@@ -10,32 +10,64 @@ import pytest
 from pipeq import Client, JobState, pipeline
 from pipeq.worker.handlers import to_jsonable
 
-from .conftest import assert_close
+from .conftest import assert_close, paused
 
 # (deployment, transformers task, inputs, params)
 NATIVE_CASES = [
-    ("sentiment-analysis", "sentiment-analysis",
-     "I've been waiting for a HuggingFace course my whole life.", {}),
+    (
+        "sentiment-analysis",
+        "sentiment-analysis",
+        "I've been waiting for a HuggingFace course my whole life.",
+        {},
+    ),
     ("sentiment-analysis", "sentiment-analysis", ["You monster!", "You clever monster!"], {}),
     ("sentiment-analysis", "sentiment-analysis", "You clever monster!", {"top_k": 2}),
     ("sentiment-analysis", "sentiment-analysis", ["You monster!", "Hi"], {"top_k": None}),
-    ("zero-shot-classification", "zero-shot-classification",
-     "This is a course about the Transformers library",
-     {"candidate_labels": ["education", "politics", "business"]}),
-    ("zero-shot-classification", "zero-shot-classification",
-     ["Byte-Pair Encoding: Subword-based tokenization algorithm", "Elections are coming"],
-     {"candidate_labels": ["computer science", "politics"], "multi_label": True}),
-    ("text-generation", "text-generation", "In this course, we will teach you how to",
-     {"max_new_tokens": 8, "do_sample": False}),
-    ("distilgpt2", "text-generation", ["In this course", "Hello there, my friend"],
-     {"max_new_tokens": 5, "do_sample": False}),
+    (
+        "zero-shot-classification",
+        "zero-shot-classification",
+        "This is a course about the Transformers library",
+        {"candidate_labels": ["education", "politics", "business"]},
+    ),
+    (
+        "zero-shot-classification",
+        "zero-shot-classification",
+        ["Byte-Pair Encoding: Subword-based tokenization algorithm", "Elections are coming"],
+        {"candidate_labels": ["computer science", "politics"], "multi_label": True},
+    ),
+    (
+        "text-generation",
+        "text-generation",
+        "In this course, we will teach you how to",
+        {"max_new_tokens": 8, "do_sample": False},
+    ),
+    (
+        "distilgpt2",
+        "text-generation",
+        ["In this course", "Hello there, my friend"],
+        {"max_new_tokens": 5, "do_sample": False},
+    ),
     ("fill-mask", "fill-mask", "This course will teach you all about <mask> models.", {"top_k": 2}),
     ("fill-mask", "fill-mask", ["She is crying. I should <mask> her.", "A <mask> day."], {}),
-    ("ner", "ner", "My name is Sylvain and I work at Hugging Face in Brooklyn.",
-     {"aggregation_strategy": "simple"}),
+    (
+        "ner",
+        "ner",
+        "My name is Sylvain and I work at Hugging Face in Brooklyn.",
+        {"aggregation_strategy": "simple"},
+    ),
     ("ner", "ner", ["My name is Sylvain.", "I work at Hugging Face in Brooklyn."], {}),
-    ("feature-extraction", "feature-extraction", "This is a course about the Transformers library", {}),
-    ("feature-extraction", "feature-extraction", ["Short one.", "A rather longer second sentence."], {}),
+    (
+        "feature-extraction",
+        "feature-extraction",
+        "This is a course about the Transformers library",
+        {},
+    ),
+    (
+        "feature-extraction",
+        "feature-extraction",
+        ["Short one.", "A rather longer second sentence."],
+        {},
+    ),
 ]
 
 
@@ -48,7 +80,11 @@ def local_pipeline(task: str, model: str) -> Any:
 
 @pytest.mark.parametrize(("deployment", "task", "inputs", "params"), NATIVE_CASES)
 def test_result_through_the_queue_equals_transformers_in_process(
-    client: Client, deployments: dict[str, Any], deployment: str, task: str, inputs: Any,
+    client: Client,
+    deployments: dict[str, Any],
+    deployment: str,
+    task: str,
+    inputs: Any,
     params: dict[str, Any],
 ) -> None:
     got = client.submit(deployment, inputs, **params).result(timeout=60)
@@ -56,7 +92,9 @@ def test_result_through_the_queue_equals_transformers_in_process(
     assert_close(got, want, tol=1e-5)
 
 
-def test_course_spelling_grouped_entities_equals_aggregation_strategy_simple(client: Client) -> None:
+def test_course_spelling_grouped_entities_equals_aggregation_strategy_simple(
+    client: Client,
+) -> None:
     text = "My name is Sylvain and I work at Hugging Face in Brooklyn."
     course = pipeline("ner", grouped_entities=True, client=client)(text)
     per_call = pipeline("ner", client=client)(text, grouped_entities=True)
@@ -66,13 +104,15 @@ def test_course_spelling_grouped_entities_equals_aggregation_strategy_simple(cli
 
 
 def test_job_status_moves_from_queued_to_running_to_succeeded(client: Client) -> None:
-    client.app.control.cancel_consumer("pipeq.text-generation", reply=True)
-    try:
-        job = client.submit("text-generation", "Once upon a time",
-                            max_new_tokens=300, min_new_tokens=300, do_sample=False)
+    with paused(client, "text-generation"):
+        job = client.submit(
+            "text-generation",
+            "Once upon a time",
+            max_new_tokens=300,
+            min_new_tokens=300,
+            do_sample=False,
+        )
         assert job.status() is JobState.QUEUED
-    finally:
-        client.app.control.add_consumer("pipeq.text-generation", reply=True)
     seen = [JobState.QUEUED]
     while not (state := job.status()).done:
         if state is not seen[-1]:

@@ -102,12 +102,16 @@ def course_calls() -> list[tuple[str, Callable[[Any], Any]]]:
         generator = pipeline("text-generation")
         first = generator(
             "In this course, we will teach you how to",
-            num_return_sequences=2, max_length=15, do_sample=True,
+            num_return_sequences=2,
+            max_length=15,
+            do_sample=True,
         )
         generator = pipeline("text-generation", model="distilgpt2")
         second = generator(
             "In this course, we will teach you how to",
-            max_length=30, num_return_sequences=2, do_sample=True,
+            max_length=30,
+            num_return_sequences=2,
+            do_sample=True,
         )
         return [first, second]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-
 from pipeq._config import Deployment
 from pipeq.errors import ModelLoadError
 
@@ -71,9 +70,7 @@ class Handler:
             kwargs["truncation"] = params["truncation"]
         lengths = [len(ids) for ids in tok(items, **kwargs)["input_ids"]]
         left = tok.padding_side == "left"
-        return [
-            [o[0][-n:] if left else o[0][:n]] for o, n in zip(outs, lengths, strict=True)
-        ]
+        return [[o[0][-n:] if left else o[0][:n]] for o, n in zip(outs, lengths, strict=True)]
 
 
 def _device_for_torch(device: str) -> str:
@@ -106,5 +103,3 @@ def load_handler(deployment: Deployment) -> Handler:
         tok.pad_token = tok.eos_token  # batching needs a pad token; decoder-only pads left
         tok.padding_side = "left"
     return Handler(deployment, pipe, native=True)
-
-

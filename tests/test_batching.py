@@ -1,0 +1,115 @@
+"""Dynamic batching gives the results of unbatched runs; bad items fail alone; map keeps order."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import pytest
+
+from pipeq import Client, InvalidRequest, ItemsFailed, JobFailed
+from pipeq._app import RUN_TASK, queue_for
+from pipeq.worker.bench import bench_inputs
+
+from .conftest import assert_close
+
+
+def _batch_sizes(client: Client, deployment: str) -> dict[str, int]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = client.registry.stats(deployment)
+        if stats:
+            sizes: dict[str, int] = {}
+            for s in stats.values():
+                for k, v in s["sizes"].items():
+                    sizes[k] = sizes.get(k, 0) + v
+            return sizes
+        time.sleep(0.2)
+    return {}
+
+
+@pytest.mark.parametrize(
+    ("deployment", "params"),
+    [
+        ("sentiment-analysis", {}),
+        ("ner", {"aggregation_strategy": "simple"}),
+        ("feature-extraction", {}),
+        ("fill-mask", {"top_k": 3}),
+    ],
+)
+def test_batched_results_equal_one_job_at_a_time(
+    client: Client, deployment: str, params: dict[str, Any]
+) -> None:
+    mask = client.deployments()[deployment].info.get("mask_token")
+    inputs = bench_inputs(deployment, 48, seed=3, mask_token=mask)
+    one_by_one = [client.submit(deployment, x, **params).result(timeout=60) for x in inputs]
+    # a burst of separate jobs: the worker gathers them into batches of mixed lengths
+    jobs = [client.submit(deployment, x, **params) for x in inputs]
+    burst = [j.result(timeout=60) for j in jobs]
+    mapped = client.map(deployment, inputs, **params)
+    assert_close(burst, one_by_one, tol=1e-5)
+    assert_close(mapped, one_by_one, tol=1e-5)
+    time.sleep(2.5)  # the next heartbeat carries the batch statistics
+    sizes = _batch_sizes(client, deployment)
+    assert any(int(k) > 1 for k in sizes), f"no batch of more than one item formed: {sizes}"
+
+
+def test_jobs_with_different_parameters_do_not_change_each_others_results(client: Client) -> None:
+    text = "This course will teach you all about <mask> models."
+    alone2 = client.submit("fill-mask", text, top_k=2).result(timeout=30)
+    alone5 = client.submit("fill-mask", text, top_k=5).result(timeout=30)
+    jobs = [client.submit("fill-mask", text, top_k=k) for k in (2, 5) * 10]
+    results = [j.result(timeout=30) for j in jobs]
+    assert all(r == alone2 for r in results[0::2])
+    assert all(r == alone5 for r in results[1::2])
+
+
+def test_an_item_that_breaks_the_model_fails_alone_and_its_batch_mates_succeed(
+    client: Client,
+) -> None:
+    # 600 words is past MiniLM's 512 positions: the forward pass fails, no silent truncation
+    too_long = " ".join(["word"] * 600)
+    inputs = ["first sentence.", too_long, "third sentence here.", "fourth."]
+    outcomes = client.map("feature-extraction", inputs, return_exceptions=True)
+    assert isinstance(outcomes[1], JobFailed)
+    for i in (0, 2, 3):
+        assert not isinstance(outcomes[i], Exception)
+        want = client.submit("feature-extraction", inputs[i]).result(timeout=30)
+        assert_close(outcomes[i], want, tol=1e-5)
+    with pytest.raises(ItemsFailed) as info:
+        client.map("feature-extraction", inputs)
+    assert set(info.value.errors) == {1}
+    assert info.value.results[0] == outcomes[0]
+
+
+def test_a_malformed_item_in_a_raw_message_fails_alone(client: Client) -> None:
+    result = client.app.send_task(
+        RUN_TASK,
+        kwargs={"inputs": ["good", None, "also good"], "params": {}, "per_item": True},
+        queue=queue_for("sentiment-analysis"),
+    )
+    outcomes = client.job(result.id).result(timeout=30)
+    assert outcomes[1]["error"][0] == "InvalidRequest"
+    assert "inputs[1]" in outcomes[1]["error"][1]
+    assert outcomes[0]["result"][0]["label"] in ("POSITIVE", "NEGATIVE")
+    assert outcomes[2]["result"][0]["label"] in ("POSITIVE", "NEGATIVE")
+
+
+def test_map_refuses_bad_items_at_submit_and_runs_the_others(client: Client) -> None:
+    outcomes = client.map("sentiment-analysis", ["good", "", 5, "fine"], return_exceptions=True)
+    assert isinstance(outcomes[1], InvalidRequest) and "inputs[1]" in str(outcomes[1])
+    assert isinstance(outcomes[2], InvalidRequest) and "inputs[2]" in str(outcomes[2])
+    assert outcomes[0][0]["label"] and outcomes[3][0]["label"]
+
+
+def test_map_returns_a_thousand_results_in_input_order(client: Client) -> None:
+    rng = random.Random(7)
+    prompts = [
+        f"item {i} says " + " ".join(rng.choices(["a", "b", "c"], k=rng.randint(1, 9)))
+        for i in range(1000)
+    ]
+    results = client.map("text-generation", prompts, max_new_tokens=1, do_sample=False)
+    assert len(results) == 1000
+    for prompt, result in zip(prompts, results, strict=True):
+        assert result[0]["generated_text"].startswith(prompt)

@@ -1,0 +1,150 @@
+"""Bad input gets a clear, typed error, at submit when the client can tell; no worker dies."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeq import (
+    Client,
+    InvalidRequest,
+    JobCancelled,
+    JobFailed,
+    JobState,
+    NoLiveWorker,
+    UnknownDeployment,
+    pipeline,
+)
+from pipeq._app import RUN_TASK, queue_for
+from pipeq._stack import Stack
+
+from .conftest import paused
+
+BAD_TEXT_INPUTS = [None, 3, 2.5, {"text": "hi"}, "", "   ", [], ["fine", None], ["fine", ""]]
+
+
+@pytest.mark.parametrize("bad", BAD_TEXT_INPUTS, ids=repr)
+def test_bad_text_input_is_refused_at_submit_naming_the_input(client: Client, bad: Any) -> None:
+    with pytest.raises(InvalidRequest, match="inputs") as info:
+        client.submit("sentiment-analysis", bad)
+    assert info.value.deployment == "sentiment-analysis"
+
+
+@pytest.mark.parametrize(
+    ("target", "params", "names"),
+    [
+        ("sentiment-analysis", {"temperature": 0.5}, "temperature"),
+        ("sentiment-analysis", {"top_k": 0}, "top_k"),
+        ("fill-mask", {"top_k": "two"}, "top_k"),
+        ("zero-shot-classification", {}, "candidate_labels"),
+        ("zero-shot-classification", {"candidate_labels": []}, "candidate_labels"),
+        ("text-generation", {"max_length": 10, "min_length": 20}, "max_length"),
+        ("ner", {"aggregation_strategy": "sometimes"}, "aggregation_strategy"),
+        ("ner", {"ignore_subwords": True}, "aggregation_strategy='first'"),
+    ],
+)
+def test_bad_parameters_are_refused_at_submit_naming_the_parameter(
+    client: Client, target: str, params: dict[str, Any], names: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=names):
+        client.submit(target, "Some text with a <mask> token.", **params)
+
+
+def test_fill_mask_input_without_the_models_mask_token_is_refused(client: Client) -> None:
+    with pytest.raises(InvalidRequest, match="<mask>"):
+        client.submit("fill-mask", "This course will teach you all about [MASK] models.")
+
+
+def test_unknown_task_or_deployment_is_a_typed_error(client: Client) -> None:
+    with pytest.raises(UnknownDeployment, match="no-such-thing"):
+        client.submit("no-such-thing", "hello")
+    with pytest.raises(UnknownDeployment, match="gpt-5"):
+        pipeline("text-generation", model="gpt-5", client=client)
+
+
+def test_a_deployment_with_no_live_worker_is_refused_at_submit(client: Client) -> None:
+    info = {"name": "ghost", "task": "text-classification", "model": "nowhere"}
+    client.registry.announce("ghost", info, "gone@host")
+    client.registry.withdraw("ghost", "gone@host")
+    with pytest.raises(NoLiveWorker, match="pipeq worker ghost"):
+        client.submit("ghost", "hello")
+
+
+@pytest.mark.parametrize(
+    "inputs", [None, 42, {"a": 1}, "", ["ok", 7]], ids=["none", "number", "dict", "empty", "list"]
+)
+def test_bad_input_sent_past_the_client_fails_the_job_and_not_the_worker(
+    client: Client, stack: Stack, inputs: Any
+) -> None:
+    """A producer that skips validation (a raw Celery message) gets a failed job."""
+    result = client.app.send_task(
+        RUN_TASK, kwargs={"inputs": inputs, "params": {}}, queue=queue_for("sentiment-analysis")
+    )
+    job = client.job(result.id)
+    with pytest.raises(InvalidRequest, match="inputs"):
+        job.result(timeout=30)
+    assert job.status() is JobState.FAILED
+    assert "sentiment-analysis" not in stack.failed()
+    assert client.submit("sentiment-analysis", "still alive?").result(timeout=30)
+
+
+def test_an_error_inside_the_pipeline_is_a_failed_job_with_its_message(client: Client) -> None:
+    result = client.app.send_task(
+        RUN_TASK,
+        kwargs={
+            "inputs": "hello",
+            "params": {"candidate_labels": ["a"], "hypothesis_template": "no slot"},
+        },
+        queue=queue_for("zero-shot-classification"),
+    )
+    with pytest.raises(JobFailed, match="ValueError: The provided hypothesis_template"):
+        client.job(result.id).result(timeout=30)
+    assert client.submit("zero-shot-classification", "hello", candidate_labels=["a", "b"]).result(
+        timeout=30
+    )
+
+
+def test_a_cancelled_job_never_runs_and_says_so(client: Client) -> None:
+    with paused(client, "sentiment-analysis"):
+        job = client.submit("sentiment-analysis", "cancel me")
+        assert job.cancel() is True
+        assert job.status() is JobState.CANCELLED
+    with pytest.raises(JobCancelled):
+        job.result(timeout=30)
+    after = client.submit("sentiment-analysis", "next one")
+    after.result(timeout=30)
+    assert job.status() is JobState.CANCELLED
+    assert job.cancel() is False  # finished jobs cannot be cancelled
+
+
+def test_a_worker_whose_model_fails_to_load_says_why_and_exits_non_zero(
+    redis_url: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "broken.toml"
+    config.write_text(
+        '[deployments.broken]\ntask = "text-classification"\nmodel = "/nonexistent/model"\n'
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeq",
+            "worker",
+            "broken",
+            "--config",
+            str(config),
+            "--redis-url",
+            redis_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 3
+    assert "could not load '/nonexistent/model'" in proc.stderr
+    with Client(redis_url) as c, pytest.raises(NoLiveWorker, match="failed to load the model"):
+        c.submit("broken", "hello")

@@ -1,0 +1,86 @@
+"""`pipeq up` brings a stack up, serves the course's call, and stops leaving nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from pipeq import Client, pipeline
+from pipeq._stack import port_free
+from pipeq.worker.demo import write_config
+
+from .conftest import free_port
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if text in line and "ps -eo" not in line]
+
+
+def test_pipeq_up_serves_the_course_call_and_stops_every_child(
+    deployments: dict[str, Any], tmp_path: Path
+) -> None:
+    config = write_config(
+        {k: deployments[k] for k in ("sentiment-analysis", "feature-extraction")},
+        tmp_path / "up.toml",
+    )
+    redis_port, flower_port = free_port(), free_port()
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeq",
+            "up",
+            "--config",
+            str(config),
+            "--redis-port",
+            str(redis_port),
+            "--flower-port",
+            str(flower_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PIPEQ_REDIS_URL": ""},
+    )
+    lines = []
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            lines.append(line)
+            if "pipeq is up" in line:
+                break
+        assert "pipeq is up" in lines[-1], "".join(lines)
+        assert "worker sentiment-analysis: ready\n" in lines
+        assert "worker feature-extraction: ready\n" in lines
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        classifier = pipeline("sentiment-analysis", client=Client(url))
+        result = classifier("I've been waiting for a HuggingFace course my whole life.")
+        assert len(result) == 1 and set(result[0]) == {"label", "score"}
+        assert result[0]["label"] in ("POSITIVE", "NEGATIVE")
+        assert _flower_answers(flower_port)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        rest, _ = up.communicate(timeout=60)
+    assert up.returncode == 0, rest
+    assert "stopping" in rest
+    assert _processes_mentioning(f"127.0.0.1:{redis_port}") == []
+    assert _processes_mentioning(f"--port={flower_port}") == []
+    assert port_free(redis_port) and port_free(flower_port)
+
+
+def _flower_answers(port: int) -> bool:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/workers", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            time.sleep(0.5)
+    return False
