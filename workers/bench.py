@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import random
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -248,7 +247,8 @@ def _print_report(r: dict[str, Any], sizes: list[int]) -> None:
         f"p95 {lat['p95']:.0f} ms  p99 {lat['p99']:.0f} ms"
     )
     print(
-        f"    batches formed (size: count) {pq['batch_sizes']}; mean size {pq['mean_batch_size']:.1f}, "
+        f"    batches formed (size: count) {pq['batch_sizes']}; "
+        f"mean size {pq['mean_batch_size']:.1f}, "
         f"mean wait for a batch {pq['mean_wait_for_batch_ms']:.1f} ms"
     )
     print(f"  pipeq / best in-process (B={best_b}):  {pq['items_per_s'] / best:.2f}x")

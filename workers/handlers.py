@@ -92,7 +92,12 @@ def load_handler(deployment: Deployment) -> Handler:
             return Handler(deployment, pipe, native=False)
         from transformers import pipeline
 
-        pipe = pipeline(task, model=deployment.model, revision=deployment.revision, device=device)
+        pipe = pipeline(
+            task,  # type: ignore[call-overload]
+            model=deployment.model,
+            revision=deployment.revision,
+            device=device,
+        )
     except Exception as e:  # any failure to load is reported the same way
         raise ModelLoadError(
             f"could not load {deployment.model!r} for {deployment.task}: {type(e).__name__}: {e}",

@@ -195,7 +195,7 @@ def run_worker(
     app = build_app(deployment, url, registry, batcher)
     stop = threading.Event()
 
-    @signals.worker_ready.connect(weak=False)
+    @signals.worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def _ready(**_: Any) -> None:
         threading.Thread(
             target=_heartbeat,
@@ -204,7 +204,7 @@ def run_worker(
             daemon=True,
         ).start()
 
-    @signals.worker_shutting_down.connect(weak=False)
+    @signals.worker_shutting_down.connect(weak=False)  # type: ignore[untyped-decorator]
     def _going(**_: Any) -> None:
         stop.set()
         try:
