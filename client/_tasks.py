@@ -124,7 +124,10 @@ class TaskSpec:
     )
     required: tuple[str, ...] = ()
     max_batch_size: int = 16
-    max_batch_wait_ms: float = 2.0
+    #: 0: a batch is what waited while the model was busy; an idle worker runs a lone job
+    #: at once (measured: any wait is pure latency for it, and under load batches fill
+    #: without one). Raise it to hold an idle worker's first job for batch-mates.
+    max_batch_wait_ms: float = 0.0
 
 
 def _return_all_scores(v: Any, params: dict[str, Any]) -> dict[str, Any]:

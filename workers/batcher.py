@@ -11,6 +11,9 @@ A batch always holds the oldest waiting item (nothing starves) and, with it, the
 waiting items whose input length is closest to it, so padding stays small. Items with
 different parameters never share a forward pass. When a batch raises, its items are
 run one by one so a bad item fails alone; a CUDA out-of-memory error halves the batch.
+Before each forward pass the `admit(job_ids)` hook says which jobs must not run (and
+why: cancelled, delivered too often); the worker does that in one Redis round trip a
+batch, marking the others as running.
 """
 
 from __future__ import annotations
@@ -23,8 +26,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
-
-from pipeq.errors import JobCancelled
 
 log = logging.getLogger("pipeq.batcher")
 
@@ -94,7 +95,7 @@ class Batcher:
         *,
         max_batch_size: int,
         max_batch_wait_ms: float,
-        cancelled: Callable[[list[str]], set[str]] = lambda ids: set(),
+        admit: Callable[[list[str]], dict[str, BaseException]] = lambda ids: {},
         on_oom: Callable[[], None] = lambda: None,
     ) -> None:
         if max_batch_size < 1:
@@ -102,7 +103,7 @@ class Batcher:
         self._run = run
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max(0.0, max_batch_wait_ms) / 1000
-        self._cancelled = cancelled
+        self._admit = admit
         self._on_oom = on_oom
         self._pending: list[_Item] = []
         self._cond = threading.Condition()
@@ -158,22 +159,31 @@ class Batcher:
 
     def _execute(self, batch: list[_Item]) -> None:
         now = time.monotonic()
-        gone = self._cancelled(sorted({i.job_id for i in batch}))
+        batch = [i for i in batch if i.future.set_running_or_notify_cancel()]  # else timed out
+        try:
+            refused = self._admit(sorted({i.job_id for i in batch}))
+        except Exception as e:  # Redis away: fail these jobs rather than the batcher
+            log.exception("admit hook failed")
+            refused = {i.job_id: e for i in batch}
         live = []
         for item in batch:
-            if not item.future.set_running_or_notify_cancel():
-                continue  # its job gave up waiting (timeout)
-            if item.job_id in gone:
-                item.future.set_exception(JobCancelled("the job was cancelled"))
-                continue
-            live.append(item)
+            if item.job_id in refused:
+                item.future.set_exception(refused[item.job_id])
+            else:
+                live.append(item)
         if not live:
             return
         live.sort(key=lambda i: i.size)
         started = time.monotonic()
         self._forward(live)
         self.stats.record(len(live), [now - i.arrived for i in live], time.monotonic() - started)
-        log.debug("batch of %d ran in %.1f ms", len(live), 1000 * (time.monotonic() - started))
+        log.debug(
+            "batch of %d (input sizes %d..%d) ran in %.1f ms",
+            len(live),
+            live[0].size,
+            live[-1].size,
+            1000 * (time.monotonic() - started),
+        )
 
     def _forward(self, items: list[_Item]) -> None:
         try:

@@ -1,11 +1,12 @@
 """`pipeq bench`: one deployment under load, next to the same model in-process.
 
-In one run, on the same inputs:
+In one run, on the same inputs, after one warm-up pass of each, `--rounds` times:
   1. in-process `transformers.pipeline(task, model)(texts, batch_size=B)` for each B;
   2. pipeq, one worker with the deployment's batching, N jobs submitted in one burst;
-  3. pipeq, the same worker with batching off (max_batch_size = 1);
-  4. latency: single jobs one at a time on the idle stack, against single in-process calls.
-Only one of these runs at a time, so they do not compete for cores.
+  3. pipeq, the same model in a second worker with batching off (max_batch_size = 1);
+then latency: single jobs one at a time on the idle stack, against single in-process
+calls. Only one contender runs at a time, so they do not compete for cores; medians of
+the rounds and per-round ratios are reported, as these machines are noisy.
 """
 
 from __future__ import annotations
@@ -65,69 +66,51 @@ def _latencies_ms(values: list[float]) -> dict[str, float]:
     return {"p50": _pct(ms, 0.50), "p95": _pct(ms, 0.95), "p99": _pct(ms, 0.99)}
 
 
-def in_process(
-    d: Deployment, inputs: list[Any], params: dict[str, Any], sizes: list[int]
-) -> dict[str, Any]:
-    from pipeq.worker.handlers import load_handler
+def in_process_rate(pipe: Any, inputs: list[Any], params: dict[str, Any], batch_size: int) -> float:
+    started = time.perf_counter()
+    pipe(inputs, batch_size=batch_size, **params)
+    return len(inputs) / (time.perf_counter() - started)
 
-    pipe = load_handler(d).pipe
-    pipe(inputs[:4], **params)  # warm-up
-    out: dict[str, Any] = {}
-    for b in sizes:
-        started = time.perf_counter()
-        pipe(inputs, batch_size=b, **params)
-        elapsed = time.perf_counter() - started
-        out[str(b)] = {"items_per_s": len(inputs) / elapsed, "seconds": elapsed}
-    single = []
+
+def single_call_latency(pipe: Any, inputs: list[Any], params: dict[str, Any]) -> dict[str, float]:
+    for item in inputs[:5]:
+        pipe(item, **params)
+    latencies = []
     for item in inputs[:50]:
         started = time.perf_counter()
         pipe(item, **params)
-        single.append(time.perf_counter() - started)
-    out["single_call_latency_ms"] = _latencies_ms(single)
-    return out
+        latencies.append(time.perf_counter() - started)
+    return _latencies_ms(latencies)
 
 
 def burst(client: Client, name: str, inputs: list[Any], params: dict[str, Any]) -> dict[str, Any]:
     """Submit every input as its own job at once; time until the last result."""
-    for item in inputs[:8]:  # warm-up
-        client.submit(name, item, **params).result(timeout=120)
-    before = _stats(client, name)
+    worker = client.registry.live_workers(name)[0]
+    time.sleep(2.5)  # a fresh heartbeat: batching statistics before
+    before = client.registry.stats(name)[worker]
     started = time.perf_counter()
-    sent = []
-    for item in inputs:
-        sent.append((client.submit(name, item, **params), time.perf_counter()))
+    sent = [(client.submit(name, item, **params), time.perf_counter()) for item in inputs]
     latencies = []
     for job, t0 in sent:
         job.result(timeout=600)
         latencies.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - started
-    time.sleep(2.5)  # one heartbeat: the worker's batching statistics
-    after = _stats(client, name)
+    time.sleep(2.5)  # and after
+    after = client.registry.stats(name)[worker]
     sizes = {
-        k: v - before["sizes"].get(k, 0)
+        int(k): v - before["sizes"].get(k, 0)
         for k, v in after["sizes"].items()
         if v - before["sizes"].get(k, 0)
     }
     items = after["items"] - before["items"]
+    waited_ms = after["mean_wait_ms"] * after["items"] - before["mean_wait_ms"] * before["items"]
     return {
         "items_per_s": len(inputs) / elapsed,
-        "seconds": elapsed,
         "latency_ms": _latencies_ms(latencies),
-        "batch_sizes": sizes,
+        "batch_sizes": dict(sorted(sizes.items())),
         "mean_batch_size": items / max(1, after["batches"] - before["batches"]),
-        "mean_wait_for_batch_ms": 1000 * (after["waited_s"] - before["waited_s"]) / max(1, items),
+        "mean_wait_for_batch_ms": waited_ms / max(1, items),
     }
-
-
-def _stats(client: Client, name: str) -> dict[str, Any]:
-    total: dict[str, Any] = {"sizes": {}, "items": 0, "batches": 0, "waited_s": 0.0}
-    for s in client.registry.stats(name).values():
-        total["items"] += s["items"]
-        total["batches"] += s["batches"]
-        total["waited_s"] += s["mean_wait_ms"] * s["items"] / 1000
-        for k, v in s["sizes"].items():
-            total["sizes"][k] = total["sizes"].get(k, 0) + v
-    return total
 
 
 def single_jobs(
@@ -142,26 +125,6 @@ def single_jobs(
         client.submit(name, item, **params).result(timeout=120)
         latencies.append(time.perf_counter() - started)
     return _latencies_ms(latencies)
-
-
-def run_pipeq(
-    d: Deployment, config: Path, inputs: list[Any], params: dict[str, Any]
-) -> dict[str, Any]:
-    port = 6500
-    while not port_free(port):
-        port += 1
-    stack = Stack({d.name: d}, str(config), redis_port=port, flower_port=None)
-    try:
-        stack.start()
-        status = stack.wait_ready()
-        if status[d.name] != "ready":
-            raise RuntimeError(f"worker {d.name}: {status[d.name]}")
-        with Client(stack.url) as client:
-            result = burst(client, d.name, inputs, params)
-            result["single_job_latency_ms"] = single_jobs(client, d.name, inputs, params)
-        return result
-    finally:
-        stack.stop()
 
 
 def _config_for(deployments: list[Deployment], path: Path) -> Path:
@@ -183,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, help="override the deployment's")
     p.add_argument("--max-batch-wait-ms", type=float, help="override the deployment's")
     p.add_argument("--no-unbatched", action="store_true", help="skip the max_batch_size=1 run")
+    p.add_argument("--rounds", type=int, default=3, help="every contender runs once a round")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -209,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeq.worker.handlers import load_handler
 
-    mask = load_handler(d).info().get("mask_token") if d.canonical_task == "fill-mask" else None
-    inputs = bench_inputs(d.task, args.jobs, mask_token=mask)
+    handler = load_handler(d)
+    inputs = bench_inputs(d.task, args.jobs, mask_token=handler.info().get("mask_token"))
     params = default_params(d.task)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     report: dict[str, Any] = {
@@ -218,46 +182,95 @@ def main(argv: list[str] | None = None) -> int:
         "jobs": args.jobs,
         "cpu_threads": os.cpu_count(),
     }
+    pipe = handler.pipe
+    runs: dict[str, list[Any]] = {f"in_process_b{b}": [] for b in sizes}
+    runs["pipeq"], runs["pipeq_unbatched"] = [], []
     with tempfile.TemporaryDirectory(prefix="pipeq-bench-") as tmp:
-        config = _config_for([d, unbatched], Path(tmp) / "bench.toml")
-        print(f"in-process transformers.pipeline, batch sizes {sizes} ...", flush=True)
-        report["in_process"] = in_process(d, inputs, params, sizes)
-        print(f"pipeq, max_batch_size={d.max_batch_size} ...", flush=True)
-        report["pipeq"] = run_pipeq(d, config, inputs, params)
-        if not args.no_unbatched:
-            print("pipeq, max_batch_size=1 ...", flush=True)
-            report["pipeq_unbatched"] = run_pipeq(unbatched, config, inputs, params)
+        deployments = [d] if args.no_unbatched else [d, unbatched]
+        config = _config_for(deployments, Path(tmp) / "bench.toml")
+        port = 6500
+        while not port_free(port):
+            port += 1
+        stack = Stack(
+            {x.name: x for x in deployments}, str(config), redis_port=port, flower_port=None
+        )
+        try:
+            stack.start()
+            status = stack.wait_ready()
+            if any(v != "ready" for v in status.values()):
+                raise RuntimeError(f"workers: {status}")
+            with Client(stack.url) as client:
+                print("warm-up: one pass in-process and through each worker ...", flush=True)
+                in_process_rate(pipe, inputs, params, max(sizes))
+                for x in deployments:
+                    burst(client, x.name, inputs[: 64 if x is unbatched else None], params)
+                for r in range(args.rounds):
+                    print(f"round {r + 1}/{args.rounds} ...", flush=True)
+                    for b in sizes:
+                        runs[f"in_process_b{b}"].append(in_process_rate(pipe, inputs, params, b))
+                    runs["pipeq"].append(burst(client, d.name, inputs, params))
+                    if not args.no_unbatched:
+                        runs["pipeq_unbatched"].append(
+                            burst(client, unbatched.name, inputs, params)
+                        )
+                report["single_job_latency_ms"] = single_jobs(client, d.name, inputs, params)
+            report["single_call_latency_ms"] = single_call_latency(pipe, inputs, params)
+        finally:
+            stack.stop()
+    report["runs"] = runs
     _print_report(report, sizes)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
 
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def _print_report(r: dict[str, Any], sizes: list[int]) -> None:
-    ip, pq = r["in_process"], r["pipeq"]
-    best_b = max(sizes, key=lambda b: ip[str(b)]["items_per_s"])
-    best = ip[str(best_b)]["items_per_s"]
-    print(f"\n{r['jobs']} jobs, deployment {r['deployment']['name']} ({r['deployment']['model']})")
+    runs = r["runs"]
+    rounds = len(runs["pipeq"])
+    d = r["deployment"]
+    print(f"\n{r['jobs']} jobs, {rounds} rounds; deployment {d['name']} ({d['model']})")
+    print("items/s, median of the rounds (each round: every contender once, one at a time)")
+    best_b = max(sizes, key=lambda b: _median(runs[f"in_process_b{b}"]))
     for b in sizes:
-        print(f"  in-process pipeline batch_size={b:<3} {ip[str(b)]['items_per_s']:8.1f} items/s")
-    lat = pq["latency_ms"]
+        rates = runs[f"in_process_b{b}"]
+        print(f"  in-process pipeline(batch_size={b:<3})  {_median(rates):8.1f}   {_fmt(rates)}")
+    pq = [x["items_per_s"] for x in runs["pipeq"]]
     print(
-        f"  pipeq (max_batch_size={r['deployment']['max_batch_size']})       "
-        f"{pq['items_per_s']:8.1f} items/s   latency p50 {lat['p50']:.0f} ms  "
-        f"p95 {lat['p95']:.0f} ms  p99 {lat['p99']:.0f} ms"
+        f"  pipeq, max_batch_size={d['max_batch_size']:<3}          {_median(pq):8.1f}   {_fmt(pq)}"
     )
+    # ratio per round against that round's best in-process, then the median
+    best_per_round = [max(runs[f"in_process_b{b}"][i] for b in sizes) for i in range(rounds)]
+    ratios = [p / b for p, b in zip(pq, best_per_round, strict=True)]
     print(
-        f"    batches formed (size: count) {pq['batch_sizes']}; "
-        f"mean size {pq['mean_batch_size']:.1f}, "
-        f"mean wait for a batch {pq['mean_wait_for_batch_ms']:.1f} ms"
+        f"  pipeq / best in-process (B={best_b} by median):  {_median(ratios):.2f}x   "
+        f"per round {_fmt(ratios, 2)}"
     )
-    print(f"  pipeq / best in-process (B={best_b}):  {pq['items_per_s'] / best:.2f}x")
-    if "pipeq_unbatched" in r:
-        un = r["pipeq_unbatched"]
-        print(f"  pipeq unbatched (max_batch_size=1)  {un['items_per_s']:8.1f} items/s")
-        print(f"  pipeq batched / unbatched:          {pq['items_per_s'] / un['items_per_s']:.2f}x")
-    sj, sc = pq["single_job_latency_ms"], ip["single_call_latency_ms"]
+    if runs["pipeq_unbatched"]:
+        un = [x["items_per_s"] for x in runs["pipeq_unbatched"]]
+        print(f"  pipeq, max_batch_size=1            {_median(un):8.1f}   {_fmt(un)}")
+        gains = [p / u for p, u in zip(pq, un, strict=True)]
+        print(f"  pipeq batched / unbatched:  {_median(gains):.2f}x   per round {_fmt(gains, 2)}")
+    last = runs["pipeq"][-1]
+    lat = last["latency_ms"]
     print(
-        f"  single job on an idle stack: p50 {sj['p50']:.1f} ms (in-process call p50 "
-        f"{sc['p50']:.1f} ms; overhead {sj['p50'] - sc['p50']:.1f} ms)"
+        f"  pipeq burst latency (last round): p50 {lat['p50']:.0f} ms  p95 {lat['p95']:.0f} ms  "
+        f"p99 {lat['p99']:.0f} ms"
     )
+    print(f"  batches formed (size: count, last round): {last['batch_sizes']}")
+    print(
+        f"    mean batch size {last['mean_batch_size']:.1f}, "
+        f"mean wait for a batch {last['mean_wait_for_batch_ms']:.1f} ms"
+    )
+    sj, sc = r["single_job_latency_ms"], r["single_call_latency_ms"]
+    print(
+        f"  single job, idle stack: p50 {sj['p50']:.1f} ms  p95 {sj['p95']:.1f} ms; "
+        f"in-process call p50 {sc['p50']:.1f} ms; overhead p50 {sj['p50'] - sc['p50']:.1f} ms"
+    )
+
+
+def _fmt(values: list[float], digits: int = 1) -> str:
+    return "[" + ", ".join(f"{v:.{digits}f}" for v in values) + "]"

@@ -18,14 +18,22 @@ from concurrent.futures import Future, wait
 from typing import Any
 
 import redis
-from celery import Celery, signals
+from celery import Celery, signals, states
 from celery.exceptions import Ignore
 
 from pipeq import _app, _tasks
 from pipeq._client import cancel_key
 from pipeq._config import Deployment
 from pipeq._registry import HEARTBEAT_S, Registry
-from pipeq.errors import InvalidRequest, JobFailed, JobLost, JobTimeout, ModelLoadError, PipeqError
+from pipeq.errors import (
+    InvalidRequest,
+    JobCancelled,
+    JobFailed,
+    JobLost,
+    JobTimeout,
+    ModelLoadError,
+    PipeqError,
+)
 
 log = logging.getLogger("pipeq.worker")
 
@@ -70,6 +78,58 @@ def _outcome(value: Any, to_jsonable: Any) -> dict[str, Any]:
     return {"result": to_jsonable(value)}
 
 
+class Admission:
+    """Before a batch runs, in one Redis round trip: see which of its jobs were cancelled
+    and, for each job reaching the model for the first time in this delivery, count the
+    attempt and mark it STARTED. `__call__` returns the jobs that must not run."""
+
+    def __init__(self, app: Celery, store: redis.Redis) -> None:
+        self.app = app
+        self.store = store
+        self.running: set[str] = set()  # jobs of this process already admitted once
+
+    def done(self, job_id: str) -> None:
+        self.running.discard(job_id)
+
+    def __call__(self, job_ids: list[str]) -> dict[str, BaseException]:
+        backend = self.app.backend
+        first = [j for j in job_ids if j not in self.running]
+        pipe = self.store.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(cancel_key(job_id))
+        for job_id in first:
+            pipe.incr(attempts_key(job_id))
+            pipe.expire(attempts_key(job_id), _app.RESULT_TTL_S)
+            key = backend.get_key_for_task(job_id)
+            meta = backend.encode(
+                {
+                    "status": states.STARTED,
+                    "result": None,
+                    "traceback": None,
+                    "children": [],
+                    "date_done": None,
+                    "task_id": job_id,
+                }
+            )
+            pipe.setex(key, backend.expires, meta)
+            pipe.publish(key, meta)
+        replies = pipe.execute()
+        self.running.update(first)
+        refused: dict[str, BaseException] = {}
+        for job_id, cancelled in zip(job_ids, replies, strict=False):
+            if cancelled:
+                refused[job_id] = JobCancelled("the job was cancelled")
+        for n, job_id in enumerate(first):
+            attempts = replies[len(job_ids) + 4 * n]
+            if attempts > MAX_ATTEMPTS:
+                refused[job_id] = JobLost(f"delivered {attempts} times without finishing")
+        return refused
+
+
+def attempts_key(job_id: str) -> str:
+    return f"pipeq:attempts:{job_id}"
+
+
 def _wait(futures: list[Future[Any]], timeout_s: float) -> list[Any]:
     """Each future's result, or its error; JobTimeout for those not done in time."""
     _, not_done = wait(futures, timeout=timeout_s)
@@ -79,29 +139,21 @@ def _wait(futures: list[Future[Any]], timeout_s: float) -> list[Any]:
     return [late if f in not_done else (f.exception() or f.result()) for f in futures]
 
 
-def build_app(deployment: Deployment, redis_url: str, registry: Registry, batcher: Any) -> Celery:
-    """The Celery app of this worker, with the one task it runs."""
-    from pipeq.worker.handlers import to_jsonable
-
-    app = _app.make_app(redis_url)
+def register_task(app: Celery, deployment: Deployment, batcher: Any, admission: Admission) -> None:
+    """The one task this worker runs: hand the job's items to the batcher, wait."""
     task = deployment.task
-    store = registry.redis
 
     @app.task(name=_app.RUN_TASK, bind=True)  # type: ignore[untyped-decorator]
     def run(self: Any, inputs: Any, params: dict[str, Any], per_item: bool = False) -> Any:
         """One job. `per_item`: items fail alone, the result is one outcome per item."""
-        job_id: str = self.request.id
-        attempt_key = f"pipeq:attempts:{job_id}"
-        pipe = store.pipeline(transaction=False)  # one round trip for both checks
-        pipe.exists(cancel_key(job_id))
-        pipe.incr(attempt_key)
-        pipe.expire(attempt_key, _app.RESULT_TTL_S)
-        cancelled, attempts, _ = pipe.execute()
-        if cancelled:
-            app.backend.mark_as_revoked(job_id, "cancelled by the producer")
-            raise Ignore()
-        if attempts > MAX_ATTEMPTS:
-            raise JobLost(f"delivered {attempts} times without finishing; giving up")
+        try:
+            return run_job(self.request.id, inputs, params, per_item)
+        finally:
+            admission.done(self.request.id)
+
+    def run_job(job_id: str, inputs: Any, params: dict[str, Any], per_item: bool) -> Any:
+        from pipeq.worker.handlers import to_jsonable
+
         params = _tasks.validate_params(task, params)
         items, many = _tasks.items_of(task, inputs)
         if not per_item:
@@ -109,6 +161,9 @@ def build_app(deployment: Deployment, redis_url: str, registry: Registry, batche
                 _tasks.check_item(task, item, f"inputs[{i}]" if many else "inputs")
             results = _wait(batcher.submit(job_id, items, params), deployment.job_timeout_s)
             for r in results:
+                if isinstance(r, JobCancelled):
+                    app.backend.mark_as_revoked(job_id, "cancelled by the producer")
+                    raise Ignore()
                 if isinstance(r, BaseException):
                     raise _as_job_error(r)
             return to_jsonable(_tasks.combine(task, params, results) if many else results[0])
@@ -126,8 +181,6 @@ def build_app(deployment: Deployment, redis_url: str, registry: Registry, batche
         for i, r in zip(good, results, strict=True):
             outcomes[i] = r
         return [_outcome(o, to_jsonable) for o in outcomes]
-
-    return app
 
 
 def _heartbeat(
@@ -162,6 +215,9 @@ def run_worker(
         logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
         logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
     deployment = pin_device(deployment, gpu)
+    # jobs hand items to the batcher thread and back: hand the GIL over sooner than the
+    # default 5 ms, or each hand-over can wait that long behind a busy thread
+    sys.setswitchinterval(0.0005)
     url = _app.redis_url(redis_url)
     registry = Registry(redis.Redis.from_url(url))
     hostname = f"pipeq.{deployment.name}.{os.getpid()}@{socket.gethostname()}"
@@ -181,18 +237,16 @@ def run_worker(
         return EXIT_MODEL_LOAD_FAILED
     log.info("loaded %s in %.1f s", deployment.model, time.monotonic() - started)
 
+    app = _app.make_app(url, task_track_started=False)  # Admission marks jobs running
+    admission = Admission(app, registry.redis)
     batcher = Batcher(
         handler.run,
         max_batch_size=deployment.max_batch_size,
         max_batch_wait_ms=deployment.max_batch_wait_ms,
-        cancelled=lambda ids: {
-            i
-            for i, hit in zip(ids, registry.redis.mget([cancel_key(i) for i in ids]), strict=True)
-            if hit
-        },
+        admit=admission,
         on_oom=_free_cuda_memory,
     ).start()
-    app = build_app(deployment, url, registry, batcher)
+    register_task(app, deployment, batcher, admission)
     stop = threading.Event()
 
     @signals.worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
