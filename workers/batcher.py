@@ -7,9 +7,11 @@ waiting, or when the oldest item has waited `max_batch_wait_ms`, whichever is fi
 Jobs that arrive while a batch runs are waiting for the next one, so under load the
 batches fill without any waiting at all.
 
-A batch always holds the oldest waiting item (nothing starves) and, with it, the
-waiting items whose input length is closest to it, so padding stays small. Items with
-different parameters never share a forward pass. When a batch raises, its items are
+Batches take the waiting items in order of input length, sweeping up from where the
+last batch ended and wrapping round (an elevator's sweep), so a batch holds inputs of
+near-equal length and padding stays small, while no item waits longer than one sweep
+of the waiting pool. Items with different parameters never share a forward pass; the
+oldest waiting item's parameters go first. When a batch raises, its items are
 run one by one so a bad item fails alone; a CUDA out-of-memory error halves the batch.
 Before each forward pass the `admit(job_ids)` hook says which jobs must not run (and
 why: cancelled, delivered too often); the worker does that in one Redis round trip a
@@ -106,6 +108,7 @@ class Batcher:
         self._admit = admit
         self._on_oom = on_oom
         self._pending: list[_Item] = []
+        self._sweep_at = -1  # input size the last batch ended at
         self._cond = threading.Condition()
         self._stopping = False
         self.stats = BatchStats()
@@ -151,10 +154,20 @@ class Batcher:
                 if len(peers) >= self.max_batch_size or wait <= 0:
                     break
                 self._cond.wait(wait)
-            peers.sort(key=lambda i: abs(i.size - oldest.size))
-            batch = peers[: self.max_batch_size]
+            batch = self._sweep(peers)
             chosen = {id(i) for i in batch}
             self._pending = [i for i in self._pending if id(i) not in chosen]
+        return batch
+
+    def _sweep(self, peers: list[_Item]) -> list[_Item]:
+        """The next `max_batch_size` items up the length axis from the last batch, wrapping
+        round to the shortest at the top (an elevator's sweep): batches of near-equal
+        lengths, and no item waits more than one sweep of the waiting pool."""
+        peers.sort(key=lambda i: i.size)
+        start = next((n for n, i in enumerate(peers) if i.size > self._sweep_at), 0)
+        start = max(0, min(start, len(peers) - self.max_batch_size))
+        batch = peers[start : start + self.max_batch_size]
+        self._sweep_at = batch[-1].size if start + len(batch) < len(peers) else -1
         return batch
 
     def _execute(self, batch: list[_Item]) -> None:
