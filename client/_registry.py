@@ -51,9 +51,10 @@ class Announced:
         return _tasks.canonical_task(self.task)
 
     def serves_model(self, model: str) -> bool:
-        """'distilgpt2' matches 'distilbert/distilgpt2' and '/models/distilgpt2'."""
-        mine = self.model.rstrip("/")
-        return model in (mine, mine.rsplit("/", 1)[-1]) or mine.endswith("/" + model)
+        """The same hub id or path, or the same last part: 'distilgpt2' matches
+        'distilbert/distilgpt2', 'Helsinki-NLP/opus-mt-fr-en' a local '/models/opus-mt-fr-en'."""
+        mine, theirs = self.model.rstrip("/"), model.rstrip("/")
+        return mine == theirs or mine.rsplit("/", 1)[-1] == theirs.rsplit("/", 1)[-1]
 
 
 class Registry:

@@ -93,31 +93,34 @@ def course_calls() -> list[tuple[str, Callable[[Any], Any]]]:
 
     def zero_shot(_: Any) -> Any:
         classifier = pipeline("zero-shot-classification")
-        return classifier(
-            "This is a course about the Transformers library",
-            candidate_labels=["education", "politics", "business"],
-        )
+        return [
+            classifier(
+                "This is a course about the Transformers library",
+                candidate_labels=["education", "politics", "business"],
+            ),
+            classifier(
+                "Byte-Pair Encoding: Subword-based tokenization algorithm",
+                candidate_labels=["computer science", "politics", "business", "enginnering"],
+            ),
+        ]
 
     def generation(_: Any) -> Any:
         generator = pipeline("text-generation")
         first = generator(
-            "In this course, we will teach you how to",
-            num_return_sequences=2,
-            max_length=15,
-            do_sample=True,
+            "In this course, we will teach you how to", num_return_sequences=2, max_length=15
         )
         generator = pipeline("text-generation", model="distilgpt2")
         second = generator(
-            "In this course, we will teach you how to",
-            max_length=30,
-            num_return_sequences=2,
-            do_sample=True,
+            "In this course, we will teach you how to", max_length=30, num_return_sequences=2
         )
         return [first, second]
 
     def fill_mask(_: Any) -> Any:
         unmasker = pipeline("fill-mask")
-        return unmasker("This course will teach you all about <mask> models.", top_k=2)
+        return [
+            unmasker("This course will teach you all about <mask> models.", top_k=2),
+            unmasker("She is crying. I should <mask> her.", top_k=10),
+        ]
 
     def ner(_: Any) -> Any:
         ner = pipeline("ner", grouped_entities=True)
@@ -125,10 +128,15 @@ def course_calls() -> list[tuple[str, Callable[[Any], Any]]]:
 
     def qa(_: Any) -> Any:
         question_answerer = pipeline("question-answering")
-        return question_answerer(
-            question="Where do I work?",
-            context="My name is Sylvain and I work at Hugging Face in Brooklyn",
-        )
+        return [
+            question_answerer(
+                question="Where do I work?",
+                context="My name is Sylvain and I work at Hugging Face in Brooklyn",
+            ),
+            question_answerer(
+                question="What is my weight?", context="My weight is too high, which is 85kg."
+            ),
+        ]
 
     def summarization(_: Any) -> Any:
         summarizer = pipeline("summarization")
