@@ -40,7 +40,7 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 bench: $(STAMP)
-	$(VENV)/bin/pipeq bench --tiny
+	$(VENV)/bin/pipeq bench --tiny distilbert-base-sst2-random --jobs 512 --rounds 3
 
 compose-check:
 	docker-compose -f docker-compose.yml config -q
