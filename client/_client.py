@@ -240,14 +240,9 @@ class Client:
         items = list(inputs)
         target = self.resolve(deployment_or_task, model)
         params = self.check_params(target, params)
-        outcomes: list[Any] = [None] * len(items)
-        todo: list[int] = []
-        for i, item in enumerate(items):
-            try:
-                self.check_item(target, item, f"inputs[{i}]")
-                todo.append(i)
-            except InvalidRequest as e:
-                outcomes[i] = e
+        outcomes, todo = _tasks.sort_out(
+            items, lambda item, where: self.check_item(target, item, where)
+        )
         size = chunk_size or max(1, int(target.info.get("max_batch_size") or 16) // 2)
         chunks = [todo[k : k + size] for k in range(0, len(todo), size)]
         jobs = [

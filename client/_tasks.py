@@ -23,6 +23,7 @@ __all__ = [
     "combine",
     "is_task",
     "items_of",
+    "sort_out",
     "spec",
     "split_items",
     "validate",
@@ -324,6 +325,19 @@ def check_item(task: str, item: Any, where: str = "inputs") -> None:
         _check_chat(item, where)
     else:
         _check_text(item, where)
+
+
+def sort_out(items: list[Any], check: Callable[[Any, str], None]) -> tuple[list[Any], list[int]]:
+    """Check each item alone: (outcomes holding each bad item's InvalidRequest, good indices)."""
+    outcomes: list[Any] = [None] * len(items)
+    good: list[int] = []
+    for i, item in enumerate(items):
+        try:
+            check(item, f"inputs[{i}]")
+            good.append(i)
+        except InvalidRequest as e:
+            outcomes[i] = e
+    return outcomes, good
 
 
 def split_items(task: str, inputs: Any) -> tuple[list[Any], bool]:

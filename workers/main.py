@@ -26,7 +26,6 @@ from pipeq._client import cancel_key
 from pipeq._config import Deployment
 from pipeq._registry import HEARTBEAT_S, Registry
 from pipeq.errors import (
-    InvalidRequest,
     JobCancelled,
     JobFailed,
     JobLost,
@@ -167,14 +166,9 @@ def register_task(app: Celery, deployment: Deployment, batcher: Any, admission: 
                 if isinstance(r, BaseException):
                     raise _as_job_error(r)
             return to_jsonable(_tasks.combine(task, params, results) if many else results[0])
-        outcomes: list[Any] = [None] * len(items)
-        good = []
-        for i, item in enumerate(items):
-            try:
-                _tasks.check_item(task, item, f"inputs[{i}]")
-                good.append(i)
-            except InvalidRequest as e:
-                outcomes[i] = e
+        outcomes, good = _tasks.sort_out(
+            items, lambda item, where: _tasks.check_item(task, item, where)
+        )
         results = _wait(
             batcher.submit(job_id, [items[i] for i in good], params), deployment.job_timeout_s
         )
