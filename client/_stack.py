@@ -54,6 +54,14 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def free_port_from(start: int) -> int:
+    """The first port from `start` up that a server could bind on 127.0.0.1."""
+    port = start
+    while not port_free(port):
+        port += 1
+    return port
+
+
 def start_redis(port: int, workdir: Path, *, appendonly: bool = False) -> subprocess.Popen[bytes]:
     """Start redis-server on 127.0.0.1:port and wait until it answers."""
     proc = subprocess.Popen(

@@ -26,7 +26,6 @@ __all__ = [
     "sort_out",
     "spec",
     "split_items",
-    "validate",
     "validate_params",
 ]
 
@@ -371,15 +370,6 @@ def validate_params(
     if isinstance(lo, int) and isinstance(hi, int) and hi < lo:
         raise InvalidRequest(f"max_length ({hi}) is below min_length ({lo})")
     return out
-
-
-def validate(task: str, inputs: Any, params: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """Check a request; return (inputs, params) with renamed parameters translated."""
-    out = validate_params(task, params)
-    if isinstance(inputs, tuple):
-        inputs = list(inputs)
-    split_items(task, inputs)
-    return inputs, out
 
 
 def combine(task: str, params: Mapping[str, Any], results: list[Any]) -> Any:

@@ -186,7 +186,6 @@ class Batcher:
                 live.append(item)
         if not live:
             return
-        live.sort(key=lambda i: i.size)
         started = time.monotonic()
         self._forward(live)
         self.stats.record(len(live), [now - i.arrived for i in live], time.monotonic() - started)
@@ -202,19 +201,16 @@ class Batcher:
         try:
             results = self._run([i.value for i in items], items[0].params)
         except Exception as e:
+            oom = _is_oom(e)
+            if oom:
+                self._on_oom()
             if len(items) == 1:
-                if _is_oom(e):
-                    self._on_oom()
                 items[0].future.set_exception(e)
                 return
-            if _is_oom(e):
-                self._on_oom()
-                half = len(items) // 2
-                self._forward(items[:half])
-                self._forward(items[half:])
-                return
-            for item in items:  # find the bad one: each item alone
-                self._forward([item])
+            half = len(items) // 2
+            # out of memory: halve the batch; anything else: each item alone finds the bad one
+            for part in [items[:half], items[half:]] if oom else [[i] for i in items]:
+                self._forward(part)
             return
         for item, result in zip(items, results, strict=True):
             item.future.set_result(result)

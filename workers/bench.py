@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeq import Client, _tasks
 from pipeq._config import Deployment, load_deployments, pick
-from pipeq._stack import Stack, port_free
+from pipeq._stack import Stack, free_port_from
 
 __all__ = ["bench_inputs", "main"]
 
@@ -127,12 +127,6 @@ def single_jobs(
     return _latencies_ms(latencies)
 
 
-def _config_for(deployments: list[Deployment], path: Path) -> Path:
-    from pipeq.worker.demo import write_config
-
-    return write_config({d.name: d for d in deployments}, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pipeq bench", description=__doc__)
     p.add_argument("deployment", nargs="?", help="deployment of --config to measure")
@@ -186,14 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[Any]] = {f"in_process_b{b}": [] for b in sizes}
     runs["pipeq"], runs["pipeq_unbatched"] = [], []
     with tempfile.TemporaryDirectory(prefix="pipeq-bench-") as tmp:
-        deployments = [d] if args.no_unbatched else [d, unbatched]
-        config = _config_for(deployments, Path(tmp) / "bench.toml")
-        port = 6500
-        while not port_free(port):
-            port += 1
-        stack = Stack(
-            {x.name: x for x in deployments}, str(config), redis_port=port, flower_port=None
-        )
+        from pipeq.worker.demo import write_config
+
+        deployments = {x.name: x for x in ([d] if args.no_unbatched else [d, unbatched])}
+        config = write_config(deployments, Path(tmp) / "bench.toml")
+        stack = Stack(deployments, str(config), redis_port=free_port_from(6500), flower_port=None)
         try:
             stack.start()
             status = stack.wait_ready()
@@ -202,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             with Client(stack.url) as client:
                 print("warm-up: one pass in-process and through each worker ...", flush=True)
                 in_process_rate(pipe, inputs, params, max(sizes))
-                for x in deployments:
+                for x in deployments.values():
                     burst(client, x.name, inputs[: 64 if x is unbatched else None], params)
                 for r in range(args.rounds):
                     print(f"round {r + 1}/{args.rounds} ...", flush=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeq._config import Deployment
-from pipeq._stack import Stack, port_free
+from pipeq._stack import Stack, free_port_from
 
 __all__ = ["demo_config", "main", "write_config"]
 
@@ -164,13 +164,6 @@ def course_calls() -> list[tuple[str, Callable[[Any], Any]]]:
     ]
 
 
-def _free_port(start: int) -> int:
-    port = start
-    while not port_free(port):
-        port += 1
-    return port
-
-
 def main(models_dir: str | os.PathLike[str] = ".cache/pipeq-models") -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = Path(models_dir).resolve()
@@ -179,7 +172,7 @@ def main(models_dir: str | os.PathLike[str] = ".cache/pipeq-models") -> int:
     deployments = demo_config(root)
     config = write_config(deployments, root / "demo.toml")
     stack = Stack(
-        deployments, str(config), redis_port=_free_port(6399), flower_port=_free_port(5555)
+        deployments, str(config), redis_port=free_port_from(6399), flower_port=free_port_from(5555)
     )
     failures = 0
     try:

@@ -154,10 +154,8 @@ def register_task(app: Celery, deployment: Deployment, batcher: Any, admission: 
         from pipeq.worker.handlers import to_jsonable
 
         params = _tasks.validate_params(task, params)
-        items, many = _tasks.items_of(task, inputs)
         if not per_item:
-            for i, item in enumerate(items):
-                _tasks.check_item(task, item, f"inputs[{i}]" if many else "inputs")
+            items, many = _tasks.split_items(task, inputs)
             results = _wait(batcher.submit(job_id, items, params), deployment.job_timeout_s)
             for r in results:
                 if isinstance(r, JobCancelled):
@@ -166,6 +164,7 @@ def register_task(app: Celery, deployment: Deployment, batcher: Any, admission: 
                 if isinstance(r, BaseException):
                     raise _as_job_error(r)
             return to_jsonable(_tasks.combine(task, params, results) if many else results[0])
+        items, _ = _tasks.items_of(task, inputs)
         outcomes, good = _tasks.sort_out(
             items, lambda item, where: _tasks.check_item(task, item, where)
         )
