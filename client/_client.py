@@ -147,6 +147,12 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        # Celery's AsyncResult unsubscribes from its result channel when it is garbage
+        # collected, reconnecting (with minutes of retries) if Redis is gone. Jobs that
+        # outlive their client must not do that: drop the subscription connection now.
+        consumer = self.app.backend.result_consumer
+        consumer.stop()
+        consumer._pubsub = None
         self.app.close()
         self.redis.close()
 

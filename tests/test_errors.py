@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import states
 
 from pipeq import (
     Client,
@@ -20,9 +23,9 @@ from pipeq import (
     pipeline,
 )
 from pipeq._app import RUN_TASK, queue_for
-from pipeq._stack import Stack
+from pipeq._stack import Stack, start_redis, stop_process
 
-from .conftest import paused
+from .conftest import free_port, paused
 
 BAD_TEXT_INPUTS = [None, 3, 2.5, {"text": "hi"}, "", "   ", [], ["fine", None], ["fine", ""]]
 
@@ -148,3 +151,23 @@ def test_a_worker_whose_model_fails_to_load_says_why_and_exits_non_zero(
     assert "could not load '/nonexistent/model'" in proc.stderr
     with Client(redis_url) as c, pytest.raises(NoLiveWorker, match="failed to load the model"):
         c.submit("broken", "hello")
+
+
+@pytest.mark.timeout(60)
+def test_jobs_outliving_their_client_and_redis_are_collected_at_once(tmp_path: Path) -> None:
+    """Celery's AsyncResult.__del__ reconnects to a Redis that is gone, for minutes;
+    a closed Client's jobs must not (`pipeq bench` hung at exit on this)."""
+    port = free_port()
+    proc = start_redis(port, tmp_path)
+    client = Client(f"redis://127.0.0.1:{port}/0")
+    jobs = [client.job(f"done-{i}") for i in range(20)]
+    for job in jobs:  # a result read through the job's result channel
+        client.app.backend.store_result(job.id, [0, 1, 2], states.SUCCESS)
+        assert job.result(timeout=10) == [0, 1, 2]
+    client.close()
+    stop_process(proc)
+    del job
+    collector = threading.Thread(target=lambda: jobs.clear() or gc.collect(), daemon=True)
+    collector.start()
+    collector.join(timeout=10)
+    assert not collector.is_alive(), "dropping the jobs hangs, reconnecting to a Redis gone"
