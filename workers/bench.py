@@ -56,6 +56,10 @@ def default_params(task: str) -> dict[str, Any]:
     return {}
 
 
+#: single jobs and single in-process calls come this long after the previous one ended
+IDLE_S = 0.01
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -72,11 +76,15 @@ def in_process_rate(pipe: Any, inputs: list[Any], params: dict[str, Any], batch_
     return len(inputs) / (time.perf_counter() - started)
 
 
-def single_call_latency(pipe: Any, inputs: list[Any], params: dict[str, Any]) -> dict[str, float]:
+def single_call_latency(
+    pipe: Any, inputs: list[Any], params: dict[str, Any], idle_s: float = 0.0
+) -> dict[str, float]:
+    """One call at a time in-process; `idle_s` between calls (back to back when 0)."""
     for item in inputs[:5]:
         pipe(item, **params)
     latencies = []
     for item in inputs[:50]:
+        time.sleep(idle_s)
         started = time.perf_counter()
         pipe(item, **params)
         latencies.append(time.perf_counter() - started)
@@ -121,6 +129,7 @@ def single_jobs(
         client.submit(name, item, **params).result(timeout=120)
     latencies = []
     for item in inputs[:50]:
+        time.sleep(IDLE_S)
         started = time.perf_counter()
         client.submit(name, item, **params).result(timeout=120)
         latencies.append(time.perf_counter() - started)
@@ -206,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                         )
                 report["single_job_latency_ms"] = single_jobs(client, d.name, inputs, params)
             report["single_call_latency_ms"] = single_call_latency(pipe, inputs, params)
+            report["single_call_after_idle_latency_ms"] = single_call_latency(
+                pipe, inputs, params, IDLE_S
+            )
         finally:
             stack.stop()
     report["runs"] = runs
@@ -257,9 +269,15 @@ def _print_report(r: dict[str, Any], sizes: list[int]) -> None:
         f"mean wait for a batch {last['mean_wait_for_batch_ms']:.1f} ms"
     )
     sj, sc = r["single_job_latency_ms"], r["single_call_latency_ms"]
+    si = r["single_call_after_idle_latency_ms"]
     print(
-        f"  single job, idle stack: p50 {sj['p50']:.1f} ms  p95 {sj['p95']:.1f} ms; "
-        f"in-process call p50 {sc['p50']:.1f} ms; overhead p50 {sj['p50'] - sc['p50']:.1f} ms"
+        f"  single job, idle stack ({1000 * IDLE_S:.0f} ms apart): p50 {sj['p50']:.1f} ms  "
+        f"p95 {sj['p95']:.1f} ms"
+    )
+    print(
+        f"    in-process call p50: back to back {sc['p50']:.1f} ms (overhead "
+        f"{sj['p50'] - sc['p50']:+.1f} ms); {1000 * IDLE_S:.0f} ms apart {si['p50']:.1f} ms "
+        f"(overhead {sj['p50'] - si['p50']:+.1f} ms)"
     )
 
 

@@ -208,6 +208,10 @@ def run_worker(
         logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
         logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
     deployment = pin_device(deployment, gpu)
+    # torch's OpenMP threads otherwise spin for a while after each forward pass, taking the
+    # cores from the job threads, Redis and producers on the same host; sleeping at once
+    # costs the forward pass nothing measurable (docs/batching.md)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # jobs hand items to the batcher thread and back: hand the GIL over sooner than the
     # default 5 ms, or each hand-over can wait that long behind a busy thread
     sys.setswitchinterval(0.0005)
