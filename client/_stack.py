@@ -44,6 +44,12 @@ def find_redis_server() -> str:
         ) from None
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit, so `finally` blocks stop a stack's children (by default
+    the process would die at once, leaving its workers and Redis running)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind

@@ -11,6 +11,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pipeq import Client, pipeline
 from pipeq._stack import port_free
 from pipeq.worker.demo import write_config
@@ -84,3 +86,26 @@ def _flower_answers(port: int) -> bool:
         except OSError:
             time.sleep(0.5)
     return False
+
+
+def test_sigterm_lets_bench_and_demo_stop_the_children_they_started() -> None:
+    """`pipeq bench` and `pipeq demo` start a stack in try/finally; a SIGTERM (a CI
+    timeout, `kill`) must run the finally, or the workers and Redis outlive them."""
+    code = (
+        "import subprocess, time\n"
+        "from pipeq._stack import exit_on_sigterm, stop_process\n"
+        "exit_on_sigterm()\n"
+        "child = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+        "print(child.pid, flush=True)\n"
+        "try:\n"
+        "    time.sleep(600)\n"
+        "finally:\n"
+        "    stop_process(child)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)

@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeq import Client, _tasks
 from pipeq._config import Deployment, load_deployments, pick
-from pipeq._stack import Stack, free_port_from
+from pipeq._stack import Stack, exit_on_sigterm, free_port_from
 
 __all__ = ["bench_inputs", "main"]
 
@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
         deployments = {x.name: x for x in ([d] if args.no_unbatched else [d, unbatched])}
         config = write_config(deployments, Path(tmp) / "bench.toml")
+        exit_on_sigterm()
         stack = Stack(deployments, str(config), redis_port=free_port_from(6500), flower_port=None)
         try:
             stack.start()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeq._config import Deployment
-from pipeq._stack import Stack, free_port_from
+from pipeq._stack import Stack, exit_on_sigterm, free_port_from
 
 __all__ = ["demo_config", "main", "write_config"]
 
@@ -171,6 +171,7 @@ def main(models_dir: str | os.PathLike[str] = ".cache/pipeq-models") -> int:
     print(f"building tiny offline checkpoints in {root} ...", flush=True)
     deployments = demo_config(root)
     config = write_config(deployments, root / "demo.toml")
+    exit_on_sigterm()
     stack = Stack(
         deployments, str(config), redis_port=free_port_from(6399), flower_port=free_port_from(5555)
     )
