@@ -81,19 +81,11 @@ def to_pipeq_error(exc: BaseException, job_id: str, deployment: str | None) -> P
 class Job:
     """A submitted job: its id now, its result later."""
 
-    def __init__(
-        self,
-        client: Client,
-        job_id: str,
-        deployment: str | None = None,
-        sent: AsyncResult | None = None,
-    ) -> None:
+    def __init__(self, client: Client, job_id: str, deployment: str | None = None) -> None:
         self.id = job_id
         self.deployment = deployment
         self._client = client
-        # keep the handle send_task made: it is already subscribed to the result channel,
-        # and dropping it would unsubscribe (a new handle subscribes again on `result()`)
-        self._async: AsyncResult = sent or client.app.AsyncResult(job_id)
+        self._async: AsyncResult = client.app.AsyncResult(job_id)
 
     def __repr__(self) -> str:
         return f"<Job {self.id} deployment={self.deployment}>"
@@ -199,14 +191,18 @@ class Client:
         kwargs = {"inputs": inputs, "params": params}
         if per_item:
             kwargs["per_item"] = True
-        sent = self.app.send_task(
+        # send_task's own handle is dropped on purpose: it is subscribed to the result
+        # channel, and keeping 512 such handles made Celery's result drainer fall behind
+        # (p95 of a 512-job burst: 57 s instead of 10 s). A fresh handle reads the stored
+        # result first and subscribes only while it waits.
+        self.app.send_task(
             _app.RUN_TASK,
             kwargs=kwargs,
             queue=_app.queue_for(target.name),
             task_id=job_id,
             shadow=f"{_app.RUN_TASK}[{target.name}]",
         )
-        return Job(self, job_id, target.name, sent)
+        return Job(self, job_id, target.name)
 
     def check(
         self, target: Announced, inputs: Any, params: dict[str, Any]
