@@ -19,6 +19,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from statistics import median_high as _median  # of an even count, the upper middle
 from typing import Any
 
 from pipeq import Client, _tasks
@@ -226,10 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
-
-
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def _print_report(r: dict[str, Any], sizes: list[int]) -> None:

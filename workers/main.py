@@ -234,7 +234,7 @@ def run_worker(
         return EXIT_MODEL_LOAD_FAILED
     log.info("loaded %s in %.1f s", deployment.model, time.monotonic() - started)
 
-    app = _app.make_app(url, task_track_started=False)  # Admission marks jobs running
+    app = _app.make_app(url)  # task_track_started is off: Admission marks jobs running
     admission = Admission(app, registry.redis)
     batcher = Batcher(
         handler.run,
