@@ -113,3 +113,57 @@ def test_map_returns_a_thousand_results_in_input_order(client: Client) -> None:
     assert len(results) == 1000
     for prompt, result in zip(prompts, results, strict=True):
         assert result[0]["generated_text"].startswith(prompt)
+
+
+def test_batcher_groups_waiting_items_by_the_size_it_is_given() -> None:
+    """Batches take near-equal sizes by the size function (tokens in a worker), not by
+    characters: here the two orders disagree."""
+    import threading
+
+    from pipeq.worker.batcher import Batcher
+
+    tokens = {"x" * n: t for n, t in zip(range(1, 9), [8, 1, 7, 2, 6, 3, 5, 4], strict=True)}
+    release, batches = threading.Event(), []
+
+    def run(items: list[Any], params: dict[str, Any]) -> list[Any]:
+        release.wait(10)  # the first batch holds the model while the others queue
+        batches.append([tokens.get(i, 0) for i in items])
+        return items
+
+    batcher = Batcher(run, max_batch_size=4, max_batch_wait_ms=0, size=lambda v: tokens[v])
+    tokens["first"] = 0
+    batcher.start()
+    try:
+        first = batcher.submit("j0", ["first"], {})
+        deadline = time.monotonic() + 5
+        while batcher._pending and time.monotonic() < deadline:  # the batcher took it
+            time.sleep(0.01)
+        futures = batcher.submit("j1", list(tokens)[:8], {})
+        release.set()
+        assert [f.result(timeout=10) for f in first + futures] == ["first", *list(tokens)[:8]]
+    finally:
+        batcher.stop()
+    assert batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+def test_worker_sizes_items_in_tokens_safely_from_many_threads(
+    deployments: dict[str, Any],
+) -> None:
+    """The batcher's sizes are token counts, taken from the jobs' threads while the batcher
+    thread runs the pipeline (whose own tokenizer is not thread-safe)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeq.worker.handlers import load_handler
+
+    handler = load_handler(deployments["sentiment-analysis"])
+    tokenizer = handler.pipe.tokenizer
+    texts = bench_inputs("sentiment-analysis", 200, seed=3)
+    expected = [len(tokenizer(t)["input_ids"]) for t in texts]
+    assert expected != [len(t) for t in texts]
+    with ThreadPoolExecutor(8) as pool:
+        sized = pool.map(handler.size, texts * 5)
+        for k in range(0, 200, 20):  # the pipeline tokenizes (with truncation) meanwhile
+            handler.run(texts[k : k + 20], {"truncation": True})
+        assert list(sized) == expected * 5
+    qa = {"question": "What is it?", "context": "A queue of jobs."}
+    assert handler.size(qa) == len(tokenizer("What is it? A queue of jobs.")["input_ids"])

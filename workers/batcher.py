@@ -99,6 +99,7 @@ class Batcher:
         max_batch_wait_ms: float,
         admit: Callable[[list[str]], dict[str, BaseException]] = lambda ids: {},
         on_oom: Callable[[], None] = lambda: None,
+        size: Callable[[Any], int] = _size,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -107,6 +108,7 @@ class Batcher:
         self.max_batch_wait_s = max(0.0, max_batch_wait_ms) / 1000
         self._admit = admit
         self._on_oom = on_oom
+        self._size = size
         self._pending: list[_Item] = []
         self._sweep_at = -1  # input size the last batch ended at
         self._cond = threading.Condition()
@@ -127,7 +129,7 @@ class Batcher:
     def submit(self, job_id: str, items: list[Any], params: dict[str, Any]) -> list[Future[Any]]:
         """Queue a job's items; each future gets that item's result or error."""
         key = json.dumps(params, sort_keys=True)
-        new = [_Item(job_id, v, params, key, _size(v)) for v in items]
+        new = [_Item(job_id, v, params, key, self._size(v)) for v in items]
         with self._cond:
             self._pending.extend(new)
             self._cond.notify()

@@ -40,6 +40,7 @@ class Handler:
         self.task = deployment.canonical_task
         self.pipe = pipe
         self.native = native  # a transformers pipeline (takes batch_size)
+        self._counter = _token_counter(pipe)
 
     def info(self) -> dict[str, Any]:
         """What producers need to know beyond the config (announced in Redis)."""
@@ -47,6 +48,18 @@ class Handler:
         info = self.deployment.to_dict()
         info["mask_token"] = getattr(tokenizer, "mask_token", None)
         return info
+
+    def size(self, item: Any) -> int:
+        """The item's length in tokens, which the batcher groups by (padding is per token);
+        its length in characters when the model has no fast tokenizer."""
+        text = item if isinstance(item, str) else None
+        if isinstance(item, dict):
+            text = " ".join(str(v) for v in item.values())
+        if text is None:
+            return len(str(item))
+        if self._counter is None:
+            return len(text)
+        return len(self._counter.encode(text).ids)
 
     def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
         if len(items) == 1:
@@ -71,6 +84,20 @@ class Handler:
         lengths = [len(ids) for ids in tok(items, **kwargs)["input_ids"]]
         left = tok.padding_side == "left"
         return [[o[0][-n:] if left else o[0][:n]] for o, n in zip(outs, lengths, strict=True)]
+
+
+def _token_counter(pipe: Any) -> Any:
+    """A copy of the pipeline's fast tokenizer, to count tokens from the jobs' threads: the
+    pipeline's own is not thread-safe (each call resets its truncation and padding)."""
+    backend = getattr(getattr(pipe, "tokenizer", None), "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    counter = Tokenizer.from_str(backend.to_str())
+    counter.no_truncation()
+    counter.no_padding()
+    return counter
 
 
 def _device_for_torch(device: str) -> str:

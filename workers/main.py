@@ -242,6 +242,7 @@ def run_worker(
         max_batch_wait_ms=deployment.max_batch_wait_ms,
         admit=admission,
         on_oom=_free_cuda_memory,
+        size=handler.size,
     ).start()
     register_task(app, deployment, batcher, admission)
     stop = threading.Event()
@@ -263,7 +264,10 @@ def run_worker(
         except redis.RedisError:
             pass
 
-    threads = concurrency or max(16, 4 * deployment.max_batch_size)
+    # each job thread holds one prefetched job: the batcher sorts by length among this many,
+    # and 8 batches' worth groups better than 4 (docs/batching.md); more hoards jobs that
+    # another worker of the deployment could run
+    threads = concurrency or max(16, 8 * deployment.max_batch_size)
     app.worker_main(
         [
             "worker",
