@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from celery import Celery
+from celery.backends.redis import RedisBackend
 
 __all__ = [
     "DEFAULT_REDIS_URL",
@@ -40,10 +41,30 @@ def queue_for(deployment: str) -> str:
     return f"pipeq.{deployment}"
 
 
+class _ResultConsumer(RedisBackend.ResultConsumer):  # type: ignore[misc]
+    def drain_events_until(
+        self, p: Any, timeout: float | None = None, on_interval: Any = None
+    ) -> Any:
+        # Celery waits for a result in steps of 1 s and checks the timeout between steps, so
+        # `result(timeout=0.1)` took a second; steps of a tenth of the timeout overshoot less
+        step = 1.0 if timeout is None else min(1.0, max(0.01, timeout / 10))
+        return self.drainer.drain_events_until(
+            p, timeout=timeout, interval=step, on_interval=on_interval
+        )
+
+
+class Backend(RedisBackend):  # type: ignore[misc]
+    """Celery's Redis result backend, honouring result timeouts under a second."""
+
+    ResultConsumer = _ResultConsumer
+
+
 def make_app(url: str | None = None, **overrides: Any) -> Celery:
     """A Celery app with pipeq's settings, on Redis as broker and result backend."""
     url = redis_url(url)
-    app = Celery("pipeq", broker=url, backend=url, set_as_current=False)
+    # "<class>+<url>" picks the backend class (celery.app.backends.by_url)
+    backend = f"{__name__}:Backend+{url.removeprefix('redis+')}"
+    app = Celery("pipeq", broker=url, backend=backend, set_as_current=False)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

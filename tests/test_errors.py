@@ -6,8 +6,10 @@ import gc
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 from celery import states
@@ -18,6 +20,7 @@ from pipeq import (
     JobCancelled,
     JobFailed,
     JobState,
+    JobTimeout,
     NoLiveWorker,
     UnknownDeployment,
     pipeline,
@@ -122,6 +125,18 @@ def test_a_cancelled_job_never_runs_and_says_so(client: Client) -> None:
     after.result(timeout=30)
     assert job.status() is JobState.CANCELLED
     assert job.cancel() is False  # finished jobs cannot be cancelled
+
+
+def test_a_result_timeout_under_a_second_is_honoured(client: Client) -> None:
+    """Celery waits for results in 1 s steps: `result(timeout=0.2)` used to take 1 s."""
+    with paused(client, "sentiment-analysis"):
+        job = client.submit("sentiment-analysis", "not yet")
+        started = time.monotonic()
+        with pytest.raises(JobTimeout, match=r"no result within 0\.2 s"):
+            job.result(timeout=0.2)
+        assert time.monotonic() - started < 0.9
+        assert job.status() is JobState.QUEUED
+    assert job.result(timeout=30) == [{"label": ANY, "score": ANY}]
 
 
 def test_a_worker_whose_model_fails_to_load_says_why_and_exits_non_zero(
