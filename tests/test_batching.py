@@ -122,25 +122,25 @@ def test_batcher_groups_waiting_items_by_the_size_it_is_given() -> None:
 
     from pipeq.worker.batcher import Batcher
 
-    tokens = {"x" * n: t for n, t in zip(range(1, 9), [8, 1, 7, 2, 6, 3, 5, 4], strict=True)}
+    texts = ["x" * n for n in range(1, 9)]  # by characters: 1..8
+    tokens = dict(zip(texts, [8, 1, 7, 2, 6, 3, 5, 4], strict=True)) | {"first": 0}
     release, batches = threading.Event(), []
 
     def run(items: list[Any], params: dict[str, Any]) -> list[Any]:
         release.wait(10)  # the first batch holds the model while the others queue
-        batches.append([tokens.get(i, 0) for i in items])
+        batches.append([tokens[i] for i in items])
         return items
 
-    batcher = Batcher(run, max_batch_size=4, max_batch_wait_ms=0, size=lambda v: tokens[v])
-    tokens["first"] = 0
+    batcher = Batcher(run, max_batch_size=4, max_batch_wait_ms=0, size=tokens.__getitem__)
     batcher.start()
     try:
         first = batcher.submit("j0", ["first"], {})
         deadline = time.monotonic() + 5
         while batcher._pending and time.monotonic() < deadline:  # the batcher took it
             time.sleep(0.01)
-        futures = batcher.submit("j1", list(tokens)[:8], {})
+        futures = batcher.submit("j1", texts, {})
         release.set()
-        assert [f.result(timeout=10) for f in first + futures] == ["first", *list(tokens)[:8]]
+        assert [f.result(timeout=10) for f in first + futures] == ["first", *texts]
     finally:
         batcher.stop()
     assert batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8]]

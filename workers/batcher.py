@@ -31,7 +31,7 @@ from typing import Any
 
 log = logging.getLogger("pipeq.batcher")
 
-__all__ = ["BatchStats", "Batcher"]
+__all__ = ["BatchStats", "Batcher", "length_in_chars"]
 
 
 @dataclass
@@ -76,7 +76,8 @@ class BatchStats:
         }
 
 
-def _size(value: Any) -> int:
+def length_in_chars(value: Any) -> int:
+    """How the batcher measures an item unless told otherwise (`Batcher(size=...)`)."""
     if isinstance(value, str):
         return len(value)
     if isinstance(value, dict):
@@ -99,7 +100,7 @@ class Batcher:
         max_batch_wait_ms: float,
         admit: Callable[[list[str]], dict[str, BaseException]] = lambda ids: {},
         on_oom: Callable[[], None] = lambda: None,
-        size: Callable[[Any], int] = _size,
+        size: Callable[[Any], int] = length_in_chars,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")

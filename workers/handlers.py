@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeq._config import Deployment
 from pipeq.errors import ModelLoadError
+from pipeq.worker.batcher import length_in_chars
 
 __all__ = ["Handler", "load_handler", "to_jsonable"]
 
@@ -51,14 +52,10 @@ class Handler:
 
     def size(self, item: Any) -> int:
         """The item's length in tokens, which the batcher groups by (padding is per token);
-        its length in characters when the model has no fast tokenizer."""
-        text = item if isinstance(item, str) else None
-        if isinstance(item, dict):
-            text = " ".join(str(v) for v in item.values())
-        if text is None:
-            return len(str(item))
-        if self._counter is None:
-            return len(text)
+        the batcher's length in characters when the model has no fast tokenizer."""
+        if self._counter is None or not isinstance(item, str | dict):
+            return length_in_chars(item)
+        text = item if isinstance(item, str) else " ".join(str(v) for v in item.values())
         return len(self._counter.encode(text).ids)
 
     def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
