@@ -31,7 +31,7 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check client workers tests
+	$(VENV)/bin/ruff check client workers tests bench
 
 typecheck: $(STAMP)
 	rm -rf build/typecheck && $(PY) -m pip install -q --no-deps --no-build-isolation --target build/typecheck .
