@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from functools import cache
 from typing import Any
 
@@ -120,3 +121,21 @@ def test_job_status_moves_from_queued_to_running_to_succeeded(client: Client) ->
     seen.append(state)
     assert seen == [JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED]
     assert job.result(timeout=30)[0]["generated_text"].startswith("Once upon a time")
+
+
+def test_sending_subscribes_to_nothing_and_a_result_stored_before_the_wait_is_read(
+    client: Client, deployments: dict[str, Any]
+) -> None:
+    """Celery subscribes to a job's result channel as it is sent; pipeq's Job subscribes
+    only when it waits, reading the stored result first, so nothing is missed."""
+
+    def subscribes() -> int:
+        return int(client.redis.info("commandstats").get("cmdstat_subscribe", {}).get("calls", 0))
+
+    before = subscribes()
+    job = client.submit("sentiment-analysis", "You clever monster!")
+    assert subscribes() == before
+    while not job.status().done:  # finished before anyone waits for it
+        time.sleep(0.01)
+    local = local_pipeline("sentiment-analysis", deployments["sentiment-analysis"].model)
+    assert_close(job.result(timeout=1), to_jsonable(local("You clever monster!")), tol=1e-5)
