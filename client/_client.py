@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 import uuid
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,6 +35,15 @@ _LOOKUP_CACHE_S = 2.0
 
 def cancel_key(job_id: str) -> str:
     return f"pipeq:cancel:{job_id}"
+
+
+def _drop_result_channels(app: Any) -> None:
+    """Celery's AsyncResult unsubscribes from its result channel when it is garbage
+    collected, reconnecting (for many seconds) if Redis is gone. Jobs that outlive their
+    client, or the interpreter's exit, must not do that: drop the subscription connection."""
+    consumer = app.backend.result_consumer
+    consumer.stop()
+    consumer._pubsub = None
 
 
 def _about(target: Announced, check: Any, *args: Any) -> Any:
@@ -139,6 +149,8 @@ class Client:
         self.redis = redis.Redis.from_url(self.redis_url)
         self.registry = Registry(self.redis)
         self._lookups: dict[tuple[str, str | None], tuple[float, Announced]] = {}
+        # a client never closed (`pipeline()` makes one) still exits at once without Redis
+        weakref.finalize(self, _drop_result_channels, self.app)
 
     def __enter__(self) -> Client:
         return self
@@ -147,12 +159,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        # Celery's AsyncResult unsubscribes from its result channel when it is garbage
-        # collected, reconnecting (with minutes of retries) if Redis is gone. Jobs that
-        # outlive their client must not do that: drop the subscription connection now.
-        consumer = self.app.backend.result_consumer
-        consumer.stop()
-        consumer._pubsub = None
+        _drop_result_channels(self.app)
         self.app.close()
         self.redis.close()
 

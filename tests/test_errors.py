@@ -186,3 +186,44 @@ def test_jobs_outliving_their_client_and_redis_are_collected_at_once(tmp_path: P
     collector.start()
     collector.join(timeout=10)
     assert not collector.is_alive(), "dropping the jobs hangs, reconnecting to a Redis gone"
+
+
+@pytest.mark.timeout(60)
+def test_a_process_with_a_client_never_closed_exits_at_once_when_redis_is_gone(
+    tmp_path: Path,
+) -> None:
+    """`pipeline()` makes a Client nobody closes. Once Redis was gone, such a process
+    took about 18 s to exit (result handles reconnecting), then printed a traceback."""
+    child_code = """
+import sys, threading
+from pipeq import Client, JobTimeout
+client = Client(sys.argv[1])
+jobs = [client.job(f"done-{i}") for i in range(5)]
+for job in jobs:  # each read through its result channel
+    client.app.backend.store_result(job.id, [0, 1, 2], "SUCCESS")
+    job.result(timeout=10)
+try:
+    client.job("never-sent").result(timeout=0.1)
+except JobTimeout:
+    print("waited", flush=True)
+sys.stdin.readline()  # Redis is gone now
+del job
+threading.Thread(target=jobs.clear).start()  # handles dropped in another thread
+"""
+    port = free_port()
+    proc = start_redis(port, tmp_path)
+    child = subprocess.Popen(
+        [sys.executable, "-c", child_code, f"redis://127.0.0.1:{port}/0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline() == "waited\n"
+    stop_process(proc)
+    started = time.monotonic()
+    _, stderr = child.communicate("go\n", timeout=50)
+    assert child.returncode == 0, stderr
+    assert time.monotonic() - started < 5, stderr
+    assert "reconnect" not in stderr
