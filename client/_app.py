@@ -70,7 +70,7 @@ class Backend(RedisBackend):  # type: ignore[misc]
         pass
 
 
-class _Channel(kombu_redis.Channel):  # type: ignore[misc]
+class _Channel(kombu_redis.Channel):
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
         # kombu builds a new redis-py client for every command it sends (a fifth of a
@@ -79,10 +79,10 @@ class _Channel(kombu_redis.Channel):  # type: ignore[misc]
 
     @cached_property
     def _commands_client(self) -> Any:
-        return self._create_client()
+        return self._create_client()  # type: ignore[no-untyped-call]
 
 
-class Transport(kombu_redis.Transport):  # type: ignore[misc]
+class Transport(kombu_redis.Transport):
     """kombu's Redis transport, sending its commands through one client per channel."""
 
     Channel = _Channel
