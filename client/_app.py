@@ -13,8 +13,9 @@ from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
 
-from celery import Celery
+from celery import Celery, states
 from celery.backends.redis import RedisBackend
+from celery.exceptions import BackendStoreError
 from kombu.transport import redis as kombu_redis
 
 __all__ = [
@@ -57,9 +58,25 @@ class _ResultConsumer(RedisBackend.ResultConsumer):  # type: ignore[misc]
         )
 
 
+# Celery's check-then-set for a result (GET; unless it is SUCCESS already: SETEX and
+# PUBLISH) as one atomic round trip instead of two
+_STORE = """
+local current = redis.call('GET', KEYS[1])
+if current and cjson.decode(current)['status'] == 'SUCCESS' then return 0 end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+
+
 class Backend(RedisBackend):  # type: ignore[misc]
-    """Celery's Redis result backend, honouring result timeouts under a second, and
-    subscribing to a job's result channel only when someone waits for it."""
+    """Celery's Redis result backend, honouring result timeouts under a second,
+    subscribing to a job's result channel only when someone waits for it, and storing a
+    result in one round trip."""
 
     ResultConsumer = _ResultConsumer
 
@@ -68,6 +85,28 @@ class Backend(RedisBackend):  # type: ignore[misc]
         # (docs/batching.md). `Job.result` subscribes when it waits, then reads the stored
         # result, so a result stored before that is not missed.
         pass
+
+    def _store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: Any = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        meta = self._get_result_meta(result, state, traceback, request)
+        meta["task_id"] = task_id
+        value = self.encode(meta)
+        if len(value) > self._MAX_STR_VALUE_SIZE:
+            raise BackendStoreError("value too large for Redis", state=state, task_id=task_id)
+        ttl = self.failure_expires if state == states.FAILURE else self.expires
+        self.ensure(self._store, ([self.get_key_for_task(task_id)], [value, int(ttl or 0)]))
+        return result
+
+    @cached_property
+    def _store(self) -> Any:
+        return self.client.register_script(_STORE)
 
 
 class _Channel(kombu_redis.Channel):

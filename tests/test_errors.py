@@ -25,7 +25,7 @@ from pipeq import (
     UnknownDeployment,
     pipeline,
 )
-from pipeq._app import RUN_TASK, queue_for
+from pipeq._app import RESULT_TTL_S, RUN_TASK, queue_for
 from pipeq._stack import Stack, start_redis, stop_process
 
 from .conftest import free_port, paused
@@ -166,6 +166,32 @@ def test_a_worker_whose_model_fails_to_load_says_why_and_exits_non_zero(
     assert "could not load '/nonexistent/model'" in proc.stderr
     with Client(redis_url) as c, pytest.raises(NoLiveWorker, match="failed to load the model"):
         c.submit("broken", "hello")
+
+
+def test_a_stored_success_is_never_overwritten_and_each_store_is_published(
+    redis_url: str,
+) -> None:
+    """Results are stored in one atomic round trip with Celery's rule: a SUCCESS stays
+    (a job redelivered after it finished must not replace it), anything else is set,
+    published to the job's channel, and expires."""
+    with Client(redis_url) as client:
+        backend = client.app.backend
+        job_id = "stored-once"
+        key = backend.get_key_for_task(job_id)
+        channel = client.redis.pubsub()
+        channel.subscribe(key)
+        assert channel.get_message(timeout=1)["type"] == "subscribe"
+        backend.store_result(job_id, None, states.STARTED)
+        backend.store_result(job_id, [1, 2], states.SUCCESS)
+        backend.mark_as_failure(job_id, JobFailed("late duplicate"))
+        backend.store_result(job_id, None, states.STARTED)
+        published = []
+        while (message := channel.get_message(timeout=1)) is not None:
+            published.append(backend.decode(message["data"])["status"])
+        channel.close()
+        assert published == [states.STARTED, states.SUCCESS]
+        assert client.job(job_id).result(timeout=1) == [1, 2]
+        assert 0 < client.redis.ttl(key) <= RESULT_TTL_S
 
 
 @pytest.mark.timeout(60)
