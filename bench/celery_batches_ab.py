@@ -49,6 +49,7 @@ from celery import Celery, signals
 from celery_batches import Batches
 
 from pipeq import Client, _app
+from pipeq._client import drop_result_channels
 from pipeq._config import Deployment
 from pipeq._stack import Stack, exit_on_sigterm, free_port_from, start_redis, stop_process
 from pipeq.worker import tiny_models
@@ -227,9 +228,7 @@ def main() -> int:
                     rates = ", ".join(f"{c} {runs[c][-1]['items_per_s']:.1f}" for c in order)
                     print(f"round {r + 1}/{args.rounds}: {rates} items/s", flush=True)
         finally:
-            consumer = app.backend.result_consumer  # as Client.close: no reconnects later
-            consumer.stop()
-            consumer._pubsub = None
+            drop_result_channels(app)  # as Client.close: no reconnects later
             app.close()
             if worker is not None:
                 stop_process(worker)

@@ -28,7 +28,7 @@ from pipeq.errors import (
     from_wire,
 )
 
-__all__ = ["Client", "Job", "JobState", "cancel_key"]
+__all__ = ["Client", "Job", "JobState", "cancel_key", "drop_result_channels"]
 
 _LOOKUP_CACHE_S = 2.0
 
@@ -37,7 +37,7 @@ def cancel_key(job_id: str) -> str:
     return f"pipeq:cancel:{job_id}"
 
 
-def _drop_result_channels(app: Any) -> None:
+def drop_result_channels(app: Any) -> None:
     """Celery's AsyncResult unsubscribes from its result channel when it is garbage
     collected, reconnecting (for many seconds) if Redis is gone. Jobs that outlive their
     client, or the interpreter's exit, must not do that: drop the subscription connection."""
@@ -150,7 +150,7 @@ class Client:
         self.registry = Registry(self.redis)
         self._lookups: dict[tuple[str, str | None], tuple[float, Announced]] = {}
         # a client never closed (`pipeline()` makes one) still exits at once without Redis
-        weakref.finalize(self, _drop_result_channels, self.app)
+        weakref.finalize(self, drop_result_channels, self.app)
 
     def __enter__(self) -> Client:
         return self
@@ -159,7 +159,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        _drop_result_channels(self.app)
+        drop_result_channels(self.app)
         self.app.close()
         self.redis.close()
 
