@@ -7,7 +7,6 @@ course's calls with `pipeq.pipeline`, prints each result and stops the stack.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import sys
@@ -203,9 +202,6 @@ def main(models_dir: str | os.PathLike[str] = ".cache/pipeq-models") -> int:
                 failures += 1
                 print(f"== {task} == FAILED: {type(e).__name__}: {e}\n", flush=True)
     finally:
-        # the course's pipelines made their own clients; drop them (and their jobs' result
-        # subscriptions) while Redis is up, or Celery retries unsubscribing at exit
-        gc.collect()
         stack.stop()
         print("stack stopped", flush=True)
     print("demo OK" if failures == 0 else f"demo: {failures} failure(s)", flush=True)
