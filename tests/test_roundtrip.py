@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from pipeq import Client, JobState, pipeline
+from pipeq import Client, JobFailed, JobState, pipeline
+from pipeq._app import RUN_TASK, queue_for
 from pipeq.worker.handlers import to_jsonable
 
 from .conftest import assert_close, paused
@@ -139,3 +140,44 @@ def test_sending_subscribes_to_nothing_and_a_result_stored_before_the_wait_is_re
         time.sleep(0.01)
     local = local_pipeline("sentiment-analysis", deployments["sentiment-analysis"].model)
     assert_close(job.result(timeout=1), to_jsonable(local("You clever monster!")), tol=1e-5)
+
+
+def test_every_job_reaches_flower_as_received_started_then_succeeded_or_failed(
+    client: Client,
+) -> None:
+    """Workers publish task events a moment after they happen, many jobs to a message;
+    each job still gets its own row, in order, with the time each step happened."""
+    events: list[dict[str, Any]] = []
+    with client.app.connection_for_read() as conn:
+        receiver = client.app.events.Receiver(conn, handlers={"*": events.append})
+        capture = receiver.itercapture(timeout=30, wakeup=False)
+        next(capture)  # subscribed: an event (a worker's heartbeat) came through
+        good = client.submit("sentiment-analysis", "You clever monster!")
+        bad = client.app.send_task(
+            RUN_TASK,
+            kwargs={
+                "inputs": "hi",
+                "params": {"candidate_labels": ["a"], "hypothesis_template": "x"},
+            },
+            queue=queue_for("zero-shot-classification"),
+        )
+        good.result(timeout=30)
+        with pytest.raises(JobFailed):
+            client.job(bad.id).result(timeout=30)
+        want = {
+            good.id: ["task-received", "task-started", "task-succeeded"],
+            bad.id: ["task-received", "task-started", "task-failed"],
+        }
+
+        def seen(job_id: str) -> list[dict[str, Any]]:
+            return [e for e in events if e.get("uuid") == job_id]
+
+        deadline = time.monotonic() + 30
+        while any([e["type"] for e in seen(j)] != steps for j, steps in want.items()):
+            assert time.monotonic() < deadline, [seen(j) for j in want]
+            next(capture)
+    for job_id in want:
+        stamps = [e["timestamp"] for e in seen(job_id)]
+        assert stamps == sorted(stamps)
+    received = seen(good.id)[0]
+    assert received["name"] == f"{RUN_TASK}[sentiment-analysis]"
