@@ -153,6 +153,7 @@ def test_every_job_reaches_flower_as_received_started_then_succeeded_or_failed(
         capture = receiver.itercapture(timeout=30, wakeup=False)
         next(capture)  # subscribed: an event (a worker's heartbeat) came through
         good = client.submit("sentiment-analysis", "You clever monster!")
+        many = client.submit("sentiment-analysis", ["You clever monster!"] * 60)
         bad = client.app.send_task(
             RUN_TASK,
             kwargs={
@@ -162,10 +163,12 @@ def test_every_job_reaches_flower_as_received_started_then_succeeded_or_failed(
             queue=queue_for("zero-shot-classification"),
         )
         good.result(timeout=30)
+        many.result(timeout=30)
         with pytest.raises(JobFailed):
             client.job(bad.id).result(timeout=30)
         want = {
             good.id: ["task-received", "task-started", "task-succeeded"],
+            many.id: ["task-received", "task-started", "task-succeeded"],
             bad.id: ["task-received", "task-started", "task-failed"],
         }
 
@@ -181,3 +184,8 @@ def test_every_job_reaches_flower_as_received_started_then_succeeded_or_failed(
         assert stamps == sorted(stamps)
     received = seen(good.id)[0]
     assert received["name"] == f"{RUN_TASK}[sentiment-analysis]"
+    assert received["args"] == "()"
+    assert received["kwargs"] == repr({"inputs": "You clever monster!", "params": {}})
+    shown = seen(many.id)[0]["kwargs"]  # cut to 1 kB, as Celery cuts them
+    assert len(shown) == 1024 and shown.endswith("...")
+    assert shown.startswith(repr({"inputs": ["You clever monster!"] * 60})[:1021])
