@@ -143,7 +143,7 @@ def test_batcher_groups_waiting_items_by_the_size_it_is_given() -> None:
         assert [f.result(timeout=10) for f in first + futures] == ["first", *texts]
     finally:
         batcher.stop()
-    assert batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8]]
+    assert [sorted(b) for b in batches] == [[0], [1, 2, 3, 4], [5, 6, 7, 8]]
 
 
 def test_worker_sizes_items_in_tokens_safely_from_many_threads(
@@ -167,3 +167,38 @@ def test_worker_sizes_items_in_tokens_safely_from_many_threads(
         assert list(sized) == expected * 5
     qa = {"question": "What is it?", "context": "A queue of jobs."}
     assert handler.size(qa) == len(tokenizer("What is it? A queue of jobs.")["input_ids"])
+
+
+def test_batcher_measures_items_only_when_more_wait_than_one_batch_takes() -> None:
+    """Sizes only choose among waiting items: a single job (or any batch that takes every
+    waiting item) is never measured, and an input that cannot be measured still runs."""
+    import threading
+
+    from pipeq.worker.batcher import Batcher
+
+    measured: list[Any] = []
+    release = threading.Event()
+
+    def size(value: Any) -> int:
+        measured.append(value)
+        if value == "unmeasurable":
+            raise ValueError(value)
+        return len(value)
+
+    def run(items: list[Any], params: dict[str, Any]) -> list[Any]:
+        release.wait(10)
+        return [f"ran {i}" for i in items]
+
+    batcher = Batcher(run, max_batch_size=2, max_batch_wait_ms=0, size=size).start()
+    try:
+        first = batcher.submit("j0", ["alone"], {})
+        deadline = time.monotonic() + 5
+        while batcher._pending and time.monotonic() < deadline:  # the batcher took it
+            time.sleep(0.01)
+        rest = batcher.submit("j1", ["bb", "unmeasurable", "a"], {})
+        release.set()
+        results = [f.result(timeout=10) for f in first + rest]
+    finally:
+        batcher.stop()
+    assert results == ["ran alone", "ran bb", "ran unmeasurable", "ran a"]
+    assert sorted(measured) == ["a", "bb", "unmeasurable"]

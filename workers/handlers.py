@@ -84,8 +84,8 @@ class Handler:
 
 
 def _token_counter(pipe: Any) -> Any:
-    """A copy of the pipeline's fast tokenizer, to count tokens from the jobs' threads: the
-    pipeline's own is not thread-safe (each call resets its truncation and padding)."""
+    """A copy of the pipeline's fast tokenizer, to count tokens in any thread without
+    touching the pipeline's own (each call of which resets its truncation and padding)."""
     backend = getattr(getattr(pipe, "tokenizer", None), "backend_tokenizer", None)
     if backend is None:
         return None
