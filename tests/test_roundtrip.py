@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pipeq import Client, JobFailed, JobState, pipeline
 from pipeq._app import RUN_TASK, queue_for
+from pipeq._stack import Stack
+from pipeq.worker.demo import write_config
 from pipeq.worker.handlers import to_jsonable
 
 from .conftest import assert_close, paused
@@ -142,16 +148,34 @@ def test_sending_subscribes_to_nothing_and_a_result_stored_before_the_wait_is_re
     assert_close(job.result(timeout=1), to_jsonable(local("You clever monster!")), tol=1e-5)
 
 
+Events = list[dict[str, Any]]
+
+
+@contextmanager
+def flower_view(client: Client) -> Iterator[tuple[Events, Callable[[Callable[[], bool]], None]]]:
+    """The task events Flower would receive while the block runs, and `until(done)`,
+    which takes in events until `done()` is true (30 s at most)."""
+    events: Events = []
+    with client.app.connection_for_read() as conn:
+        receiver = client.app.events.Receiver(conn, handlers={"*": events.append})
+        capture = receiver.itercapture(timeout=30, wakeup=False)
+        next(capture)  # subscribed: an event (a worker's heartbeat) came through
+
+        def until(done: Callable[[], bool]) -> None:
+            deadline = time.monotonic() + 30
+            while not done():
+                assert time.monotonic() < deadline, events[-10:]
+                next(capture)
+
+        yield events, until
+
+
 def test_every_job_reaches_flower_as_received_started_then_succeeded_or_failed(
     client: Client,
 ) -> None:
     """Workers publish task events a moment after they happen, many jobs to a message;
     each job still gets its own row, in order, with the time each step happened."""
-    events: list[dict[str, Any]] = []
-    with client.app.connection_for_read() as conn:
-        receiver = client.app.events.Receiver(conn, handlers={"*": events.append})
-        capture = receiver.itercapture(timeout=30, wakeup=False)
-        next(capture)  # subscribed: an event (a worker's heartbeat) came through
+    with flower_view(client) as (events, until):
         good = client.submit("sentiment-analysis", "You clever monster!")
         many = client.submit("sentiment-analysis", ["You clever monster!"] * 60)
         bad = client.app.send_task(
@@ -172,13 +196,10 @@ def test_every_job_reaches_flower_as_received_started_then_succeeded_or_failed(
             bad.id: ["task-received", "task-started", "task-failed"],
         }
 
-        def seen(job_id: str) -> list[dict[str, Any]]:
+        def seen(job_id: str) -> Events:
             return [e for e in events if e.get("uuid") == job_id]
 
-        deadline = time.monotonic() + 30
-        while any([e["type"] for e in seen(j)] != steps for j, steps in want.items()):
-            assert time.monotonic() < deadline, [seen(j) for j in want]
-            next(capture)
+        until(lambda: all([e["type"] for e in seen(j)] == steps for j, steps in want.items()))
     for job_id in want:
         stamps = [e["timestamp"] for e in seen(job_id)]
         assert stamps == sorted(stamps)
@@ -189,3 +210,29 @@ def test_every_job_reaches_flower_as_received_started_then_succeeded_or_failed(
     shown = seen(many.id)[0]["kwargs"]  # cut to 1 kB, as Celery cuts them
     assert len(shown) == 1024 and shown.endswith("...")
     assert shown.startswith(repr({"inputs": ["You clever monster!"] * 60})[:1021])
+
+
+def test_a_stopping_worker_sends_the_flower_events_it_still_holds(
+    redis_url: str, deployments: dict[str, Any], tmp_path: Path
+) -> None:
+    """Events wait a moment in the worker before they go out; stopped at once after its
+    last job, a worker still sends them all."""
+    d = dataclasses.replace(deployments["sentiment-analysis"], name="sentiment-stopping")
+    stack = Stack(
+        {d.name: d},
+        str(write_config({d.name: d}, tmp_path / "stopping.toml")),
+        redis_url=redis_url,
+        flower_port=None,
+    )
+    stack.start()
+    try:
+        assert stack.wait_ready(timeout_s=120) == {d.name: "ready"}
+        with Client(redis_url) as client, flower_view(client) as (events, until):
+            jobs = [client.submit(d.name, f"text {i}") for i in range(3)]
+            for job in jobs:
+                job.result(timeout=30)
+            stack.stop()  # at once: the jobs' events are still held in the worker
+            ids = {job.id for job in jobs}
+            until(lambda: ids <= {e["uuid"] for e in events if e["type"] == "task-succeeded"})
+    finally:
+        stack.stop()

@@ -82,6 +82,10 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         self._flush_due = False
         self._flush_events()
 
+    def shutdown(self) -> None:
+        self._flush_events()  # the timer will not fire again: send what it holds
+        super().shutdown()
+
 
 def _free_cuda_memory() -> None:
     import torch
