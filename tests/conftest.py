@@ -15,7 +15,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pipeq import Client
+from pipeq import Client, Job
 from pipeq._stack import Stack, start_redis, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +98,14 @@ def assert_close(got: Any, want: Any, tol: float = 1e-5, path: str = "result") -
             assert_close(g, w, tol, f"{path}[{i}]")
     else:
         assert got == want, f"{path}: {got!r:.200} != {want!r:.200}"
+
+
+def send_raw(client: Client, deployment: str, **kwargs: Any) -> Job:
+    """Send a job as a producer that skips pipeq's checks would: a bare Celery message."""
+    from pipeq._app import RUN_TASK, queue_for
+
+    sent = client.app.send_task(RUN_TASK, kwargs=kwargs, queue=queue_for(deployment))
+    return client.job(sent.id)
 
 
 @contextlib.contextmanager

@@ -9,10 +9,9 @@ from typing import Any
 import pytest
 
 from pipeq import Client, InvalidRequest, ItemsFailed, JobFailed
-from pipeq._app import RUN_TASK, queue_for
 from pipeq.worker.bench import bench_inputs
 
-from .conftest import assert_close
+from .conftest import assert_close, send_raw
 
 
 def _batch_sizes(client: Client, deployment: str) -> dict[str, int]:
@@ -84,12 +83,10 @@ def test_an_item_that_breaks_the_model_fails_alone_and_its_batch_mates_succeed(
 
 
 def test_a_malformed_item_in_a_raw_message_fails_alone(client: Client) -> None:
-    result = client.app.send_task(
-        RUN_TASK,
-        kwargs={"inputs": ["good", None, "also good"], "params": {}, "per_item": True},
-        queue=queue_for("sentiment-analysis"),
+    job = send_raw(
+        client, "sentiment-analysis", inputs=["good", None, "also good"], params={}, per_item=True
     )
-    outcomes = client.job(result.id).result(timeout=30)
+    outcomes = job.result(timeout=30)
     assert outcomes[1]["error"][0] == "InvalidRequest"
     assert "inputs[1]" in outcomes[1]["error"][1]
     assert outcomes[0]["result"][0]["label"] in ("POSITIVE", "NEGATIVE")

@@ -25,10 +25,10 @@ from pipeq import (
     UnknownDeployment,
     pipeline,
 )
-from pipeq._app import RESULT_TTL_S, RUN_TASK, queue_for
+from pipeq._app import RESULT_TTL_S
 from pipeq._stack import Stack, start_redis, stop_process
 
-from .conftest import free_port, paused
+from .conftest import free_port, paused, send_raw
 
 BAD_TEXT_INPUTS = [None, 3, 2.5, {"text": "hi"}, "", "   ", [], ["fine", None], ["fine", ""]]
 
@@ -87,10 +87,7 @@ def test_bad_input_sent_past_the_client_fails_the_job_and_not_the_worker(
     client: Client, stack: Stack, inputs: Any
 ) -> None:
     """A producer that skips validation (a raw Celery message) gets a failed job."""
-    result = client.app.send_task(
-        RUN_TASK, kwargs={"inputs": inputs, "params": {}}, queue=queue_for("sentiment-analysis")
-    )
-    job = client.job(result.id)
+    job = send_raw(client, "sentiment-analysis", inputs=inputs, params={})
     with pytest.raises(InvalidRequest, match="inputs"):
         job.result(timeout=30)
     assert job.status() is JobState.FAILED
@@ -99,16 +96,14 @@ def test_bad_input_sent_past_the_client_fails_the_job_and_not_the_worker(
 
 
 def test_an_error_inside_the_pipeline_is_a_failed_job_with_its_message(client: Client) -> None:
-    result = client.app.send_task(
-        RUN_TASK,
-        kwargs={
-            "inputs": "hello",
-            "params": {"candidate_labels": ["a"], "hypothesis_template": "no slot"},
-        },
-        queue=queue_for("zero-shot-classification"),
+    job = send_raw(
+        client,
+        "zero-shot-classification",
+        inputs="hello",
+        params={"candidate_labels": ["a"], "hypothesis_template": "no slot"},
     )
     with pytest.raises(JobFailed, match="ValueError: The provided hypothesis_template"):
-        client.job(result.id).result(timeout=30)
+        job.result(timeout=30)
     assert client.submit("zero-shot-classification", "hello", candidate_labels=["a", "b"]).result(
         timeout=30
     )
