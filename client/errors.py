@@ -6,10 +6,12 @@
     ├── NoLiveWorker            the deployment exists but no worker is serving it now
     ├── Overloaded              the deployment's queue is over its limit
     ├── ModelLoadError          a worker could not load its model
+    ├── BrokerUnavailable       Redis did not answer within the client's broker_timeout_s
     └── JobError                a submitted job did not produce a result
         ├── JobFailed           the pipeline raised while running the job
         ├── JobTimeout          no result within the time asked for
         ├── JobCancelled        the job was cancelled before it ran
+        ├── JobExpired          the job was not started before its `expires` deadline
         ├── JobLost             the job killed its worker too many times
         └── ItemsFailed         some items of a bulk submission failed; the rest succeeded
 
@@ -23,10 +25,12 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "BrokerUnavailable",
     "InvalidRequest",
     "ItemsFailed",
     "JobCancelled",
     "JobError",
+    "JobExpired",
     "JobFailed",
     "JobLost",
     "JobTimeout",
@@ -85,6 +89,11 @@ class ModelLoadError(PipeqError):
     """A worker could not load its deployment's model."""
 
 
+class BrokerUnavailable(PipeqError, ConnectionError):
+    """Redis could not be reached within the client's `broker_timeout_s` (the URL is named,
+    its password masked)."""
+
+
 class JobError(PipeqError):
     """A submitted job ended without a result."""
 
@@ -101,8 +110,12 @@ class JobCancelled(JobError):
     """The job was cancelled before it produced a result."""
 
 
+class JobExpired(JobError):
+    """The job had not started by its `expires` deadline; it was dropped before any compute."""
+
+
 class JobLost(JobError):
-    """The job was delivered too many times without finishing (it kills its worker)."""
+    """The job's worker died while running it `MAX_ATTEMPTS` times (it kills its worker)."""
 
 
 class ItemsFailed(JobError):
@@ -123,10 +136,12 @@ _BY_NAME: dict[str, type[PipeqError]] = {
         NoLiveWorker,
         Overloaded,
         ModelLoadError,
+        BrokerUnavailable,
         JobError,
         JobFailed,
         JobTimeout,
         JobCancelled,
+        JobExpired,
         JobLost,
     )
 }

@@ -1,0 +1,408 @@
+"""Where every job is, in Redis, and the atomic steps that move it from place to place.
+
+    pipeq.<deployment>            list    messages waiting (LPUSH in, BLMOVE out from the right)
+    pipeq:inflight:<worker>       list    messages a worker took and has not acknowledged yet
+    pipeq:waiting:<deployment>    zset    job id -> accepted at: accepted, not yet running
+    pipeq:running:<deployment>    zset    job id -> accepted at: forward pass begun, no result yet
+    pipeq:workers:<deployment>    zset    worker -> its last heartbeat
+    pipeq:job:<id>                string  the deployment of a job pipeq accepted
+    pipeq:cancel:<id>             string  the producer cancelled the job
+    pipeq:attempts:<id>           string  how many times the job's worker died while running it
+    celery-task-meta-<id>         string  Celery's result record (status, result, ...), JSON
+    pipeq:dead-letter             list    messages no worker could read, and why (newest first)
+
+Times are Redis' own clock (`TIME`, unix seconds), so machines with skewed clocks agree
+on ages and on who is dead. Each step that moves a job is one Lua script, so a process
+killed between two commands can neither lose a job nor hold it twice:
+
+- `enqueue` (producer): refuse past `max_queue_length`, else record and push, at once;
+- `cancel` (producer): only a job that has not started; a started one says so;
+- `admit` (worker, before a forward pass): drop cancelled, expired and finished jobs,
+  set redelivered suspects apart, mark the rest STARTED and running;
+- `store` (worker): a result is stored once; a finished job leaves waiting and running;
+- `beat` (worker heartbeat): re-announce the deployment and, for each worker of the same
+  deployment whose heartbeat stopped `dead_after_s` ago, put the jobs it held back at
+  the front of the queue (only once Redis itself has been up that long: a restarted
+  Redis has not heard from live workers yet). A job whose worker died while running it
+  counts an attempt; at `max_attempts` it fails with JobLost instead.
+
+Redis Cluster is not supported (Celery's Redis transport does not support it either):
+these scripts touch keys they derive from job ids.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import redis
+
+__all__ = [
+    "DEAD_LETTER",
+    "META_PREFIX",
+    "Depth",
+    "Ledger",
+    "cancel_key",
+    "inflight_key",
+    "job_key",
+    "meta_json",
+    "queue_for",
+    "workers_key",
+]
+
+META_PREFIX = "celery-task-meta-"  # Celery's RedisBackend.task_keyprefix
+DEAD_LETTER = "pipeq:dead-letter"
+#: entries kept in the dead-letter list (oldest dropped first)
+DEAD_LETTER_KEEP = 1000
+READY = ("SUCCESS", "FAILURE", "REVOKED")  # celery.states.READY_STATES
+
+
+def queue_for(deployment: str) -> str:
+    return f"pipeq.{deployment}"
+
+
+def waiting_key(deployment: str) -> str:
+    return f"pipeq:waiting:{deployment}"
+
+
+def running_key(deployment: str) -> str:
+    return f"pipeq:running:{deployment}"
+
+
+def workers_key(deployment: str) -> str:
+    return f"pipeq:workers:{deployment}"
+
+
+def inflight_key(worker: str) -> str:
+    return f"pipeq:inflight:{worker}"
+
+
+def job_key(job_id: str) -> str:
+    return f"pipeq:job:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"pipeq:cancel:{job_id}"
+
+
+def meta_json(job_id: str, status: str, result: Any = None, *, done: bool = False) -> str:
+    """A result record as Celery's JSON backend writes it."""
+    date_done = datetime.datetime.now(datetime.UTC).isoformat() if done else None
+    return json.dumps(
+        {
+            "status": status,
+            "result": result,
+            "traceback": None,
+            "children": [],
+            "date_done": date_done,
+            "task_id": job_id,
+        }
+    )
+
+
+def error_result(exc_type: str, message: str, module: str = "pipeq.errors") -> dict[str, Any]:
+    """An exception as Celery's JSON backend stores it (`Backend.prepare_exception`)."""
+    return {"exc_type": exc_type, "exc_message": [message], "exc_module": module}
+
+
+# every script that writes after reading TIME needs effects replication on Redis 6.2
+# (the default from Redis 7 on, where this call is a no-op)
+_CLOCK = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function status_of(meta)
+  if not meta then return nil end
+  local ok, m = pcall(cjson.decode, meta)
+  if ok and type(m) == 'table' then return m['status'], m end
+  return nil
+end
+local function ready(status)
+  return status == 'SUCCESS' or status == 'FAILURE' or status == 'REVOKED'
+end
+"""
+
+_ENQUEUE = (
+    _CLOCK
+    + """
+-- KEYS: queue, waiting, job ; ARGV: message, id, limit, ttl, deployment
+local limit = tonumber(ARGV[3])
+if limit > 0 and redis.call('ZCARD', KEYS[2]) >= limit then return 0 end
+redis.call('ZADD', KEYS[2], 'NX', now, ARGV[2])
+redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[4])
+redis.call('LPUSH', KEYS[1], ARGV[1])
+return 1
+"""
+)
+
+_CANCEL = (
+    _CLOCK
+    + """
+-- KEYS: meta, cancel, job ; ARGV: revoked meta, ttl, id
+local meta = redis.call('GET', KEYS[1])
+local status = status_of(meta)
+if ready(status) then return 'finished' end
+if status == 'STARTED' then return 'running' end
+local deployment = redis.call('GET', KEYS[3])
+if not deployment and not meta then return 'unknown' end
+redis.call('SET', KEYS[2], 1, 'EX', ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+if deployment then
+  redis.call('ZREM', 'pipeq:waiting:' .. deployment, ARGV[3])
+  redis.call('ZREM', 'pipeq:running:' .. deployment, ARGV[3])
+end
+return 'cancelled'
+"""
+)
+
+_STORE = (
+    _CLOCK
+    + """
+-- KEYS: meta ; ARGV: value, ttl, id, is_ready
+if ready(status_of(redis.call('GET', KEYS[1]))) then return 0 end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+if ARGV[4] == '1' then
+  local deployment = redis.call('GET', 'pipeq:job:' .. ARGV[3])
+  if deployment then
+    redis.call('ZREM', 'pipeq:waiting:' .. deployment, ARGV[3])
+    redis.call('ZREM', 'pipeq:running:' .. deployment, ARGV[3])
+  end
+end
+return 1
+"""
+)
+
+_ADMIT = (
+    _CLOCK
+    + """
+-- KEYS: waiting, running ; ARGV: ttl, worker, pid, alone, n, ids[n], expires[n] ('' = none)
+local n = tonumber(ARGV[5])
+local out = {}
+for i = 1, n do
+  local id = ARGV[5 + i]
+  local expires = ARGV[5 + n + i]
+  local key = 'celery-task-meta-' .. id
+  local verdict
+  if redis.call('EXISTS', 'pipeq:cancel:' .. id) == 1 then
+    verdict = 'cancelled'
+  elseif ready(status_of(redis.call('GET', key))) then
+    verdict = 'done'
+  elseif expires ~= '' and now > tonumber(expires) then
+    verdict = 'expired'
+  elseif ARGV[4] == '0' and tonumber(redis.call('GET', 'pipeq:attempts:' .. id) or '0') > 0 then
+    verdict = 'quarantine'
+  else
+    verdict = 'run'
+    local started = '{"status": "STARTED", "result": {"hostname": ' .. cjson.encode(ARGV[2])
+      .. ', "pid": ' .. ARGV[3] .. '}, "traceback": null, "children": [], '
+      .. '"date_done": null, "task_id": ' .. cjson.encode(id) .. '}'
+    redis.call('SET', key, started, 'EX', ARGV[1])
+    redis.call('PUBLISH', key, started)
+    local accepted = redis.call('ZSCORE', KEYS[1], id) or now
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZADD', KEYS[2], accepted, id)
+  end
+  if verdict ~= 'run' and verdict ~= 'quarantine' then redis.call('ZREM', KEYS[1], id) end
+  out[i] = verdict
+end
+return out
+"""
+)
+
+_BEAT = (
+    _CLOCK
+    + """
+-- KEYS: workers, deployments, queue, waiting, running
+-- ARGV: me, name, info, dead_after, forget_after, (unused), max_attempts, ttl, date_done
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+local moved, lost = 0, {}
+-- a Redis that has just (re)started has not heard from the live workers yet
+local uptime = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)'))
+if uptime >= tonumber(ARGV[4]) then
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[4]), 'WITHSCORES')
+  for d = 1, #dead, 2 do
+    local owner, seen = dead[d], tonumber(dead[d + 1])
+    local inflight = 'pipeq:inflight:' .. owner
+    local items = redis.call('LRANGE', inflight, 0, -1)
+    -- newest first: pushing each to the right puts the oldest at the front of the queue
+    for i = 1, #items do
+      local item = items[i]
+      local ok, msg = pcall(cjson.decode, item)
+      local id = ok and type(msg) == 'table' and type(msg['headers']) == 'table'
+        and msg['headers']['id']
+      if type(id) ~= 'string' then
+        redis.call('RPUSH', KEYS[3], item)  -- the next worker's gate sets it aside
+        moved = moved + 1
+      else
+        local key = 'celery-task-meta-' .. id
+        local status, meta = status_of(redis.call('GET', key))
+        if ready(status) then
+          -- finished before its worker died: nothing to run again
+        elseif status == 'STARTED' and type(meta['result']) == 'table'
+            and meta['result']['hostname'] == owner then
+          local attempts = redis.call('INCR', 'pipeq:attempts:' .. id)
+          redis.call('EXPIRE', 'pipeq:attempts:' .. id, ARGV[8])
+          local accepted = redis.call('ZSCORE', KEYS[5], id) or now
+          redis.call('ZREM', KEYS[5], id)
+          if attempts >= tonumber(ARGV[7]) then
+            local why = 'its worker died while running it ' .. attempts .. ' times'
+            local failed = '{"status": "FAILURE", "result": {"exc_type": "JobLost", '
+              .. '"exc_message": [' .. cjson.encode(why) .. '], "exc_module": "pipeq.errors"}, '
+              .. '"traceback": null, "children": [], "date_done": ' .. cjson.encode(ARGV[9])
+              .. ', "task_id": ' .. cjson.encode(id) .. '}'
+            redis.call('SET', key, failed, 'EX', ARGV[8])
+            redis.call('PUBLISH', key, failed)
+            lost[#lost + 1] = id
+          else
+            redis.call('DEL', key)
+            redis.call('ZADD', KEYS[4], accepted, id)
+            redis.call('RPUSH', KEYS[3], item)
+            moved = moved + 1
+          end
+        else
+          redis.call('RPUSH', KEYS[3], item)
+          moved = moved + 1
+        end
+      end
+    end
+    redis.call('DEL', inflight)
+    if seen < now - tonumber(ARGV[5]) then redis.call('ZREM', KEYS[1], owner) end
+  end
+end
+return {moved, lost}
+"""
+)
+
+_WITHDRAW = (
+    _CLOCK
+    + """
+-- KEYS: workers ; ARGV: me, dead_after: seen now, and dead at once (reclaimable, not live)
+redis.call('ZADD', KEYS[1], now - tonumber(ARGV[2]) - 1, ARGV[1])
+return 1
+"""
+)
+
+_REQUEUE = """
+-- KEYS: inflight, queue ; ARGV: message. Only a message still held: one reclaimed
+-- meanwhile is in the queue already.
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+_SET_ASIDE = """
+-- KEYS: inflight, dead-letter ; ARGV: message, entry, keep
+redis.call('LREM', KEYS[1], 1, ARGV[1])
+redis.call('LPUSH', KEYS[2], ARGV[2])
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
+return 1
+"""
+
+_LIVE = """
+-- KEYS: workers ; ARGV: live_for. Read-only: TIME needs no replication here.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (now - tonumber(ARGV[1])), '+inf')
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+local age = -1
+if #last == 2 then age = now - tonumber(last[2]) end
+return {live, tostring(age)}
+"""
+
+_DEPTH = """
+-- KEYS: waiting, running
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local age = 0
+if #oldest == 2 then age = now - tonumber(oldest[2]) end
+return {redis.call('ZCARD', KEYS[1]), tostring(age), redis.call('ZCARD', KEYS[2])}
+"""
+
+
+@dataclass(frozen=True)
+class Depth:
+    """A deployment's jobs accepted and not yet running, wherever they wait (the queue in
+    Redis or a worker's hands), the age of the oldest, and the jobs running now."""
+
+    waiting: int
+    oldest_age_s: float
+    running: int
+
+
+class Ledger:
+    """The scripts above, on one Redis client."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    @cached_property
+    def _scripts(self) -> dict[str, Any]:
+        return {
+            name: self.redis.register_script(text)
+            for name, text in (
+                ("enqueue", _ENQUEUE),
+                ("cancel", _CANCEL),
+                ("store", _STORE),
+                ("admit", _ADMIT),
+                ("beat", _BEAT),
+                ("withdraw", _WITHDRAW),
+                ("requeue", _REQUEUE),
+                ("set_aside", _SET_ASIDE),
+                ("live", _LIVE),
+                ("depth", _DEPTH),
+            )
+        }
+
+    def script(self, name: str) -> Any:
+        return self._scripts[name]
+
+    # -- producers -------------------------------------------------------------------
+    def enqueue(
+        self,
+        deployment: str,
+        job_id: str,
+        message: str,
+        *,
+        limit: int,
+        ttl_s: int,
+        client: Any = None,
+    ) -> bool:
+        """Push a job's message unless `limit` (> 0) jobs already wait; False if refused."""
+        keys = [queue_for(deployment), waiting_key(deployment), job_key(job_id)]
+        args = [message, job_id, limit, ttl_s, deployment]
+        return bool(self.script("enqueue")(keys, args, client=client))
+
+    def cancel(self, job_id: str, revoked_meta: str, ttl_s: int) -> str:
+        """'cancelled' (it will never run), 'running', 'finished' or 'unknown'."""
+        keys = [META_PREFIX + job_id, cancel_key(job_id), job_key(job_id)]
+        out = self.script("cancel")(keys, [revoked_meta, ttl_s, job_id])
+        return out.decode() if isinstance(out, bytes) else str(out)
+
+    def depth(self, deployment: str) -> Depth:
+        waiting, age, running = self.script("depth")(
+            [waiting_key(deployment), running_key(deployment)]
+        )
+        return Depth(int(waiting), max(0.0, float(age)), int(running))
+
+    def live(self, deployment: str, live_for_s: float) -> tuple[list[str], float | None]:
+        """Workers whose heartbeat is younger than `live_for_s`, and the age of the last
+        heartbeat of any (None: no worker ever beat here)."""
+        members, age = self.script("live")([workers_key(deployment)], [live_for_s])
+        last = float(age)
+        return [m.decode() for m in members], (None if last < 0 else last)
+
+    def is_known(self, job_id: str) -> bool:
+        return bool(self.redis.exists(job_key(job_id)))
