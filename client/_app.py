@@ -2,7 +2,7 @@
 
 One Celery task name (`RUN_TASK`) serves every deployment; the queue says which
 deployment runs it. Producers send by name and never import worker code. Every
-setting that must agree on both sides (serializer, visibility timeout, acks) is here.
+setting that must agree on both sides (serializer, acks, result TTL) is here.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cached_property
 from typing import Any
 
@@ -17,11 +18,15 @@ from celery import Celery, states
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from kombu.transport import redis as kombu_redis
+from kombu.utils.json import dumps
+
+from pipeq._ledger import Ledger, queue_for
+from pipeq.errors import Overloaded
 
 __all__ = [
     "DEFAULT_REDIS_URL",
+    "RESULT_TTL_S",
     "RUN_TASK",
-    "VISIBILITY_TIMEOUT_S",
     "make_app",
     "queue_for",
     "redis_url",
@@ -31,19 +36,16 @@ __all__ = [
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6399/0"
 #: the one task every worker registers
 RUN_TASK = "pipeq.run"
-#: a job not acknowledged this long after delivery goes back to its queue (worker died)
-VISIBILITY_TIMEOUT_S = 3600
+QUEUE_PREFIX = queue_for("")
 #: results (and errors) stay readable this long
 RESULT_TTL_S = 24 * 3600
+#: a connection to Redis not made in this long counts as a failed attempt
+CONNECT_TIMEOUT_S = 2.0
 
 
 def redis_url(url: str | None = None) -> str:
     """The explicit URL, else $PIPEQ_REDIS_URL, else the local default."""
     return url or os.environ.get("PIPEQ_REDIS_URL") or DEFAULT_REDIS_URL
-
-
-def queue_for(deployment: str) -> str:
-    return f"pipeq.{deployment}"
 
 
 class _ResultConsumer(RedisBackend.ResultConsumer):  # type: ignore[misc]
@@ -58,25 +60,10 @@ class _ResultConsumer(RedisBackend.ResultConsumer):  # type: ignore[misc]
         )
 
 
-# Celery's check-then-set for a result (GET; unless it is SUCCESS already: SETEX and
-# PUBLISH) as one atomic round trip instead of two
-_STORE = """
-local current = redis.call('GET', KEYS[1])
-if current and cjson.decode(current)['status'] == 'SUCCESS' then return 0 end
-if tonumber(ARGV[2]) > 0 then
-  redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
-"""
-
-
 class Backend(RedisBackend):  # type: ignore[misc]
     """Celery's Redis result backend, honouring result timeouts under a second,
     subscribing to a job's result channel only when someone waits for it, and storing a
-    result in one round trip."""
+    result in one round trip that never overwrites a finished job's (`_ledger` store)."""
 
     ResultConsumer = _ResultConsumer
 
@@ -101,12 +88,21 @@ class Backend(RedisBackend):  # type: ignore[misc]
         if len(value) > self._MAX_STR_VALUE_SIZE:
             raise BackendStoreError("value too large for Redis", state=state, task_id=task_id)
         ttl = self.failure_expires if state == states.FAILURE else self.expires
-        self.ensure(self._store, ([self.get_key_for_task(task_id)], [value, int(ttl or 0)]))
+        is_ready = int(state in states.READY_STATES)
+        self.ensure(
+            self.ledger.script("store"),
+            ([self.get_key_for_task(task_id)], [value, int(ttl or 0), task_id, is_ready]),
+        )
         return result
 
     @cached_property
-    def _store(self) -> Any:
-        return self.client.register_script(_STORE)
+    def ledger(self) -> Ledger:
+        return Ledger(self.client)
+
+
+#: the `max_queue_length` the current thread's send is held to (0: none); set by
+#: `Client` around `send_task`, read by the channel that pushes the message
+enqueue_limit: ContextVar[int] = ContextVar("pipeq_enqueue_limit", default=0)
 
 
 class _Channel(kombu_redis.Channel):
@@ -120,9 +116,33 @@ class _Channel(kombu_redis.Channel):
     def _commands_client(self) -> Any:
         return self._create_client()  # type: ignore[no-untyped-call]
 
+    @cached_property
+    def ledger(self) -> Ledger:
+        return Ledger(self._commands_client)
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        """A job for a deployment is pushed, counted as waiting and checked against the
+        deployment's limit in one step (`_ledger` enqueue); anything else as kombu does.
+        Priorities are not kept: a deployment's queue is one list."""
+        headers = message.get("headers") or {}
+        job_id = headers.get("id")
+        batched = kwargs.get("_publish_batch") is not None  # kombu's producer batching
+        if not queue.startswith(QUEUE_PREFIX) or not isinstance(job_id, str) or batched:
+            return super()._put(queue, message, **kwargs)  # type: ignore[no-any-return]
+        deployment = queue.removeprefix(QUEUE_PREFIX)
+        limit = enqueue_limit.get()
+        if not self.ledger.enqueue(
+            deployment, job_id, dumps(message), limit=limit, ttl_s=RESULT_TTL_S
+        ):
+            raise Overloaded(
+                f"{limit} jobs wait already (max_queue_length); retry later",
+                deployment=deployment,
+            )
+
 
 class Transport(kombu_redis.Transport):
-    """kombu's Redis transport, sending its commands through one client per channel."""
+    """kombu's Redis transport, sending its commands through one client per channel, and
+    pushing jobs with the ledger's atomic enqueue."""
 
     Channel = _Channel
 
@@ -141,12 +161,23 @@ def make_app(url: str | None = None, **overrides: Any) -> Celery:
         result_accept_content=["json"],
         result_expires=RESULT_TTL_S,
         task_track_started=False,  # workers mark a job STARTED when its forward pass begins
-        task_acks_late=True,  # a worker killed mid-job costs no job: it is redelivered
+        # a message is acknowledged after its result is stored; until then it sits in its
+        # worker's in-flight list, whence the ledger puts it back if that worker dies
+        task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
-        result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=CONNECT_TIMEOUT_S,
+        broker_transport_options={"socket_connect_timeout": CONNECT_TIMEOUT_S},
+        result_backend_transport_options={"socket_connect_timeout": CONNECT_TIMEOUT_S},
+        redis_socket_connect_timeout=CONNECT_TIMEOUT_S,
+        # a send retried across a lost connection stays within a producer's broker_timeout_s
+        task_publish_retry_policy={
+            "max_retries": 3,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
         task_default_queue="pipeq.default",
         worker_hijack_root_logger=False,
         worker_send_task_events=True,  # Flower's rows

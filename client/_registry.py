@@ -1,39 +1,40 @@
 """Workers announce what they serve in Redis; producers look it up there.
 
     pipeq:deployments          hash  name -> JSON of the deployment (+ what the model told)
-    pipeq:workers:<name>       zset  worker hostname -> last heartbeat (unix seconds)
+    pipeq:workers:<name>       zset  worker -> last heartbeat (Redis' clock; `_ledger`)
     pipeq:load-errors          hash  name -> why the last worker failed to load its model
-    pipeq:stats:<name>         hash  worker hostname -> JSON batching statistics
+    pipeq:stats:<name>         hash  worker -> JSON batching statistics
 
-A worker is live while its heartbeat is younger than `LIVE_FOR_S`. Producers never need
-the TOML file: the deployments that have ever run on this Redis are listed here.
+A worker is live while its heartbeat is younger than its deployment's `dead_after_s`
+(announced; 10 s by default). Producers never need the TOML file: the deployments that
+have ever run on this Redis are listed here, re-announced with every heartbeat.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from pipeq import _tasks
+from pipeq._ledger import Ledger
 from pipeq.errors import NoLiveWorker, UnknownDeployment
 
-__all__ = ["HEARTBEAT_S", "LIVE_FOR_S", "Announced", "Registry"]
+__all__ = ["DEPLOYMENTS_KEY", "LIVE_FOR_S", "NO_WORKER_GRACE_S", "Announced", "Registry"]
 
-HEARTBEAT_S = 2.0
+#: a worker is live while its last heartbeat is younger than this (unless its
+#: deployment announced another `dead_after_s`)
 LIVE_FOR_S = 10.0
-_DEPLOYMENTS = "pipeq:deployments"
+#: a deployment whose last worker beat this recently still takes jobs (they wait in its
+#: queue for the next worker: a restart, a rolling deploy); older, NoLiveWorker
+NO_WORKER_GRACE_S = 120.0
+DEPLOYMENTS_KEY = "pipeq:deployments"
 _LOAD_ERRORS = "pipeq:load-errors"
 
 
-def _workers_key(name: str) -> str:
-    return f"pipeq:workers:{name}"
-
-
-def _stats_key(name: str) -> str:
+def stats_key(name: str) -> str:
     return f"pipeq:stats:{name}"
 
 
@@ -58,53 +59,44 @@ class Announced:
 
 
 class Registry:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(
+        self, client: redis.Redis, *, no_worker_grace_s: float = NO_WORKER_GRACE_S
+    ) -> None:
         self.redis = client
+        self.ledger = Ledger(client)
+        self.no_worker_grace_s = no_worker_grace_s
 
-    # -- worker side ---------------------------------------------------------------
-    def announce(self, name: str, info: dict[str, Any], hostname: str) -> None:
-        pipe = self.redis.pipeline()
-        pipe.hset(_DEPLOYMENTS, name, json.dumps(info, sort_keys=True))
-        pipe.hdel(_LOAD_ERRORS, name)
-        pipe.zadd(_workers_key(name), {hostname: time.time()})
-        pipe.execute()
-
-    def heartbeat(self, name: str, hostname: str, stats: dict[str, Any]) -> None:
-        key = _workers_key(name)
-        now = time.time()
-        pipe = self.redis.pipeline()
-        pipe.zadd(key, {hostname: now})
-        pipe.zremrangebyscore(key, 0, now - 10 * LIVE_FOR_S)
-        pipe.hset(_stats_key(name), hostname, json.dumps(stats))
-        pipe.expire(_stats_key(name), int(10 * LIVE_FOR_S))
-        pipe.execute()
-
-    def withdraw(self, name: str, hostname: str) -> None:
-        self.redis.zrem(_workers_key(name), hostname)
-
+    # -- worker side (the heartbeat itself is pipeq.worker.liveness) ------------------
     def load_failed(self, name: str, info: dict[str, Any], why: str) -> None:
         pipe = self.redis.pipeline()
-        pipe.hsetnx(_DEPLOYMENTS, name, json.dumps(info, sort_keys=True))
+        pipe.hsetnx(DEPLOYMENTS_KEY, name, json.dumps(info, sort_keys=True))
         pipe.hset(_LOAD_ERRORS, name, why)
         pipe.execute()
 
+    def loaded(self, name: str) -> None:
+        self.redis.hdel(_LOAD_ERRORS, name)
+
     # -- producer side -------------------------------------------------------------
     def deployments(self) -> dict[str, Announced]:
-        raw: dict[bytes, bytes] = self.redis.hgetall(_DEPLOYMENTS)  # type: ignore[assignment]
+        raw: dict[bytes, bytes] = self.redis.hgetall(DEPLOYMENTS_KEY)  # type: ignore[assignment]
         out = {}
         for k, v in raw.items():
             info = json.loads(v)
             out[k.decode()] = Announced(k.decode(), info["task"], info["model"], info)
         return out
 
+    def _live_for(self, name: str) -> float:
+        raw = self.redis.hget(DEPLOYMENTS_KEY, name)
+        info = json.loads(raw) if isinstance(raw, bytes) else {}
+        return float(info.get("dead_after_s") or LIVE_FOR_S)
+
     def live_workers(self, name: str) -> list[str]:
-        since = time.time() - LIVE_FOR_S
-        members = self.redis.zrangebyscore(_workers_key(name), since, "+inf")
-        return [m.decode() for m in members]  # type: ignore[union-attr]
+        """Workers of the deployment whose heartbeat is recent."""
+        return self.ledger.live(name, self._live_for(name))[0]
 
     def stats(self, name: str) -> dict[str, dict[str, Any]]:
         """Batching statistics per worker of a deployment, as of its last heartbeat."""
-        raw: dict[bytes, bytes] = self.redis.hgetall(_stats_key(name))  # type: ignore[assignment]
+        raw: dict[bytes, bytes] = self.redis.hgetall(stats_key(name))  # type: ignore[assignment]
         return {k.decode(): json.loads(v) for k, v in raw.items()}
 
     def load_error(self, name: str) -> str | None:
@@ -135,7 +127,9 @@ class Registry:
         return candidates[0]
 
     def require_live(self, name: str) -> None:
-        if self.live_workers(name):
+        """NoLiveWorker unless a worker of the deployment beat within `no_worker_grace_s`."""
+        live, last_beat_age = self.ledger.live(name, self._live_for(name))
+        if live or (last_beat_age is not None and last_beat_age <= self.no_worker_grace_s):
             return
         why = self.load_error(name)
         detail = f"; its last worker failed to load the model: {why}" if why else ""

@@ -137,7 +137,7 @@ def test_batcher_groups_waiting_items_by_the_size_it_is_given() -> None:
             time.sleep(0.01)
         futures = batcher.submit("j1", texts, {})
         release.set()
-        assert [f.result(timeout=10) for f in first + futures] == ["first", *texts]
+        assert [f.result(timeout=10) for f in first.futures + futures.futures] == ["first", *texts]
     finally:
         batcher.stop()
     assert [sorted(b) for b in batches] == [[0], [1, 2, 3, 4], [5, 6, 7, 8]]
@@ -194,7 +194,7 @@ def test_batcher_measures_items_only_when_more_wait_than_one_batch_takes() -> No
             time.sleep(0.01)
         rest = batcher.submit("j1", ["bb", "unmeasurable", "a"], {})
         release.set()
-        results = [f.result(timeout=10) for f in first + rest]
+        results = [f.result(timeout=10) for f in first.futures + rest.futures]
     finally:
         batcher.stop()
     assert results == ["ran alone", "ran bb", "ran unmeasurable", "ran a"]

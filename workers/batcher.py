@@ -13,9 +13,14 @@ near-equal length and padding stays small, while no item waits longer than one s
 of the waiting pool. Items with different parameters never share a forward pass; the
 oldest waiting item's parameters go first. When a batch raises, its items are
 run one by one so a bad item fails alone; a CUDA out-of-memory error halves the batch.
-Before each forward pass the `admit(job_ids)` hook says which jobs must not run (and
-why: cancelled, delivered too often); the worker does that in one Redis round trip a
-batch, marking the others as running.
+Before each forward pass the `admit(job_ids, alone)` hook says which jobs must not run
+(and why: cancelled, expired, finished already) and which must run apart from the rest
+(`Quarantine`: delivered again after their worker died, so a suspect); the worker does
+that in one Redis round trip a batch, marking the others as running. A quarantined job
+goes back to the front of the waiting items and forms a batch of its own items only.
+
+`hand_back()` (the worker is stopping) fails every waiting item with `HandBack`, so its
+job's message goes back to the queue at once, while the batch running now finishes.
 """
 
 from __future__ import annotations
@@ -31,18 +36,49 @@ from typing import Any
 
 log = logging.getLogger("pipeq.batcher")
 
-__all__ = ["BatchStats", "Batcher", "length_in_chars"]
+__all__ = [
+    "BatchError",
+    "BatchStats",
+    "Batcher",
+    "HandBack",
+    "Quarantine",
+    "Submission",
+    "length_in_chars",
+]
+
+
+class HandBack(Exception):
+    """The worker is stopping: this job has not started, and goes back to its queue."""
+
+
+class Quarantine(Exception):
+    """Admission's verdict on a suspect: run this job in a batch of its own items only."""
+
+
+@dataclass
+class Submission:
+    """A job's items in the batcher: one future per item, and when its forward began."""
+
+    job_id: str
+    futures: list[Future[Any]]
+    #: time.monotonic() when the job's first forward pass began (admitted), else None
+    started_at: float | None = None
 
 
 @dataclass
 class _Item:
-    job_id: str
+    job: Submission
     value: Any
     params: dict[str, Any]
     key: str
     size: int = -1  # measured only when more items wait than one batch takes
     arrived: float = field(default_factory=time.monotonic)
     future: Future[Any] = field(default_factory=Future)
+    alone: bool = False  # quarantined: shares a forward pass with its own job's items only
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
 
 
 @dataclass
@@ -85,6 +121,10 @@ def length_in_chars(value: Any) -> int:
     return len(json.dumps(value))
 
 
+class BatchError(Exception):
+    """Raised by `run` for the batch as a whole: every item gets it, none is run again."""
+
+
 def _is_oom(e: BaseException) -> bool:
     return type(e).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError
 
@@ -98,7 +138,7 @@ class Batcher:
         *,
         max_batch_size: int,
         max_batch_wait_ms: float,
-        admit: Callable[[list[str]], dict[str, BaseException]] = lambda ids: {},
+        admit: Callable[[list[str], bool], dict[str, BaseException]] = lambda ids, alone: {},
         on_oom: Callable[[], None] = lambda: None,
         size: Callable[[Any], int] = length_in_chars,
     ) -> None:
@@ -114,6 +154,7 @@ class Batcher:
         self._sweep_at = -1  # input size the last batch ended at
         self._cond = threading.Condition()
         self._stopping = False
+        self._handing_back = False
         self.stats = BatchStats()
         self._thread = threading.Thread(target=self._loop, name="pipeq-batcher", daemon=True)
 
@@ -127,14 +168,30 @@ class Batcher:
             self._cond.notify_all()
         self._thread.join(timeout=10)
 
-    def submit(self, job_id: str, items: list[Any], params: dict[str, Any]) -> list[Future[Any]]:
+    def submit(self, job_id: str, items: list[Any], params: dict[str, Any]) -> Submission:
         """Queue a job's items; each future gets that item's result or error."""
         key = json.dumps(params, sort_keys=True)
-        new = [_Item(job_id, v, params, key) for v in items]
+        job = Submission(job_id, [])
+        new = [_Item(job, v, params, key) for v in items]
+        job.futures = [i.future for i in new]
         with self._cond:
-            self._pending.extend(new)
-            self._cond.notify()
-        return [i.future for i in new]
+            if self._handing_back:
+                for item in new:
+                    item.future.set_exception(HandBack())
+            else:
+                self._pending.extend(new)
+                self._cond.notify()
+        return job
+
+    def hand_back(self) -> int:
+        """Fail every waiting item with HandBack, and any submitted later; the batch
+        running now goes on. Returns the number of items handed back."""
+        with self._cond:
+            self._handing_back = True
+            waiting, self._pending = self._pending, []
+        for item in waiting:
+            item.future.set_exception(HandBack())
+        return len(waiting)
 
     # -- the batcher thread --------------------------------------------------------
     def _loop(self) -> None:
@@ -151,13 +208,18 @@ class Batcher:
                     self._cond.wait()
                 if self._stopping:
                     return None
+                suspect = next((i for i in self._pending if i.alone), None)
+                if suspect is not None:
+                    batch = [i for i in self._pending if i.job is suspect.job]
+                    batch = batch[: self.max_batch_size]
+                    break
                 oldest = self._pending[0]
                 peers = [i for i in self._pending if i.key == oldest.key]
                 wait = oldest.arrived + self.max_batch_wait_s - time.monotonic()
                 if len(peers) >= self.max_batch_size or wait <= 0:
+                    batch = self._sweep(peers)
                     break
                 self._cond.wait(wait)
-            batch = self._sweep(peers)
             chosen = {id(i) for i in batch}
             self._pending = [i for i in self._pending if id(i) not in chosen]
         return batch
@@ -189,21 +251,31 @@ class Batcher:
 
     def _execute(self, batch: list[_Item]) -> None:
         now = time.monotonic()
-        batch = [i for i in batch if i.future.set_running_or_notify_cancel()]  # else timed out
+        jobs = {i.job_id for i in batch}
         try:
-            refused = self._admit(sorted({i.job_id for i in batch}))
-        except Exception as e:  # Redis away: fail these jobs rather than the batcher
+            refused = self._admit(sorted(jobs), len(jobs) == 1)
+        except Exception as e:  # the hook waits out Redis faults; anything else fails them
             log.exception("admit hook failed")
             refused = {i.job_id: e for i in batch}
-        live = []
+        live, suspects = [], []
         for item in batch:
-            if item.job_id in refused:
-                item.future.set_exception(refused[item.job_id])
-            else:
+            verdict = refused.get(item.job_id)
+            if isinstance(verdict, Quarantine):
+                item.alone = True
+                suspects.append(item)
+            elif verdict is not None:
+                item.future.set_exception(verdict)
+            elif item.future.set_running_or_notify_cancel():  # else its job gave up
                 live.append(item)
+        if suspects:
+            with self._cond:
+                self._pending[:0] = suspects
         if not live:
             return
         started = time.monotonic()
+        for item in live:
+            if item.job.started_at is None:
+                item.job.started_at = started
         self._forward(live)
         self.stats.record(len(live), [now - i.arrived for i in live], time.monotonic() - started)
         log.debug("batch of %d ran in %.1f ms", len(live), 1000 * (time.monotonic() - started))
@@ -211,6 +283,10 @@ class Batcher:
     def _forward(self, items: list[_Item]) -> None:
         try:
             results = self._run([i.value for i in items], items[0].params)
+        except BatchError as e:  # about the whole batch (a time limit): no item to single out
+            for item in items:
+                item.future.set_exception(e)
+            return
         except Exception as e:
             oom = _is_oom(e)
             if oom:

@@ -8,14 +8,22 @@ plain JSON-able lists, dicts, strings and numbers.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from pipeq._config import Deployment
-from pipeq.errors import ModelLoadError
-from pipeq.worker.batcher import length_in_chars
+from pipeq.errors import JobTimeout, ModelLoadError
+from pipeq.worker.batcher import BatchError, length_in_chars
 
-__all__ = ["Handler", "load_handler", "to_jsonable"]
+__all__ = ["GENERATING", "Handler", "TimeLimitExceeded", "load_handler", "to_jsonable"]
+
+#: tasks whose forward pass is `generate`, which stops at `max_time`
+GENERATING = frozenset({"text-generation", "summarization", "translation"})
+
+
+class TimeLimitExceeded(BatchError, JobTimeout):
+    """A batch's generation reached the time limit: its output may be cut short."""
 
 
 def to_jsonable(value: Any) -> Any:
@@ -58,7 +66,23 @@ class Handler:
         text = item if isinstance(item, str) else " ".join(str(v) for v in item.values())
         return len(self._counter.encode(text).ids)
 
-    def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+    def run(
+        self, items: list[Any], params: dict[str, Any], *, time_limit_s: float | None = None
+    ) -> list[Any]:
+        """What `pipe(item, **params)` returns for each item. Generation stops at
+        `time_limit_s` (transformers' `max_time`) and then raises TimeLimitExceeded rather
+        than return text cut short."""
+        if time_limit_s is None or self.task not in GENERATING or "max_time" in params:
+            return self._run(items, params)
+        started = time.monotonic()
+        outs = self._run(items, {**params, "max_time": time_limit_s})
+        if time.monotonic() - started >= time_limit_s:
+            raise TimeLimitExceeded(
+                f"generation stopped at job_timeout_s={time_limit_s} of its forward pass"
+            )
+        return outs
+
+    def _run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
         if len(items) == 1:
             return [to_jsonable(self.pipe(items[0], **params))]
         extra = {"batch_size": len(items)} if self.native else {}

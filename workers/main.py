@@ -14,35 +14,36 @@ import socket
 import sys
 import threading
 import time
-from concurrent.futures import Future, wait
+import uuid
 from typing import Any
 
 import redis
-from celery import Celery, signals, states
-from celery.exceptions import Ignore
+from celery import signals
 from celery.worker.consumer import Consumer as CeleryConsumer
 
-from pipeq import _app, _tasks
-from pipeq._client import cancel_key
+from pipeq import _app
 from pipeq._config import Deployment
-from pipeq._registry import HEARTBEAT_S, Registry
-from pipeq.errors import (
-    JobCancelled,
-    JobFailed,
-    JobLost,
-    JobTimeout,
-    ModelLoadError,
-    PipeqError,
-)
+from pipeq._ledger import inflight_key, queue_for
+from pipeq._registry import Registry
+from pipeq.errors import InvalidRequest, JobLost, ModelLoadError
+from pipeq.worker.gate import Malformed
+from pipeq.worker.jobs import Admission, Events, register_task
+from pipeq.worker.liveness import Heartbeat, LivenessSettings
 
 log = logging.getLogger("pipeq.worker")
 
-__all__ = ["EVENT_FLUSH_S", "EXIT_MODEL_LOAD_FAILED", "MAX_ATTEMPTS", "Consumer", "run_worker"]
+__all__ = [
+    "EVENT_FLUSH_S",
+    "EXIT_FATAL",
+    "EXIT_MODEL_LOAD_FAILED",
+    "Consumer",
+    "run_worker",
+]
 
-#: a job delivered this many times without finishing (it kills its worker) fails
-MAX_ATTEMPTS = 3
 #: exit status of a worker whose model could not be loaded
 EXIT_MODEL_LOAD_FAILED = 3
+#: exit status of a worker that stopped on an error it cannot go on from
+EXIT_FATAL = 1
 #: a job's events for Flower (received, started, succeeded...) go out this long after
 #: they happen, together with every other job's of that span, in one message
 EVENT_FLUSH_S = 0.1
@@ -71,6 +72,13 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
     """
 
     _flush_due = False
+    #: where the worker's own task events (started, revoked) find this consumer
+    events: Events | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.events is not None:
+            self.events.consumer = self
 
     def on_send_event_buffered(self) -> None:
         # called from job threads too; kombu's timer takes entries from other threads
@@ -94,133 +102,15 @@ def _free_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _as_job_error(e: BaseException) -> PipeqError:
-    if isinstance(e, PipeqError):
-        return e
-    return JobFailed(f"{type(e).__name__}: {e}")
+def _max_message_bytes(deployment: Deployment) -> int:
+    """The largest message the gate reads: a request at its byte limit, base64-encoded
+    (4/3), twice over for Flower's copy of the arguments, plus the envelope."""
+    return 3 * int(deployment.limits["request_bytes"]) + 65536
 
 
-def _outcome(value: Any, to_jsonable: Any) -> dict[str, Any]:
-    """One item of a per-item job: {"result": ...} or {"error": [type, message]}."""
-    if isinstance(value, BaseException):
-        e = _as_job_error(value)
-        return {"error": [type(e).__name__, e.message]}
-    return {"result": to_jsonable(value)}
-
-
-class Admission:
-    """Before a batch runs, in one Redis round trip: see which of its jobs were cancelled
-    and, for each job reaching the model for the first time in this delivery, count the
-    attempt and mark it STARTED. `__call__` returns the jobs that must not run."""
-
-    def __init__(self, app: Celery, store: redis.Redis) -> None:
-        self.app = app
-        self.store = store
-        self.running: set[str] = set()  # jobs of this process already admitted once
-
-    def done(self, job_id: str) -> None:
-        self.running.discard(job_id)
-
-    def __call__(self, job_ids: list[str]) -> dict[str, BaseException]:
-        backend = self.app.backend
-        first = [j for j in job_ids if j not in self.running]
-        pipe = self.store.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.exists(cancel_key(job_id))
-        for job_id in first:
-            pipe.incr(attempts_key(job_id))
-            pipe.expire(attempts_key(job_id), _app.RESULT_TTL_S)
-            key = backend.get_key_for_task(job_id)
-            meta = backend.encode(
-                {
-                    "status": states.STARTED,
-                    "result": None,
-                    "traceback": None,
-                    "children": [],
-                    "date_done": None,
-                    "task_id": job_id,
-                }
-            )
-            pipe.setex(key, backend.expires, meta)
-            pipe.publish(key, meta)
-        replies = pipe.execute()
-        self.running.update(first)
-        refused: dict[str, BaseException] = {}
-        for job_id, cancelled in zip(job_ids, replies, strict=False):
-            if cancelled:
-                refused[job_id] = JobCancelled("the job was cancelled")
-        for n, job_id in enumerate(first):
-            attempts = replies[len(job_ids) + 4 * n]
-            if attempts > MAX_ATTEMPTS:
-                refused[job_id] = JobLost(f"delivered {attempts} times without finishing")
-        return refused
-
-
-def attempts_key(job_id: str) -> str:
-    return f"pipeq:attempts:{job_id}"
-
-
-def _wait(futures: list[Future[Any]], timeout_s: float) -> list[Any]:
-    """Each future's result, or its error; JobTimeout for those not done in time."""
-    _, not_done = wait(futures, timeout=timeout_s)
-    for f in not_done:
-        f.cancel()
-    late = JobTimeout(f"no result within job_timeout_s={timeout_s}")
-    return [late if f in not_done else (f.exception() or f.result()) for f in futures]
-
-
-def register_task(app: Celery, deployment: Deployment, batcher: Any, admission: Admission) -> None:
-    """The one task this worker runs: hand the job's items to the batcher, wait."""
-    task = deployment.task
-
-    @app.task(name=_app.RUN_TASK, bind=True)  # type: ignore[untyped-decorator]
-    def run(self: Any, inputs: Any, params: dict[str, Any], per_item: bool = False) -> Any:
-        """One job. `per_item`: items fail alone, the result is one outcome per item."""
-        try:
-            return run_job(self.request.id, inputs, params, per_item)
-        finally:
-            admission.done(self.request.id)
-
-    def run_job(job_id: str, inputs: Any, params: dict[str, Any], per_item: bool) -> Any:
-        from pipeq.worker.handlers import to_jsonable
-
-        params = _tasks.validate_params(task, params)
-        if not per_item:
-            items, many = _tasks.split_items(task, inputs)
-            results = _wait(batcher.submit(job_id, items, params), deployment.job_timeout_s)
-            for r in results:
-                if isinstance(r, JobCancelled):
-                    app.backend.mark_as_revoked(job_id, "cancelled by the producer")
-                    raise Ignore()
-                if isinstance(r, BaseException):
-                    raise _as_job_error(r)
-            return to_jsonable(_tasks.combine(task, params, results) if many else results[0])
-        items, _ = _tasks.items_of(task, inputs)
-        outcomes, good = _tasks.sort_out(
-            items, lambda item, where: _tasks.check_item(task, item, where)
-        )
-        results = _wait(
-            batcher.submit(job_id, [items[i] for i in good], params), deployment.job_timeout_s
-        )
-        for i, r in zip(good, results, strict=True):
-            outcomes[i] = r
-        return [_outcome(o, to_jsonable) for o in outcomes]
-
-
-def _heartbeat(
-    registry: Registry,
-    name: str,
-    hostname: str,
-    info: dict[str, Any],
-    batcher: Any,
-    stop: threading.Event,
-) -> None:
-    registry.announce(name, info, hostname)
-    while not stop.wait(HEARTBEAT_S):
-        try:
-            registry.heartbeat(name, hostname, batcher.stats.as_dict())
-        except redis.RedisError as e:  # Redis away for a moment: try again next beat
-            log.warning("heartbeat failed: %s", e)
+#: a worker holds this many batches' worth of jobs: the one running and the next, ready to
+#: go; the rest stay in Redis, for any worker of the deployment (docs/batching.md)
+HELD_BATCHES = 2
 
 
 def run_worker(
@@ -230,14 +120,19 @@ def run_worker(
     gpu: int | None = None,
     concurrency: int | None = None,
     loglevel: str = "INFO",
+    liveness: LivenessSettings | None = None,
 ) -> int:
-    """Load the model, then consume the deployment's queue until told to stop."""
+    """Load the model, then consume the deployment's queue until told to stop.
+
+    Returns the exit status: 0 after a requested stop (SIGTERM, SIGINT), 3 when the
+    model could not be loaded, non-zero when the worker stopped on an error."""
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # one line per job received and done, with the result's repr, costs more than a small
     # model's forward pass; Flower shows every job, and --loglevel DEBUG brings them back
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
         logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
+    liveness = liveness or LivenessSettings()
     deployment = pin_device(deployment, gpu)
     # torch's OpenMP threads otherwise spin for a while after each forward pass, taking the
     # cores from the job threads, Redis and producers on the same host; sleeping at once
@@ -248,7 +143,12 @@ def run_worker(
     sys.setswitchinterval(0.0005)
     url = _app.redis_url(redis_url)
     registry = Registry(redis.Redis.from_url(url))
-    hostname = f"pipeq.{deployment.name}.{os.getpid()}@{socket.gethostname()}"
+    # unique per start: a restarted container keeps its hostname and pid, and the jobs its
+    # previous life held must not look like the new one's
+    start_id = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    hostname = f"pipeq.{deployment.name}.{start_id}@{socket.gethostname()}"
+
+    from functools import partial
 
     from pipeq.worker.batcher import Batcher
     from pipeq.worker.handlers import load_handler
@@ -265,53 +165,97 @@ def run_worker(
         return EXIT_MODEL_LOAD_FAILED
     log.info("loaded %s in %.1f s", deployment.model, time.monotonic() - started)
 
-    # task_track_started is off: Admission marks jobs running
-    app = _app.make_app(url, worker_consumer=f"{__name__}:Consumer")
-    admission = Admission(app, registry.redis)
+    events = Events()
+
+    def on_malformed(raw: bytes, why: Malformed) -> None:
+        if why.job_id is not None:
+            error = InvalidRequest(f"malformed message: {why.reason}")
+            app.backend.mark_as_failure(why.job_id, error)
+
+    def on_lost(job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            events.send("task-failed", job_id, exception=repr(JobLost("its worker died")))
+
+    app = _app.make_app(
+        url,
+        worker_consumer=f"{__name__}:Consumer",
+        broker_transport="pipeq.worker.transport:Transport",
+        broker_transport_options={
+            "socket_connect_timeout": _app.CONNECT_TIMEOUT_S,
+            "pipeq_inflight": inflight_key(hostname),
+            "pipeq_max_message_bytes": _max_message_bytes(deployment),
+            "pipeq_on_malformed": on_malformed,
+        },
+        # a result, or an acknowledgement, waits for Redis rather than being lost
+        result_backend_always_retry=True,
+    )
+    Consumer.events = events
+    admission = Admission(
+        app.backend.ledger,
+        deployment.name,
+        hostname,
+        events,
+        settle_timeout_s=deployment.job_timeout_s,
+    )
     batcher = Batcher(
-        handler.run,
+        partial(handler.run, time_limit_s=deployment.job_timeout_s),
         max_batch_size=deployment.max_batch_size,
         max_batch_wait_ms=deployment.max_batch_wait_ms,
         admit=admission,
         on_oom=_free_cuda_memory,
         size=handler.size,
     ).start()
-    register_task(app, deployment, batcher, admission)
-    stop = threading.Event()
-
-    @signals.worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
-    def _ready(**_: Any) -> None:
-        threading.Thread(
-            target=_heartbeat,
-            args=(registry, deployment.name, hostname, handler.info(), batcher, stop),
-            name="pipeq-heartbeat",
-            daemon=True,
-        ).start()
+    register_task(app, deployment, batcher, admission, events)
+    info = {
+        **handler.info(),
+        "heartbeat_s": liveness.heartbeat_s,
+        "dead_after_s": liveness.dead_after_s,
+    }
+    heartbeat = Heartbeat(
+        registry.redis,
+        deployment.name,
+        hostname,
+        info,
+        liveness,
+        stats=batcher.stats.as_dict,
+        on_lost=on_lost,
+        result_ttl_s=_app.RESULT_TTL_S,
+    )
+    try:
+        heartbeat.start()  # owns its in-flight list before it takes a job
+        registry.loaded(deployment.name)
+    except redis.RedisError as e:
+        print(f"pipeq worker {deployment.name}: Redis at {url} ({e})", file=sys.stderr)
+        return EXIT_FATAL
+    stopping = threading.Event()
 
     @signals.worker_shutting_down.connect(weak=False)  # type: ignore[untyped-decorator]
     def _going(**_: Any) -> None:
-        stop.set()
-        try:
-            registry.withdraw(deployment.name, hostname)
-        except redis.RedisError:
-            pass
+        # the jobs waiting for a batch go back to the front of the queue at once; the
+        # batch running now finishes, and the heartbeat goes on until it has
+        stopping.set()
+        log.info("stopping: handed %d waiting item(s) back", batcher.hand_back())
 
-    # each job thread holds one prefetched job: the batcher sorts by length among this many,
-    # and 8 batches' worth groups better than 4 (docs/batching.md); more hoards jobs that
-    # another worker of the deployment could run
-    threads = concurrency or max(16, 8 * deployment.max_batch_size)
-    app.worker_main(
-        [
-            "worker",
-            f"--queues={_app.queue_for(deployment.name)}",
-            "--pool=threads",
-            f"--concurrency={threads}",
-            f"--hostname={hostname}",
-            "--without-gossip",
-            "--without-mingle",
-            f"--loglevel={loglevel}",
-        ]
-    )
-    stop.set()
-    batcher.stop()
+    threads = concurrency or HELD_BATCHES * deployment.max_batch_size
+    try:
+        status = app.start(
+            [
+                "worker",
+                f"--queues={queue_for(deployment.name)}",
+                "--pool=threads",
+                f"--concurrency={threads}",
+                f"--hostname={hostname}",
+                "--without-gossip",
+                "--without-mingle",
+                f"--loglevel={loglevel}",
+            ]
+        )
+    finally:
+        batcher.stop()
+        heartbeat.stop()
+    if isinstance(status, int) and status != 0:
+        return status
+    if not stopping.is_set():
+        log.critical("the worker stopped without being asked to")
+        return EXIT_FATAL
     return 0

@@ -1,0 +1,267 @@
+"""One job, from the moment a worker thread takes it to its stored result.
+
+Celery's threads pool runs each job's task in a thread of its own. The task checks the
+request, hands its items to the batcher and waits. Before the items' forward pass, the
+batcher asks `Admission` (one Redis round trip a batch, `_ledger` admit) which jobs may
+run; only then is a job STARTED, for its producer and for Flower. The outcomes:
+
+    succeeded / failed        stored as the job's result (Celery), the message acknowledged
+    cancelled, expired        REVOKED (Flower too); acknowledged, nothing computed
+    finished already          a second delivery of a job that has a result: acknowledged only
+    handed back               the worker is stopping and the job had not started: the
+                              message goes back to the front of its queue (`Reject(requeue)`)
+
+`job_timeout_s` counts from the job's first forward pass: time spent waiting in Redis
+or in the worker never counts, and generation stops at the limit (`max_time`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, wait
+from typing import Any
+
+from celery import Celery, signals
+from celery.exceptions import Ignore, Reject
+from celery.worker.request import Request as CeleryRequest
+
+from pipeq import _app, _tasks
+from pipeq._ledger import Ledger, running_key, waiting_key
+from pipeq.errors import JobCancelled, JobExpired, JobFailed, JobTimeout, PipeqError
+from pipeq.worker.batcher import Batcher, HandBack, Quarantine, Submission
+from pipeq.worker.transport import retrying
+
+__all__ = ["AlreadyDone", "Admission", "Events", "Request", "register_task"]
+
+log = logging.getLogger("pipeq.worker")
+
+
+class AlreadyDone(Exception):
+    """The job has a stored result: this delivery is a duplicate, dropped before compute."""
+
+
+class Events:
+    """Task events for Flower, sent through the worker consumer's own dispatcher (which
+    Celery's Consumer step makes, and remakes on reconnection)."""
+
+    consumer: Any = None
+
+    def send(self, kind: str, job_id: str, **fields: Any) -> None:
+        """Send an event (the dispatcher adds hostname, pid, clock); never fails a job."""
+        dispatcher = getattr(self.consumer, "event_dispatcher", None)
+        if dispatcher is None or not dispatcher.enabled:
+            return
+        try:
+            dispatcher.send(kind, uuid=job_id, **fields)
+        except Exception:
+            log.exception("could not send %s for %s", kind, job_id)
+
+
+class Request(CeleryRequest):  # type: ignore[misc]
+    """Celery's request, without the task-started event it sends when a pool thread takes
+    the job: pipeq's threads wait for the batcher, and a job starts with its forward pass
+    (`Admission` sends the event then)."""
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        if type != "task-started":
+            super().send_event(type, **fields)
+
+
+class Admission:
+    """The batcher's `admit` hook: which jobs of a batch may run now, in one round trip.
+    It waits for Redis when Redis is away, rather than failing jobs that never ran."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        deployment: str,
+        worker: str,
+        events: Events,
+        *,
+        settle_timeout_s: float = 300.0,
+    ) -> None:
+        self.ledger = ledger
+        self.keys = [waiting_key(deployment), running_key(deployment)]
+        self.worker = worker
+        self.events = events
+        self.settle_timeout_s = settle_timeout_s
+        #: job id -> its `expires` deadline (unix s), for jobs this worker holds
+        self.expires: dict[str, float] = {}
+        #: jobs whose forward pass began and whose result is not stored yet
+        self.started: set[str] = set()
+        #: jobs set apart as suspects: they run once every other started job has settled
+        self.suspects: set[str] = set()
+        self._settled = threading.Condition()
+
+    def forget(self, job_id: str) -> None:
+        """The job's thread has stored its outcome (Celery's task_postrun)."""
+        self.expires.pop(job_id, None)
+        self.suspects.discard(job_id)
+        with self._settled:
+            self.started.discard(job_id)
+            self._settled.notify_all()
+
+    def _settle(self, job_ids: list[str]) -> None:
+        """Wait until no other job is between its forward pass and its stored result: a
+        suspect that kills the worker must find no batch-mate of an earlier batch still
+        marked STARTED, which would count that job an attempt too."""
+        with self._settled:
+            self._settled.wait_for(
+                lambda: not (self.started - set(job_ids)), timeout=self.settle_timeout_s
+            )
+
+    def __call__(self, job_ids: list[str], alone: bool) -> dict[str, BaseException]:
+        if self.suspects.intersection(job_ids):
+            self._settle(job_ids)
+        deadlines = [self.expires.get(j) for j in job_ids]
+        args = [
+            _app.RESULT_TTL_S,
+            self.worker,
+            os.getpid(),
+            int(alone),
+            len(job_ids),
+            *job_ids,
+            *("" if d is None else repr(d) for d in deadlines),
+        ]
+        verdicts = retrying(self.ledger.script("admit"), self.keys, args)
+        refused: dict[str, BaseException] = {}
+        for job_id, raw in zip(job_ids, verdicts, strict=True):
+            verdict = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if verdict == "run":
+                with self._settled:
+                    first = job_id not in self.started
+                    self.started.add(job_id)
+                if first:
+                    self.events.send("task-started", job_id)
+            elif verdict == "cancelled":
+                refused[job_id] = JobCancelled("the job was cancelled")
+            elif verdict == "expired":
+                refused[job_id] = JobExpired("not started before its expires deadline")
+            elif verdict == "done":
+                refused[job_id] = AlreadyDone()
+            else:
+                self.suspects.add(job_id)
+                refused[job_id] = Quarantine()
+        return refused
+
+
+def _deadline(expires: Any) -> float | None:
+    """Celery's `expires` header (an ISO 8601 time) as unix seconds."""
+    if not expires:
+        return None
+    when = expires
+    if not isinstance(when, datetime.datetime):
+        when = datetime.datetime.fromisoformat(expires)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
+
+
+def _as_job_error(e: BaseException) -> PipeqError:
+    if isinstance(e, PipeqError):
+        return e
+    return JobFailed(f"{type(e).__name__}: {e}")
+
+
+def _outcome(value: Any, to_jsonable: Any) -> dict[str, Any]:
+    """One item of a per-item job: {"result": ...} or {"error": [type, message]}."""
+    if isinstance(value, BaseException):
+        e = _as_job_error(value)
+        return {"error": [type(e).__name__, e.message]}
+    return {"result": to_jsonable(value)}
+
+
+def wait_for(job: Submission, timeout_s: float) -> list[Any]:
+    """Each item's result or error. Waits as long as the job waits for a batch; once its
+    first forward pass began, `timeout_s` more at most (JobTimeout for what is not done)."""
+    futures = job.futures
+    while True:
+        started = job.started_at
+        left = None if started is None else started + timeout_s - time.monotonic()
+        _, pending = wait(futures, timeout=1.0 if left is None else max(0.0, left))
+        if not pending:
+            break
+        if left is not None and started + timeout_s <= time.monotonic():
+            for f in pending:
+                f.cancel()
+            break
+    late = JobTimeout(f"not done within job_timeout_s={timeout_s} of its forward pass")
+    return [_result_or_error(f, late) for f in futures]
+
+
+def _result_or_error(f: Future[Any], late: BaseException) -> Any:
+    if f.cancelled() or not f.done():
+        return late
+    return f.exception() or f.result()
+
+
+_STOPS = (HandBack, AlreadyDone, JobCancelled, JobExpired)
+
+
+def register_task(
+    app: Celery,
+    deployment: Any,
+    batcher: Batcher,
+    admission: Admission,
+    events: Events,
+) -> None:
+    """The one task this worker runs: hand the job's items to the batcher, wait."""
+    task = deployment.task
+
+    @app.task(name=_app.RUN_TASK, bind=True, Request=f"{__name__}:Request")  # type: ignore[untyped-decorator]
+    def run(self: Any, inputs: Any, params: dict[str, Any], per_item: bool = False) -> Any:
+        """One job. `per_item`: items fail alone, the result is one outcome per item."""
+        job_id = self.request.id
+        deadline = _deadline(self.request.expires)
+        if deadline is not None:
+            admission.expires[job_id] = deadline
+        try:
+            return run_job(job_id, inputs, params, per_item)
+        except HandBack:
+            raise Reject("handed back: the worker is stopping", requeue=True) from None
+        except AlreadyDone:
+            raise Ignore() from None
+        except JobCancelled:
+            events.send("task-revoked", job_id, terminated=False, signum=None, expired=False)
+            raise Ignore() from None
+        except JobExpired:
+            app.backend.mark_as_revoked(job_id, "expired")
+            events.send("task-revoked", job_id, terminated=False, signum=None, expired=True)
+            raise Ignore() from None
+
+    @signals.task_postrun.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _stored(task_id: str, **_: Any) -> None:  # after Celery stored the outcome
+        admission.forget(task_id)
+
+    def run_job(job_id: str, inputs: Any, params: dict[str, Any], per_item: bool) -> Any:
+        from pipeq.worker.handlers import to_jsonable
+
+        params = _tasks.validate_params(task, params)
+        _tasks.check_limits(task, deployment.limits, inputs, params)
+        if not per_item:
+            items, many = _tasks.split_items(task, inputs)
+            results = wait_for(batcher.submit(job_id, items, params), deployment.job_timeout_s)
+            for r in results:
+                if isinstance(r, _STOPS):
+                    raise r
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise _as_job_error(r)
+            return to_jsonable(_tasks.combine(task, params, results) if many else results[0])
+        items, _ = _tasks.items_of(task, inputs)
+        outcomes, good = _tasks.sort_out(
+            items, lambda item, where: _tasks.check_item(task, item, where)
+        )
+        results = wait_for(
+            batcher.submit(job_id, [items[i] for i in good], params), deployment.job_timeout_s
+        )
+        for r in results:
+            if isinstance(r, _STOPS):
+                raise r
+        for i, r in zip(good, results, strict=True):
+            outcomes[i] = r
+        return [_outcome(o, to_jsonable) for o in outcomes]
