@@ -7,12 +7,15 @@ classifier("I've been waiting for a HuggingFace course my whole life.")
 
 from pipeq._client import Client, Job, JobState
 from pipeq._config import Deployment, load_deployments
+from pipeq._ledger import Depth
 from pipeq._pipeline import RemotePipeline, pipeline
 from pipeq.errors import (
+    BrokerUnavailable,
     InvalidRequest,
     ItemsFailed,
     JobCancelled,
     JobError,
+    JobExpired,
     JobFailed,
     JobLost,
     JobTimeout,
@@ -26,13 +29,16 @@ from pipeq.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BrokerUnavailable",
     "Client",
     "Deployment",
+    "Depth",
     "InvalidRequest",
     "ItemsFailed",
     "Job",
     "JobCancelled",
     "JobError",
+    "JobExpired",
     "JobFailed",
     "JobLost",
     "JobState",

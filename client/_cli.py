@@ -44,14 +44,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from pipeq._config import load_deployments, pick
 
     deployment = pick(load_deployments(args.config), args.deployment)
+    from pipeq.worker.liveness import LivenessSettings
     from pipeq.worker.main import run_worker  # torch lives behind this import
 
+    try:
+        liveness = LivenessSettings(
+            heartbeat_s=args.heartbeat_s,
+            dead_after_s=args.dead_after_s,
+            max_attempts=args.max_attempts,
+        )
+    except ValueError as e:
+        print(f"pipeq worker: {e}", file=sys.stderr)
+        return 2
     return run_worker(
         deployment,
         redis_url=args.redis_url,
         gpu=args.gpu,
         concurrency=args.concurrency,
         loglevel=args.loglevel,
+        liveness=liveness,
     )
 
 
@@ -115,9 +126,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from pipeq import JobState
+
     with _client(args) as client:
-        print(client.job(args.job_id).status().value)
-    return 0
+        state = client.job(args.job_id).status()
+    print(state.value)
+    return 1 if state is JobState.UNKNOWN else 0
 
 
 def cmd_result(args: argparse.Namespace) -> int:
@@ -127,17 +141,33 @@ def cmd_result(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    from pipeq import JobState
+
     with _client(args) as client:
-        cancelled = client.job(args.job_id).cancel()
-        print("cancelled" if cancelled else "already finished")
-    return 0 if cancelled else 1
+        job = client.job(args.job_id)
+        if job.cancel():
+            print("cancelled")
+            return 0
+        state = job.status()
+    print(
+        {
+            JobState.UNKNOWN: "unknown job: pipeq never accepted this id (or it expired)",
+            JobState.RUNNING: "not cancelled: it is running and will finish",
+        }.get(state, f"not cancelled: it has finished ({state.value})"),
+        file=sys.stderr,
+    )
+    return 1
 
 
 def cmd_deployments(args: argparse.Namespace) -> int:
     with _client(args) as client:
         for name, d in sorted(client.deployments().items()):
-            live = len(client.registry.live_workers(name))
-            print(f"{name}\t{d.task}\t{d.model}\t{live} live worker(s)")
+            live = len(client.call(client.registry.live_workers, name))
+            depth = client.depth(name)
+            print(
+                f"{name}\t{d.task}\t{d.model}\t{live} live worker(s)\t{depth.waiting} waiting"
+                f" (oldest {depth.oldest_age_s:.1f} s)\t{depth.running} running"
+            )
     return 0
 
 
@@ -169,8 +199,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", default=env_config, help="deployments TOML (default: the course's nine)"
     )
     w.add_argument("--gpu", type=int, help="use only this GPU (sets CUDA_VISIBLE_DEVICES)")
-    w.add_argument("--concurrency", type=int, help="job threads (default 8 x max_batch_size)")
+    w.add_argument("--concurrency", type=int, help="jobs held at once (default 2 x max_batch_size)")
     w.add_argument("--loglevel", default="INFO")
+    w.add_argument(
+        "--heartbeat-s",
+        type=float,
+        default=float(os.environ.get("PIPEQ_HEARTBEAT_S", 2.0)),
+        help="seconds between heartbeats ($PIPEQ_HEARTBEAT_S, default 2)",
+    )
+    w.add_argument(
+        "--dead-after-s",
+        type=float,
+        default=float(os.environ.get("PIPEQ_DEAD_AFTER_S", 10.0)),
+        help="a worker silent this long is dead; its jobs go back ($PIPEQ_DEAD_AFTER_S, 10)",
+    )
+    w.add_argument(
+        "--max-attempts",
+        type=int,
+        default=int(os.environ.get("PIPEQ_MAX_ATTEMPTS", 3)),
+        help="a job whose worker died running it this often fails with JobLost "
+        "($PIPEQ_MAX_ATTEMPTS, 3)",
+    )
 
     u = add("up", "start Redis (embedded unless --redis-url), the workers and Flower", cmd_up)
     u.add_argument("--config", default=env_config)
@@ -191,14 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             sp.add_argument("--timeout", type=float, default=None)
 
-    s = add("status", "print a job's state", cmd_status)
+    s = add("status", "print a job's state (exit 1 for an id pipeq never accepted)", cmd_status)
     s.add_argument("job_id")
     r = add("result", "wait for a job's result and print it", cmd_result)
     r.add_argument("job_id")
     r.add_argument("--timeout", type=float, default=None)
-    c = add("cancel", "cancel a job that has not run yet", cmd_cancel)
+    c = add("cancel", "cancel a job that has not started (exit 1 if it could not be)", cmd_cancel)
     c.add_argument("job_id")
-    add("deployments", "list the deployments workers have announced", cmd_deployments)
+    add(
+        "deployments",
+        "list the deployments workers announced, with live workers and queue depth",
+        cmd_deployments,
+    )
     d = add(
         "demo", "run the course's chapter 1 on a local stack with tiny offline models", cmd_demo
     )

@@ -2,39 +2,58 @@
 
 from __future__ import annotations
 
+import datetime
 import enum
 import time
 import uuid
 import weakref
-from collections.abc import Iterable
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from celery import states
 from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
 from tqdm import tqdm
 
 from pipeq import _app, _tasks
-from pipeq._registry import Announced, Registry
+from pipeq._ledger import Depth, Ledger, meta_json
+from pipeq._registry import NO_WORKER_GRACE_S, Announced, Registry
 from pipeq.errors import (
+    BrokerUnavailable,
     InvalidRequest,
     ItemsFailed,
     JobCancelled,
+    JobExpired,
     JobTimeout,
     Overloaded,
     PipeqError,
     from_wire,
 )
 
-__all__ = ["Client", "Job", "JobState", "cancel_key", "drop_result_channels"]
+__all__ = ["BROKER_TIMEOUT_S", "Client", "Job", "JobState", "drop_result_channels", "masked"]
 
+T = TypeVar("T")
 _LOOKUP_CACHE_S = 2.0
+#: a call finding Redis unreachable tries again for this long, then BrokerUnavailable
+BROKER_TIMEOUT_S = 10.0
+_BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, OperationalError, OSError)
 
 
-def cancel_key(job_id: str) -> str:
-    return f"pipeq:cancel:{job_id}"
+def masked(url: str) -> str:
+    """The URL with its password (if any) replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def drop_result_channels(app: Any) -> None:
@@ -61,18 +80,35 @@ def _about(target: Announced, check: Any, *args: Any) -> Any:
         raise
 
 
+def _expires(expires: float | datetime.datetime | None) -> float | datetime.datetime | None:
+    """Celery's `expires`: seconds from now (> 0), or an aware or UTC datetime."""
+    if expires is None or isinstance(expires, datetime.datetime):
+        return expires
+    if isinstance(expires, bool) or not isinstance(expires, int | float) or not expires > 0:
+        raise InvalidRequest(f"expires must be seconds from now (> 0) or a datetime: {expires!r}")
+    return float(expires)
+
+
 class JobState(enum.StrEnum):
-    """Where a job is: QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED."""
+    """Where a job is: QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED | EXPIRED;
+    UNKNOWN for an id pipeq never accepted (or whose record expired with its result)."""
 
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    UNKNOWN = "unknown"
 
     @property
     def done(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+        return self in (
+            JobState.SUCCEEDED,
+            JobState.FAILED,
+            JobState.CANCELLED,
+            JobState.EXPIRED,
+        )
 
 
 _STATES = {
@@ -86,8 +122,16 @@ _STATES = {
 }
 
 
+def _is_expiry(exc: Any) -> bool:
+    return isinstance(exc, TaskRevokedError) and "expired" in str(exc)
+
+
 def to_pipeq_error(exc: BaseException, job_id: str, deployment: str | None) -> PipeqError:
     """The error a worker stored for a job, as one of pipeq's error classes."""
+    if _is_expiry(exc):
+        return JobExpired(
+            "not started before its expires deadline", job_id=job_id, deployment=deployment
+        )
     if isinstance(exc, TaskRevokedError):
         return JobCancelled("the job was cancelled", job_id=job_id, deployment=deployment)
     message = str(exc.args[0]) if exc.args else str(exc)
@@ -107,12 +151,21 @@ class Job:
         return f"<Job {self.id} deployment={self.deployment}>"
 
     def status(self) -> JobState:
-        return _STATES.get(self._async.state, JobState.QUEUED)
+        """Where the job is now (one Redis read; two while it waits)."""
+        return self._client.call(self._status)
+
+    def _status(self) -> JobState:
+        state = self._async.state
+        if state == states.PENDING and not self._client.ledger.is_known(self.id):
+            return JobState.UNKNOWN
+        if state == states.REVOKED and _is_expiry(self._async.result):
+            return JobState.EXPIRED
+        return _STATES.get(state, JobState.QUEUED)
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the result; raise the job's error, or JobTimeout after `timeout` s."""
         try:
-            self._async.get(timeout=timeout, propagate=False, interval=0.05)
+            self._client.call(self._async.get, timeout=timeout, propagate=False, interval=0.05)
         except CeleryTimeout:
             raise JobTimeout(
                 f"no result within {timeout} s (the job goes on; ask again later)",
@@ -124,22 +177,24 @@ class Job:
         raise to_pipeq_error(self._async.result, self.id, self.deployment)
 
     def cancel(self) -> bool:
-        """Drop the job if it has not run yet. False when it had already finished.
-
-        A job still queued, or waiting for a batch, is dropped and ends CANCELLED; a
-        job whose forward pass has started finishes normally.
-        """
-        if self._async.state in states.READY_STATES:
-            return False
-        self._client.redis.set(cancel_key(self.id), 1, ex=_app.RESULT_TTL_S)
-        self._client.app.control.revoke(self.id)
-        if self._async.state != states.STARTED:
-            self._client.app.backend.mark_as_revoked(self.id, "cancelled by the producer")
-        return True
+        """True if the job will never run: it was queued, or waiting in a worker for a
+        batch, and now ends CANCELLED. False if it could not be cancelled: its forward
+        pass has begun (it will finish), it has finished, or pipeq never accepted it
+        (`status()` tells which)."""
+        revoked = meta_json(
+            self.id,
+            states.REVOKED,
+            self._client.app.backend.prepare_exception(
+                TaskRevokedError("cancelled by the producer")
+            ),
+            done=True,
+        )
+        outcome = self._client.call(self._client.ledger.cancel, self.id, revoked, _app.RESULT_TTL_S)
+        return outcome == "cancelled"
 
     def forget(self) -> None:
         """Delete the stored result now rather than when it expires."""
-        self._async.forget()
+        self._client.call(self._async.forget)
 
 
 class Client:
@@ -147,13 +202,28 @@ class Client:
 
     `Client(redis_url=None)` uses the URL given, else $PIPEQ_REDIS_URL, else
     redis://127.0.0.1:6399/0 (where `pipeq up` starts its embedded Redis).
+    `broker_timeout_s`: a call that finds Redis unreachable tries again for this long,
+    then raises BrokerUnavailable. `no_worker_grace_s`: a deployment whose last worker
+    beat this recently still accepts jobs (they wait for its next worker).
     """
 
-    def __init__(self, redis_url: str | None = None) -> None:
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        broker_timeout_s: float = BROKER_TIMEOUT_S,
+        no_worker_grace_s: float = NO_WORKER_GRACE_S,
+    ) -> None:
         self.redis_url = _app.redis_url(redis_url)
+        self.broker_timeout_s = broker_timeout_s
         self.app = _app.make_app(self.redis_url)
-        self.redis = redis.Redis.from_url(self.redis_url)
-        self.registry = Registry(self.redis)
+        self.redis = redis.Redis.from_url(
+            self.redis_url,
+            socket_connect_timeout=_app.CONNECT_TIMEOUT_S,
+            socket_timeout=broker_timeout_s,
+        )
+        self.registry = Registry(self.redis, no_worker_grace_s=no_worker_grace_s)
+        self.ledger = Ledger(self.redis)
         self._lookups: dict[tuple[str, str | None], tuple[float, Announced]] = {}
         # a client never closed (`pipeline()` makes one) still exits at once without Redis
         weakref.finalize(self, drop_result_channels, self.app)
@@ -169,9 +239,31 @@ class Client:
         self.app.close()
         self.redis.close()
 
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)`, tried again while Redis is unreachable, for up to
+        `broker_timeout_s`; then BrokerUnavailable naming the URL (password masked)."""
+        deadline: float | None = None
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except _BROKER_ERRORS as e:
+                now = time.monotonic()
+                deadline = deadline or now + self.broker_timeout_s
+                if now >= deadline:
+                    raise BrokerUnavailable(
+                        f"Redis at {masked(self.redis_url)} did not answer for "
+                        f"{self.broker_timeout_s:g} s ({type(e).__name__}: {e})"
+                    ) from None
+                time.sleep(min(0.25, deadline - now))
+
     def deployments(self) -> dict[str, Announced]:
         """The deployments workers have announced on this Redis."""
-        return self.registry.deployments()
+        return self.call(self.registry.deployments)
+
+    def depth(self, deployment: str) -> Depth:
+        """The deployment's jobs accepted and not yet running, wherever they wait, the age
+        of the oldest (s), and the jobs running now."""
+        return self.call(self.ledger.depth, deployment)
 
     def resolve(self, deployment_or_task: str, model: str | None = None) -> Announced:
         """The deployment a request for this name (and model) goes to; checks it is live."""
@@ -179,48 +271,68 @@ class Client:
         hit = self._lookups.get(key)
         if hit and time.monotonic() - hit[0] < _LOOKUP_CACHE_S:
             return hit[1]
-        found = self.registry.resolve(deployment_or_task, model)
-        self.registry.require_live(found.name)
+        found = self.call(self.registry.resolve, deployment_or_task, model)
+        self.call(self.registry.require_live, found.name)
         self._lookups[key] = (time.monotonic(), found)
         return found
 
     def submit(
-        self, deployment_or_task: str, inputs: Any, *, model: str | None = None, **params: Any
+        self,
+        deployment_or_task: str,
+        inputs: Any,
+        *,
+        model: str | None = None,
+        expires: float | datetime.datetime | None = None,
+        **params: Any,
     ) -> Job:
-        """Validate and enqueue one request; returns at once with its Job."""
+        """Validate and enqueue one request; returns at once with its Job.
+
+        `expires`: seconds from now, or a datetime, by which the job must have started;
+        past it the job is dropped before any compute and ends with JobExpired.
+        Raises InvalidRequest, UnknownDeployment, NoLiveWorker, Overloaded (when
+        `max_queue_length` jobs of the deployment wait already), BrokerUnavailable.
+        """
         target = self.resolve(deployment_or_task, model)
         inputs, params = self.check(target, inputs, params)
-        limit = int(target.info.get("max_queue_length") or 0)
-        if limit and self.redis.llen(_app.queue_for(target.name)) >= limit:
-            raise Overloaded(
-                f"the queue holds {limit} jobs or more; retry later", deployment=target.name
-            )
-        return self._send(target, inputs, params)
+        return self._send(target, inputs, params, expires=_expires(expires))
 
     def _send(
-        self, target: Announced, inputs: Any, params: dict[str, Any], *, per_item: bool = False
+        self,
+        target: Announced,
+        inputs: Any,
+        params: dict[str, Any],
+        *,
+        per_item: bool = False,
+        expires: float | datetime.datetime | None = None,
     ) -> Job:
         job_id = str(uuid.uuid4())
         kwargs = {"inputs": inputs, "params": params}
         if per_item:
             kwargs["per_item"] = True
-        # sending subscribes to nothing (_app.Backend.on_task_call): the Job's handle reads
-        # the stored result first and subscribes only while it waits. With 512 jobs
-        # subscribed at once, Celery's result drainer fell behind (p95 of a 512-job burst:
-        # 57 s instead of 10 s).
-        self.app.send_task(
-            _app.RUN_TASK,
-            kwargs=kwargs,
-            queue=_app.queue_for(target.name),
-            task_id=job_id,
-            shadow=f"{_app.RUN_TASK}[{target.name}]",
-            # Flower's view of the arguments: Celery's pure-Python saferepr, and declaring
-            # the queue at every send (Redis needs none: the default exchange routes by
-            # queue name, and the worker declares its own), were a quarter of a send
-            argsrepr="()",
-            kwargsrepr=_short_repr(kwargs),
-            declare=[],
-        )
+        limit = _app.enqueue_limit.set(int(target.info.get("max_queue_length") or 0))
+        try:
+            # sending subscribes to nothing (_app.Backend.on_task_call): the Job's handle
+            # reads the stored result first and subscribes only while it waits. With 512
+            # jobs subscribed at once, Celery's result drainer fell behind (p95 of a
+            # 512-job burst: 57 s instead of 10 s).
+            self.call(
+                self.app.send_task,
+                _app.RUN_TASK,
+                kwargs=kwargs,
+                queue=_app.queue_for(target.name),
+                task_id=job_id,
+                shadow=f"{_app.RUN_TASK}[{target.name}]",
+                expires=expires,
+                # Flower's view of the arguments: Celery's pure-Python saferepr, and
+                # declaring the queue at every send (Redis needs none: the default exchange
+                # routes by queue name, and the worker declares its own), were a quarter
+                # of a send
+                argsrepr="()",
+                kwargsrepr=_short_repr(kwargs),
+                declare=[],
+            )
+        finally:
+            _app.enqueue_limit.reset(limit)
         return Job(self, job_id, target.name)
 
     def check(
@@ -228,13 +340,16 @@ class Client:
     ) -> tuple[Any, dict[str, Any]]:
         """Validate a request for a deployment; InvalidRequest names what is wrong."""
         params = self.check_params(target, params)
+        _about(target, _tasks.check_limits, target.task, target.info.get("limits"), inputs, params)
         items, many = _about(target, _tasks.items_of, target.task, inputs)
         for i, item in enumerate(items):
             self.check_item(target, item, f"inputs[{i}]" if many else "inputs")
         return (items if many else items[0]), params
 
     def check_params(self, target: Announced, params: dict[str, Any]) -> dict[str, Any]:
-        return _about(target, _tasks.validate_params, target.task, params)  # type: ignore[no-any-return]
+        params = _about(target, _tasks.validate_params, target.task, params)
+        _about(target, _tasks.check_param_limits, target.info.get("limits"), params)
+        return params  # type: ignore[no-any-return]
 
     def check_item(self, target: Announced, item: Any, where: str = "inputs") -> None:
         _about(target, _tasks.check_item, target.task, item, where)
@@ -256,48 +371,75 @@ class Client:
         timeout: float | None = None,
         progress: bool | None = None,
         return_exceptions: bool = False,
+        expires: float | datetime.datetime | None = None,
         **params: Any,
     ) -> list[Any]:
         """Run many inputs; results in input order, each what `pipe(item)` returns.
 
         Inputs travel `chunk_size` to a message (default: half the deployment's batch
-        size) and fail one by one: a bad item does not fail its neighbours. With
-        `return_exceptions`, failed items hold their error in the list; otherwise
-        ItemsFailed is raised once all are done, carrying every result and error. A
-        progress bar shows on a terminal for 64 inputs or more (`progress` forces it).
+        size; fewer when the deployment's `limits.request_bytes` asks) and fail one by
+        one: a bad item does not fail its neighbours. The deployment's `max_queue_length`
+        holds: when its queue is full, `map` waits for its own earliest message before
+        sending the next; items it cannot send because other producers fill the queue
+        fail with Overloaded. With `return_exceptions`, failed items hold their error in
+        the list; otherwise ItemsFailed is raised once all are done, carrying every result
+        and error. A progress bar shows on a terminal for 64 inputs or more.
         """
         items = list(inputs)
         target = self.resolve(deployment_or_task, model)
         params = self.check_params(target, params)
+        expires = _expires(expires)
         outcomes, todo = _tasks.sort_out(
             items, lambda item, where: self.check_item(target, item, where)
         )
         size = chunk_size or max(1, int(target.info.get("max_batch_size") or 16) // 2)
-        chunks = [todo[k : k + size] for k in range(0, len(todo), size)]
-        jobs = [
-            self._send(target, [items[i] for i in chunk], params, per_item=True) for chunk in chunks
-        ]
+        chunks = self._chunks(target, items, todo, outcomes, params, size)
         bar = tqdm(
             total=len(items),
             disable=(not progress) if progress is not None else (len(items) < 64 or None),
             desc=target.name,
             unit="item",
         )
+
+        def collect(chunk: list[int], job: Job) -> None:
+            try:
+                got = job.result(timeout=timeout)
+                for i, out in zip(chunk, got, strict=True):
+                    outcomes[i] = (
+                        out["result"]
+                        if "result" in out
+                        else from_wire(*out["error"], job_id=job.id, deployment=target.name)
+                    )
+            except PipeqError as e:  # the whole chunk failed (timeout, lost, ...)
+                for i in chunk:
+                    outcomes[i] = e
+            bar.update(len(chunk))
+
+        sent: deque[tuple[list[int], Job]] = deque()
         with bar:
-            bar.update(len(items) - len(todo))
-            for chunk, job in zip(chunks, jobs, strict=True):
-                try:
-                    got = job.result(timeout=timeout)
-                    for i, out in zip(chunk, got, strict=True):
-                        outcomes[i] = (
-                            out["result"]
-                            if "result" in out
-                            else from_wire(*out["error"], job_id=job.id, deployment=target.name)
+            bar.update(len(items) - sum(len(c) for c in chunks))
+            for chunk in chunks:
+                while True:
+                    try:
+                        job = self._send(
+                            target,
+                            [items[i] for i in chunk],
+                            params,
+                            per_item=True,
+                            expires=expires,
                         )
-                except PipeqError as e:  # the whole chunk failed (timeout, lost, ...)
-                    for i in chunk:
-                        outcomes[i] = e
-                bar.update(len(chunk))
+                    except Overloaded as e:
+                        if sent:  # the queue is full: wait for one of ours to finish
+                            collect(*sent.popleft())
+                            continue
+                        for i in chunk:  # full of other producers' jobs
+                            outcomes[i] = e
+                        bar.update(len(chunk))
+                        break
+                    sent.append((chunk, job))
+                    break
+            while sent:
+                collect(*sent.popleft())
         errors = {i: o for i, o in enumerate(outcomes) if isinstance(o, PipeqError)}
         if errors and not return_exceptions:
             first = next(iter(errors.values()))
@@ -307,6 +449,40 @@ class Client:
                 errors=errors,
             )
         return outcomes
+
+    def _chunks(
+        self,
+        target: Announced,
+        items: list[Any],
+        todo: list[int],
+        outcomes: list[Any],
+        params: dict[str, Any],
+        size: int,
+    ) -> list[list[int]]:
+        """Indices of `todo` in messages of `size` items at most, each within the
+        deployment's request_bytes; an item over it alone fails with InvalidRequest."""
+        limit = {**_tasks.DEFAULT_LIMITS, **(target.info.get("limits") or {})}["request_bytes"]
+        room = limit - _tasks.request_bytes([], params) - 16
+        chunks: list[list[int]] = []
+        current: list[int] = []
+        used = 0
+        for i in todo:
+            need = _tasks.request_bytes(items[i], {}) + 1
+            if need > room:
+                outcomes[i] = InvalidRequest(
+                    f"inputs[{i}] is {need} bytes of JSON; this deployment takes at most "
+                    f"{limit} a request (limits.request_bytes)",
+                    deployment=target.name,
+                )
+                continue
+            if current and (len(current) >= size or used + need > room):
+                chunks.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += need
+        if current:
+            chunks.append(current)
+        return chunks
 
     def job(self, job_id: str) -> Job:
         """A handle on a job submitted earlier (by any producer)."""

@@ -8,8 +8,15 @@ revision = "main"            # optional
 device = "cuda:0"            # "cpu", "cuda" or "cuda:N"; `pipeq worker --gpu N` overrides
 max_batch_size = 32          # optional, per-task default
 max_batch_wait_ms = 5        # optional
-job_timeout_s = 300          # optional
+job_timeout_s = 300          # optional; counted from the job's first forward pass
 max_queue_length = 10000     # optional; submit raises Overloaded past it (0 = no limit)
+
+[deployments.sentiment-analysis.limits]   # optional; each bounds what one request may ask
+request_bytes = 2000000      # the JSON of inputs and parameters (TEI's payload limit)
+items_per_job = 1024         # inputs in one job (Client.map sends many jobs)
+max_new_tokens = 1024        # also bounds max_length
+num_return_sequences = 16
+num_beams = 8
 ```
 """
 
@@ -18,14 +25,22 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from pipeq import _tasks
+from pipeq._tasks import DEFAULT_LIMITS
 from pipeq.errors import InvalidRequest, UnknownDeployment
 
-__all__ = ["DEFAULT_MODELS", "Deployment", "default_deployments", "load_deployments"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "DEFAULT_MODELS",
+    "Deployment",
+    "default_deployments",
+    "load_deployments",
+]
+
 
 #: The course's (Hugging Face course, chapter 1) default model for each task.
 DEFAULT_MODELS: dict[str, str] = {
@@ -55,8 +70,9 @@ class Deployment:
     device: str = "cpu"
     max_batch_size: int = 0  # 0: the task's default
     max_batch_wait_ms: float = -1.0  # negative: the task's default
-    job_timeout_s: float = 300.0
+    job_timeout_s: float = 300.0  # from the job's first forward pass
     max_queue_length: int = 0  # 0: no limit
+    limits: Mapping[str, int] = field(default_factory=dict)  # over DEFAULT_LIMITS
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -74,13 +90,27 @@ class Deployment:
             object.__setattr__(self, "max_batch_wait_ms", _tasks.spec(self.task).max_batch_wait_ms)
         if self.job_timeout_s <= 0:
             raise InvalidRequest(f"deployment {self.name!r}: job_timeout_s must be positive")
+        unknown = set(self.limits) - set(DEFAULT_LIMITS)
+        if unknown:
+            raise InvalidRequest(
+                f"deployment {self.name!r}: unknown limits {sorted(unknown)}; "
+                f"known: {sorted(DEFAULT_LIMITS)}"
+            )
+        for key, value in self.limits.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidRequest(
+                    f"deployment {self.name!r}: limits.{key} must be a positive integer"
+                )
+        object.__setattr__(self, "limits", {**DEFAULT_LIMITS, **self.limits})
 
     @property
     def canonical_task(self) -> str:
         return _tasks.canonical_task(self.task)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["limits"] = dict(self.limits)
+        return out
 
     @classmethod
     def from_dict(cls, name: str, raw: Mapping[str, Any]) -> Deployment:

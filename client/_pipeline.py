@@ -21,11 +21,13 @@ class RemotePipeline:
         client: Client,
         timeout: float | None,
         defaults: dict[str, Any],
+        expires: Any = None,
     ) -> None:
         self.task = task
         self.model = model
         self.client = client
         self.timeout = timeout
+        self.expires = expires
         self.deployment = client.resolve(task, model)
         _tasks.validate_params(
             self.deployment.task, defaults, complete=False
@@ -35,14 +37,18 @@ class RemotePipeline:
     def __repr__(self) -> str:
         return f"<RemotePipeline {self.task} -> deployment {self.deployment.name}>"
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, expires: Any = None, **kwargs: Any) -> Any:
+        """`expires` (seconds from now, or a datetime): jobs not started by then end with
+        JobExpired; default the pipeline's own."""
         inputs, params = self._split_call(args, {**self.defaults, **kwargs})
         name = self.deployment.name
+        expires = self.expires if expires is None else expires
         items, many = _tasks.items_of(self.deployment.task, inputs)
         if not many:
-            return self.client.submit(name, inputs, **params).result(timeout=self.timeout)
+            job = self.client.submit(name, inputs, expires=expires, **params)
+            return job.result(timeout=self.timeout)
         # a list: items spread over messages and workers, then put back in transformers' shape
-        results = self.client.map(name, items, timeout=self.timeout, **params)
+        results = self.client.map(name, items, timeout=self.timeout, expires=expires, **params)
         return _tasks.combine(
             self.deployment.task, self.client.check_params(self.deployment, params), results
         )
@@ -81,13 +87,15 @@ def pipeline(
     redis_url: str | None = None,
     client: Client | None = None,
     timeout: float | None = None,
+    expires: Any = None,
     **params: Any,
 ) -> RemotePipeline:
     """A callable like `transformers.pipeline(task, model, **params)`, served by workers.
 
     The deployment is found by task (and model, matched by hub id or its last part)
-    among those workers announced; `timeout` bounds each call's wait for its result.
+    among those workers announced; `timeout` bounds each call's wait for its result;
+    `expires` (seconds, or a datetime) drops a call's jobs not started by then (JobExpired).
     Other keyword arguments are defaults for every call, as in transformers
     (`pipeline("ner", grouped_entities=True)`).
     """
-    return RemotePipeline(task, model, client or Client(redis_url), timeout, params)
+    return RemotePipeline(task, model, client or Client(redis_url), timeout, params, expires)

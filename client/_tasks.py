@@ -9,6 +9,8 @@ shape `transformers.pipeline` returns for a list.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,12 +19,17 @@ from typing import Any
 from pipeq.errors import InvalidRequest, UnknownDeployment
 
 __all__ = [
+    "DEFAULT_LIMITS",
+    "MAX_NESTING",
     "TaskSpec",
     "canonical_task",
     "check_item",
+    "check_limits",
+    "check_param_limits",
     "combine",
     "is_task",
     "items_of",
+    "request_bytes",
     "sort_out",
     "spec",
     "split_items",
@@ -46,10 +53,15 @@ def _int(lo: int = 1, *, none_ok: bool = False) -> Check:
     return check
 
 
-def _number(lo: float = 0.0) -> Check:
+def _number(lo: float = 0.0, hi: float | None = None, *, above: bool = False) -> Check:
+    """A finite number from `lo` (excluded when `above`) up to `hi`."""
+    what = f"a finite number {'>' if above else '>='} {lo}" + (f" and <= {hi}" if hi else "")
+
     def check(name: str, v: Any) -> None:
-        if isinstance(v, bool) or not isinstance(v, int | float) or v < lo:
-            _fail(name, f"a number >= {lo}", v)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            _fail(name, what, v)
+        if v < lo or (above and v == lo) or (hi is not None and v > hi):
+            _fail(name, what, v)
 
     return check
 
@@ -100,9 +112,9 @@ GENERATE: dict[str, Check] = {
     "do_sample": _bool,
     "temperature": _number(0.0),
     "top_k": _int(0),
-    "top_p": _number(0.0),
-    "typical_p": _number(0.0),
-    "repetition_penalty": _number(0.0),
+    "top_p": _number(0.0, 1.0),
+    "typical_p": _number(0.0, 1.0),
+    "repetition_penalty": _number(0.0, above=True),
     "no_repeat_ngram_size": _int(0),
     "num_beams": _int(1),
     "early_stopping": _bool,
@@ -370,6 +382,81 @@ def validate_params(
     if isinstance(lo, int) and isinstance(hi, int) and hi < lo:
         raise InvalidRequest(f"max_length ({hi}) is below min_length ({lo})")
     return out
+
+
+#: What one request may ask of a worker, unless its deployment says otherwise. TGI and TEI
+#: bound requests the same way (TEI's payload limit is 2 MB): one 10 MB input took a
+#: distilbert-base-size worker from 0.7 GB to 7.9 GB of memory, never given back.
+DEFAULT_LIMITS: dict[str, int] = {
+    "request_bytes": 2_000_000,
+    "items_per_job": 1024,
+    "max_new_tokens": 1024,
+    "num_return_sequences": 16,
+    "num_beams": 8,
+}
+#: lists and mappings nested deeper than this are refused (JSON encoders recurse)
+MAX_NESTING = 32
+_LIMITED_PARAMS = {
+    "max_new_tokens": "max_new_tokens",
+    "max_length": "max_new_tokens",
+    "num_return_sequences": "num_return_sequences",
+    "num_beams": "num_beams",
+}
+
+
+def _nesting_exceeds(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list | tuple) else ()
+        if children and depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children)
+    return False
+
+
+def request_bytes(inputs: Any, params: Mapping[str, Any]) -> int:
+    """The size of a request's inputs and parameters as UTF-8 JSON."""
+    try:
+        text = json.dumps({"inputs": inputs, "params": params}, ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidRequest(f"the request is not JSON-serialisable: {e}") from None
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_limits(
+    task: str, limits: Mapping[str, int] | None, inputs: Any, params: Mapping[str, Any]
+) -> None:
+    """InvalidRequest for a request past its deployment's `limits` (DEFAULT_LIMITS for
+    those it does not set), or nested more than MAX_NESTING deep."""
+    lim = {**DEFAULT_LIMITS, **(limits or {})}
+    if _nesting_exceeds({"inputs": inputs, "params": dict(params)}, MAX_NESTING):
+        raise InvalidRequest(f"the request nests lists or mappings more than {MAX_NESTING} deep")
+    size = request_bytes(inputs, params)
+    if size > lim["request_bytes"]:
+        raise InvalidRequest(
+            f"the request is {size} bytes of JSON; this deployment takes at most "
+            f"{lim['request_bytes']} (limits.request_bytes)"
+        )
+    items, many = items_of(task, inputs)
+    if many and len(items) > lim["items_per_job"]:
+        raise InvalidRequest(
+            f"{len(items)} inputs in one job; this deployment takes at most "
+            f"{lim['items_per_job']} (limits.items_per_job): Client.map sends many jobs"
+        )
+    check_param_limits(lim, params)
+
+
+def check_param_limits(limits: Mapping[str, int] | None, params: Mapping[str, Any]) -> None:
+    """InvalidRequest for a generation parameter past its deployment's limit."""
+    lim = {**DEFAULT_LIMITS, **(limits or {})}
+    for name, limit_name in _LIMITED_PARAMS.items():
+        value = params.get(name)
+        if isinstance(value, int) and value > lim[limit_name]:
+            raise InvalidRequest(
+                f"{name}={value} is over this deployment's limit of {lim[limit_name]} "
+                f"(limits.{limit_name})"
+            )
 
 
 def combine(task: str, params: Mapping[str, Any], results: list[Any]) -> Any:

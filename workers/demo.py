@@ -72,7 +72,10 @@ def write_config(deployments: dict[str, Deployment], path: Path) -> Path:
     for name, d in deployments.items():
         lines.append(f"[deployments.{name}]")
         for key, value in d.to_dict().items():
-            if key != "name" and value is not None:
+            if isinstance(value, dict):  # a TOML inline table
+                pairs = ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
+                lines.append(f"{key} = {{ {pairs} }}")
+            elif key != "name" and value is not None:
                 lines.append(f"{key} = {json.dumps(value)}")
         lines.append("")
     path.write_text("\n".join(lines))
