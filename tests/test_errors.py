@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from pipeq import (
     pipeline,
 )
 from pipeq._app import RESULT_TTL_S
+from pipeq._registry import NO_WORKER_GRACE_S
 from pipeq._stack import Stack, start_redis, stop_process
 
 from .conftest import free_port, paused, send_raw
@@ -72,12 +74,20 @@ def test_unknown_task_or_deployment_is_a_typed_error(client: Client) -> None:
         pipeline("text-generation", model="gpt-5", client=client)
 
 
-def test_a_deployment_with_no_live_worker_is_refused_at_submit(client: Client) -> None:
+def test_a_deployment_whose_workers_are_gone_for_good_is_refused_at_submit(
+    client: Client,
+) -> None:
+    """Jobs wait for a deployment whose worker beat within `no_worker_grace_s` (it is
+    restarting); past that, the deployment has gone and submit says so."""
     info = {"name": "ghost", "task": "text-classification", "model": "nowhere"}
-    client.registry.announce("ghost", info, "gone@host")
-    client.registry.withdraw("ghost", "gone@host")
-    with pytest.raises(NoLiveWorker, match="pipeq worker ghost"):
-        client.submit("ghost", "hello")
+    client.redis.hset("pipeq:deployments", "ghost", json.dumps(info))
+    (now, _) = client.redis.time()
+    client.redis.zadd("pipeq:workers:ghost", {"gone@host": now - 30})
+    job = client.submit("ghost", "hello")  # its worker beat 30 s ago: restarting, maybe
+    assert job.status() is JobState.QUEUED
+    client.redis.zadd("pipeq:workers:ghost", {"gone@host": now - NO_WORKER_GRACE_S - 1})
+    with Client(client.redis_url) as fresh, pytest.raises(NoLiveWorker, match="pipeq worker ghost"):
+        fresh.submit("ghost", "hello")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,41 @@
+"""Faults injected into real worker processes by the fault tests, never by pipeq itself.
+
+Python imports `sitecustomize` at start-up from sys.path; the fault tests put this
+folder on PYTHONPATH of the workers they start, with PIPEQ_FAULTS set. A forward pass
+over an input containing:
+
+    pipeq-fault:kill        SIGKILLs the worker (a job that kills its worker every time)
+    pipeq-fault:sleep=<s>   sleeps that long first (a long job)
+
+and every forward pass sleeps $PIPEQ_FAULTS_FORWARD_S first (a slow model). With
+$PIPEQ_FAULTS_LOG, each forward appends one line per input: "<pid>\t<input>".
+"""
+
+import os
+
+if os.environ.get("PIPEQ_FAULTS"):
+    import re
+    import signal
+    import time
+
+    from pipeq.worker import handlers
+
+    _run = handlers.Handler._run
+    _SLEEP = re.compile(r"pipeq-fault:sleep=([0-9.]+)")
+
+    def _faulty_run(self, items, params):  # type: ignore[no-untyped-def]
+        texts = [str(i) for i in items]
+        log = os.environ.get("PIPEQ_FAULTS_LOG")
+        if log:
+            with open(log, "a") as f:
+                f.writelines(f"{os.getpid()}\t{t}\n" for t in texts)
+        if any("pipeq-fault:kill" in t for t in texts):
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(float(os.environ.get("PIPEQ_FAULTS_FORWARD_S") or 0))
+        for t in texts:
+            found = _SLEEP.search(t)
+            if found:
+                time.sleep(float(found.group(1)))
+        return _run(self, items, params)
+
+    handlers.Handler._run = _faulty_run
