@@ -169,8 +169,11 @@ def make_app(url: str | None = None, **overrides: Any) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=CONNECT_TIMEOUT_S,
         broker_transport_options={"socket_connect_timeout": CONNECT_TIMEOUT_S},
-        result_backend_transport_options={"socket_connect_timeout": CONNECT_TIMEOUT_S},
         redis_socket_connect_timeout=CONNECT_TIMEOUT_S,
+        # Celery retries a lost result connection 20 times a second apart, then raises a
+        # bare RuntimeError; pipeq's callers retry for their own bounded time instead
+        # (Client.call for producers; for workers, result_backend_always_retry)
+        result_backend_transport_options={"retry_policy": {"max_retries": 0}},
         # a send retried across a lost connection stays within a producer's broker_timeout_s
         task_publish_retry_policy={
             "max_retries": 3,

@@ -246,7 +246,10 @@ class Client:
         while True:
             try:
                 return fn(*args, **kwargs)
-            except _BROKER_ERRORS as e:
+            except (*_BROKER_ERRORS, RuntimeError) as e:
+                # Celery's result consumer wraps a lost connection in a RuntimeError
+                if isinstance(e, RuntimeError) and not isinstance(e.__cause__, _BROKER_ERRORS):
+                    raise
                 now = time.monotonic()
                 deadline = deadline or now + self.broker_timeout_s
                 if now >= deadline:
@@ -379,11 +382,12 @@ class Client:
         Inputs travel `chunk_size` to a message (default: half the deployment's batch
         size; fewer when the deployment's `limits.request_bytes` asks) and fail one by
         one: a bad item does not fail its neighbours. The deployment's `max_queue_length`
-        holds: when its queue is full, `map` waits for its own earliest message before
-        sending the next; items it cannot send because other producers fill the queue
-        fail with Overloaded. With `return_exceptions`, failed items hold their error in
-        the list; otherwise ItemsFailed is raised once all are done, carrying every result
-        and error. A progress bar shows on a terminal for 64 inputs or more.
+        holds: when its queue is full, `map` waits for its own earliest message to
+        finish, or for room (at most `timeout`; past it the items not sent fail with
+        Overloaded), before sending the next. With `return_exceptions`, failed items hold
+        their error in the list; otherwise ItemsFailed is raised once all are done,
+        carrying every result and error. A progress bar shows on a terminal for 64 inputs
+        or more.
         """
         items = list(inputs)
         target = self.resolve(deployment_or_task, model)
@@ -416,9 +420,11 @@ class Client:
             bar.update(len(chunk))
 
         sent: deque[tuple[list[int], Job]] = deque()
+        give_up = None if timeout is None else time.monotonic() + timeout
         with bar:
             bar.update(len(items) - sum(len(c) for c in chunks))
             for chunk in chunks:
+                pause = 0.01
                 while True:
                     try:
                         job = self._send(
@@ -432,7 +438,11 @@ class Client:
                         if sent:  # the queue is full: wait for one of ours to finish
                             collect(*sent.popleft())
                             continue
-                        for i in chunk:  # full of other producers' jobs
+                        if give_up is None or time.monotonic() < give_up:
+                            time.sleep(pause)  # full of other producers' jobs: wait for room
+                            pause = min(0.5, pause * 2)
+                            continue
+                        for i in chunk:
                             outcomes[i] = e
                         bar.update(len(chunk))
                         break

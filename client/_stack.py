@@ -68,8 +68,11 @@ def free_port_from(start: int) -> int:
     return port
 
 
-def start_redis(port: int, workdir: Path, *, appendonly: bool = False) -> subprocess.Popen[bytes]:
-    """Start redis-server on 127.0.0.1:port and wait until it answers."""
+def start_redis(
+    port: int, workdir: Path, *, appendonly: bool = False, extra: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """Start redis-server on 127.0.0.1:port and wait until it answers; `extra` are more
+    server options (`("--appendfsync", "always")`)."""
     proc = subprocess.Popen(
         [
             find_redis_server(),
@@ -87,6 +90,7 @@ def start_redis(port: int, workdir: Path, *, appendonly: bool = False) -> subpro
             "noeviction",
             "--logfile",
             str(workdir / "redis.log"),
+            *extra,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,

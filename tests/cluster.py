@@ -46,11 +46,13 @@ class Cluster:
         deployments: dict[str, Deployment],
         *,
         appendonly: bool = False,
+        redis_args: tuple[str, ...] = (),
         worker_env: dict[str, str] | None = None,
     ) -> None:
         self.tmp = tmp
         self.deployments = deployments
         self.appendonly = appendonly
+        self.redis_args = redis_args
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.config = write_config(deployments, tmp / "cluster.toml")
@@ -65,11 +67,14 @@ class Cluster:
 
     # -- redis -------------------------------------------------------------------------
     def start_redis(self) -> None:
-        self.redis_proc = start_redis(self.port, self.tmp, appendonly=self.appendonly)
+        self.redis_proc = start_redis(
+            self.port, self.tmp, appendonly=self.appendonly, extra=self.redis_args
+        )
 
-    def kill_redis(self) -> None:
+    def kill_redis(self, sig: int = signal.SIGKILL) -> None:
+        """SIGKILL (a crash) or SIGTERM (a clean shutdown: the AOF is flushed)."""
         assert self.redis_proc is not None
-        self.redis_proc.kill()
+        self.redis_proc.send_signal(sig)
         self.redis_proc.wait()
 
     def redis(self) -> redis.Redis:

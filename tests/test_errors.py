@@ -258,3 +258,78 @@ threading.Thread(target=jobs.clear).start()  # handles dropped in another thread
     assert child.returncode == 0, stderr
     assert time.monotonic() - started < 5, stderr
     assert "reconnect" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "inputs", "params", "names"),
+    [
+        ("sentiment-analysis", "x" * 10_000_000, {}, "request_bytes"),
+        ("sentiment-analysis", ["a"] * 1025, {}, "items_per_job"),
+        ("text-generation", "Hi", {"max_new_tokens": 10**9}, "limits.max_new_tokens"),
+        ("text-generation", "Hi", {"max_length": 5000}, "limits.max_new_tokens"),
+        ("text-generation", "Hi", {"num_return_sequences": 20000}, "num_return_sequences"),
+        ("text-generation", "Hi", {"num_beams": 64}, "num_beams"),
+        ("text-generation", "Hi", {"temperature": float("inf")}, "temperature"),
+        ("text-generation", "Hi", {"temperature": float("nan")}, "temperature"),
+        ("text-generation", "Hi", {"top_p": 5}, "top_p"),
+        ("text-generation", "Hi", {"repetition_penalty": 0}, "repetition_penalty"),
+        ("feature-extraction", "Hi", {"tokenize_kwargs": {"a": [[[[[[[[]]]]]]]] * 1}}, None),
+    ],
+)
+def test_requests_past_a_deployments_limits_are_refused_at_submit(
+    client: Client, target: str, inputs: Any, params: dict[str, Any], names: str | None
+) -> None:
+    """TGI and TEI bound requests the same way: one 10 MB input took a distilbert-base
+    worker from 0.7 GB to 7.9 GB of memory; `max_new_tokens=10**9` held a generator."""
+    if names is None:  # nested 8 deep: fine; the nesting test below goes past the bound
+        client.submit(target, inputs, **params).result(timeout=30)
+        return
+    with pytest.raises(InvalidRequest, match=names):
+        client.submit(target, inputs, **params)
+
+
+def test_a_request_nested_past_the_bound_is_refused_without_recursing(client: Client) -> None:
+    deep: Any = "x"
+    for _ in range(10_000):
+        deep = [deep]
+    with pytest.raises(InvalidRequest, match="nests"):
+        client.submit("sentiment-analysis", deep)
+    with pytest.raises(InvalidRequest, match="nests"):
+        client.submit("feature-extraction", "Hi", tokenize_kwargs={"x": deep})
+
+
+def test_a_worker_checks_the_limits_again_for_a_producer_that_skipped_them(
+    client: Client,
+) -> None:
+    job = send_raw(client, "text-generation", inputs="Hi", params={"max_new_tokens": 100_000})
+    with pytest.raises(InvalidRequest, match=r"limits\.max_new_tokens"):
+        job.result(timeout=30)
+
+
+def test_a_worker_that_cannot_reach_redis_exits_non_zero_saying_why(
+    deployments: dict[str, Any], tmp_path: Path
+) -> None:
+    from pipeq.worker.demo import write_config
+
+    config = write_config(
+        {"sentiment-analysis": deployments["sentiment-analysis"]}, tmp_path / "c.toml"
+    )
+    port = free_port()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeq",
+            "worker",
+            "sentiment-analysis",
+            "--config",
+            str(config),
+            "--redis-url",
+            f"redis://:hunter2@127.0.0.1:{port}/0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "Redis at redis://:***@" in proc.stderr and "hunter2" not in proc.stderr

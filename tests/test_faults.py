@@ -8,6 +8,8 @@ test prints what it measured (recovery time, attempts, runs) for the record.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pipeq import Client, JobLost
+from pipeq import Client, JobLost, JobState, Overloaded
 from pipeq._config import Deployment
 from pipeq._ledger import inflight_key
 
@@ -205,3 +207,298 @@ def test_a_job_longer_than_the_liveness_window_runs_once_with_two_workers(
     runs = [pid for pid, text in cluster.forwards() if "sleep=8" in text]
     print(f"\nan 8 s job with dead_after_s=2.5 and two workers ran {len(runs)} time(s)")
     assert len(runs) == 1
+
+
+def test_sigterm_hands_unstarted_jobs_back_at_once_and_submits_wait_for_the_next_worker(
+    cluster_of: Any, sentiment: Deployment
+) -> None:
+    """A deploy: SIGTERM, SIGKILL 10 s later (docker's grace), a replacement. The jobs
+    the worker held and had not started are back in the queue at once; the batch it was
+    running finishes; nothing waits for a dead worker's jobs to be reclaimed; submits in
+    the gap are accepted and wait for the replacement."""
+    cluster = cluster_of([sentiment], worker_env={"PIPEQ_FAULTS_FORWARD_S": "2.0"})
+    with cluster.client() as client:
+        worker = cluster.start_worker("sentiment")
+        hostname = cluster.hostname(worker, "sentiment")
+        jobs = [client.submit("sentiment", t) for t in texts(40, "deploy ")]
+        wait_until(lambda: cluster.inflight(hostname) == 16, 60, "the worker holds 16 jobs")
+        time.sleep(0.5)  # its first batch of 8 is in the forward pass (2 s)
+        queued = client.redis.llen("pipeq.sentiment")
+        worker.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        wait_until(  # what remains in its hands is the batch it runs
+            lambda: cluster.inflight(hostname) <= 8, 5, "unstarted jobs handed back"
+        )
+        handed_back_s = time.monotonic() - stopped_at
+        during_gap = [client.submit("sentiment", t) for t in texts(5, "gap ")]
+        try:
+            worker.wait(timeout=10)
+        except Exception:
+            cluster.kill(worker)
+        exited = worker.returncode
+        assert cluster.inflight(hostname) == 0, "a stopped worker leaves nothing to reclaim"
+        started = sum(pid == worker.pid for pid, _ in cluster.forwards())
+        handed_back = client.redis.llen("pipeq.sentiment") - queued - len(during_gap)
+        assert handed_back == 16 - started  # every job it held: run, or handed back
+        cluster.start_worker("sentiment")
+        results = [j.result(timeout=120) for j in jobs + during_gap]
+    assert len(results) == 45
+    print(
+        f"\n{handed_back} unstarted jobs back in the queue {handed_back_s:.2f} s after "
+        f"SIGTERM; the {started} started finished; exit {exited}"
+    )
+    assert exited == 0
+
+
+def test_a_job_delivered_again_after_it_succeeded_is_dropped_before_compute(
+    client: Client,
+) -> None:
+    """Its stored result never shows another state: no STARTED, no second result."""
+    job = client.submit("sentiment-analysis", "delivered twice")
+    first = job.result(timeout=30)
+    key = client.app.backend.get_key_for_task(job.id)
+    channel = client.redis.pubsub()
+    channel.subscribe(key)
+    assert channel.get_message(timeout=1)["type"] == "subscribe"
+    from pipeq._app import RUN_TASK, queue_for
+
+    client.app.send_task(  # the same job id again, as a redelivery would bring it
+        RUN_TASK,
+        kwargs={"inputs": "delivered twice", "params": {}},
+        queue=queue_for("sentiment-analysis"),
+        task_id=job.id,
+    )
+    after = client.submit("sentiment-analysis", "behind it")  # FIFO: taken after it
+    after.result(timeout=30)
+    time.sleep(0.5)
+    published = []
+    while (message := channel.get_message(timeout=0.2)) is not None:
+        published.append(message)
+    channel.close()
+    assert published == [], f"the finished job's record changed: {published}"
+    assert job.status() is JobState.SUCCEEDED
+    assert job.result(timeout=1) == first
+
+
+def test_a_second_worker_takes_its_share_of_a_backlog_at_once(
+    cluster_of: Any, sentiment: Deployment
+) -> None:
+    """400 jobs of a slow model (8 per 0.5 s) wait for one worker; a second one started
+    3 s later runs at least a third of what remained when it came up: the first holds
+    only two batches, the rest stay in Redis."""
+    cluster = cluster_of([sentiment], worker_env={"PIPEQ_FAULTS_FORWARD_S": "0.5"})
+    with cluster.client() as client:
+        first = cluster.start_worker("sentiment")
+        cluster.hostname(first, "sentiment")
+        jobs = [client.submit("sentiment", t) for t in texts(400, "backlog ")]
+        time.sleep(3)
+        second = cluster.start_worker("sentiment")
+        cluster.hostname(second, "sentiment")
+        remaining = sum(not j.status().done for j in jobs)
+        for j in jobs:
+            j.result(timeout=120)
+    runs = Counter(pid for pid, _ in cluster.forwards())
+    share = runs[second.pid] / remaining
+    print(f"\nsecond worker ran {runs[second.pid]} of the {remaining} jobs left ({share:.0%})")
+    assert share >= 1 / 3
+
+
+def test_max_queue_length_bounds_the_depth_exactly_and_refuses_the_excess_at_once(
+    cluster_of: Any, sentiment: Deployment
+) -> None:
+    capped = renamed(sentiment, "capped", max_queue_length=5, max_batch_size=2)
+    cluster = cluster_of([capped], worker_env={"PIPEQ_FAULTS_FORWARD_S": "0.3"})
+    with cluster.client() as client:
+        cluster.hostname(cluster.start_worker("capped"), "capped")
+        depths: list[int] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            with cluster.client() as watcher:
+                while not stop.is_set():
+                    depths.append(watcher.depth("capped").waiting)
+
+        accepted, refused = [], []
+
+        def burst(tag: str) -> None:
+            for t in texts(25, tag):
+                try:
+                    accepted.append((t, client.submit("capped", t)))
+                except Overloaded:
+                    refused.append(t)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        threads = [threading.Thread(target=burst, args=(f"b{k} ",)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        mapped = client.map("capped", texts(30, "mapped "), chunk_size=1)
+        stop.set()
+        watcher.join()
+        results = [(t, j.result(timeout=60)) for t, j in accepted]
+    print(
+        f"\ncap 5: {len(accepted)} accepted, {len(refused)} refused at once; "
+        f"highest depth seen {max(depths)} over {len(depths)} samples; map of 30 all done"
+    )
+    assert max(depths) <= 5
+    assert refused and len(accepted) + len(refused) == 100
+    for text, got in results:
+        assert_close(got, expected(capped.model, text), tol=1e-5)
+    for text, got in zip(texts(30, "mapped "), mapped, strict=True):
+        assert_close(got, expected(capped.model, text), tol=1e-5)
+
+
+def test_a_kill_and_restart_soak_answers_every_job(cluster_of: Any, sentiment: Deployment) -> None:
+    """Two workers; twelve times, one of them is SIGKILLed and restarted, while 2,000
+    jobs go through. Every job succeeds with its correct result."""
+    cluster = cluster_of([sentiment], worker_env={**QUICK, "PIPEQ_FAULTS_FORWARD_S": "0.05"})
+    inputs = texts(2000, "soak ")
+    with cluster.client() as client:
+        workers = [cluster.start_worker("sentiment") for _ in range(2)]
+        for w in workers:
+            cluster.hostname(w, "sentiment")
+        jobs = [client.submit("sentiment", t) for t in inputs]
+        for cycle in range(12):
+            time.sleep(1.5)
+            victim = workers[cycle % 2]
+            cluster.kill(victim)
+            workers[cycle % 2] = cluster.start_worker("sentiment")
+        outcomes = []
+        for j in jobs:
+            try:
+                outcomes.append(j.result(timeout=180))
+            except JobLost as e:
+                outcomes.append(e)
+    lost = [o for o in outcomes if isinstance(o, Exception)]
+    done_during = Counter(text for _, text in cluster.forwards())
+    print(
+        f"\nsoak: 12 kills, {len(inputs)} jobs, {len(lost)} JobLost, "
+        f"{sum(n > 1 for n in done_during.values())} jobs ran more than once"
+    )
+    assert not lost
+    for text, got in zip(inputs, outcomes, strict=True):
+        assert_close(got, expected(sentiment.model, text), tol=1e-5)
+
+
+def test_redis_killed_and_restarted_mid_burst_answers_every_accepted_job(
+    cluster_of: Any, sentiment: Deployment
+) -> None:
+    """Redis with AOF and appendfsync always, SIGKILLed while workers hold jobs and
+    others wait, restarted 3 s later: every accepted job is answered, correctly."""
+    cluster = cluster_of(
+        [sentiment],
+        appendonly=True,
+        redis_args=("--appendfsync", "always"),
+        worker_env={"PIPEQ_FAULTS_FORWARD_S": "0.2"},
+    )
+    inputs = texts(120, "aof ")
+    with cluster.client() as client:
+        hostname = cluster.hostname(cluster.start_worker("sentiment"), "sentiment")
+        jobs = [client.submit("sentiment", t) for t in inputs]
+        wait_until(lambda: cluster.inflight(hostname) == 16, 30, "the worker holds jobs")
+        cluster.kill_redis()
+        time.sleep(3)
+        cluster.start_redis()
+        results = [j.result(timeout=120) for j in jobs]
+    for text, got in zip(inputs, results, strict=True):
+        assert_close(got, expected(sentiment.model, text), tol=1e-5)
+
+
+def test_after_redis_lost_its_data_a_pipeline_works_again_within_a_heartbeat(
+    cluster_of: Any, sentiment: Deployment
+) -> None:
+    """No persistence: Redis comes back empty. Workers announce their deployments again
+    with their next heartbeat (2 s), and the consumer reconnects."""
+    from pipeq import UnknownDeployment, pipeline
+
+    cluster = cluster_of([sentiment])
+    cluster.hostname(cluster.start_worker("sentiment"), "sentiment")
+    with cluster.client() as client:
+        assert pipeline("sentiment-analysis", client=client)("before")[0]["label"]
+    cluster.kill_redis()
+    cluster.start_redis()
+    restarted = time.monotonic()
+
+    def works() -> bool:
+        with cluster.client() as client:
+            try:
+                return bool(pipeline("sentiment-analysis", client=client)("after")[0]["label"])
+            except UnknownDeployment:
+                return False
+
+    wait_until(works, 30, "a pipeline call succeeds")
+    took = time.monotonic() - restarted
+    print(f"\nRedis restarted empty: pipeline() works again {took:.1f} s later")
+    assert took <= 2 * 2.0 + 1.0  # the next heartbeat, give or take one
+
+
+def test_with_redis_down_every_call_raises_broker_unavailable_in_bounded_time(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    from pipeq import BrokerUnavailable, pipeline
+    from pipeq._stack import start_redis, stop_process
+
+    from .conftest import free_port
+
+    port = free_port()
+    stop_process(start_redis(port, tmp_path))  # a port where Redis was, and is no more
+    url = f"redis://:s3cret@127.0.0.1:{port}/0"
+    timings = {}
+    with Client(url) as client:  # default broker_timeout_s: 10 s
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable) as info:
+            client.submit("sentiment-analysis", "hello")
+        timings["submit"] = time.monotonic() - started
+    message = str(info.value)
+    assert f"redis://:***@127.0.0.1:{port}/0" in message and "s3cret" not in message
+    with Client(url, broker_timeout_s=2) as client:
+        for name, call in (
+            ("pipeline", lambda: pipeline("sentiment-analysis", client=client)),
+            ("status", lambda: client.job("x").status()),
+            ("result", lambda: client.job("x").result(timeout=30)),
+            ("cancel", lambda: client.job("x").cancel()),
+            ("map", lambda: client.map("sentiment-analysis", ["a", "b"])),
+            ("depth", lambda: client.depth("sentiment-analysis")),
+        ):
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailable):
+                call()
+            timings[name] = time.monotonic() - started
+    started = time.monotonic()
+    cli = subprocess.run(
+        [sys.executable, "-m", "pipeq", "run", "sentiment-analysis", "hi", "--redis-url", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    timings["cli"] = time.monotonic() - started
+    print(
+        "\nRedis down, seconds to BrokerUnavailable:", {k: round(v, 1) for k, v in timings.items()}
+    )
+    assert cli.returncode == 2
+    assert cli.stderr.count("\n") == 1 and "BrokerUnavailable" in cli.stderr
+    assert "s3cret" not in cli.stderr + cli.stdout
+    assert timings["submit"] <= 10 + 3 and timings["cli"] <= 10 + 8  # + interpreter start
+    assert all(timings[k] <= 2 + 3 for k in timings if k not in ("submit", "cli"))
+
+
+def test_a_redis_restart_of_five_seconds_fails_none_of_the_jobs_a_worker_holds(
+    cluster_of: Any, sentiment: Deployment
+) -> None:
+    cluster = cluster_of([sentiment], appendonly=True, worker_env={"PIPEQ_FAULTS_FORWARD_S": "0.5"})
+    inputs = texts(60, "blip ")
+    with cluster.client() as client:
+        hostname = cluster.hostname(cluster.start_worker("sentiment"), "sentiment")
+        jobs = [client.submit("sentiment", t) for t in inputs]
+        wait_until(lambda: cluster.inflight(hostname) == 16, 30, "the worker holds 16 jobs")
+        cluster.kill_redis(signal.SIGTERM)
+        time.sleep(5)
+        cluster.start_redis()
+        results = [j.result(timeout=120) for j in jobs]
+    for text, got in zip(inputs, results, strict=True):
+        assert_close(got, expected(sentiment.model, text), tol=1e-5)

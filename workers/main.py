@@ -22,6 +22,7 @@ from celery import signals
 from celery.worker.consumer import Consumer as CeleryConsumer
 
 from pipeq import _app
+from pipeq._client import masked
 from pipeq._config import Deployment
 from pipeq._ledger import inflight_key, queue_for
 from pipeq._registry import Registry
@@ -108,6 +109,8 @@ def _max_message_bytes(deployment: Deployment) -> int:
     return 3 * int(deployment.limits["request_bytes"]) + 65536
 
 
+#: a heartbeat's Redis call that takes longer than this fails (and is tried again)
+HEARTBEAT_IO_S = 5.0
 #: a worker holds this many batches' worth of jobs: the one running and the next, ready to
 #: go; the rest stay in Redis, for any worker of the deployment (docs/batching.md)
 HELD_BATCHES = 2
@@ -142,7 +145,12 @@ def run_worker(
     # default 5 ms, or each hand-over can wait that long behind a busy thread
     sys.setswitchinterval(0.0005)
     url = _app.redis_url(redis_url)
-    registry = Registry(redis.Redis.from_url(url))
+    # a heartbeat stuck on a half-open connection would make this worker look dead
+    registry = Registry(
+        redis.Redis.from_url(
+            url, socket_connect_timeout=_app.CONNECT_TIMEOUT_S, socket_timeout=HEARTBEAT_IO_S
+        )
+    )
     # unique per start: a restarted container keeps its hostname and pid, and the jobs its
     # previous life held must not look like the new one's
     start_id = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -186,8 +194,9 @@ def run_worker(
             "pipeq_max_message_bytes": _max_message_bytes(deployment),
             "pipeq_on_malformed": on_malformed,
         },
-        # a result, or an acknowledgement, waits for Redis rather than being lost
+        # a result waits for Redis (up to ~10 minutes) rather than being lost
         result_backend_always_retry=True,
+        result_backend_max_retries=60,
     )
     Consumer.events = events
     admission = Admission(
@@ -225,7 +234,11 @@ def run_worker(
         heartbeat.start()  # owns its in-flight list before it takes a job
         registry.loaded(deployment.name)
     except redis.RedisError as e:
-        print(f"pipeq worker {deployment.name}: Redis at {url} ({e})", file=sys.stderr)
+        print(
+            f"pipeq worker {deployment.name}: Redis at {masked(url)} did not answer "
+            f"({type(e).__name__}: {e})",
+            file=sys.stderr,
+        )
         return EXIT_FATAL
     stopping = threading.Event()
 
