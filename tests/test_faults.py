@@ -22,19 +22,22 @@ import pytest
 from pipeq import Client, JobLost, JobState, Overloaded
 from pipeq._config import Deployment
 from pipeq._ledger import inflight_key
+from pipeq.worker.main import HELD_BATCHES
 
 from .cluster import Cluster, renamed, wait_until
 from .conftest import assert_close
 
 pytestmark = pytest.mark.timeout(240)
 
+#: jobs a worker of the `sentiment` deployment (batches of 8) holds
+HELD = HELD_BATCHES * 8
 #: shorter liveness for tests that are about something else than the defaults
 QUICK = {"PIPEQ_HEARTBEAT_S": "0.5", "PIPEQ_DEAD_AFTER_S": "2.5"}
 
 
 @pytest.fixture
 def sentiment(deployments: dict[str, Any]) -> Deployment:
-    """The tiny sentiment model, batches of 8 (a worker holds 16 jobs)."""
+    """The tiny sentiment model, batches of 8 (a worker holds HELD = 32 jobs)."""
     return renamed(deployments["sentiment-analysis"], "sentiment", max_batch_size=8)
 
 
@@ -221,7 +224,7 @@ def test_sigterm_hands_unstarted_jobs_back_at_once_and_submits_wait_for_the_next
         worker = cluster.start_worker("sentiment")
         hostname = cluster.hostname(worker, "sentiment")
         jobs = [client.submit("sentiment", t) for t in texts(40, "deploy ")]
-        wait_until(lambda: cluster.inflight(hostname) == 16, 60, "the worker holds 16 jobs")
+        wait_until(lambda: cluster.inflight(hostname) == HELD, 60, "the worker holds its jobs")
         time.sleep(0.5)  # its first batch of 8 is in the forward pass (2 s)
         queued = client.redis.llen("pipeq.sentiment")
         worker.send_signal(signal.SIGTERM)
@@ -239,7 +242,7 @@ def test_sigterm_hands_unstarted_jobs_back_at_once_and_submits_wait_for_the_next
         assert cluster.inflight(hostname) == 0, "a stopped worker leaves nothing to reclaim"
         started = sum(pid == worker.pid for pid, _ in cluster.forwards())
         handed_back = client.redis.llen("pipeq.sentiment") - queued - len(during_gap)
-        assert handed_back == 16 - started  # every job it held: run, or handed back
+        assert handed_back == HELD - started  # every job it held: run, or handed back
         cluster.start_worker("sentiment")
         results = [j.result(timeout=120) for j in jobs + during_gap]
     assert len(results) == 45
@@ -285,7 +288,7 @@ def test_a_second_worker_takes_its_share_of_a_backlog_at_once(
 ) -> None:
     """400 jobs of a slow model (8 per 0.5 s) wait for one worker; a second one started
     3 s later runs at least a third of what remained when it came up: the first holds
-    only two batches, the rest stay in Redis."""
+    only four batches (32 jobs), the rest stay in Redis."""
     cluster = cluster_of([sentiment], worker_env={"PIPEQ_FAULTS_FORWARD_S": "0.5"})
     with cluster.client() as client:
         first = cluster.start_worker("sentiment")
@@ -397,7 +400,7 @@ def test_redis_killed_and_restarted_mid_burst_answers_every_accepted_job(
     with cluster.client() as client:
         hostname = cluster.hostname(cluster.start_worker("sentiment"), "sentiment")
         jobs = [client.submit("sentiment", t) for t in inputs]
-        wait_until(lambda: cluster.inflight(hostname) == 16, 30, "the worker holds jobs")
+        wait_until(lambda: cluster.inflight(hostname) == HELD, 30, "the worker holds jobs")
         cluster.kill_redis()
         time.sleep(3)
         cluster.start_redis()
@@ -495,7 +498,7 @@ def test_a_redis_restart_of_five_seconds_fails_none_of_the_jobs_a_worker_holds(
     with cluster.client() as client:
         hostname = cluster.hostname(cluster.start_worker("sentiment"), "sentiment")
         jobs = [client.submit("sentiment", t) for t in inputs]
-        wait_until(lambda: cluster.inflight(hostname) == 16, 30, "the worker holds 16 jobs")
+        wait_until(lambda: cluster.inflight(hostname) == HELD, 30, "the worker holds its jobs")
         cluster.kill_redis(signal.SIGTERM)
         time.sleep(5)
         cluster.start_redis()
