@@ -8,7 +8,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -392,64 +392,19 @@ class Client:
         items = list(inputs)
         target = self.resolve(deployment_or_task, model)
         params = self.check_params(target, params)
-        expires = _expires(expires)
-        outcomes, todo = _tasks.sort_out(
-            items, lambda item, where: self.check_item(target, item, where)
-        )
-        size = chunk_size or max(1, int(target.info.get("max_batch_size") or 16) // 2)
-        chunks = self._chunks(target, items, todo, outcomes, params, size)
         bar = tqdm(
             total=len(items),
             disable=(not progress) if progress is not None else (len(items) < 64 or None),
             desc=target.name,
             unit="item",
         )
-
-        def collect(chunk: list[int], job: Job) -> None:
-            try:
-                got = job.result(timeout=timeout)
-                for i, out in zip(chunk, got, strict=True):
-                    outcomes[i] = (
-                        out["result"]
-                        if "result" in out
-                        else from_wire(*out["error"], job_id=job.id, deployment=target.name)
-                    )
-            except PipeqError as e:  # the whole chunk failed (timeout, lost, ...)
-                for i in chunk:
-                    outcomes[i] = e
-            bar.update(len(chunk))
-
-        sent: deque[tuple[list[int], Job]] = deque()
-        give_up = None if timeout is None else time.monotonic() + timeout
+        outcomes: list[Any] = []
         with bar:
-            bar.update(len(items) - sum(len(c) for c in chunks))
-            for chunk in chunks:
-                pause = 0.01
-                while True:
-                    try:
-                        job = self._send(
-                            target,
-                            [items[i] for i in chunk],
-                            params,
-                            per_item=True,
-                            expires=expires,
-                        )
-                    except Overloaded as e:
-                        if sent:  # the queue is full: wait for one of ours to finish
-                            collect(*sent.popleft())
-                            continue
-                        if give_up is None or time.monotonic() < give_up:
-                            time.sleep(pause)  # full of other producers' jobs: wait for room
-                            pause = min(0.5, pause * 2)
-                            continue
-                        for i in chunk:
-                            outcomes[i] = e
-                        bar.update(len(chunk))
-                        break
-                    sent.append((chunk, job))
-                    break
-            while sent:
-                collect(*sent.popleft())
+            for outcome in self._outcomes(
+                target, items, params, chunk_size, timeout, _expires(expires), window=None
+            ):
+                outcomes.append(outcome)
+                bar.update(1)
         errors = {i: o for i, o in enumerate(outcomes) if isinstance(o, PipeqError)}
         if errors and not return_exceptions:
             first = next(iter(errors.values()))
@@ -460,39 +415,120 @@ class Client:
             )
         return outcomes
 
-    def _chunks(
+    def imap(
+        self,
+        deployment_or_task: str,
+        inputs: Iterable[Any],
+        *,
+        model: str | None = None,
+        chunk_size: int | None = None,
+        window: int = 16,
+        timeout: float | None = None,
+        expires: float | datetime.datetime | None = None,
+        **params: Any,
+    ) -> Iterator[Any]:
+        """Results of any iterable of inputs (a generator, a dataset), in input order, as
+        they come: inputs are read and sent while earlier results arrive, at most
+        `window` messages in flight, so an endless or very large input never sits in
+        memory. A failed item raises its error when its turn comes, as a transformers
+        pipeline's iterator does. Messages and limits as in `map`."""
+        target = self.resolve(deployment_or_task, model)
+        params = self.check_params(target, params)
+        for outcome in self._outcomes(
+            target, inputs, params, chunk_size, timeout, _expires(expires), window=window
+        ):
+            if isinstance(outcome, PipeqError):
+                raise outcome
+            yield outcome
+
+    def _outcomes(
         self,
         target: Announced,
-        items: list[Any],
-        todo: list[int],
-        outcomes: list[Any],
+        inputs: Iterable[Any],
         params: dict[str, Any],
-        size: int,
-    ) -> list[list[int]]:
-        """Indices of `todo` in messages of `size` items at most, each within the
-        deployment's request_bytes; an item over it alone fails with InvalidRequest."""
+        chunk_size: int | None,
+        timeout: float | None,
+        expires: float | datetime.datetime | None,
+        *,
+        window: int | None,
+    ) -> Iterator[Any]:
+        """Each input's result or PipeqError, in input order. Inputs go `chunk_size` to a
+        message within the deployment's request_bytes; at most `window` messages wait
+        for their results at once (None: no bound)."""
+        size = chunk_size or max(1, int(target.info.get("max_batch_size") or 16) // 2)
         limit = {**_tasks.DEFAULT_LIMITS, **(target.info.get("limits") or {})}["request_bytes"]
         room = limit - _tasks.request_bytes([], params) - 16
-        chunks: list[list[int]] = []
-        current: list[int] = []
+        in_flight: deque[tuple[list[tuple[Any, PipeqError | None]], Job | None]] = deque()
+        segment: list[tuple[Any, PipeqError | None]] = []
         used = 0
-        for i in todo:
-            need = _tasks.request_bytes(items[i], {}) + 1
-            if need > room:
-                outcomes[i] = InvalidRequest(
-                    f"inputs[{i}] is {need} bytes of JSON; this deployment takes at most "
-                    f"{limit} a request (limits.request_bytes)",
-                    deployment=target.name,
+
+        def results_of(
+            segment: list[tuple[Any, PipeqError | None]], job: Job | None
+        ) -> Iterator[Any]:
+            outs: Iterator[Any] = iter(())
+            failed: PipeqError | None = None
+            if job is not None:
+                try:
+                    outs = iter(job.result(timeout=timeout))
+                except PipeqError as e:  # the whole message failed (timeout, lost, ...)
+                    failed = e
+            for _, error in segment:
+                if error is not None or failed is not None:
+                    yield error or failed
+                    continue
+                out = next(outs)
+                yield (
+                    out["result"]
+                    if "result" in out
+                    else from_wire(*out["error"], job_id=job and job.id, deployment=target.name)
                 )
-                continue
-            if current and (len(current) >= size or used + need > room):
-                chunks.append(current)
-                current, used = [], 0
-            current.append(i)
+
+        def send(segment: list[tuple[Any, PipeqError | None]]) -> Iterator[Any]:
+            """Send the segment's good items as one message (waiting for room: yields the
+            outcomes of earlier messages meanwhile), then queue its outcomes."""
+            good = [item for item, error in segment if error is None]
+            job, pause = None, 0.01
+            give_up = None if timeout is None else time.monotonic() + timeout
+            while good:
+                try:
+                    job = self._send(target, good, params, per_item=True, expires=expires)
+                    break
+                except Overloaded as e:
+                    if in_flight:  # the queue is full: wait for one of ours to finish
+                        yield from results_of(*in_flight.popleft())
+                    elif give_up is None or time.monotonic() < give_up:
+                        time.sleep(pause)  # full of other producers' jobs: wait for room
+                        pause = min(0.5, pause * 2)
+                    else:
+                        segment = [(item, error or e) for item, error in segment]
+                        break
+            in_flight.append((segment, job))
+            while window is not None and len(in_flight) > window:
+                yield from results_of(*in_flight.popleft())
+
+        for i, item in enumerate(inputs):
+            error: PipeqError | None = None
+            need = 0
+            try:
+                self.check_item(target, item, f"inputs[{i}]")
+                need = _tasks.request_bytes(item, {}) + 1
+                if need > room:
+                    raise InvalidRequest(
+                        f"inputs[{i}] is {need} bytes of JSON; this deployment takes at most "
+                        f"{limit} a request (limits.request_bytes)",
+                        deployment=target.name,
+                    )
+            except InvalidRequest as e:
+                error, need = e, 0
+            if segment and (len(segment) >= size or used + need > room):
+                yield from send(segment)
+                segment, used = [], 0
+            segment.append((item, error))
             used += need
-        if current:
-            chunks.append(current)
-        return chunks
+        if segment:
+            yield from send(segment)
+        while in_flight:
+            yield from results_of(*in_flight.popleft())
 
     def job(self, job_id: str) -> Job:
         """A handle on a job submitted earlier (by any producer)."""

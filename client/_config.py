@@ -5,6 +5,7 @@
 task = "sentiment-analysis"
 model = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
 revision = "main"            # optional
+hub_id = "..."               # optional, for a local path: the Hub id it is a copy of
 device = "cuda:0"            # "cpu", "cuda" or "cuda:N"; `pipeq worker --gpu N` overrides
 max_batch_size = 32          # optional, per-task default
 max_batch_wait_ms = 5        # optional
@@ -67,6 +68,9 @@ class Deployment:
     task: str
     model: str
     revision: str | None = None
+    #: for a local path: the Hub id of the model it is a copy of, so that a request for
+    #: that model (`pipeline(task, model=...)`) selects this deployment
+    hub_id: str | None = None
     device: str = "cpu"
     max_batch_size: int = 0  # 0: the task's default
     max_batch_wait_ms: float = -1.0  # negative: the task's default

@@ -22,7 +22,15 @@ from pipeq import _tasks
 from pipeq._ledger import Ledger
 from pipeq.errors import NoLiveWorker, UnknownDeployment
 
-__all__ = ["DEPLOYMENTS_KEY", "LIVE_FOR_S", "NO_WORKER_GRACE_S", "Announced", "Registry"]
+__all__ = [
+    "DEPLOYMENTS_KEY",
+    "LEGACY_HUB_IDS",
+    "LIVE_FOR_S",
+    "NO_WORKER_GRACE_S",
+    "Announced",
+    "Registry",
+    "hub_id",
+]
 
 #: a worker is live while its last heartbeat is younger than this (unless its
 #: deployment announced another `dead_after_s`)
@@ -36,6 +44,44 @@ _LOAD_ERRORS = "pipeq:load-errors"
 
 def stats_key(name: str) -> str:
     return f"pipeq:stats:{name}"
+
+
+#: The Hub's canonical models whose org-less names moved to an organisation (2023-24);
+#: the Hub redirects the old names, and the course still uses some (`model="distilgpt2"`),
+#: so each old name means exactly its new id.
+LEGACY_HUB_IDS = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "openai-gpt": "openai-community/openai-gpt",
+    "distilgpt2": "distilbert/distilgpt2",
+    "distilbert-base-uncased": "distilbert/distilbert-base-uncased",
+    "distilbert-base-cased": "distilbert/distilbert-base-cased",
+    "distilbert-base-uncased-finetuned-sst-2-english": (
+        "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
+    ),
+    "distilbert-base-cased-distilled-squad": "distilbert/distilbert-base-cased-distilled-squad",
+    "distilroberta-base": "distilbert/distilroberta-base",
+    "bert-base-uncased": "google-bert/bert-base-uncased",
+    "bert-base-cased": "google-bert/bert-base-cased",
+    "bert-large-uncased": "google-bert/bert-large-uncased",
+    "bert-large-cased": "google-bert/bert-large-cased",
+    "bert-base-multilingual-cased": "google-bert/bert-base-multilingual-cased",
+    "roberta-base": "FacebookAI/roberta-base",
+    "roberta-large": "FacebookAI/roberta-large",
+    "xlm-roberta-base": "FacebookAI/xlm-roberta-base",
+    "xlm-roberta-large": "FacebookAI/xlm-roberta-large",
+    "t5-small": "google-t5/t5-small",
+    "t5-base": "google-t5/t5-base",
+    "t5-large": "google-t5/t5-large",
+}
+
+
+def hub_id(name: str) -> str:
+    """A model name as the Hub resolves it: legacy org-less names become their id."""
+    name = name.strip().rstrip("/")
+    return LEGACY_HUB_IDS.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -52,10 +98,17 @@ class Announced:
         return _tasks.canonical_task(self.task)
 
     def serves_model(self, model: str) -> bool:
-        """The same hub id or path, or the same last part: 'distilgpt2' matches
-        'distilbert/distilgpt2', 'Helsinki-NLP/opus-mt-fr-en' a local '/models/opus-mt-fr-en'."""
-        mine, theirs = self.model.rstrip("/"), model.rstrip("/")
-        return mine == theirs or mine.rsplit("/", 1)[-1] == theirs.rsplit("/", 1)[-1]
+        """This deployment serves exactly that model: the same Hub id (a legacy org-less
+        name counts as its canonical id: 'distilgpt2' is 'distilbert/distilgpt2'), the
+        same path, or the Hub id its local checkpoint declares (`hub_id`)."""
+        wanted = hub_id(model)
+        return wanted in {hub_id(self.model), hub_id(str(self.info.get("hub_id") or self.model))}
+
+    def resembles(self, model: str) -> bool:
+        """Only the last part of the name is the same ('gpt2' and 'my-company/gpt2')."""
+        last = model.rstrip("/").rsplit("/", 1)[-1]
+        names = (self.model, str(self.info.get("hub_id") or ""))
+        return any(n.rstrip("/").rsplit("/", 1)[-1] == last for n in names if n)
 
 
 class Registry:
@@ -115,16 +168,41 @@ class Registry:
         task = _tasks.canonical_task(target)
         candidates = [d for d in known.values() if d.canonical_task == task]
         if model is not None:
-            candidates = [d for d in candidates if d.name == model or d.serves_model(model)]
+            return self._by_model(target, model, candidates, known)
         if not candidates:
             served = sorted(f"{d.name} ({d.task}: {d.model})" for d in known.values())
-            want = f"task {target!r}" + (f" with model {model!r}" if model else "")
-            raise UnknownDeployment(f"no deployment serves {want}; deployments: {served}")
+            raise UnknownDeployment(f"no deployment serves task {target!r}; deployments: {served}")
         # the deployment named after the task first, then live ones, then by name
         candidates.sort(
             key=lambda d: (d.name not in (target, task), not self.live_workers(d.name), d.name)
         )
         return candidates[0]
+
+    @staticmethod
+    def _by_model(
+        target: str, model: str, candidates: list[Announced], known: dict[str, Announced]
+    ) -> Announced:
+        """The one deployment of the task serving exactly `model` (or named `model`);
+        never another model whose name merely looks alike."""
+        exact = [d for d in candidates if d.name == model or d.serves_model(model)]
+        if len(exact) == 1:
+            return exact[0]
+
+        def listed(ds: list[Announced]) -> list[str]:
+            return sorted(f"{d.name} ({d.model})" for d in ds)
+
+        if exact:
+            raise UnknownDeployment(
+                f"several deployments serve {model!r} for {target}: {listed(exact)}; "
+                "name the one you want (model=<deployment name>)"
+            )
+        near = [d for d in candidates if d.resembles(model)]
+        hint = f"; only similar names: {listed(near)}" if near else ""
+        raise UnknownDeployment(
+            f"no deployment serves model {model!r} for task {target!r}{hint}; "
+            f"deployments of the task: {listed(candidates)}"
+            + ("" if candidates else f"; all deployments: {listed(list(known.values()))}")
+        )
 
     def require_live(self, name: str) -> None:
         """NoLiveWorker unless a worker of the deployment beat within `no_worker_grace_s`."""

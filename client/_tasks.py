@@ -29,6 +29,7 @@ __all__ = [
     "combine",
     "is_task",
     "items_of",
+    "iterated",
     "request_bytes",
     "sort_out",
     "spec",
@@ -103,6 +104,31 @@ def _dict(name: str, v: Any) -> None:
         _fail(name, "a mapping", v)
 
 
+def _is_id(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _token_ids(name: str, v: Any) -> None:
+    """A token id, or a non-empty list of them (`eos_token_id` may be several)."""
+    if not (_is_id(v) or (isinstance(v, list) and v and all(_is_id(x) for x in v))):
+        _fail(name, "a token id or a list of token ids", v)
+
+
+def _token_id_list(name: str, v: Any) -> None:
+    if not (isinstance(v, list) and all(_is_id(x) for x in v)):
+        _fail(name, "a list of token ids", v)
+
+
+def _token_id_lists(name: str, v: Any) -> None:
+    """`bad_words_ids`: a list of token-id sequences."""
+    if not (
+        isinstance(v, list)
+        and v
+        and all(isinstance(s, list) and s and all(_is_id(x) for x in s) for s in v)
+    ):
+        _fail(name, "a list of non-empty lists of token ids", v)
+
+
 GENERATE: dict[str, Check] = {
     "max_length": _int(1),
     "max_new_tokens": _int(1),
@@ -120,6 +146,29 @@ GENERATE: dict[str, Check] = {
     "early_stopping": _bool,
     "length_penalty": _number(-1e9),
     "clean_up_tokenization_spaces": _bool,
+    # what transformers passes through to generate() (GenerationConfig's request settings);
+    # token ids are checked against the vocabulary on the worker
+    "pad_token_id": _int(0),
+    "bos_token_id": _int(0),
+    "eos_token_id": _token_ids,
+    "decoder_start_token_id": _int(0),
+    "forced_bos_token_id": _int(0),
+    "forced_eos_token_id": _token_ids,
+    "bad_words_ids": _token_id_lists,
+    "suppress_tokens": _token_id_list,
+    "begin_suppress_tokens": _token_id_list,
+    "stop_strings": _str_list,
+    "max_time": _number(0.0, above=True),
+    "min_p": _number(0.0, 1.0),
+    "epsilon_cutoff": _number(0.0, 1.0),
+    "eta_cutoff": _number(0.0, 1.0),
+    "diversity_penalty": _number(0.0),
+    "encoder_repetition_penalty": _number(0.0, above=True),
+    "encoder_no_repeat_ngram_size": _int(0),
+    "num_beam_groups": _int(1),
+    "renormalize_logits": _bool,
+    "remove_invalid_values": _bool,
+    "use_cache": _bool,
 }
 
 
@@ -135,6 +184,8 @@ class TaskSpec:
         default_factory=dict
     )
     required: tuple[str, ...] = ()
+    #: the reference answers an empty or blank text (refused where it crashes)
+    empty_ok: bool = True
     max_batch_size: int = 16
     #: 0: a batch is what waited while the model was busy; an idle worker runs a lone job
     #: at once (measured: any wait is pure latency for it, and under load batches fill
@@ -181,7 +232,14 @@ _QA = {
     "max_question_len": _int(1),
     "align_to_words": _bool,
 }
-_SEQ2SEQ = {**GENERATE, "truncation": _bool, "return_text": _bool}
+_SEQ2SEQ = {
+    **GENERATE,
+    "truncation": _bool,
+    "return_text": _bool,
+    "return_tensors": _bool,
+    "return_type": _choice("text", "tensors"),
+    "stop_sequence": _str,
+}
 
 SPECS: dict[str, TaskSpec] = {
     s.name: s
@@ -240,10 +298,17 @@ SPECS: dict[str, TaskSpec] = {
         TaskSpec(
             "feature-extraction",
             "text",
-            {"truncation": _bool, "tokenize_kwargs": _dict},
+            {"truncation": _bool, "tokenize_kwargs": _dict, "return_tensors": _bool},
             max_batch_size=32,
         ),
-        TaskSpec("question-answering", "qa", _QA, renamed={"topk": _topk}, max_batch_size=16),
+        TaskSpec(
+            "question-answering",
+            "qa",
+            _QA,
+            renamed={"topk": _topk},
+            empty_ok=False,
+            max_batch_size=16,
+        ),
         TaskSpec("summarization", "text", _SEQ2SEQ, max_batch_size=8),
         TaskSpec(
             "translation",
@@ -282,11 +347,23 @@ def spec(task: str) -> TaskSpec:
     return SPECS[canonical_task(task)]
 
 
-def _check_text(v: Any, where: str) -> None:
+def _check_text(v: Any, where: str, empty_ok: bool = False) -> None:
     if not isinstance(v, str):
         raise InvalidRequest(f"{where} must be a string, got {type(v).__name__}: {v!r:.80}")
-    if not v.strip():
+    if not empty_ok and not v.strip():
         raise InvalidRequest(f"{where} is an empty string")
+
+
+def _check_pair(v: Any, where: str) -> None:
+    """text-classification's text pair: {"text": ..., "text_pair": ...}."""
+    extra = set(v) - {"text", "text_pair"}
+    if extra or "text" not in v:
+        raise InvalidRequest(
+            f"{where} must be a string or a pair {{'text': ..., 'text_pair': ...}}, "
+            f"got keys {sorted(v)}"
+        )
+    for key in v:
+        _check_text(v[key], f"{where}[{key!r}]", empty_ok=True)
 
 
 def _check_qa(v: Any, where: str) -> None:
@@ -329,13 +406,17 @@ def items_of(task: str, inputs: Any) -> tuple[list[Any], bool]:
 
 def check_item(task: str, item: Any, where: str = "inputs") -> None:
     """One item's type and content; InvalidRequest names what is wrong."""
-    kind = spec(task).inputs
-    if kind == "qa":
+    s = spec(task)
+    if s.inputs == "qa":
         _check_qa(item, where)
-    elif kind == "generation" and isinstance(item, list):
+    elif s.inputs == "generation" and isinstance(item, list):
         _check_chat(item, where)
+    elif s.name == "text-classification" and isinstance(item, dict):
+        _check_pair(item, where)
+    elif s.name == "zero-shot-classification" and item == "":
+        raise InvalidRequest(f"{where} is empty: zero-shot classification needs a sequence")
     else:
-        _check_text(item, where)
+        _check_text(item, where, empty_ok=s.empty_ok)
 
 
 def sort_out(items: list[Any], check: Callable[[Any, str], None]) -> tuple[list[Any], list[int]]:
@@ -378,9 +459,6 @@ def validate_params(
     for name in s.required if complete else ():
         if name not in out:
             raise InvalidRequest(f"{s.name} needs the parameter {name!r}")
-    lo, hi = out.get("min_length"), out.get("max_length")
-    if isinstance(lo, int) and isinstance(hi, int) and hi < lo:
-        raise InvalidRequest(f"max_length ({hi}) is below min_length ({lo})")
     return out
 
 
@@ -459,11 +537,26 @@ def check_param_limits(limits: Mapping[str, int] | None, params: Mapping[str, An
             )
 
 
+def iterated(task: str, params: Mapping[str, Any], result: Any) -> Any:
+    """One item's result as the reference's iterator yields it for a generator input:
+    text-classification's dict without its list (as for a list input); the rest as for
+    one input."""
+    if canonical_task(task) == "text-classification" and "top_k" not in params:
+        return result[0] if isinstance(result, list) else result
+    return result
+
+
 def combine(task: str, params: Mapping[str, Any], results: list[Any]) -> Any:
-    """Per-item results (each what `pipe(item)` returns) -> what `pipe(items)` returns."""
+    """Per-item results (each what `pipe(item)` returns) -> what `pipe(items)` returns,
+    by the reference's own rule for a list (transformers 5; 4.57 for the three tasks 5
+    removed). Applied to a whole job's items, never to a batch's: a job's shape depends
+    on what it sent, not on what shared its forward pass."""
     t = canonical_task(task)
     if t == "text-classification" and "top_k" not in params:
-        return [r[0] for r in results]  # transformers wraps a lone string's dict in a list
-    if t == "question-answering" and len(results) == 1:
-        return results[0]  # transformers 4 unwrapped a list of one
+        # a lone string's dict comes wrapped in a list (a text pair's does not)
+        return [r[0] if isinstance(r, list) else r for r in results]
+    if t in ("fill-mask", "question-answering") and len(results) == 1:
+        return results[0]  # both unwrap a list of one input
+    if t in ("summarization", "translation") and all(len(r) == 1 for r in results):
+        return [r[0] for r in results]  # 4.57's text2text: one dict per text, flattened
     return results

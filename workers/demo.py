@@ -15,11 +15,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeq._config import Deployment
+from pipeq._config import DEFAULT_MODELS, Deployment
 from pipeq._stack import Stack, exit_on_sigterm, free_port_from
 
 __all__ = ["demo_config", "main", "write_config"]
 
+#: the Hub models the demo's local checkpoints stand in for, where not the course's
+#: default model of their task (`DEFAULT_MODELS`)
+STANDS_IN_FOR = {
+    "distilgpt2": "distilbert/distilgpt2",
+    "feature-extraction": "sentence-transformers/all-MiniLM-L6-v2",
+}
 #: deployment name -> (task, checkpoint name; None = the packaged real MiniLM)
 DEMO_DEPLOYMENTS: dict[str, tuple[str, str | None]] = {
     "sentiment-analysis": ("sentiment-analysis", "distilbert-base-uncased-finetuned-sst-2-english"),
@@ -61,6 +67,8 @@ def demo_config(models_dir: Path) -> dict[str, Deployment]:
             name=name,
             task=task,
             model=str(paths[ckpt] if ckpt else tiny_models.minilm_path()),
+            # the offline stand-in answers for the model the course names
+            hub_id=STANDS_IN_FOR.get(name) or DEFAULT_MODELS[task],
             max_batch_wait_ms=0,
         )
         for name, (task, ckpt) in DEMO_DEPLOYMENTS.items()

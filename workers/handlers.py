@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import cached_property
 from typing import Any
 
 from pipeq._config import Deployment
-from pipeq.errors import JobTimeout, ModelLoadError
+from pipeq.errors import InvalidRequest, JobTimeout, ModelLoadError
 from pipeq.worker.batcher import BatchError, length_in_chars
 
 __all__ = ["GENERATING", "Handler", "TimeLimitExceeded", "load_handler", "to_jsonable"]
@@ -72,28 +73,81 @@ class Handler:
         """What `pipe(item, **params)` returns for each item. Generation stops at
         `time_limit_s` (transformers' `max_time`) and then raises TimeLimitExceeded rather
         than return text cut short."""
-        if time_limit_s is None or self.task not in GENERATING or "max_time" in params:
+        if self.task == "text-generation" and "stop_strings" in params:
+            # generate() needs the tokenizer to find stop strings; transformers' pipeline
+            # does not pass it (the call fails there), a producer cannot send one
+            params = {**params, "tokenizer": self.pipe.tokenizer}  # type: ignore[attr-defined]
+        if time_limit_s is None or self.task not in GENERATING:
             return self._run(items, params)
         started = time.monotonic()
-        outs = self._run(items, {**params, "max_time": time_limit_s})
-        if time.monotonic() - started >= time_limit_s:
+        max_time = min(time_limit_s, float(params.get("max_time") or time_limit_s))
+        outs = self._run(items, {**params, "max_time": max_time})
+        if max_time == time_limit_s and time.monotonic() - started >= time_limit_s:
             raise TimeLimitExceeded(
                 f"generation stopped at job_timeout_s={time_limit_s} of its forward pass"
             )
         return outs
 
     def _run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
-        if len(items) == 1:
-            return [to_jsonable(self.pipe(items[0], **params))]
-        extra = {"batch_size": len(items)} if self.native else {}
-        outs = self.pipe(items, **extra, **params)
+        if len(items) == 1 or not self.native:
+            # pipeq's own pipelines run items one at a time anyway, and a call with a list
+            # reshapes the results of a list (4.57 flattens one-result lists): each item
+            # gets exactly what `pipe(item)` gives, whatever shares its batch
+            return [to_jsonable(self.pipe(item, **params)) for item in items]
+        outs = self.pipe(items, batch_size=len(items), **params)
         if self.task == "text-classification" and "top_k" not in params:
-            outs = [[o] for o in outs]  # what pipe(one string) returns
+            # what pipe(one string) returns: its dict in a list (a text pair: the dict)
+            outs = [[o] if isinstance(i, str) else o for i, o in zip(items, outs, strict=True)]
         if len(outs) != len(items):
             raise RuntimeError(f"pipeline returned {len(outs)} results for {len(items)} items")
         if self.task == "feature-extraction":
             outs = self._unpad(items, outs, params)
         return [to_jsonable(o) for o in outs]
+
+    def check_input(self, item: Any, params: dict[str, Any], where: str) -> None:
+        """InvalidRequest for an input longer than the model takes, where the reference
+        pipeline would fail on it with a tensor-shape error (text-classification, fill-mask,
+        feature-extraction, text-generation) and the call asks for no truncation. Tasks
+        whose reference copes with long inputs (zero-shot truncates, ner truncates,
+        question-answering windows) are left to it; summarization and translation check
+        for themselves."""
+        limit = self.max_tokens
+        if limit is None or self.task not in _LENGTH_CHECKED or _truncates(params):
+            return
+        if isinstance(item, str):
+            text, pair = item, None
+        elif isinstance(item, dict) and isinstance(item.get("text"), str):
+            text, pair = item["text"], item.get("text_pair")
+        else:
+            return  # a chat: its template decides
+        # a token is at least one byte: short texts cannot be over (no counting needed)
+        size = len(text.encode("utf-8", "surrogatepass")) + len(str(pair or "").encode())
+        if size + 4 <= limit or self._counter is None:
+            return
+        tokens = len(self._counter.encode(text, pair).ids)
+        new = params.get("max_new_tokens") if self.task == "text-generation" else None
+        total = tokens + (new if isinstance(new, int) else 0)
+        if total > limit:
+            how = _TRUNCATE_HOW[self.task]
+            asked = f" plus max_new_tokens={new}" if new else ""
+            raise InvalidRequest(
+                f"{where} is {tokens} tokens long{asked}; the model takes at most {limit}: {how}"
+            )
+
+    @cached_property
+    def max_tokens(self) -> int | None:
+        """The most tokens the model takes: the tokenizer's model_max_length when it is
+        set (not transformers' 'no limit'), else the model's position embeddings."""
+        tok = getattr(self.pipe, "tokenizer", None)
+        length = getattr(tok, "model_max_length", None)
+        if isinstance(length, int) and 0 < length < 10**6:
+            return length
+        config = getattr(getattr(self.pipe, "model", None), "config", None)
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     def _unpad(self, items: list[Any], outs: list[Any], params: dict[str, Any]) -> list[Any]:
         """A batched feature-extraction pads every item to the longest; cut that padding
@@ -105,6 +159,24 @@ class Handler:
         lengths = [len(ids) for ids in tok(items, **kwargs)["input_ids"]]
         left = tok.padding_side == "left"
         return [[o[0][-n:] if left else o[0][:n]] for o, n in zip(outs, lengths, strict=True)]
+
+
+_LENGTH_CHECKED = frozenset(
+    {"text-classification", "fill-mask", "feature-extraction", "text-generation"}
+)
+_TRUNCATE_HOW = {
+    "text-classification": "shorten it, or pass truncation=True to cut it to that length",
+    "feature-extraction": "shorten it, or pass truncation=True to cut it to that length",
+    "fill-mask": "shorten it, or pass tokenizer_kwargs={'truncation': True} to cut it",
+    "text-generation": "shorten the prompt or ask for fewer new tokens",
+}
+
+
+def _truncates(params: dict[str, Any]) -> bool:
+    """The call asks the tokenizer to cut long inputs itself."""
+    nested = params.get("tokenize_kwargs") or params.get("tokenizer_kwargs") or {}
+    flag = params.get("truncation", nested.get("truncation") if isinstance(nested, dict) else None)
+    return flag not in (None, False, "do_not_truncate")
 
 
 def _token_counter(pipe: Any) -> Any:

@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, wait
 from typing import Any
 
@@ -208,9 +209,16 @@ def register_task(
     batcher: Batcher,
     admission: Admission,
     events: Events,
+    check_input: Callable[[Any, dict[str, Any], str], None] = lambda item, params, where: None,
 ) -> None:
-    """The one task this worker runs: hand the job's items to the batcher, wait."""
+    """The one task this worker runs: hand the job's items to the batcher, wait.
+    `check_input(item, params, where)` raises InvalidRequest for an item the model
+    cannot take (the handler's length check)."""
     task = deployment.task
+
+    def check(item: Any, params: dict[str, Any], where: str) -> None:
+        _tasks.check_item(task, item, where)
+        check_input(item, params, where)
 
     @app.task(name=_app.RUN_TASK, bind=True, Request=f"{__name__}:Request")  # type: ignore[untyped-decorator]
     def run(self: Any, inputs: Any, params: dict[str, Any], per_item: bool = False) -> Any:
@@ -244,6 +252,8 @@ def register_task(
         _tasks.check_limits(task, deployment.limits, inputs, params)
         if not per_item:
             items, many = _tasks.split_items(task, inputs)
+            for i, item in enumerate(items):
+                check_input(item, params, f"inputs[{i}]" if many else "inputs")
             results = wait_for(batcher.submit(job_id, items, params), deployment.job_timeout_s)
             for r in results:
                 if isinstance(r, _STOPS):
@@ -253,9 +263,7 @@ def register_task(
                     raise _as_job_error(r)
             return to_jsonable(_tasks.combine(task, params, results) if many else results[0])
         items, _ = _tasks.items_of(task, inputs)
-        outcomes, good = _tasks.sort_out(
-            items, lambda item, where: _tasks.check_item(task, item, where)
-        )
+        outcomes, good = _tasks.sort_out(items, lambda item, where: check(item, params, where))
         results = wait_for(
             batcher.submit(job_id, [items[i] for i in good], params), deployment.job_timeout_s
         )

@@ -216,7 +216,7 @@ def run_worker(
         on_oom=_free_cuda_memory,
         size=handler.size,
     ).start()
-    register_task(app, deployment, batcher, admission, events)
+    register_task(app, deployment, batcher, admission, events, handler.check_input)
     info = {
         **handler.info(),
         "heartbeat_s": liveness.heartbeat_s,
