@@ -34,6 +34,12 @@ ids as a list of ints where 4.57 gave a tensor; question answering needs a fast
 (``tokenizers``-backed) tokenizer, as it needs the offsets; ``batch_size`` and ``num_workers`` are
 accepted but items run one at a time, as with 4.57's default ``batch_size=1`` (padding inputs into
 batches would move the numbers slightly); generator inputs to question answering give a list.
+
+Where things are: ``question_answering`` (with ``qa_inputs`` for its call forms and parameters and
+``qa_spans`` for finding the answers in the context), ``summarization`` and ``translation`` (both
+on ``text2text``, with ``text2text_params`` for a call's parameters and ``generation`` for 4.57's
+generation settings), ``common`` for the small checks they share and ``loading`` for
+:func:`load_legacy_pipeline`.
 """
 
 from __future__ import annotations
