@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from pipeq.errors import InvalidRequest  # noqa: E402
-from pipeq.worker.legacy_pipelines import (  # noqa: E402
+from pipeq.worker.legacy import (  # noqa: E402
     LEGACY_TASKS,
     QuestionAnsweringPipeline,
     SummarizationPipeline,

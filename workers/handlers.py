@@ -1,7 +1,7 @@
 """Load a deployment's model once and run lists of items through it.
 
 A handler wraps a `transformers.pipeline` (or, for the tasks transformers 5 removed,
-pipeq's own `legacy_pipelines`) behind one contract: `run(items, params)` takes a list
+pipeq's own `legacy` pipelines) behind one contract: `run(items, params)` takes a list
 of items and returns, for each, exactly what `pipe(item, **params)` would return, as
 plain JSON-able lists, dicts, strings and numbers.
 """
@@ -204,7 +204,7 @@ def load_handler(deployment: Deployment) -> Handler:
     device = _device_for_torch(deployment.device)
     try:
         if task in ("question-answering", "summarization", "translation"):
-            from pipeq.worker.legacy_pipelines import load_legacy_pipeline
+            from pipeq.worker.legacy import load_legacy_pipeline
 
             pipe = load_legacy_pipeline(
                 deployment.task, deployment.model, revision=deployment.revision, device=device
