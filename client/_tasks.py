@@ -104,6 +104,16 @@ def _dict(name: str, v: Any) -> None:
         _fail(name, "a mapping", v)
 
 
+def _padding(name: str, v: Any) -> None:
+    if not isinstance(v, bool) and v not in ("longest", "max_length", "do_not_pad"):
+        _fail(name, "true, false, 'longest', 'max_length' or 'do_not_pad'", v)
+
+
+def _dict_list(name: str, v: Any) -> None:
+    if not (isinstance(v, list) and all(isinstance(x, dict) for x in v)):
+        _fail(name, "a list of mappings", v)
+
+
 def _is_id(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
@@ -231,6 +241,7 @@ _QA = {
     "doc_stride": _int(0),
     "max_question_len": _int(1),
     "align_to_words": _bool,
+    "padding": _padding,
 }
 _SEQ2SEQ = {
     **GENERATE,
@@ -250,7 +261,10 @@ SPECS: dict[str, TaskSpec] = {
             {
                 "top_k": _int(1, none_ok=True),
                 "function_to_apply": _choice("default", "sigmoid", "softmax", "none"),
+                # tokenizer arguments, which transformers passes to the tokenizer
                 "truncation": _bool,
+                "max_length": _int(1),
+                "padding": _padding,
             },
             renamed={"return_all_scores": _return_all_scores},
             max_batch_size=32,
@@ -275,6 +289,11 @@ SPECS: dict[str, TaskSpec] = {
                 "truncation": _bool,
                 "skip_special_tokens": _bool,
                 "continue_final_message": _bool,
+                "return_tensors": _bool,
+                "handle_long_generation": _choice("hole"),
+                "tokenizer_encode_kwargs": _dict,
+                "documents": _dict_list,
+                "tools": _dict_list,
             },
             max_batch_size=8,
         ),
@@ -291,6 +310,7 @@ SPECS: dict[str, TaskSpec] = {
                 "aggregation_strategy": _choice("none", "simple", "first", "average", "max"),
                 "ignore_labels": _str_list,
                 "stride": _int(0),
+                "delimiter": _str,
             },
             renamed={"grouped_entities": _grouped_entities, "ignore_subwords": _ignore_subwords},
             max_batch_size=32,

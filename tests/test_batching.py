@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pipeq import Client, InvalidRequest, ItemsFailed, JobFailed
+from pipeq import Client, InvalidRequest, ItemsFailed
 from pipeq.worker.bench import bench_inputs
 
 from .conftest import assert_close, send_raw
@@ -64,14 +64,14 @@ def test_jobs_with_different_parameters_do_not_change_each_others_results(client
     assert all(r == alone5 for r in results[1::2])
 
 
-def test_an_item_that_breaks_the_model_fails_alone_and_its_batch_mates_succeed(
+def test_an_item_the_model_cannot_take_fails_alone_and_its_batch_mates_succeed(
     client: Client,
 ) -> None:
-    # 600 words is past MiniLM's 512 positions: the forward pass fails, no silent truncation
+    # 600 words is past MiniLM's 512 positions: refused by name, no silent truncation
     too_long = " ".join(["word"] * 600)
     inputs = ["first sentence.", too_long, "third sentence here.", "fourth."]
     outcomes = client.map("feature-extraction", inputs, return_exceptions=True)
-    assert isinstance(outcomes[1], JobFailed)
+    assert isinstance(outcomes[1], InvalidRequest) and "tokens long" in str(outcomes[1])
     for i in (0, 2, 3):
         assert not isinstance(outcomes[i], Exception)
         want = client.submit("feature-extraction", inputs[i]).result(timeout=30)
@@ -80,6 +80,29 @@ def test_an_item_that_breaks_the_model_fails_alone_and_its_batch_mates_succeed(
         client.map("feature-extraction", inputs)
     assert set(info.value.errors) == {1}
     assert info.value.results[0] == outcomes[0]
+    # a producer that skips the client's checks: the worker refuses that item alone
+    raw = send_raw(client, "feature-extraction", inputs=inputs, params={}, per_item=True)
+    got = raw.result(timeout=30)
+    assert got[1]["error"][0] == "InvalidRequest" and "tokens long" in got[1]["error"][1]
+    assert_close([got[i]["result"] for i in (0, 2, 3)], [outcomes[i] for i in (0, 2, 3)], 1e-5)
+
+
+def test_when_a_batch_raises_its_items_run_one_by_one_and_only_the_bad_one_fails() -> None:
+    from pipeq.worker.batcher import Batcher
+
+    def run(items: list[Any], params: dict[str, Any]) -> list[Any]:
+        if "bad" in items:
+            raise ValueError("the model broke on 'bad'")
+        return [f"ran {i}" for i in items]
+
+    batcher = Batcher(run, max_batch_size=8, max_batch_wait_ms=50).start()
+    try:
+        job = batcher.submit("j", ["a", "bad", "c"], {})
+        outcomes = [f.exception() or f.result() for f in job.futures]
+    finally:
+        batcher.stop()
+    assert outcomes[0] == "ran a" and outcomes[2] == "ran c"
+    assert isinstance(outcomes[1], ValueError)
 
 
 def test_a_malformed_item_in_a_raw_message_fails_alone(client: Client) -> None:
@@ -94,7 +117,7 @@ def test_a_malformed_item_in_a_raw_message_fails_alone(client: Client) -> None:
 
 
 def test_map_refuses_bad_items_at_submit_and_runs_the_others(client: Client) -> None:
-    outcomes = client.map("sentiment-analysis", ["good", "", 5, "fine"], return_exceptions=True)
+    outcomes = client.map("sentiment-analysis", ["good", None, 5, "fine"], return_exceptions=True)
     assert isinstance(outcomes[1], InvalidRequest) and "inputs[1]" in str(outcomes[1])
     assert isinstance(outcomes[2], InvalidRequest) and "inputs[2]" in str(outcomes[2])
     assert outcomes[0][0]["label"] and outcomes[3][0]["label"]

@@ -23,7 +23,7 @@ def reference(deployment: str, model: str) -> Any:
     from transformers import pipeline as hf_pipeline
 
     from pipeq._tasks import canonical_task
-    from pipeq.worker.legacy_pipelines import LEGACY_TASKS, load_legacy_pipeline
+    from pipeq.worker.legacy import LEGACY_TASKS, load_legacy_pipeline
 
     task = {"distilgpt2": "text-generation"}.get(deployment, deployment)
     if canonical_task(task) in LEGACY_TASKS:

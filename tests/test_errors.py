@@ -32,7 +32,8 @@ from pipeq._stack import Stack, start_redis, stop_process
 
 from .conftest import free_port, paused, send_raw
 
-BAD_TEXT_INPUTS = [None, 3, 2.5, {"text": "hi"}, "", "   ", [], ["fine", None], ["fine", ""]]
+# empty and blank texts are answered, as transformers answers them; so is a text pair
+BAD_TEXT_INPUTS = [None, 3, 2.5, {"text": 3}, {"txt": "hi"}, [], ["fine", None], [["a"]]]
 
 
 @pytest.mark.parametrize("bad", BAD_TEXT_INPUTS, ids=repr)
@@ -50,7 +51,7 @@ def test_bad_text_input_is_refused_at_submit_naming_the_input(client: Client, ba
         ("fill-mask", {"top_k": "two"}, "top_k"),
         ("zero-shot-classification", {}, "candidate_labels"),
         ("zero-shot-classification", {"candidate_labels": []}, "candidate_labels"),
-        ("text-generation", {"max_length": 10, "min_length": 20}, "max_length"),
+        ("zero-shot-classification", {"candidate_labels": ["a"], "top_p": 2}, "top_p"),
         ("ner", {"aggregation_strategy": "sometimes"}, "aggregation_strategy"),
         ("ner", {"ignore_subwords": True}, "aggregation_strategy='first'"),
     ],
@@ -91,7 +92,9 @@ def test_a_deployment_whose_workers_are_gone_for_good_is_refused_at_submit(
 
 
 @pytest.mark.parametrize(
-    "inputs", [None, 42, {"a": 1}, "", ["ok", 7]], ids=["none", "number", "dict", "empty", "list"]
+    "inputs",
+    [None, 42, {"a": 1}, {"text_pair": "x"}, ["ok", 7]],
+    ids=["none", "number", "dict", "pair-without-text", "list"],
 )
 def test_bad_input_sent_past_the_client_fails_the_job_and_not_the_worker(
     client: Client, stack: Stack, inputs: Any

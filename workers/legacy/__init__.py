@@ -23,11 +23,11 @@ obscure error from deep inside, or a result after a mere log warning) is refused
 down: a missing, ``None``, non-string, empty or blank question or context (4.57 answered a blank
 context with an empty answer), a question that leaves no room for the context in
 ``max_seq_len``, a ``doc_stride`` that does not fit in a window (a panic in ``tokenizers``),
-windows longer than the model's positions, ``max_length`` below ``min_length`` when the call sets
-either (4.57 warned and cut the output at ``max_length``), parameters of the wrong type or range,
+windows longer than the model's positions, parameters of the wrong type or range,
 parameters the task does not know (4.57 ignored them for question answering and failed inside
 ``generate`` otherwise), and generation modes transformers 5 moved to the Hub (group beam search,
-contrastive search, DoLa, constrained beam search).
+contrastive search, DoLa, constrained beam search). A maximum length below the minimum is
+not refused: 4.57 warned and stopped at the maximum, and so does pipeq.
 
 Also worth knowing: results are plain JSON-able Python, so ``return_tensors=True`` gives the token
 ids as a list of ints where 4.57 gave a tensor; question answering needs a fast
