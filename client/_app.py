@@ -128,11 +128,15 @@ class _Channel(kombu_redis.Channel):
         job_id = headers.get("id")
         batched = kwargs.get("_publish_batch") is not None  # kombu's producer batching
         if not queue.startswith(QUEUE_PREFIX) or not isinstance(job_id, str) or batched:
-            return super()._put(queue, message, **kwargs)  # type: ignore[no-any-return]
+            return super()._put(queue, message, **kwargs)  # type: ignore[no-untyped-call,no-any-return]
         deployment = queue.removeprefix(QUEUE_PREFIX)
         limit = enqueue_limit.get()
         if not self.ledger.enqueue(
-            deployment, job_id, dumps(message), limit=limit, ttl_s=RESULT_TTL_S
+            deployment,
+            job_id,
+            dumps(message),  # type: ignore[no-untyped-call]
+            limit=limit,
+            ttl_s=RESULT_TTL_S,
         ):
             raise Overloaded(
                 f"{limit} jobs wait already (max_queue_length); retry later",

@@ -352,7 +352,7 @@ class Client:
     def check_params(self, target: Announced, params: dict[str, Any]) -> dict[str, Any]:
         params = _about(target, _tasks.validate_params, target.task, params)
         _about(target, _tasks.check_param_limits, target.info.get("limits"), params)
-        return params  # type: ignore[no-any-return]
+        return params
 
     def check_item(self, target: Announced, item: Any, where: str = "inputs") -> None:
         _about(target, _tasks.check_item, target.task, item, where)
@@ -480,7 +480,9 @@ class Client:
                 yield (
                     out["result"]
                     if "result" in out
-                    else from_wire(*out["error"], job_id=job and job.id, deployment=target.name)
+                    else from_wire(
+                        *out["error"], job_id=job.id if job else None, deployment=target.name
+                    )
                 )
 
         def send(segment: list[tuple[Any, PipeqError | None]]) -> Iterator[Any]:

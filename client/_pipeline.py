@@ -107,12 +107,10 @@ class RemotePipeline:
         expires = self.expires if expires is None else expires
         if _streamed(inputs):
             checked = self.client.check_params(self.deployment, params)
-            results = self.client.imap(
-                name, inputs, timeout=self.timeout, expires=expires, **params
-            )
+            stream = self.client.imap(name, inputs, timeout=self.timeout, expires=expires, **params)
             if self.task == "question-answering":  # 4.57 answered a generator with a list
-                return _tasks.combine(self.task, checked, list(results))
-            return (_tasks.iterated(self.task, checked, r) for r in results)
+                return _tasks.combine(self.task, checked, list(stream))
+            return (_tasks.iterated(self.task, checked, r) for r in stream)
         items, many = _tasks.items_of(self.deployment.task, inputs)
         if not many:
             job = self.client.submit(name, inputs, expires=expires, **params)

@@ -182,11 +182,12 @@ def wait_for(job: Submission, timeout_s: float) -> list[Any]:
     futures = job.futures
     while True:
         started = job.started_at
-        left = None if started is None else started + timeout_s - time.monotonic()
-        _, pending = wait(futures, timeout=1.0 if left is None else max(0.0, left))
+        deadline = None if started is None else started + timeout_s
+        left = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        _, pending = wait(futures, timeout=left)
         if not pending:
             break
-        if left is not None and started + timeout_s <= time.monotonic():
+        if deadline is not None and deadline <= time.monotonic():
             for f in pending:
                 f.cancel()
             break

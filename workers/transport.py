@@ -24,12 +24,12 @@ import logging
 import time
 from collections.abc import Callable
 from functools import cached_property
+from queue import Empty  # what kombu's channels raise for "no message"
 from typing import Any, TypeVar
 
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from kombu.transport.virtual.base import Empty
 
 from pipeq._app import _Channel
 from pipeq._ledger import DEAD_LETTER, DEAD_LETTER_KEEP
@@ -103,7 +103,7 @@ class WorkerChannel(_Channel):
     pipeq_max_message_bytes: int = 64 * 2**20
     #: called with (raw message, Malformed) before a message is set aside
     pipeq_on_malformed: Callable[[bytes, Malformed], None] | None = None
-    from_transport_options = (
+    from_transport_options = (  # type: ignore[assignment]
         *_Channel.from_transport_options,
         "pipeq_inflight",
         "pipeq_max_message_bytes",
@@ -126,7 +126,7 @@ class WorkerChannel(_Channel):
             return super()._brpop_start(timeout)  # type: ignore[no-any-return]
         self._blmove_queue = queues[0]
         self._in_poll = self.client.connection
-        self._brpop_sent_at = time.monotonic()
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
         wait_s = self.brpop_timeout if timeout is None else timeout
         self.client.connection.send_command(
             "BLMOVE", queues[0], self.pipeq_inflight, "RIGHT", "LEFT", wait_s or 0
@@ -147,7 +147,7 @@ class WorkerChannel(_Channel):
             self._take(raw, queue)
             return True
         finally:
-            self._in_poll = None
+            self._in_poll = None  # type: ignore[assignment]
             self._blmove_queue = None
             self._flush_brpop_reauth()
 
