@@ -397,7 +397,9 @@ def _check_qa(v: Any, where: str) -> None:
     for key in ("question", "context"):
         if key not in v:
             raise InvalidRequest(f"{where} is missing {key!r}")
-        _check_text(v[key], f"{where}[{key!r}]")
+        _check_text(v[key], f"{where}[{key!r}]", empty_ok=True)
+        if v[key] == "":  # as 4.57: empty is refused, blank is answered
+            raise InvalidRequest(f"{where}[{key!r}] cannot be empty")
 
 
 def _check_chat(v: Any, where: str) -> None:

@@ -238,7 +238,7 @@ QA_BAD: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
     ("missing_context", (), {"question": "Where?"}, "context"),
     ("missing_question", (), {"context": COURSE_CONTEXT}, "question"),
     ("empty_context", (), {"question": "Where?", "context": ""}, "context"),
-    ("blank_question", (), {"question": "   ", "context": COURSE_CONTEXT}, "question"),
+    ("empty_question", (), {"question": "", "context": COURSE_CONTEXT}, "question"),
     ("none_question", (), {"question": None, "context": COURSE_CONTEXT}, "question"),
     ("number_context", (), {"question": "Where?", "context": 42}, "context"),
     ("dict_question", (), {"question": {"q": 1}, "context": COURSE_CONTEXT}, "question"),

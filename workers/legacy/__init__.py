@@ -20,8 +20,8 @@ What differs from 4.57, on purpose: one thing.
 Everything 4.57 answered is answered the same way.  What 4.57 did not answer sensibly (a crash, an
 obscure error from deep inside, or a result after a mere log warning) is refused up front with
 :class:`~pipeq.errors.InvalidRequest` naming the field, so that no bad request can take a worker
-down: a missing, ``None``, non-string, empty or blank question or context (4.57 answered a blank
-context with an empty answer), a question that leaves no room for the context in
+down: a missing, ``None`` or non-string question or context (an empty one 4.57 refused too, and
+a blank one it answered: so does pipeq), a question that leaves no room for the context in
 ``max_seq_len``, a ``doc_stride`` that does not fit in a window (a panic in ``tokenizers``),
 windows longer than the model's positions, parameters of the wrong type or range,
 parameters the task does not know (4.57 ignored them for question answering and failed inside

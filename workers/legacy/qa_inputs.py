@@ -32,13 +32,13 @@ def _check_text(field: str, value: Any) -> str:
         raise InvalidRequest(f"`{field}` cannot be None")
     if not isinstance(value, str):
         raise InvalidRequest(f"`{field}` must be a string, got {type_name(value)}")
-    if not value.strip():
+    if not value:  # as 4.57: empty is refused, blank is answered (a blank context: "")
         raise InvalidRequest(f"`{field}` cannot be empty")
     return value
 
 
 def normalize_example(item: Any, where: str) -> tuple[str, str]:
-    """One example as (question, context), each a non-blank string; `where` names it in errors."""
+    """One example as (question, context), each a non-empty string; `where` names it in errors."""
     if not isinstance(item, Mapping):
         raise InvalidRequest(
             f"{where} must be a dict with `question` and `context`, got {type_name(item)}"
