@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -24,6 +25,27 @@ def _param(text: str) -> tuple[str, Any]:
         return key, json.loads(raw)
     except json.JSONDecodeError:
         return key, raw
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"seconds must be positive and finite, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
 
 
 def _input(text: str) -> Any:
@@ -135,8 +157,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_result(args: argparse.Namespace) -> int:
+    from pipeq import JobState
+
     with _client(args) as client:
-        _print(client.job(args.job_id).result(timeout=args.timeout))
+        job = client.job(args.job_id)
+        if job.status() is JobState.UNKNOWN:
+            print("unknown job: pipeq never accepted this id (or it expired)", file=sys.stderr)
+            return 1
+        _print(job.result(timeout=args.timeout))
     return 0
 
 
@@ -203,20 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--loglevel", default="INFO")
     w.add_argument(
         "--heartbeat-s",
-        type=float,
-        default=float(os.environ.get("PIPEQ_HEARTBEAT_S", 2.0)),
+        type=_seconds,
+        default=os.environ.get("PIPEQ_HEARTBEAT_S", "2"),
         help="seconds between heartbeats ($PIPEQ_HEARTBEAT_S, default 2)",
     )
     w.add_argument(
         "--dead-after-s",
-        type=float,
-        default=float(os.environ.get("PIPEQ_DEAD_AFTER_S", 10.0)),
+        type=_seconds,
+        default=os.environ.get("PIPEQ_DEAD_AFTER_S", "10"),
         help="a worker silent this long is dead; its jobs go back ($PIPEQ_DEAD_AFTER_S, 10)",
     )
     w.add_argument(
         "--max-attempts",
-        type=int,
-        default=int(os.environ.get("PIPEQ_MAX_ATTEMPTS", 3)),
+        type=_count,
+        default=os.environ.get("PIPEQ_MAX_ATTEMPTS", "3"),
         help="a job whose worker died running it this often fails with JobLost "
         "($PIPEQ_MAX_ATTEMPTS, 3)",
     )
@@ -238,13 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", help="pick the deployment of the task serving this model")
         sp.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE")
         if name == "run":
-            sp.add_argument("--timeout", type=float, default=None)
+            sp.add_argument("--timeout", type=_seconds, default=None)
 
     s = add("status", "print a job's state (exit 1 for an id pipeq never accepted)", cmd_status)
     s.add_argument("job_id")
     r = add("result", "wait for a job's result and print it", cmd_result)
     r.add_argument("job_id")
-    r.add_argument("--timeout", type=float, default=None)
+    r.add_argument("--timeout", type=_seconds, default=None)
     c = add("cancel", "cancel a job that has not started (exit 1 if it could not be)", cmd_cancel)
     c.add_argument("job_id")
     add(

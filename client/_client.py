@@ -29,6 +29,7 @@ from pipeq.errors import (
     ItemsFailed,
     JobCancelled,
     JobExpired,
+    JobLost,
     JobTimeout,
     Overloaded,
     PipeqError,
@@ -80,12 +81,26 @@ def _about(target: Announced, check: Any, *args: Any) -> Any:
         raise
 
 
+#: the furthest `expires` may be: past it, a deadline means nothing (and overflows dates)
+MAX_EXPIRES_S = 10 * 365 * 24 * 3600.0
+
+
 def _expires(expires: float | datetime.datetime | None) -> float | datetime.datetime | None:
-    """Celery's `expires`: seconds from now (> 0), or an aware or UTC datetime."""
-    if expires is None or isinstance(expires, datetime.datetime):
-        return expires
-    if isinstance(expires, bool) or not isinstance(expires, int | float) or not expires > 0:
-        raise InvalidRequest(f"expires must be seconds from now (> 0) or a datetime: {expires!r}")
+    """Celery's `expires`: seconds from now (> 0, at most ten years), or a datetime; a
+    naive datetime is this machine's local time, as `datetime.now()` gives it."""
+    if expires is None:
+        return None
+    if isinstance(expires, datetime.datetime):
+        return expires if expires.tzinfo is not None else expires.astimezone()
+    if (
+        isinstance(expires, bool)
+        or not isinstance(expires, int | float)
+        or not 0 < expires <= MAX_EXPIRES_S
+    ):
+        raise InvalidRequest(
+            f"expires must be seconds from now (0 to {MAX_EXPIRES_S:.0f}) or a datetime, "
+            f"got {expires!r}"
+        )
     return float(expires)
 
 
@@ -216,12 +231,15 @@ class Client:
     ) -> None:
         self.redis_url = _app.redis_url(redis_url)
         self.broker_timeout_s = broker_timeout_s
+        try:
+            self.redis = redis.Redis.from_url(
+                self.redis_url,
+                socket_connect_timeout=_app.CONNECT_TIMEOUT_S,
+                socket_timeout=broker_timeout_s,
+            )
+        except ValueError as e:  # not a redis://, rediss://, unix:// URL, or a bad port
+            raise InvalidRequest(f"invalid Redis URL {masked(self.redis_url)}: {e}") from None
         self.app = _app.make_app(self.redis_url)
-        self.redis = redis.Redis.from_url(
-            self.redis_url,
-            socket_connect_timeout=_app.CONNECT_TIMEOUT_S,
-            socket_timeout=broker_timeout_s,
-        )
         self.registry = Registry(self.redis, no_worker_grace_s=no_worker_grace_s)
         self.ledger = Ledger(self.redis)
         self._lookups: dict[tuple[str, str | None], tuple[float, Announced]] = {}
@@ -470,7 +488,15 @@ class Client:
             if job is not None:
                 try:
                     outs = iter(job.result(timeout=timeout))
-                except PipeqError as e:  # the whole message failed (timeout, lost, ...)
+                except BrokerUnavailable:
+                    raise  # Redis is gone: every later result would wait as long
+                except JobLost as e:
+                    good = [item for item, error in segment if error is None]
+                    if len(good) == 1:
+                        failed = e
+                    else:  # one of them kills its worker: find it, each item alone
+                        outs = iter(alone(good))
+                except PipeqError as e:  # the whole message failed (timeout, ...)
                     failed = e
             for _, error in segment:
                 if error is not None or failed is not None:
@@ -484,6 +510,19 @@ class Client:
                         *out["error"], job_id=job.id if job else None, deployment=target.name
                     )
                 )
+
+        def alone(good: list[Any]) -> list[dict[str, Any]]:
+            """Each item as a job of its own: only the one that kills fails (JobLost)."""
+            outs = []
+            for item in good:
+                job = self._send(target, [item], params, per_item=True, expires=expires)
+                try:
+                    outs.extend(job.result(timeout=timeout))
+                except BrokerUnavailable:
+                    raise
+                except PipeqError as e:
+                    outs.append({"error": [type(e).__name__, e.message]})
+            return outs
 
         def send(segment: list[tuple[Any, PipeqError | None]]) -> Iterator[Any]:
             """Send the segment's good items as one message (waiting for room: yields the
@@ -534,4 +573,6 @@ class Client:
 
     def job(self, job_id: str) -> Job:
         """A handle on a job submitted earlier (by any producer)."""
+        if not isinstance(job_id, str) or not job_id:
+            raise InvalidRequest(f"a job id is a non-empty string, got {job_id!r}")
         return Job(self, job_id)

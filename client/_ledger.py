@@ -5,6 +5,7 @@
     pipeq:waiting:<deployment>    zset    job id -> accepted at: accepted, not yet running
     pipeq:running:<deployment>    zset    job id -> accepted at: forward pass begun, no result yet
     pipeq:workers:<deployment>    zset    worker -> its last heartbeat
+    pipeq:dead-after:<deployment> hash    worker -> the silence after which it counts as dead
     pipeq:job:<id>                string  the deployment of a job pipeq accepted
     pipeq:cancel:<id>             string  the producer cancelled the job
     pipeq:attempts:<id>           string  how many times the job's worker died while running it
@@ -74,6 +75,10 @@ def running_key(deployment: str) -> str:
 
 def workers_key(deployment: str) -> str:
     return f"pipeq:workers:{deployment}"
+
+
+def dead_after_key(deployment: str) -> str:
+    return f"pipeq:dead-after:{deployment}"
 
 
 def inflight_key(worker: str) -> str:
@@ -207,9 +212,11 @@ for i = 1, n do
       .. '"date_done": null, "task_id": ' .. cjson.encode(id) .. '}'
     redis.call('SET', key, started, 'EX', ARGV[1])
     redis.call('PUBLISH', key, started)
-    local accepted = redis.call('ZSCORE', KEYS[1], id) or now
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('ZADD', KEYS[2], accepted, id)
+    if redis.call('EXISTS', 'pipeq:job:' .. id) == 1 then  -- counted only if accepted here
+      local accepted = redis.call('ZSCORE', KEYS[1], id) or now
+      redis.call('ZREM', KEYS[1], id)
+      redis.call('ZADD', KEYS[2], accepted, id)
+    end
   end
   if verdict ~= 'run' and verdict ~= 'quarantine' then redis.call('ZREM', KEYS[1], id) end
   out[i] = verdict
@@ -221,18 +228,21 @@ return out
 _BEAT = (
     _CLOCK
     + """
--- KEYS: workers, deployments, queue, waiting, running
+-- KEYS: workers, deployments, queue, waiting, running, dead-after (hash), stats (hash)
 -- ARGV: me, name, info, dead_after, forget_after, (unused), max_attempts, ttl, date_done
 redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('HSET', KEYS[6], ARGV[1], ARGV[4])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 local moved, lost = 0, {}
 -- a Redis that has just (re)started has not heard from the live workers yet
 local uptime = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)'))
-if uptime >= tonumber(ARGV[4]) then
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[4]), 'WITHSCORES')
-  for d = 1, #dead, 2 do
-    local owner, seen = dead[d], tonumber(dead[d + 1])
-    local inflight = 'pipeq:inflight:' .. owner
+local silent = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'WITHSCORES')
+for d = 1, #silent, 2 do
+  local owner, seen = silent[d], tonumber(silent[d + 1])
+  -- each worker is judged by the dead_after_s it beats for, not by the judge's own
+  local dead_after = tonumber(redis.call('HGET', KEYS[6], owner) or ARGV[4])
+  local inflight = 'pipeq:inflight:' .. owner
+  if owner ~= ARGV[1] and seen < now - dead_after and uptime >= dead_after then
     local items = redis.call('LRANGE', inflight, 0, -1)
     -- newest first: pushing each to the right puts the oldest at the front of the queue
     for i = 1, #items do
@@ -252,7 +262,7 @@ if uptime >= tonumber(ARGV[4]) then
             and meta['result']['hostname'] == owner then
           local attempts = redis.call('INCR', 'pipeq:attempts:' .. id)
           redis.call('EXPIRE', 'pipeq:attempts:' .. id, ARGV[8])
-          local accepted = redis.call('ZSCORE', KEYS[5], id) or now
+          local accepted = redis.call('ZSCORE', KEYS[5], id)
           redis.call('ZREM', KEYS[5], id)
           if attempts >= tonumber(ARGV[7]) then
             local why = 'its worker died while running it ' .. attempts .. ' times'
@@ -265,7 +275,7 @@ if uptime >= tonumber(ARGV[4]) then
             lost[#lost + 1] = id
           else
             redis.call('DEL', key)
-            redis.call('ZADD', KEYS[4], accepted, id)
+            if accepted then redis.call('ZADD', KEYS[4], accepted, id) end
             redis.call('RPUSH', KEYS[3], item)
             moved = moved + 1
           end
@@ -276,7 +286,11 @@ if uptime >= tonumber(ARGV[4]) then
       end
     end
     redis.call('DEL', inflight)
-    if seen < now - tonumber(ARGV[5]) then redis.call('ZREM', KEYS[1], owner) end
+    if seen < now - tonumber(ARGV[5]) then  -- long gone: forget it
+      redis.call('ZREM', KEYS[1], owner)
+      redis.call('HDEL', KEYS[6], owner)
+      redis.call('HDEL', KEYS[7], owner)
+    end
   end
 end
 return {moved, lost}

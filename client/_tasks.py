@@ -521,7 +521,13 @@ def request_bytes(inputs: Any, params: Mapping[str, Any]) -> int:
         text = json.dumps({"inputs": inputs, "params": params}, ensure_ascii=False)
     except (TypeError, ValueError) as e:
         raise InvalidRequest(f"the request is not JSON-serialisable: {e}") from None
-    return len(text.encode("utf-8", "surrogatepass"))
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise InvalidRequest(
+            f"the request holds text that is not valid Unicode (a lone surrogate at "
+            f"{e.object[e.start : e.end]!r})"
+        ) from None
 
 
 def check_limits(

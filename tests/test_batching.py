@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from pipeq import Client, InvalidRequest, ItemsFailed
+from pipeq import Client, InvalidRequest, ItemsFailed, JobCancelled
+from pipeq.worker.batcher import HandBack
 from pipeq.worker.bench import bench_inputs
 
 from .conftest import assert_close, send_raw
@@ -222,3 +223,103 @@ def test_batcher_measures_items_only_when_more_wait_than_one_batch_takes() -> No
         batcher.stop()
     assert results == ["ran alone", "ran bb", "ran unmeasurable", "ran a"]
     assert sorted(measured) == ["a", "bb", "unmeasurable"]
+
+
+def test_a_job_that_gave_up_does_not_stop_the_batcher() -> None:
+    """A job past job_timeout_s cancels its pending futures; the batcher skips them and
+    serves the next job (it used to die on InvalidStateError, leaving a live-looking
+    worker that answered nothing and ignored SIGTERM)."""
+    import threading
+
+    from pipeq.worker.batcher import Batcher
+
+    release = threading.Event()
+
+    def run(items: list[Any], params: dict[str, Any]) -> list[Any]:
+        release.wait(5)
+        return [f"ran {i}" for i in items]
+
+    def admit(ids: list[str], alone: bool) -> dict[str, BaseException]:
+        return {j: JobCancelled("cancelled") for j in ids if j == "refused"}
+
+    batcher = Batcher(run, max_batch_size=1, max_batch_wait_ms=0, admit=admit).start()
+    try:
+        gave_up = batcher.submit("gave-up", ["a", "b", "c"], {})
+        refused = batcher.submit("refused", ["x"], {})
+        for f in gave_up.futures[1:] + refused.futures:  # their jobs timed out meanwhile
+            f.cancel()
+        release.set()
+        later = batcher.submit("later", ["d"], {})
+        assert later.futures[0].result(timeout=10) == "ran d"
+        assert batcher.alive
+        stopping = batcher.submit("waiting", ["e", "f"], {})
+        stopping.futures[0].cancel()
+        batcher.hand_back()  # used to raise at the first cancelled future
+        assert isinstance(stopping.futures[1].exception(timeout=5), HandBack)
+    finally:
+        batcher.stop()
+
+
+def test_a_suspect_waits_in_the_schedule_not_in_the_batcher_thread() -> None:
+    """A suspect runs alone once the jobs already begun have run their remaining items
+    and settled; it never blocks the thread those items need (it used to, for
+    job_timeout_s)."""
+    import threading
+
+    from pipeq.worker.batcher import Batcher, Quarantine
+
+    order: list[list[Any]] = []
+    settled = threading.Event()
+
+    def run(items: list[Any], params: dict[str, Any]) -> list[Any]:
+        order.append(list(items))
+        return items
+
+    def admit(ids: list[str], alone: bool) -> dict[str, BaseException]:
+        return {} if alone or "suspect" not in ids else {"suspect": Quarantine()}
+
+    batcher = Batcher(
+        run,
+        max_batch_size=2,
+        max_batch_wait_ms=20,
+        admit=admit,
+        settled=lambda job_id: settled.is_set(),
+    )
+    long = batcher.submit("long", [f"l{i}" for i in range(6)], {})
+    suspect = batcher.submit("suspect", ["s"], {})
+    batcher.start()
+    try:
+        for f in long.futures:  # all of the begun job runs, with the suspect waiting
+            f.result(timeout=10)
+        assert not suspect.futures[0].done()
+        settled.set()  # its results are stored: now the suspect runs, alone
+        assert suspect.futures[0].result(timeout=10) == "s"
+    finally:
+        batcher.stop()
+    assert order[-1] == ["s"]
+
+
+def test_a_stopping_worker_finishes_the_jobs_it_began_and_hands_back_the_others() -> None:
+    import threading
+
+    from pipeq.worker.batcher import Batcher
+
+    release = threading.Event()
+
+    def run(items: list[Any], params: dict[str, Any]) -> list[Any]:
+        release.wait(5)
+        return items
+
+    batcher = Batcher(run, max_batch_size=2, max_batch_wait_ms=0).start()
+    try:
+        begun = batcher.submit("begun", ["a", "b", "c", "d", "e"], {})
+        deadline = time.monotonic() + 5
+        while begun.started_at is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiting = batcher.submit("waiting", ["x"], {})
+        assert batcher.hand_back() == 1
+        release.set()
+        assert [f.result(timeout=10) for f in begun.futures] == ["a", "b", "c", "d", "e"]
+        assert isinstance(waiting.futures[0].exception(timeout=5), HandBack)
+    finally:
+        batcher.stop()

@@ -336,3 +336,89 @@ def test_a_worker_that_cannot_reach_redis_exits_non_zero_saying_why(
     )
     assert proc.returncode != 0
     assert "Redis at redis://:***@" in proc.stderr and "hunter2" not in proc.stderr
+
+
+@pytest.mark.parametrize("expires", [1e12, float("inf"), 10**30, float("nan"), -1, 0, True, "30"])
+def test_an_expires_that_is_no_deadline_is_refused_at_submit(client: Client, expires: Any) -> None:
+    with pytest.raises(InvalidRequest, match="expires"):
+        client.submit("sentiment-analysis", "hello", expires=expires)
+
+
+def test_a_naive_datetime_is_this_machines_local_time(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`datetime.now() + 60 s` (naive, local) used to be read as UTC: JobExpired at once
+    west of Greenwich, nine hours late in Tokyo."""
+    import datetime
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        soon = datetime.datetime.now() + datetime.timedelta(seconds=60)
+        assert client.submit("sentiment-analysis", "in time", expires=soon).result(timeout=30)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+@pytest.mark.parametrize("bad", ["bad \ud800", ["fine", "bad \udfff"]], ids=["text", "list"])
+def test_text_that_is_not_valid_unicode_is_refused_at_submit(client: Client, bad: Any) -> None:
+    with pytest.raises(InvalidRequest, match="surrogate"):
+        client.submit("sentiment-analysis", bad)
+    outcomes = client.map("sentiment-analysis", ["fine", "bad \ud800"], return_exceptions=True)
+    assert isinstance(outcomes[1], InvalidRequest) and outcomes[0][0]["label"]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "code", "says"),
+    [
+        (["deployments", "--redis-url", "http://nowhere"], {}, 2, "invalid Redis URL"),
+        (["status", "x", "--redis-url", "redis://h:notaport/0"], {}, 2, "invalid Redis URL"),
+        (["status", ""], {}, 2, "non-empty"),
+        (["cancel", ""], {}, 2, "non-empty"),
+        (["result", "never-seen-id"], {}, 1, "unknown job"),
+        (["result", "x", "--timeout", "nan"], {}, 2, "finite"),
+        (["worker", "x"], {"PIPEQ_HEARTBEAT_S": "abc"}, 2, "heartbeat-s"),
+        (["worker", "x", "--dead-after-s", "inf"], {}, 2, "finite"),
+        (["deployments"], {"PIPEQ_HEARTBEAT_S": "abc"}, 0, ""),
+    ],
+)
+def test_the_cli_says_what_is_wrong_in_one_line(
+    redis_url: str, args: list[str], env: dict[str, str], code: int, says: str
+) -> None:
+    import os
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeq", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PIPEQ_REDIS_URL": redis_url, **env},
+    )
+    assert proc.returncode == code, proc.stderr
+    assert says in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_worker_gone_for_good_is_forgotten_with_its_statistics(redis_url: str) -> None:
+    """A dead worker's jobs go back, then after forget_after_s its entries go too (its
+    statistics field used to stay for ever)."""
+    import redis
+
+    from pipeq._ledger import dead_after_key, workers_key
+    from pipeq._registry import stats_key
+    from pipeq.worker.liveness import Heartbeat, LivenessSettings
+
+    r = redis.Redis.from_url(redis_url)
+    name = f"forgetting-{time.time_ns()}"
+    (now, _) = r.time()
+    r.zadd(workers_key(name), {"gone@host": now - 30})
+    r.hset(dead_after_key(name), "gone@host", 10)
+    r.hset(stats_key(name), "gone@host", "{}")
+    settings = LivenessSettings(heartbeat_s=0.5, dead_after_s=2.5, forget_after_s=20)
+    info = {"name": name, "task": "text-classification", "model": "m"}
+    beat = Heartbeat(r, name, "alive@host", info, settings, result_ttl_s=60)
+    beat.beat()
+    assert [m.decode() for m in r.zrange(workers_key(name), 0, -1)] == ["alive@host"]
+    assert not r.hexists(stats_key(name), "gone@host")
+    assert not r.hexists(dead_after_key(name), "gone@host")

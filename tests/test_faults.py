@@ -505,3 +505,70 @@ def test_a_redis_restart_of_five_seconds_fails_none_of_the_jobs_a_worker_holds(
         results = [j.result(timeout=120) for j in jobs]
     for text, got in zip(inputs, results, strict=True):
         assert_close(got, expected(sentiment.model, text), tol=1e-5)
+
+
+def test_redis_gone_in_the_middle_of_a_map_raises_broker_unavailable_in_bounded_time(
+    cluster_of: Any, sentiment: Deployment
+) -> None:
+    """Chunk after chunk used to wait the whole broker timeout each (75 s for 100 items
+    with a 3 s timeout)."""
+    from pipeq import BrokerUnavailable
+
+    cluster = cluster_of([sentiment], worker_env={"PIPEQ_FAULTS_FORWARD_S": "0.5"})
+    worker = cluster.start_worker("sentiment")
+    cluster.hostname(worker, "sentiment")
+    with cluster.client(broker_timeout_s=3) as client:
+        timer = threading.Timer(1.0, cluster.kill_redis)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable):
+            client.map("sentiment", texts(100, "map "), chunk_size=4)
+        took = time.monotonic() - started
+        timer.join()
+    cluster.kill(worker)  # it would wait for the Redis that is gone
+    print(f"\nRedis killed 1 s into a map: BrokerUnavailable after {took:.1f} s")
+    assert took < 1 + 3 + 3
+
+
+def test_a_worker_is_judged_by_its_own_liveness_settings(
+    cluster_of: Any, sentiment: Deployment
+) -> None:
+    """A worker beating every 2 s (dead after 10 s) runs a 7 s job; a peer started with
+    dead_after_s 1.5 must not take it back from it (it used to, twice)."""
+    cluster = cluster_of([sentiment])
+    with cluster.client() as client:
+        slow = cluster.start_worker("sentiment")
+        cluster.hostname(slow, "sentiment")
+        job = client.submit("sentiment", "a long one pipeq-fault:sleep=7")
+        wait_until(lambda: job.status() is JobState.RUNNING, 30, "the job runs")
+        eager = cluster.start_worker("sentiment", PIPEQ_HEARTBEAT_S="0.5", PIPEQ_DEAD_AFTER_S="1.5")
+        cluster.hostname(eager, "sentiment")
+        job.result(timeout=60)
+    runs = [pid for pid, text in cluster.forwards() if "sleep=7" in text]
+    assert runs == [slow.pid]
+
+
+def test_a_map_with_an_item_that_kills_its_worker_fails_that_item_alone(
+    cluster_of: Any, sentiment: Deployment
+) -> None:
+    cluster = cluster_of([sentiment], worker_env=QUICK)
+    with cluster.client() as client:
+        worker = cluster.start_worker("sentiment")
+        cluster.hostname(worker, "sentiment")
+        items = texts(12, "mapped ")
+        items[5] = "this one pipeq-fault:kill it"
+        outcome: list[Any] = []
+        mapper = threading.Thread(
+            target=lambda: outcome.extend(
+                client.map("sentiment", items, chunk_size=4, return_exceptions=True)
+            )
+        )
+        mapper.start()
+        while mapper.is_alive():
+            if worker.poll() is not None:  # a supervisor restarts it
+                worker = cluster.start_worker("sentiment")
+            time.sleep(0.1)
+    assert isinstance(outcome[5], JobLost)
+    for i, (text, got) in enumerate(zip(items, outcome, strict=True)):
+        if i != 5:
+            assert_close(got, expected(sentiment.model, text), tol=1e-5)

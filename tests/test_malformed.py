@@ -155,6 +155,20 @@ KINDS: list[tuple[str, Mutation, bool]] = [
     ("no-properties", edit(**{"-properties": None}), True),
     ("no-delivery-tag", edit(**{"-properties__delivery_tag": None}), True),
     ("oversized", edit(headers__kwargsrepr=BIG), True),
+    # forms Celery's worker cannot read: one of these took down every worker in turn
+    ("timelimit-string", edit(headers__timelimit="x"), True),
+    ("timelimit-number", edit(headers__timelimit=5), True),
+    ("timelimit-one", edit(headers__timelimit=[1]), True),
+    ("timelimit-three", edit(headers__timelimit=[1, 2, 3]), True),
+    ("retries-string", edit(headers__retries="x"), True),
+    ("shadow-number", edit(headers__shadow=5), True),
+    ("priority-string", edit(properties__priority="high"), True),
+    (
+        "routing-key-number",
+        edit(properties__delivery_info={"exchange": "", "routing_key": 7}),
+        True,
+    ),
+    ("ignore-result", edit(headers__ignore_result=True), True),
 ]
 
 
@@ -196,11 +210,25 @@ def test_a_malformed_message_is_set_aside_and_the_worker_serves_the_next_job(
             job.result(timeout=5)
 
 
-def test_a_well_formed_raw_message_runs(client: Client) -> None:
-    """The template the malformed kinds are cut from is itself a job a worker runs."""
+def test_a_well_formed_raw_message_runs_and_leaves_no_trace(client: Client) -> None:
+    """The template the malformed kinds are cut from is itself a job a worker runs; sent
+    twice as the same bytes (the same delivery tag), it is answered once, and nothing of
+    either copy stays in the worker's list or in the depth counts."""
     job_id = f"well-formed-{uuid.uuid4()}"
-    push(client, envelope(job_id))
+    data = json.dumps(envelope(job_id)).encode()
+    push(client, data)
+    push(client, data)
     assert client.job(job_id).result(timeout=30)[0]["label"] in ("POSITIVE", "NEGATIVE")
+
+    def traces() -> tuple[int, int, int]:
+        inflight = sum(client.redis.llen(k) for k in client.redis.keys("pipeq:inflight:*"))
+        depth = client.depth(DEPLOYMENT)
+        return inflight, depth.waiting, depth.running
+
+    deadline = time.monotonic() + 10
+    while traces() != (0, 0, 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert traces() == (0, 0, 0)
 
 
 def test_a_message_celery_itself_sent_passes_the_gate(client: Client) -> None:

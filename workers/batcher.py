@@ -17,10 +17,17 @@ Before each forward pass the `admit(job_ids, alone)` hook says which jobs must n
 (and why: cancelled, expired, finished already) and which must run apart from the rest
 (`Quarantine`: delivered again after their worker died, so a suspect); the worker does
 that in one Redis round trip a batch, marking the others as running. A quarantined job
-goes back to the front of the waiting items and forms a batch of its own items only.
+goes back to the front of the waiting items and forms a batch of its own items only,
+once the jobs already begun have run their remaining items and `settled(job_id)` says
+no other job is between its forward pass and its stored result (were the suspect to
+kill the worker, such a job would count an attempt it did not cause).
 
-`hand_back()` (the worker is stopping) fails every waiting item with `HandBack`, so its
-job's message goes back to the queue at once, while the batch running now finishes.
+`hand_back()` (the worker is stopping) fails every waiting item of a job that has not
+started with `HandBack`, so its message goes back to the queue at once; the jobs begun
+(the batch running now, the rest of a long list) finish.
+
+The batcher thread never dies of an error: a job that gave up (its futures cancelled)
+is skipped, and anything unexpected fails the batch it happened in.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +132,17 @@ class BatchError(Exception):
     """Raised by `run` for the batch as a whole: every item gets it, none is run again."""
 
 
+def _resolve(future: Future[Any], result: Any = None, error: BaseException | None = None) -> None:
+    """Complete a future, unless its job gave up on it already (cancelled it)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
 def _is_oom(e: BaseException) -> bool:
     return type(e).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError
 
@@ -139,6 +157,7 @@ class Batcher:
         max_batch_size: int,
         max_batch_wait_ms: float,
         admit: Callable[[list[str], bool], dict[str, BaseException]] = lambda ids, alone: {},
+        settled: Callable[[str], bool] = lambda job_id: True,
         on_oom: Callable[[], None] = lambda: None,
         size: Callable[[Any], int] = length_in_chars,
     ) -> None:
@@ -148,6 +167,7 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max(0.0, max_batch_wait_ms) / 1000
         self._admit = admit
+        self._settled = settled
         self._on_oom = on_oom
         self._size = size
         self._pending: list[_Item] = []
@@ -177,21 +197,27 @@ class Batcher:
         with self._cond:
             if self._handing_back:
                 for item in new:
-                    item.future.set_exception(HandBack())
+                    _resolve(item.future, error=HandBack())
             else:
                 self._pending.extend(new)
                 self._cond.notify()
         return job
 
     def hand_back(self) -> int:
-        """Fail every waiting item with HandBack, and any submitted later; the batch
-        running now goes on. Returns the number of items handed back."""
+        """Fail with HandBack every waiting item of a job that has not started, and any
+        submitted later; the jobs begun go on. Returns the number of items handed back."""
         with self._cond:
             self._handing_back = True
-            waiting, self._pending = self._pending, []
-        for item in waiting:
-            item.future.set_exception(HandBack())
-        return len(waiting)
+            back = [i for i in self._pending if i.job.started_at is None]
+            self._pending = [i for i in self._pending if i.job.started_at is not None]
+        for item in back:
+            _resolve(item.future, error=HandBack())
+        return len(back)
+
+    @property
+    def alive(self) -> bool:
+        """The batcher thread runs (the worker is useless without it)."""
+        return self._thread.is_alive()
 
     # -- the batcher thread --------------------------------------------------------
     def _loop(self) -> None:
@@ -199,7 +225,12 @@ class Batcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._execute(batch)
+            try:
+                self._execute(batch)
+            except Exception as e:  # never let the thread die: fail this batch instead
+                log.exception("batch failed unexpectedly")
+                for item in batch:
+                    _resolve(item.future, error=e)
 
     def _next_batch(self) -> list[_Item] | None:
         with self._cond:
@@ -210,9 +241,21 @@ class Batcher:
                     return None
                 suspect = next((i for i in self._pending if i.alone), None)
                 if suspect is not None:
-                    batch = [i for i in self._pending if i.job is suspect.job]
-                    batch = batch[: self.max_batch_size]
-                    break
+                    # first the rest of the jobs already begun, then the suspect alone
+                    begun = [
+                        i
+                        for i in self._pending
+                        if i.job.started_at is not None and i.job is not suspect.job
+                    ]
+                    if begun:
+                        batch = self._sweep([i for i in begun if i.key == begun[0].key])
+                        break
+                    if self._settled(suspect.job_id):
+                        batch = [i for i in self._pending if i.job is suspect.job]
+                        batch = batch[: self.max_batch_size]
+                        break
+                    self._cond.wait(0.02)  # earlier jobs' results are being stored
+                    continue
                 oldest = self._pending[0]
                 peers = [i for i in self._pending if i.key == oldest.key]
                 wait = oldest.arrived + self.max_batch_wait_s - time.monotonic()
@@ -264,12 +307,16 @@ class Batcher:
                 item.alone = True
                 suspects.append(item)
             elif verdict is not None:
-                item.future.set_exception(verdict)
+                _resolve(item.future, error=verdict)
             elif item.future.set_running_or_notify_cancel():  # else its job gave up
                 live.append(item)
         if suspects:
             with self._cond:
-                self._pending[:0] = suspects
+                if self._handing_back:  # not started: back to the queue
+                    for item in suspects:
+                        _resolve(item.future, error=HandBack())
+                else:
+                    self._pending[:0] = suspects
         if not live:
             return
         started = time.monotonic()
@@ -285,14 +332,14 @@ class Batcher:
             results = self._run([i.value for i in items], items[0].params)
         except BatchError as e:  # about the whole batch (a time limit): no item to single out
             for item in items:
-                item.future.set_exception(e)
+                _resolve(item.future, error=e)
             return
         except Exception as e:
             oom = _is_oom(e)
             if oom:
                 self._on_oom()
             if len(items) == 1:
-                items[0].future.set_exception(e)
+                _resolve(items[0].future, error=e)
                 return
             half = len(items) // 2
             # out of memory: halve the batch; anything else: each item alone finds the bad one
@@ -300,4 +347,4 @@ class Batcher:
                 self._forward(part)
             return
         for item, result in zip(items, results, strict=True):
-            item.future.set_result(result)
+            _resolve(item.future, result)

@@ -100,6 +100,40 @@ def _check_envelope(envelope: dict[str, Any], headers: dict[str, Any]) -> None:
             raise Malformed(f"expires {expires!r} is not an ISO 8601 time") from None
     if headers.get("chord") or headers.get("group"):
         raise Malformed("groups and chords are not supported")
+    if headers.get("ignore_result"):
+        raise Malformed("ignore_result: pipeq stores every job's result")
+    _check_celery_fields(headers, props)
+
+
+def _optional(value: Any, kind: type | tuple[type, ...]) -> bool:
+    return value is None or (isinstance(value, kind) and not isinstance(value, bool))
+
+
+def _check_celery_fields(headers: dict[str, Any], props: dict[str, Any]) -> None:
+    """The other fields Celery's worker reads from a message, in the forms it can read:
+    a message Celery cannot parse stops its consumer (a `timelimit` of "x" did, and took
+    every worker that took the message after it)."""
+    for name in ("shadow", "root_id", "parent_id", "argsrepr", "kwargsrepr", "origin", "lang"):
+        if not _optional(headers.get(name), str):
+            raise Malformed(f"header {name!r} must be a string or null")
+    limits = headers.get("timelimit")
+    if limits is not None and not (
+        isinstance(limits, list)
+        and len(limits) == 2
+        and all(_optional(x, (int, float)) for x in limits)
+    ):
+        raise Malformed("header 'timelimit' must be [soft, hard], each seconds or null")
+    if not _optional(headers.get("retries"), int) or (headers.get("retries") or 0) < 0:
+        raise Malformed("header 'retries' must be a non-negative integer")
+    for name in ("reply_to", "correlation_id"):
+        if not _optional(props.get(name), str):
+            raise Malformed(f"property {name!r} must be a string or null")
+    if not _optional(props.get("priority"), int):
+        raise Malformed("property 'priority' must be an integer or null")
+    info = props["delivery_info"]
+    for name in ("exchange", "routing_key"):
+        if not _optional(info.get(name), str):
+            raise Malformed(f"delivery_info {name!r} must be a string or null")
 
 
 def _check_body(body: Any) -> None:

@@ -82,42 +82,31 @@ class Admission:
         deployment: str,
         worker: str,
         events: Events,
-        *,
-        settle_timeout_s: float = 300.0,
     ) -> None:
         self.ledger = ledger
         self.keys = [waiting_key(deployment), running_key(deployment)]
         self.worker = worker
         self.events = events
-        self.settle_timeout_s = settle_timeout_s
         #: job id -> its `expires` deadline (unix s), for jobs this worker holds
         self.expires: dict[str, float] = {}
         #: jobs whose forward pass began and whose result is not stored yet
         self.started: set[str] = set()
-        #: jobs set apart as suspects: they run once every other started job has settled
-        self.suspects: set[str] = set()
-        self._settled = threading.Condition()
+        self._lock = threading.Lock()
 
     def forget(self, job_id: str) -> None:
         """The job's thread has stored its outcome (Celery's task_postrun)."""
         self.expires.pop(job_id, None)
-        self.suspects.discard(job_id)
-        with self._settled:
+        with self._lock:
             self.started.discard(job_id)
-            self._settled.notify_all()
 
-    def _settle(self, job_ids: list[str]) -> None:
-        """Wait until no other job is between its forward pass and its stored result: a
-        suspect that kills the worker must find no batch-mate of an earlier batch still
-        marked STARTED, which would count that job an attempt too."""
-        with self._settled:
-            self._settled.wait_for(
-                lambda: not (self.started - set(job_ids)), timeout=self.settle_timeout_s
-            )
+    def settled(self, job_id: str) -> bool:
+        """No job but this one is between its forward pass and its stored result: a
+        suspect may run (were it to kill the worker, no batch-mate of an earlier batch
+        would still be marked STARTED, and count an attempt it did not cause)."""
+        with self._lock:
+            return not (self.started - {job_id})
 
     def __call__(self, job_ids: list[str], alone: bool) -> dict[str, BaseException]:
-        if self.suspects.intersection(job_ids):
-            self._settle(job_ids)
         deadlines = [self.expires.get(j) for j in job_ids]
         args = [
             _app.RESULT_TTL_S,
@@ -133,7 +122,7 @@ class Admission:
         for job_id, raw in zip(job_ids, verdicts, strict=True):
             verdict = raw.decode() if isinstance(raw, bytes) else str(raw)
             if verdict == "run":
-                with self._settled:
+                with self._lock:
                     first = job_id not in self.started
                     self.started.add(job_id)
                 if first:
@@ -145,7 +134,6 @@ class Admission:
             elif verdict == "done":
                 refused[job_id] = AlreadyDone()
             else:
-                self.suspects.add(job_id)
                 refused[job_id] = Quarantine()
         return refused
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ import redis
 
 from pipeq._ledger import (
     Ledger,
+    dead_after_key,
     inflight_key,
     queue_for,
     running_key,
@@ -36,7 +39,10 @@ from pipeq._ledger import (
 )
 from pipeq._registry import DEPLOYMENTS_KEY, stats_key
 
-__all__ = ["Heartbeat", "LivenessSettings"]
+__all__ = ["EXIT_UNHEALTHY", "Heartbeat", "LivenessSettings"]
+
+#: exit status of a worker that found it can no longer run jobs
+EXIT_UNHEALTHY = 70
 
 log = logging.getLogger("pipeq.worker")
 
@@ -56,6 +62,8 @@ class LivenessSettings:
     forget_after_s: float = 600.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.dead_after_s) and math.isfinite(self.forget_after_s)):
+            raise ValueError("dead_after_s and forget_after_s must be finite")
         if not 0 < self.heartbeat_s < self.dead_after_s / 2:
             raise ValueError(
                 f"heartbeat_s ({self.heartbeat_s}) must be positive and below half of "
@@ -77,6 +85,7 @@ class Heartbeat:
         settings: LivenessSettings,
         *,
         stats: Callable[[], dict[str, Any]] = dict,
+        healthy: Callable[[], bool] = lambda: True,
         on_lost: Callable[[list[str]], None] = lambda ids: None,
         result_ttl_s: int,
     ) -> None:
@@ -86,6 +95,7 @@ class Heartbeat:
         self.info = json.dumps(info, sort_keys=True)
         self.settings = settings
         self.stats = stats
+        self.healthy = healthy
         self.on_lost = on_lost
         self.result_ttl_s = result_ttl_s
         self.inflight = inflight_key(worker)
@@ -102,6 +112,8 @@ class Heartbeat:
                 queue_for(self.deployment),
                 waiting_key(self.deployment),
                 running_key(self.deployment),
+                dead_after_key(self.deployment),
+                stats_key(self.deployment),
             ],
             [
                 self.worker,
@@ -141,6 +153,12 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_s):
+            if not self.healthy():
+                # a worker that can no longer run jobs must not go on beating for the jobs
+                # it holds: exit, and the others take them back after dead_after_s
+                log.critical("the worker can no longer run jobs (batcher stopped); exiting")
+                logging.shutdown()
+                os._exit(EXIT_UNHEALTHY)
             try:
                 self.beat()
             except redis.RedisError as e:  # Redis away for a while: try again next beat

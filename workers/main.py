@@ -201,18 +201,13 @@ def run_worker(
         result_backend_max_retries=60,
     )
     Consumer.events = events
-    admission = Admission(
-        app.backend.ledger,
-        deployment.name,
-        hostname,
-        events,
-        settle_timeout_s=deployment.job_timeout_s,
-    )
+    admission = Admission(app.backend.ledger, deployment.name, hostname, events)
     batcher = Batcher(
         partial(handler.run, time_limit_s=deployment.job_timeout_s),
         max_batch_size=deployment.max_batch_size,
         max_batch_wait_ms=deployment.max_batch_wait_ms,
         admit=admission,
+        settled=admission.settled,
         on_oom=_free_cuda_memory,
         size=handler.size,
     ).start()
@@ -229,6 +224,7 @@ def run_worker(
         info,
         liveness,
         stats=batcher.stats.as_dict,
+        healthy=lambda: batcher.alive,
         on_lost=on_lost,
         result_ttl_s=_app.RESULT_TTL_S,
     )

@@ -83,10 +83,12 @@ class InflightQoS(kombu_redis.QoS):
         held = self.channel.held.pop(delivery_tag, None)
         if held is None:
             return super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-any-return]
+        raw, queue, job_id = held
         if requeue:
-            self.channel.requeue(*held)
-        else:
-            retrying(self.channel.ledger.redis.lrem, self.channel.pipeq_inflight, 1, held[0])
+            self.channel.requeue(raw, queue)
+        else:  # Celery gave up on it (a message it cannot parse): set aside, never dropped
+            why = Malformed("the worker's Celery consumer rejected it", job_id)
+            self.channel.set_aside(raw, queue, why)
         virtual.QoS.ack(self, delivery_tag)
 
     def restore_visible(self, *args: Any, **kwargs: Any) -> None:
@@ -112,8 +114,8 @@ class WorkerChannel(_Channel):
     _blmove_queue: str | None = None
 
     @cached_property
-    def held(self) -> dict[str, tuple[bytes, str]]:
-        """delivery tag -> (the message as Redis holds it, its queue)"""
+    def held(self) -> dict[str, tuple[bytes, str, str]]:
+        """delivery tag -> (the message as Redis holds it, its queue, its job id)"""
         return {}
 
     def requeue(self, raw: bytes, queue: str) -> None:
@@ -155,15 +157,29 @@ class WorkerChannel(_Channel):
         try:
             envelope = check_message(raw, max_bytes=self.pipeq_max_message_bytes)
         except Malformed as e:
-            self._set_aside(raw, queue, e)
+            self.set_aside(raw, queue, e)
             raise Empty() from None
         if queue not in self.connection._callbacks:  # consumer cancelled meanwhile
             self.requeue(raw, queue)
             raise Empty()
-        self.held[envelope["properties"]["delivery_tag"]] = (raw, queue)
-        self.connection._deliver(envelope, queue)
+        tag, job_id = envelope["properties"]["delivery_tag"], envelope["headers"]["id"]
+        if tag in self.held:  # a copy of a message held already: one is enough
+            self.set_aside(raw, queue, Malformed("a copy of a message this worker holds"))
+            raise Empty()
+        self.held[tag] = (raw, queue, job_id)
+        try:
+            self.connection._deliver(envelope, queue)
+        except self.connection_errors:
+            raise
+        except Exception as e:  # Celery could not accept it: never stop the consumer
+            log.exception("the consumer could not accept job %s", job_id)
+            if self.held.pop(tag, None) is not None:
+                why = Malformed(f"the worker could not accept it: {type(e).__name__}: {e}", job_id)
+                self.set_aside(raw, queue, why)
+            raise Empty() from None
 
-    def _set_aside(self, raw: bytes, queue: str, why: Malformed) -> None:
+    def set_aside(self, raw: bytes, queue: str, why: Malformed) -> None:
+        """Into the dead-letter list with the reason; its job (if named) fails first."""
         log.warning("set aside a malformed message (job %s): %s", why.job_id, why.reason)
         if self.pipeq_on_malformed is not None:
             self.pipeq_on_malformed(raw, why)
