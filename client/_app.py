@@ -151,12 +151,13 @@ class Transport(kombu_redis.Transport):
     Channel = _Channel
 
 
-def make_app(url: str | None = None, **overrides: Any) -> Celery:
-    """A Celery app with pipeq's settings, on Redis as broker and result backend."""
+def make_app(url: str | None = None, *, cls: type[Celery] = Celery, **overrides: Any) -> Celery:
+    """A Celery app (of class `cls`) with pipeq's settings, on Redis as broker and result
+    backend."""
     url = redis_url(url)
     # "<class>+<url>" picks the backend class (celery.app.backends.by_url)
     backend = f"{__name__}:Backend+{url.removeprefix('redis+')}"
-    app = Celery("pipeq", broker=url, backend=backend, set_as_current=False)
+    app = cls("pipeq", broker=url, backend=backend, set_as_current=False)
     app.conf.update(
         broker_transport=f"{__name__}:Transport",
         task_serializer="json",

@@ -90,7 +90,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from pipeq._config import load_deployments
-    from pipeq._stack import Stack
+    from pipeq._stack import FLOWER_AUTH_ENV, FlowerUnprotected, Stack
 
     stack = Stack(
         load_deployments(args.config),
@@ -98,7 +98,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis_url=args.redis_url or None,
         redis_port=args.redis_port,
         flower_port=None if args.no_flower else args.flower_port,
+        flower_address=args.flower_address,
+        flower_auth=os.environ.get(FLOWER_AUTH_ENV) or None,
     )
+    try:
+        stack.check()
+    except FlowerUnprotected as e:
+        print(f"pipeq up: {e}", file=sys.stderr)
+        return 2
     stopping = threading.Event()
 
     def _stop(signum: int, frame: Any) -> None:
@@ -110,7 +117,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         stack.start()
         print(f"redis:   {stack.url}" + ("  (embedded)" if stack.redis_proc else ""), flush=True)
         if stack.flower_proc:
-            print(f"flower:  http://127.0.0.1:{args.flower_port}", flush=True)
+            api = "basic auth" if stack.flower_auth else "API open to this host"
+            print(f"flower:  {stack.flower_url}  ({api})", flush=True)
         print(f"logs:    {stack.log_dir}", flush=True)
         for name, state in stack.wait_ready(args.ready_timeout).items():
             print(f"worker {name}: {state}", flush=True)
@@ -253,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--config", default=env_config)
     u.add_argument("--redis-port", type=int, default=6399, help="port of the embedded Redis")
     u.add_argument("--flower-port", type=int, default=5555)
+    u.add_argument(
+        "--flower-address",
+        default="127.0.0.1",
+        help="address Flower listens on (default 127.0.0.1); any other than loopback "
+        "needs $PIPEQ_FLOWER_AUTH=user:password",
+    )
     u.add_argument("--no-flower", action="store_true")
     u.add_argument("--ready-timeout", type=float, default=300.0)
 

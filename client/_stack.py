@@ -3,10 +3,16 @@
 The stack's children run in their own sessions, so Ctrl-C reaches only `pipeq up`,
 which then stops them in order: workers (warm shutdown), Flower, Redis. Worker
 output goes to one log file per deployment, whose tail is shown when a worker fails.
+
+Flower runs pipeq's own Celery app (`pipeq._flower`), told the Redis URL and its
+password through its environment, never its command line (`ps` shows that). On a
+loopback address its API is open, for local development; anywhere else it asks for
+basic auth ($PIPEQ_FLOWER_AUTH), and without that the stack refuses to start.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import signal
@@ -23,9 +29,65 @@ import redis
 from pipeq._config import Deployment
 from pipeq._registry import Registry
 
-__all__ = ["Stack", "find_redis_server", "start_redis"]
+__all__ = [
+    "FLOWER_AUTH_ENV",
+    "FLOWER_DEPLOYMENTS_ENV",
+    "FlowerUnprotected",
+    "Stack",
+    "find_redis_server",
+    "start_redis",
+]
 
 STOP_GRACE_S = 20.0
+#: `user:password` (several: comma-separated) that Flower asks for
+FLOWER_AUTH_ENV = "PIPEQ_FLOWER_AUTH"
+#: the deployments whose queues Flower lists from its start (comma-separated)
+FLOWER_DEPLOYMENTS_ENV = "PIPEQ_FLOWER_DEPLOYMENTS"
+#: what a parent's environment must not decide for pipeq's Flower: its auth, and Celery's
+#: broker and backend, which Celery reads from the environment before the app's own
+_FLOWER_ENV_DROPPED = (
+    FLOWER_AUTH_ENV,
+    "FLOWER_BASIC_AUTH",
+    "FLOWER_UNAUTHENTICATED_API",
+    "CELERY_BROKER_URL",
+    "CELERY_RESULT_BACKEND",
+)
+
+
+class FlowerUnprotected(ValueError):
+    """Flower would answer beyond this host with no password."""
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a server bound to `address` is reachable from this host only."""
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:  # a host name, or "" (every address)
+        return False
+
+
+def flower_auth_env(address: str, auth: str | None) -> dict[str, str]:
+    """Flower's own variables for its auth: basic auth when `auth` (user:password,
+    comma-separated for several) is given, else an open API on a loopback address only.
+    Raises FlowerUnprotected for an open API anywhere else, or a malformed `auth`."""
+    if auth:
+        if not all(
+            user and password
+            for user, _, password in (entry.partition(":") for entry in auth.split(","))
+        ):
+            raise FlowerUnprotected(
+                f"${FLOWER_AUTH_ENV} must be user:password (comma-separated for several users)"
+            )
+        return {"FLOWER_BASIC_AUTH": auth}
+    if not is_loopback(address):
+        raise FlowerUnprotected(
+            f"Flower would listen on {address or 'every address'!r} with no password: "
+            f"set {FLOWER_AUTH_ENV}=user:password, or use --flower-address 127.0.0.1 "
+            "or --no-flower"
+        )
+    return {"FLOWER_UNAUTHENTICATED_API": "true"}
 
 
 def find_redis_server() -> str:
@@ -131,6 +193,9 @@ class Stack:
     redis_url: str | None = None
     redis_port: int = 6399
     flower_port: int | None = 5555
+    flower_address: str = "127.0.0.1"
+    #: user:password for Flower's basic auth (required unless on a loopback address)
+    flower_auth: str | None = None
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pipeq-up-")))
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     redis_proc: subprocess.Popen[bytes] | None = None
@@ -143,7 +208,19 @@ class Stack:
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 
+    @property
+    def flower_url(self) -> str:
+        host = self.flower_address or "0.0.0.0"
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        return f"http://{host}:{self.flower_port}"
+
+    def check(self) -> None:
+        """Raise FlowerUnprotected before anything starts if Flower would be exposed."""
+        if self.flower_port:
+            flower_auth_env(self.flower_address, self.flower_auth)
+
     def start(self) -> None:
+        self.check()
         if self.redis_url is None:
             if not port_free(self.redis_port):
                 raise RuntimeError(
@@ -151,6 +228,7 @@ class Stack:
                 )
             self.redis_proc = start_redis(self.redis_port, self.log_dir)
         env = {**os.environ, "PIPEQ_REDIS_URL": self.url}
+        env.pop(FLOWER_AUTH_ENV, None)  # Flower's password is Flower's alone
         for name in self.deployments:
             cmd = [sys.executable, "-m", "pipeq", "worker", name, "--redis-url", self.url]
             if self.config_path:
@@ -170,15 +248,19 @@ class Stack:
                 "flower is not installed (pip install pipeq[stack]); no dashboard", file=sys.stderr
             )
             return None
+        env = {k: v for k, v in env.items() if k not in _FLOWER_ENV_DROPPED}
+        env.update(flower_auth_env(self.flower_address, self.flower_auth))
+        env[FLOWER_DEPLOYMENTS_ENV] = ",".join(self.deployments)
+        # the Redis URL (and its password) reaches Flower as $PIPEQ_REDIS_URL, not argv
         cmd = [
             sys.executable,
             "-m",
             "celery",
-            "--broker",
-            self.url,
+            "-A",
+            "pipeq._flower",
             "flower",
             f"--port={self.flower_port}",
-            "--address=127.0.0.1",
+            f"--address={self.flower_address}",
         ]
         with open(self.log_dir / "flower.log", "wb") as log:
             return subprocess.Popen(

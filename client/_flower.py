@@ -1,0 +1,139 @@
+"""Flower's Celery app: `celery -A pipeq._flower flower`, as `pipeq up` runs it.
+
+It is pipeq's own app (`_app.make_app`): the result backend, so Flower's
+`/api/task/result/<id>` reads results, and pipeq's transport, whose enqueue goes
+through the ledger, so a job sent from Flower counts in `Client.depth` like any other.
+It reads the Redis URL from $PIPEQ_REDIS_URL only: a URL on a command line shows its
+password in `ps`.
+
+What Flower needs beyond that:
+
+- `pipeq.run` is registered here, producer side, so `POST /api/task/async-apply/pipeq.run`
+  finds it (`send-task` needs no registration). It never runs here.
+- The queue says which deployment runs a job, as for every producer: a send must name
+  `"queue": "pipeq.<deployment>"` of an announced deployment with a live worker. A send
+  that does not (no queue, another queue, another task name, an unknown deployment) is
+  refused: nothing is enqueued, and the job fails at once with the `PipeqError` that says
+  why, which `send-task` answers as its state (FAILURE) and `/api/task/result/<id>`
+  shows. Flower turns an exception raised by a send into a bare 500, so a refusal is
+  told through the job instead. A deployment's `max_queue_length` holds as for `submit`.
+- The deployments' queues are the app's `task_queues`, which Flower's Broker page and
+  `/api/queues/length` list until Flower has inspected a worker (Flower inspects once, at
+  its start, before `pipeq up`'s workers have loaded their models). The names come from
+  $PIPEQ_FLOWER_DEPLOYMENTS (set by `pipeq up`) and the deployments announced in Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import redis
+from celery import Celery
+from kombu.entity import Exchange, Queue
+from kombu.transport import TRANSPORT_ALIASES
+
+from pipeq import _app
+from pipeq._registry import Announced, Registry
+from pipeq._stack import FLOWER_DEPLOYMENTS_ENV
+from pipeq.errors import InvalidRequest, PipeqError, UnknownDeployment
+
+__all__ = ["FlowerApp", "app", "make_app"]
+
+
+class FlowerApp(Celery):  # type: ignore[misc]
+    """pipeq's Celery app as Flower sends with it: every send is checked for a
+    deployment to run it, and refused through the job when it has none."""
+
+    def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        task_id = options.pop("task_id", None) or str(uuid.uuid4())
+        try:
+            deployment = self._deployment_of(name, options.get("queue"))
+            limit = int(deployment.info.get("max_queue_length") or 0)
+            options.setdefault("shadow", f"{_app.RUN_TASK}[{deployment.name}]")
+            token = _app.enqueue_limit.set(limit)
+            try:
+                return super().send_task(name, args, kwargs, task_id=task_id, **options)
+            finally:
+                _app.enqueue_limit.reset(token)
+        except PipeqError as e:  # Overloaded comes from the enqueue itself
+            self.backend.mark_as_failure(task_id, e)
+            return self.AsyncResult(task_id)
+
+    def _deployment_of(self, name: str, queue: Any) -> Announced:
+        """The announced deployment whose queue this send names; a PipeqError if none."""
+        registry = Registry(self.backend.client)
+        known = registry.deployments()
+        qname = getattr(queue, "name", queue)
+        send = (
+            f'send {{"kwargs": {{"inputs": ..., "params": {{...}}}}, "queue": '
+            f'"{_app.QUEUE_PREFIX}<deployment>"}} to {_app.RUN_TASK}; '
+            f"deployments: {', '.join(sorted(known)) or 'none yet'}"
+        )
+        if name != _app.RUN_TASK:
+            raise InvalidRequest(f'pipeq workers run only {_app.RUN_TASK}, not "{name}": {send}')
+        if not qname:
+            raise InvalidRequest(f"no queue: {send}")
+        found = None
+        if isinstance(qname, str) and qname.startswith(_app.QUEUE_PREFIX):
+            found = known.get(qname.removeprefix(_app.QUEUE_PREFIX))
+        if found is None:
+            raise UnknownDeployment(f'no deployment reads queue "{qname}": {send}')
+        registry.require_live(found.name)
+        return found
+
+
+def _announced(url: str) -> list[str]:
+    """The deployments announced on this Redis; none if it does not answer."""
+    client = redis.Redis.from_url(
+        url, socket_connect_timeout=_app.CONNECT_TIMEOUT_S, socket_timeout=_app.CONNECT_TIMEOUT_S
+    )
+    try:
+        return list(Registry(client).deployments())
+    except redis.RedisError:
+        return []
+    finally:
+        client.close()
+
+
+def make_app(url: str | None = None, deployments: list[str] | None = None) -> Celery:
+    """Flower's app on `url` (else $PIPEQ_REDIS_URL), listing the queues of `deployments`
+    (else $PIPEQ_FLOWER_DEPLOYMENTS) and of those announced in Redis."""
+    url = _app.redis_url(url)
+    if deployments is None:
+        deployments = [d.strip() for d in os.environ.get(FLOWER_DEPLOYMENTS_ENV, "").split(",")]
+    names = sorted({d for d in deployments if d} | set(_announced(url)))
+    queues = [_app.queue_for(n) for n in names]
+    # Flower knows a broker by its URL's scheme, which kombu writes with the transport's
+    # name: in Flower's process, pipeq's transport goes by the URL's own name ("redis")
+    scheme = url.partition("://")[0]
+    overrides = {}
+    if scheme in ("redis", "rediss"):  # both are kombu's Redis transport, which pipeq's extends
+        TRANSPORT_ALIASES[scheme] = f"{_app.__name__}:Transport"
+        overrides["broker_transport"] = scheme
+    flower = _app.make_app(
+        url,
+        cls=FlowerApp,
+        **overrides,
+        # as a worker declares its queue (Celery's queue for a name it was not told of)
+        task_queues=[Queue(q, Exchange(q, "direct"), q) for q in queues] or None,  # type: ignore[no-untyped-call]
+    )
+    if queues:
+        # Flower lists the default queue with task_queues; nothing is ever sent to it here
+        # (FlowerApp refuses a send without a queue), so it names a deployment's, not a
+        # "pipeq.default" nobody reads
+        flower.conf.task_default_queue = queues[0]
+    flower.task(name=_app.RUN_TASK, typing=False)(_never_here)
+    # Flower reads results as AsyncResult(id), of the default app
+    flower.set_default()
+    flower.set_current()
+    return flower
+
+
+def _never_here(*args: Any, **kwargs: Any) -> None:
+    """pipeq.run's producer side: pipeq workers run it, never Flower."""
+    raise RuntimeError(f"{_app.RUN_TASK} runs on pipeq workers only")
+
+
+app = make_app()
