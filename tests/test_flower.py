@@ -1,0 +1,349 @@
+"""Flower under `pipeq up`, as its users call it: jobs through its REST API, results read
+back through it, its Broker page, its auth. Real redis-server, workers and Flower."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from pipeq import Client, JobState
+from pipeq._stack import is_loopback, port_free
+from pipeq.errors import InvalidRequest, UnknownDeployment
+from pipeq.worker.demo import write_config
+
+from .conftest import free_port, paused
+
+AUTH = "alice:s3cret-pw"
+TEXT = "I've been waiting for a HuggingFace course my whole life."
+JOB = {"kwargs": {"inputs": TEXT, "params": {}}}
+
+
+@dataclass
+class Up:
+    """A `pipeq up` process and what it printed until it was up."""
+
+    proc: subprocess.Popen[str]
+    redis_port: int
+    flower_port: int
+    auth: str | None = None
+    lines: list[str] = field(default_factory=list)
+    #: /api/queues/length as soon as Flower answered, before any worker was ready
+    first_queues: Any = None
+    first_broker_page: str = ""
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def call(
+        self, method: str, path: str, body: Any = None, auth: str | None = "default"
+    ) -> tuple[int, Any]:
+        """(status, JSON or text) of a request to this stack's Flower."""
+        auth = self.auth if auth == "default" else auth
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.flower_port}{path}", data=data, method=method
+        )
+        request.add_header("Content-Type", "application/json")
+        if auth:
+            request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                status, raw = r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read().decode(errors="replace")
+        try:
+            return status, json.loads(raw)
+        except json.JSONDecodeError:
+            return status, raw
+
+
+def _start(config: Path, *args: str, auth: str | None = None) -> Up:
+    redis_port, flower_port = free_port(), free_port()
+    env = {**os.environ, "PIPEQ_REDIS_URL": ""}
+    env.pop("PIPEQ_FLOWER_AUTH", None)
+    if auth:
+        env["PIPEQ_FLOWER_AUTH"] = auth
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeq",
+            "up",
+            "--config",
+            str(config),
+            "--redis-port",
+            str(redis_port),
+            "--flower-port",
+            str(flower_port),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    return Up(proc, redis_port, flower_port, auth)
+
+
+def _read_until(up: Up, text: str) -> None:
+    assert up.proc.stdout is not None
+    for line in up.proc.stdout:
+        up.lines.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"`pipeq up` ended before {text!r}:\n{''.join(up.lines)}")
+
+
+def _first_answers(up: Up) -> None:
+    """Ask Flower for its queues as soon as it answers (its workers are still loading)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            status, up.first_queues = up.call("GET", "/api/queues/length")
+            assert status == 200, up.first_queues
+            status, up.first_broker_page = up.call("GET", "/broker")
+            assert status == 200
+            return
+        except urllib.error.URLError:
+            time.sleep(0.2)
+    raise AssertionError("Flower did not answer within 30 s")
+
+
+@pytest.fixture(scope="module")
+def stacks(
+    deployments: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Up]]:
+    """Two stacks, started together: `open` (loopback, no auth, two deployments) and
+    `authed` (every address, PIPEQ_FLOWER_AUTH, one deployment)."""
+    tmp = tmp_path_factory.mktemp("flower")
+    two = write_config(
+        {k: deployments[k] for k in ("sentiment-analysis", "feature-extraction")}, tmp / "two.toml"
+    )
+    one = write_config({"sentiment-analysis": deployments["sentiment-analysis"]}, tmp / "one.toml")
+    ups = {
+        "open": _start(two),
+        "authed": _start(one, "--flower-address", "0.0.0.0", auth=AUTH),
+    }
+    try:
+        for up in ups.values():
+            _read_until(up, "flower:")
+        for up in ups.values():
+            _first_answers(up)
+        for up in ups.values():
+            _read_until(up, "pipeq is up")
+            assert not [
+                line for line in up.lines if line.startswith("worker") and "ready" not in line
+            ]
+        yield ups
+    finally:
+        for up in ups.values():  # once: a second SIGTERM may find it exiting, unguarded
+            up.proc.send_signal(signal.SIGTERM)
+        for up in ups.values():
+            rest, _ = up.proc.communicate(timeout=60)
+            assert up.proc.returncode == 0, "".join(up.lines) + rest
+            assert port_free(up.flower_port) and port_free(up.redis_port)
+
+
+def _result(up: Up, job_id: str) -> dict[str, Any]:
+    """The job's outcome as Flower answers it, asked until it is done. (With ?timeout=
+    Flower waits for the result but answers the state it read before waiting.)"""
+    deadline = time.monotonic() + 30
+    while True:
+        status, body = up.call("GET", f"/api/task/result/{job_id}")
+        assert status == 200, body
+        assert isinstance(body, dict)
+        if body["state"] in ("SUCCESS", "FAILURE") or time.monotonic() > deadline:
+            return body
+        time.sleep(0.1)
+
+
+def _is_sentiment(result: Any) -> bool:
+    return (
+        isinstance(result, list)
+        and len(result) == 1
+        and set(result[0]) == {"label", "score"}
+        and result[0]["label"] in ("POSITIVE", "NEGATIVE")
+    )
+
+
+def test_send_task_with_a_queue_runs_the_job_and_flower_reads_its_result(
+    stacks: dict[str, Up],
+) -> None:
+    up = stacks["open"]
+    status, sent = up.call(
+        "POST", "/api/task/send-task/pipeq.run", {**JOB, "queue": "pipeq.sentiment-analysis"}
+    )
+    assert status == 200, sent
+    body = _result(up, sent["task-id"])
+    assert body["state"] == "SUCCESS", body
+    assert _is_sentiment(body["result"]), body
+    with Client(up.redis_url) as client:  # the same job, to pipeq's own client
+        assert client.job(sent["task-id"]).result(timeout=5) == body["result"]
+
+
+def test_async_apply_runs_the_job(stacks: dict[str, Up]) -> None:
+    up = stacks["open"]
+    status, sent = up.call(
+        "POST", "/api/task/async-apply/pipeq.run", {**JOB, "queue": "pipeq.feature-extraction"}
+    )
+    assert status == 200, sent
+    body = _result(up, sent["task-id"])
+    assert body["state"] == "SUCCESS", body
+    with Client(up.redis_url) as client:
+        assert client.job(sent["task-id"]).result(timeout=5) == body["result"]
+        direct = client.submit("feature-extraction", TEXT).result(timeout=30)
+    assert body["result"] == direct  # the same computation as a job sent by pipeq's client
+
+
+def test_a_send_without_a_deployments_queue_fails_at_once_and_says_why(
+    stacks: dict[str, Up],
+) -> None:
+    """Nothing is enqueued: the job fails at once, its result names what to send."""
+    up = stacks["open"]
+    r = redis.Redis.from_url(up.redis_url)
+    keys_before = set(r.keys("*"))
+    cases = [
+        ("send-task/pipeq.run", JOB, InvalidRequest, '"queue": "pipeq.<deployment>"'),
+        ("async-apply/pipeq.run", JOB, InvalidRequest, '"queue": "pipeq.<deployment>"'),
+        ("send-task/pipeq.run", {**JOB, "queue": "celery"}, UnknownDeployment, 'queue "celery"'),
+        (
+            "send-task/pipeq.run",
+            {**JOB, "queue": "pipeq.nope"},
+            UnknownDeployment,
+            'queue "pipeq.nope"',
+        ),
+        (
+            "send-task/tasks.add",
+            {**JOB, "queue": "pipeq.sentiment-analysis"},
+            InvalidRequest,
+            "only pipeq.run",
+        ),
+    ]
+    with Client(up.redis_url) as client:
+        for endpoint, body, error, says in cases:
+            status, sent = up.call("POST", f"/api/task/{endpoint}", body)
+            assert status == 200, sent
+            assert sent["state"] == "FAILURE", (body, sent)
+            got = _result(up, sent["task-id"])
+            assert got["state"] == "FAILURE" and says in got["result"], got
+            assert "deployments: feature-extraction, sentiment-analysis" in got["result"]
+            job = client.job(sent["task-id"])
+            assert job.status() is JobState.FAILED
+            with pytest.raises(error):
+                job.result(timeout=1)
+    new = {k.decode() for k in set(r.keys("*")) - keys_before}
+    # only the refused jobs' results: no queue, no waiting job anywhere
+    assert all(k.startswith("celery-task-meta-") for k in new), new
+    assert r.llen("celery") == 0 and r.llen("pipeq.default") == 0 and r.llen("pipeq.nope") == 0
+
+
+def test_a_job_sent_through_flower_counts_in_the_depth_and_the_queue_length(
+    stacks: dict[str, Up],
+) -> None:
+    up = stacks["open"]
+    with Client(up.redis_url) as client:
+        with paused(client, "sentiment-analysis"):
+            status, sent = up.call(
+                "POST",
+                "/api/task/send-task/pipeq.run",
+                {**JOB, "queue": "pipeq.sentiment-analysis"},
+            )
+            assert status == 200, sent
+            assert client.depth("sentiment-analysis").waiting == 1
+            status, lengths = up.call("GET", "/api/queues/length")
+            assert {"name": "pipeq.sentiment-analysis", "messages": 1} in lengths["active_queues"]
+        assert _is_sentiment(client.job(sent["task-id"]).result(timeout=30))
+
+
+def test_the_broker_page_lists_the_deployments_queues_from_the_start(
+    stacks: dict[str, Up],
+) -> None:
+    up = stacks["open"]
+    names = {q["name"] for q in up.first_queues["active_queues"]}
+    assert names == {"pipeq.sentiment-analysis", "pipeq.feature-extraction"}, up.first_queues
+    for name in names:
+        assert name in up.first_broker_page
+
+
+def test_the_api_asks_for_the_password_when_auth_is_configured(stacks: dict[str, Up]) -> None:
+    up = stacks["authed"]
+    assert "(basic auth)" in "".join(up.lines)
+    assert up.call("GET", "/api/queues/length", auth=None)[0] == 401
+    assert up.call("GET", "/api/queues/length", auth="alice:wrong")[0] == 401
+    assert up.call("POST", "/api/task/send-task/pipeq.run", JOB, auth=None)[0] == 401
+    status, lengths = up.call("GET", "/api/queues/length")
+    assert status == 200, lengths
+    assert [q["name"] for q in lengths["active_queues"]] == ["pipeq.sentiment-analysis"]
+    status, sent = up.call(
+        "POST", "/api/task/send-task/pipeq.run", {**JOB, "queue": "pipeq.sentiment-analysis"}
+    )
+    assert status == 200, sent
+    assert _is_sentiment(_result(up, sent["task-id"])["result"])
+
+
+def test_the_api_is_open_on_loopback_without_auth(stacks: dict[str, Up]) -> None:
+    up = stacks["open"]
+    assert "(API open to this host)" in "".join(up.lines)
+    status, workers = up.call("GET", "/api/workers", auth=None)
+    assert status == 200, workers
+
+
+def test_flower_is_given_no_password_or_redis_url_on_its_command_line(
+    stacks: dict[str, Up],
+) -> None:
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    for up in stacks.values():
+        (line,) = [x for x in ps.splitlines() if f"flower --port={up.flower_port}" in x]
+        assert "redis://" not in line and "s3cret" not in line, line
+
+
+def test_pipeq_up_refuses_to_expose_flower_without_a_password(
+    deployments: dict[str, Any], tmp_path: Path
+) -> None:
+    config = write_config(
+        {"sentiment-analysis": deployments["sentiment-analysis"]}, tmp_path / "up.toml"
+    )
+    for address, auth, says in (
+        ("0.0.0.0", None, "with no password: set PIPEQ_FLOWER_AUTH=user:password"),
+        ("192.0.2.7", None, "with no password"),
+        ("0.0.0.0", "no-colon", "PIPEQ_FLOWER_AUTH must be user:password"),
+    ):
+        up = _start(config, "--flower-address", address, auth=auth)
+        out, _ = up.proc.communicate(timeout=30)
+        assert up.proc.returncode == 2, out
+        assert out.count("\n") == 1 and says in out, out
+        assert port_free(up.redis_port) and port_free(up.flower_port)  # nothing started
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("", False),
+        ("::", False),
+        ("10.0.0.5", False),
+        ("example.com", False),
+    ],
+)
+def test_loopback_addresses(address: str, loopback: bool) -> None:
+    assert is_loopback(address) is loopback
