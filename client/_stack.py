@@ -230,7 +230,8 @@ class Stack:
         env = {**os.environ, "PIPEQ_REDIS_URL": self.url}
         env.pop(FLOWER_AUTH_ENV, None)  # Flower's password is Flower's alone
         for name in self.deployments:
-            cmd = [sys.executable, "-m", "pipeq", "worker", name, "--redis-url", self.url]
+            # the URL (and its password) reaches the worker as $PIPEQ_REDIS_URL: `ps` shows argv
+            cmd = [sys.executable, "-m", "pipeq", "worker", name]
             if self.config_path:
                 cmd += ["--config", str(self.config_path)]
             with open(self.log_path(name), "wb") as log:

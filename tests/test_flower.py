@@ -306,7 +306,7 @@ def test_the_api_is_open_on_loopback_without_auth(stacks: dict[str, Up]) -> None
 def test_flower_is_given_no_password_or_redis_url_on_its_command_line(
     stacks: dict[str, Up],
 ) -> None:
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     for up in stacks.values():
         (line,) = [x for x in ps.splitlines() if f"flower --port={up.flower_port}" in x]
         assert "redis://" not in line and "s3cret" not in line, line

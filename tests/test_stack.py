@@ -21,7 +21,7 @@ from .conftest import free_port
 
 
 def _processes_mentioning(text: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if text in line and "ps -eo" not in line]
 
 
@@ -67,12 +67,16 @@ def test_pipeq_up_serves_the_course_call_and_stops_every_child(
         assert len(result) == 1 and set(result[0]) == {"label", "score"}
         assert result[0]["label"] in ("POSITIVE", "NEGATIVE")
         assert _flower_answers(flower_port)
+        assert _processes_mentioning(url) == []  # children get it in their environment
+        workers = [p for p in _processes_mentioning(str(config)) if " pipeq worker " in p]
+        assert len(workers) == 2, workers
     finally:
         up.send_signal(signal.SIGTERM)
         rest, _ = up.communicate(timeout=60)
     assert up.returncode == 0, rest
     assert "stopping" in rest
-    assert _processes_mentioning(f"127.0.0.1:{redis_port}") == []
+    assert _processes_mentioning(f"127.0.0.1:{redis_port}") == []  # redis-server
+    assert _processes_mentioning(str(config)) == []  # the workers
     assert _processes_mentioning(f"--port={flower_port}") == []
     assert port_free(redis_port) and port_free(flower_port)
 
