@@ -65,7 +65,7 @@ def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
 
 
 def _redis_now(client: redis.Redis) -> float:
-    seconds, micros = client.time()  # type: ignore[misc]
+    seconds, micros = client.time()
     return float(seconds) + float(micros) / 1e6
 
 
@@ -191,7 +191,7 @@ def serve_exporter(url: str, port: int, address: str) -> tuple[Any, threading.Th
 
     client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=5)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Collector(client))  # type: ignore[arg-type]
+    registry.register(Collector(client))
     server, thread = start_http_server(port, addr=address, registry=registry)
     return server, thread
 

@@ -141,6 +141,7 @@ def test_every_metric_is_right_across_two_workers_a_restart_and_every_outcome(
             return s if done else None
 
         s = wait_until(settled, 20, "the workers' observations reach Redis")
+        print("\nscrape after the burst:\n" + exporter.text())
         want = {"succeeded": 40, "failed": 1, "cancelled": 1, "expired": 1, "lost": 0}
         for outcome in OUTCOMES:
             got = value(s, "pipeq_jobs_total", deployment="sentiment", outcome=outcome)
@@ -336,3 +337,36 @@ def test_a_real_prometheus_scrapes_the_exporter_and_answers_promql(
             proc.wait(30)
     for j in jobs:
         j.result(timeout=60)
+
+
+def test_gpu_memory_is_served_per_live_worker_that_reports_it(redis_url: str) -> None:
+    """No GPU here: the state a GPU worker's heartbeat writes (its announcement, its beat,
+    its statistics with `_gpu_memory()`'s fields) is written by hand, and the exporter's
+    collector reads it. A CPU worker reports no GPU fields."""
+    import redis
+
+    from pipeq._status import Collector
+    from pipeq.worker.main import _gpu_memory
+
+    assert _gpu_memory() == {}  # this host has no CUDA
+    r = redis.Redis.from_url(redis_url)
+    info = {"task": "text-generation", "model": "m", "dead_after_s": 10}
+    r.hset("pipeq:deployments", "gpu-gen", json.dumps(info))
+    now = float(r.time()[0])
+    r.zadd("pipeq:workers:gpu-gen", {"w-live": now, "w-dead": now - 60})
+    gpu = {"gpu_memory_used_bytes": 3 * 2**30, "gpu_memory_total_bytes": 80 * 2**30}
+    r.hset("pipeq:stats:gpu-gen", mapping={"w-live": json.dumps(gpu), "w-dead": json.dumps(gpu)})
+    try:
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in Collector(r).collect()
+            for s in family.samples
+        }
+    finally:
+        r.delete("pipeq:workers:gpu-gen", "pipeq:stats:gpu-gen")
+        r.hdel("pipeq:deployments", "gpu-gen")
+    labels = (("deployment", "gpu-gen"), ("worker", "w-live"))
+    assert samples[("pipeq_gpu_memory_used_bytes", labels)] == 3 * 2**30
+    assert samples[("pipeq_gpu_memory_total_bytes", labels)] == 80 * 2**30
+    assert not [k for k in samples if ("worker", "w-dead") in k[1]]  # only live workers
+    assert samples[("pipeq_workers", (("deployment", "gpu-gen"),))] == 1

@@ -109,7 +109,8 @@ def _gpu_memory() -> dict[str, int]:
     out-of-memory error is about) and its GPU's total, in bytes; {} on a CPU worker."""
     import torch
 
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+    initialized = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+    if not (torch.cuda.is_available() and initialized):
         return {}
     device = torch.cuda.current_device()
     return {
