@@ -48,6 +48,21 @@ def redis_url(url: str | None = None) -> str:
     return url or os.environ.get("PIPEQ_REDIS_URL") or DEFAULT_REDIS_URL
 
 
+def outcome_of(state: str, result: Any) -> str:
+    """The `outcome` label of pipeq_jobs_total for a state being stored ('' if not final):
+    a REVOKED job was cancelled unless its reason is 'expired' (the worker revokes an
+    expired job so); JobLost is counted by the heartbeat that declares it."""
+    if state == states.SUCCESS:
+        return "succeeded"
+    if state == states.REVOKED:
+        return "expired" if "expired" in str(result) else "cancelled"
+    if state == states.FAILURE:
+        # Celery passes the exception as its backend encodes it: a dict with exc_type
+        kind = result.get("exc_type") if isinstance(result, dict) else type(result).__name__
+        return {"JobLost": "lost", "JobExpired": "expired"}.get(str(kind), "failed")
+    return ""
+
+
 class _ResultConsumer(RedisBackend.ResultConsumer):  # type: ignore[misc]
     def drain_events_until(
         self, p: Any, timeout: float | None = None, on_interval: Any = None
@@ -89,10 +104,9 @@ class Backend(RedisBackend):  # type: ignore[misc]
             raise BackendStoreError("value too large for Redis", state=state, task_id=task_id)
         ttl = self.failure_expires if state == states.FAILURE else self.expires
         is_ready = int(state in states.READY_STATES)
-        self.ensure(
-            self.ledger.script("store"),
-            ([self.get_key_for_task(task_id)], [value, int(ttl or 0), task_id, is_ready]),
-        )
+        args = [value, int(ttl or 0), task_id, is_ready, outcome_of(state, result)]
+        args.append(self.app.conf.get("pipeq_deployment") or "")
+        self.ensure(self.ledger.script("store"), ([self.get_key_for_task(task_id)], args))
         return result
 
     @cached_property

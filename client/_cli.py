@@ -158,10 +158,63 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from pipeq import JobState
 
+    if args.job_id is None:
+        return _cluster_status(args)
     with _client(args) as client:
         state = client.job(args.job_id).status()
     print(state.value)
     return 1 if state is JobState.UNKNOWN else 0
+
+
+def _cluster_status(args: argparse.Namespace) -> int:
+    """One line per deployment; exit 1 when one of them has no live worker (or none is
+    known), 2 when Redis cannot be read (BrokerUnavailable)."""
+    import time
+
+    from pipeq import _status
+
+    declared = {}
+    if args.config:
+        from pipeq._config import load_deployments
+
+        declared = {n: (d.task, d.model) for n, d in load_deployments(args.config).items()}
+    with _client(args) as client:
+        while True:
+            found = client.call(_status.cluster_status, client.redis, declared)
+            if args.deployment:
+                missing = sorted(set(args.deployment) - {d.name for d in found})
+                found = [d for d in found if d.name in args.deployment]
+            else:
+                missing = [] if found else ["(none announced on this Redis)"]
+            if args.watch:
+                print("\033[H\033[2J", end="")  # clear the terminal, as watch(1) does
+            lines = [_status.status_json(found)] if args.json else _status.status_lines(found)
+            print("\n".join(lines))
+            down = [d.name for d in found if d.workers == 0]
+            for what, names in (("no live worker", down), ("no such deployment", missing)):
+                if names:
+                    print(f"{what}: {', '.join(names)}", file=sys.stderr)
+            if not args.watch:
+                return 1 if down or missing else 0
+            sys.stdout.flush()
+            time.sleep(args.watch)
+
+
+def cmd_exporter(args: argparse.Namespace) -> int:
+    from pipeq import _app, _status
+
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
+    try:
+        server, _ = _status.serve_exporter(_app.redis_url(args.redis_url), args.port, args.address)
+    except OSError as e:
+        print(f"pipeq exporter: cannot listen on {args.address}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    print(f"metrics: http://{args.address}:{args.port}/metrics", flush=True)
+    stopping.wait()
+    server.shutdown()
+    return 0
 
 
 def cmd_result(args: argparse.Namespace) -> int:
@@ -282,8 +335,38 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             sp.add_argument("--timeout", type=_seconds, default=None)
 
-    s = add("status", "print a job's state (exit 1 for an id pipeq never accepted)", cmd_status)
-    s.add_argument("job_id")
+    s = add(
+        "status",
+        "without a job id: one line per deployment (exit 1 when one has no live worker); "
+        "with one: that job's state (exit 1 for an id pipeq never accepted)",
+        cmd_status,
+    )
+    s.add_argument("job_id", nargs="?")
+    s.add_argument("--json", action="store_true", help="the deployments as JSON, for scripts")
+    s.add_argument(
+        "--watch",
+        type=_seconds,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
+    s.add_argument(
+        "--config",
+        default=env_config,
+        help="deployments TOML: its deployments count even if no worker announced them",
+    )
+    s.add_argument(
+        "--deployment",
+        action="append",
+        metavar="NAME",
+        help="only this deployment (repeatable): a worker's health check",
+    )
+    e = add("exporter", "serve Prometheus metrics of every deployment on this Redis", cmd_exporter)
+    e.add_argument("--port", type=int, default=9808)
+    e.add_argument(
+        "--address", default="0.0.0.0", help="address to bind (default all: Prometheus scrapes it)"
+    )
     r = add("result", "wait for a job's result and print it", cmd_result)
     r.add_argument("job_id")
     r.add_argument("--timeout", type=_seconds, default=None)

@@ -11,6 +11,8 @@
     pipeq:attempts:<id>           string  how many times the job's worker died while running it
     celery-task-meta-<id>         string  Celery's result record (status, result, ...), JSON
     pipeq:dead-letter             list    messages no worker could read, and why (newest first)
+    pipeq:metrics:<deployment>    hash    outcome counters, histogram buckets (`_metrics`)
+    pipeq:recent:<deployment>:<t> hash    outcomes in one 10 s slot (`_metrics`)
 
 Times are Redis' own clock (`TIME`, unix seconds), so machines with skewed clocks agree
 on ages and on who is dead. Each step that moves a job is one Lua script, so a process
@@ -128,6 +130,14 @@ end
 local function ready(status)
   return status == 'SUCCESS' or status == 'FAILURE' or status == 'REVOKED'
 end
+-- a job ended with this outcome (`_metrics`): once, where its final state is first stored
+local function count_outcome(deployment, outcome)
+  if not deployment or outcome == '' then return end
+  redis.call('HINCRBY', 'pipeq:metrics:' .. deployment, 'jobs_total:' .. outcome, 1)
+  local slot = 'pipeq:recent:' .. deployment .. ':' .. string.format('%d', math.floor(now / 10))
+  redis.call('HINCRBY', slot, outcome, 1)
+  redis.call('EXPIRE', slot, 400)
+end
 """
 
 _ENQUEUE = (
@@ -160,6 +170,7 @@ if deployment then
   redis.call('ZREM', 'pipeq:waiting:' .. deployment, ARGV[3])
   redis.call('ZREM', 'pipeq:running:' .. deployment, ARGV[3])
 end
+count_outcome(deployment, 'cancelled')
 return 'cancelled'
 """
 )
@@ -167,7 +178,7 @@ return 'cancelled'
 _STORE = (
     _CLOCK
     + """
--- KEYS: meta ; ARGV: value, ttl, id, is_ready
+-- KEYS: meta ; ARGV: value, ttl, id, is_ready, outcome ('' for none), the worker's deployment
 if ready(status_of(redis.call('GET', KEYS[1]))) then return 0 end
 if tonumber(ARGV[2]) > 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
@@ -175,13 +186,14 @@ else
   redis.call('SET', KEYS[1], ARGV[1])
 end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
-if ARGV[4] == '1' then
-  local deployment = redis.call('GET', 'pipeq:job:' .. ARGV[3])
-  if deployment then
-    redis.call('ZREM', 'pipeq:waiting:' .. deployment, ARGV[3])
-    redis.call('ZREM', 'pipeq:running:' .. deployment, ARGV[3])
-  end
+local deployment = redis.call('GET', 'pipeq:job:' .. ARGV[3])
+if ARGV[4] == '1' and deployment then
+  redis.call('ZREM', 'pipeq:waiting:' .. deployment, ARGV[3])
+  redis.call('ZREM', 'pipeq:running:' .. deployment, ARGV[3])
 end
+-- a job sent around pipeq's client (not in the ledger) counts for the worker that ran it
+if not deployment and ARGV[6] and ARGV[6] ~= '' then deployment = ARGV[6] end
+count_outcome(deployment, ARGV[5] or '')
 return 1
 """
 )
@@ -190,8 +202,9 @@ _ADMIT = (
     _CLOCK
     + """
 -- KEYS: waiting, running ; ARGV: ttl, worker, pid, alone, n, ids[n], expires[n] ('' = none)
+-- returns the verdicts, and for each job leaving `waiting` now the seconds it waited
 local n = tonumber(ARGV[5])
-local out = {}
+local out, waited = {}, {}
 for i = 1, n do
   local id = ARGV[5 + i]
   local expires = ARGV[5 + n + i]
@@ -213,15 +226,17 @@ for i = 1, n do
     redis.call('SET', key, started, 'EX', ARGV[1])
     redis.call('PUBLISH', key, started)
     if redis.call('EXISTS', 'pipeq:job:' .. id) == 1 then  -- counted only if accepted here
-      local accepted = redis.call('ZSCORE', KEYS[1], id) or now
+      local accepted = redis.call('ZSCORE', KEYS[1], id)
+      if accepted then waited[i] = tostring(now - tonumber(accepted)) end
       redis.call('ZREM', KEYS[1], id)
-      redis.call('ZADD', KEYS[2], accepted, id)
+      redis.call('ZADD', KEYS[2], accepted or now, id)
     end
   end
   if verdict ~= 'run' and verdict ~= 'quarantine' then redis.call('ZREM', KEYS[1], id) end
   out[i] = verdict
+  waited[i] = waited[i] or ''
 end
-return out
+return {out, waited}
 """
 )
 
@@ -272,6 +287,7 @@ for d = 1, #silent, 2 do
               .. ', "task_id": ' .. cjson.encode(id) .. '}'
             redis.call('SET', key, failed, 'EX', ARGV[8])
             redis.call('PUBLISH', key, failed)
+            count_outcome(ARGV[2], 'lost')
             lost[#lost + 1] = id
           else
             redis.call('DEL', key)

@@ -22,6 +22,7 @@ import pytest
 from pipeq import Client, JobLost, JobState, Overloaded
 from pipeq._config import Deployment
 from pipeq._ledger import inflight_key
+from pipeq._metrics import OUTCOMES, metrics_key, outcome_counts
 from pipeq.worker.main import HELD_BATCHES
 
 from .cluster import Cluster, renamed, wait_until
@@ -102,6 +103,15 @@ def recovery_after_kill(client: Client, dead: str, held: list[str], killed_at: f
     return time.monotonic() - killed_at
 
 
+NONE = dict.fromkeys(OUTCOMES, 0)
+
+
+def outcomes(cluster: Cluster, deployment: str) -> dict[str, int]:
+    """pipeq_jobs_total's values, as the exporter reads them."""
+    raw = cluster.redis().hgetall(metrics_key(deployment))
+    return outcome_counts({k.decode(): v.decode() for k, v in raw.items()})
+
+
 def test_sigkill_three_times_in_a_burst_loses_nothing_with_default_settings(
     cluster_of: Any, sentiment: Deployment
 ) -> None:
@@ -140,6 +150,8 @@ def test_sigkill_three_times_in_a_burst_loses_nothing_with_default_settings(
         assert_close(got, expected(sentiment.model, text), tol=1e-5)
     print(f"\nrecovery after SIGKILL (default settings): {[f'{r:.1f} s' for r in recoveries]}")
     assert all(r <= 30 for r in recoveries), recoveries
+    # jobs that ran twice (in the forward pass at a kill) are counted once
+    assert outcomes(cluster, "sentiment") == {**NONE, "succeeded": 300}
 
 
 def test_a_survivor_finishes_every_job_of_a_worker_killed_for_good(
@@ -192,6 +204,7 @@ def test_a_job_that_kills_its_worker_fails_alone_after_max_attempts(
     print(f"\npoison job: {deaths} worker deaths, {runs['this pipeq-fault:kill review']} runs")
     assert runs["this pipeq-fault:kill review"] == 3
     assert deaths == 3
+    assert outcomes(cluster, "sentiment") == {**NONE, "succeeded": 60, "lost": 1}
 
 
 def test_a_job_longer_than_the_liveness_window_runs_once_with_two_workers(

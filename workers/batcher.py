@@ -160,6 +160,7 @@ class Batcher:
         settled: Callable[[str], bool] = lambda job_id: True,
         on_oom: Callable[[], None] = lambda: None,
         size: Callable[[Any], int] = length_in_chars,
+        observe: Callable[[str, float], None] = lambda name, value: None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -170,6 +171,7 @@ class Batcher:
         self._settled = settled
         self._on_oom = on_oom
         self._size = size
+        self._observe = observe
         self._pending: list[_Item] = []
         self._sweep_at = -1  # input size the last batch ended at
         self._cond = threading.Condition()
@@ -324,7 +326,10 @@ class Batcher:
             if item.job.started_at is None:
                 item.job.started_at = started
         self._forward(live)
-        self.stats.record(len(live), [now - i.arrived for i in live], time.monotonic() - started)
+        forward_s = time.monotonic() - started
+        self.stats.record(len(live), [now - i.arrived for i in live], forward_s)
+        self._observe("batch_size", len(live))
+        self._observe("forward_seconds", forward_s)
         log.debug("batch of %d ran in %.1f ms", len(live), 1000 * (time.monotonic() - started))
 
     def _forward(self, items: list[_Item]) -> None:

@@ -82,8 +82,10 @@ class Admission:
         deployment: str,
         worker: str,
         events: Events,
+        observe: Callable[[str, float], None] = lambda name, value: None,
     ) -> None:
         self.ledger = ledger
+        self.observe = observe
         self.keys = [waiting_key(deployment), running_key(deployment)]
         self.worker = worker
         self.events = events
@@ -117,7 +119,10 @@ class Admission:
             *job_ids,
             *("" if d is None else repr(d) for d in deadlines),
         ]
-        verdicts = retrying(self.ledger.script("admit"), self.keys, args)
+        verdicts, waited = retrying(self.ledger.script("admit"), self.keys, args)
+        for seconds in waited:
+            if seconds:  # the job left `waiting` now: accepted to its first forward pass
+                self.observe("queue_wait_seconds", max(0.0, float(seconds)))
         refused: dict[str, BaseException] = {}
         for job_id, raw in zip(job_ids, verdicts, strict=True):
             verdict = raw.decode() if isinstance(raw, bytes) else str(raw)

@@ -37,6 +37,7 @@ from pipeq._ledger import (
     waiting_key,
     workers_key,
 )
+from pipeq._metrics import Observations, add_increments
 from pipeq._registry import DEPLOYMENTS_KEY, stats_key
 
 __all__ = ["EXIT_UNHEALTHY", "Heartbeat", "LivenessSettings"]
@@ -85,6 +86,7 @@ class Heartbeat:
         settings: LivenessSettings,
         *,
         stats: Callable[[], dict[str, Any]] = dict,
+        observations: Observations | None = None,
         healthy: Callable[[], bool] = lambda: True,
         on_lost: Callable[[list[str]], None] = lambda ids: None,
         result_ttl_s: int,
@@ -95,6 +97,7 @@ class Heartbeat:
         self.info = json.dumps(info, sort_keys=True)
         self.settings = settings
         self.stats = stats
+        self.observations = observations or Observations()
         self.healthy = healthy
         self.on_lost = on_lost
         self.result_ttl_s = result_ttl_s
@@ -131,7 +134,13 @@ class Heartbeat:
         key = stats_key(self.deployment)
         pipe.hset(key, self.worker, json.dumps(self.stats()))
         pipe.expire(key, int(self.settings.forget_after_s))
-        (moved, lost), *_ = pipe.execute()
+        increments = self.observations.take()
+        add_increments(pipe, self.deployment, increments)
+        try:
+            (moved, lost), *_ = pipe.execute()
+        except Exception:
+            self.observations.give_back(increments)  # the next beat adds them
+            raise
         lost_ids = [i.decode() if isinstance(i, bytes) else str(i) for i in lost]
         if moved or lost_ids:
             log.warning(
@@ -172,8 +181,10 @@ class Heartbeat:
         if self._thread is not None:
             self._thread.join(timeout=10)
         try:
-            self.ledger.script("withdraw")(
-                [workers_key(self.deployment)], [self.worker, self.settings.dead_after_s]
-            )
+            pipe = self.ledger.redis.pipeline(transaction=False)
+            add_increments(pipe, self.deployment, self.observations.take())
+            keys, args = [workers_key(self.deployment)], [self.worker, self.settings.dead_after_s]
+            self.ledger.script("withdraw")(keys, args, client=pipe)
+            pipe.execute()
         except redis.RedisError as e:
             log.warning("could not withdraw from %s: %s", self.deployment, e)

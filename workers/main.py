@@ -25,6 +25,7 @@ from pipeq import _app
 from pipeq._client import masked
 from pipeq._config import Deployment
 from pipeq._ledger import inflight_key, queue_for
+from pipeq._metrics import Observations
 from pipeq._registry import Registry
 from pipeq.errors import InvalidRequest, JobLost, ModelLoadError
 from pipeq.worker.gate import Malformed
@@ -101,6 +102,21 @@ def _free_cuda_memory() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _gpu_memory() -> dict[str, int]:
+    """The GPU memory this worker's process holds (PyTorch's caching allocator: what an
+    out-of-memory error is about) and its GPU's total, in bytes; {} on a CPU worker."""
+    import torch
+
+    initialized = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+    if not (torch.cuda.is_available() and initialized):
+        return {}
+    device = torch.cuda.current_device()
+    return {
+        "gpu_memory_used_bytes": int(torch.cuda.memory_reserved(device)),
+        "gpu_memory_total_bytes": int(torch.cuda.mem_get_info(device)[1]),
+    }
 
 
 def _max_message_bytes(deployment: Deployment) -> int:
@@ -199,9 +215,13 @@ def run_worker(
         # a result waits for Redis (up to ~10 minutes) rather than being lost
         result_backend_always_retry=True,
         result_backend_max_retries=60,
+        pipeq_deployment=deployment.name,  # outcomes of jobs sent around the ledger count here
     )
     Consumer.events = events
-    admission = Admission(app.backend.ledger, deployment.name, hostname, events)
+    observations = Observations()
+    admission = Admission(
+        app.backend.ledger, deployment.name, hostname, events, observe=observations.observe
+    )
     batcher = Batcher(
         partial(handler.run, time_limit_s=deployment.job_timeout_s),
         max_batch_size=deployment.max_batch_size,
@@ -210,6 +230,7 @@ def run_worker(
         settled=admission.settled,
         on_oom=_free_cuda_memory,
         size=handler.size,
+        observe=observations.observe,
     ).start()
     register_task(app, deployment, batcher, admission, events, handler.check_input)
     info = {
@@ -223,7 +244,8 @@ def run_worker(
         hostname,
         info,
         liveness,
-        stats=batcher.stats.as_dict,
+        stats=lambda: {**batcher.stats.as_dict(), **_gpu_memory()},
+        observations=observations,
         healthy=lambda: batcher.alive,
         on_lost=on_lost,
         result_ttl_s=_app.RESULT_TTL_S,

@@ -1,0 +1,227 @@
+"""The cluster at a glance, read from Redis: `pipeq status` and the Prometheus exporter.
+
+Both read the same state, so a terminal and a dashboard never disagree: the deployments
+workers announced (plus any a config declares), their live workers, the depth the
+ledger keeps (`_ledger`), and the outcome counters and histograms the workers and the
+ledger's scripts add up in Redis (`_metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+from pipeq._metrics import (
+    HISTOGRAMS,
+    METRICS,
+    RECENT_SLOT_S,
+    histogram_buckets,
+    metrics_key,
+    outcome_counts,
+    recent_key,
+    sum_recent,
+)
+from pipeq._registry import Registry
+
+__all__ = ["RECENT_S", "Collector", "DeploymentStatus", "cluster_status", "serve_exporter"]
+
+#: `pipeq status`'s window for recent outcomes, in seconds (to within one 10 s slot)
+RECENT_S = 300
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    """One deployment now. `recent`: jobs ended in the last RECENT_S seconds, by outcome;
+    `totals`: since the counters began (Redis' lifetime, with persistence)."""
+
+    name: str
+    task: str
+    model: str
+    workers: int
+    waiting: int
+    oldest_age_s: float
+    running: int
+    recent: dict[str, int]
+    totals: dict[str, int]
+    announced: bool = True
+    #: live worker -> its batching statistics and GPU memory, as of its last heartbeat
+    worker_stats: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    #: the deployment's `pipeq:metrics:` hash (`_metrics`), decoded
+    counters: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["worker_stats"], out["counters"]
+        return out
+
+
+def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def _redis_now(client: redis.Redis) -> float:
+    seconds, micros = client.time()
+    return float(seconds) + float(micros) / 1e6
+
+
+def cluster_status(
+    client: redis.Redis, declared: dict[str, tuple[str, str]] | None = None
+) -> list[DeploymentStatus]:
+    """Every deployment workers announced, and every one `declared` (name -> (task,
+    model), from a config) whether announced or not, sorted by name.
+    Raises redis.RedisError when Redis cannot be read."""
+    registry = Registry(client)
+    announced = registry.deployments()
+    names = sorted(set(announced) | set(declared or {}))
+    slot = int(_redis_now(client)) // RECENT_SLOT_S
+    out = []
+    for name in names:
+        if name in announced:
+            task, model = announced[name].task, announced[name].model
+        else:
+            task, model = (declared or {})[name]
+        depth = registry.ledger.depth(name)
+        pipe = client.pipeline(transaction=False)
+        pipe.hgetall(metrics_key(name))
+        for s in range(slot - RECENT_S // RECENT_SLOT_S + 1, slot + 1):
+            pipe.hgetall(recent_key(name, s))
+        counters, *slots = (_decode(r) for r in pipe.execute())
+        live = registry.live_workers(name)
+        stats = {w: s for w, s in registry.stats(name).items() if w in live}
+        out.append(
+            DeploymentStatus(
+                name=name,
+                task=task,
+                model=model,
+                workers=len(live),
+                waiting=depth.waiting,
+                oldest_age_s=depth.oldest_age_s,
+                running=depth.running,
+                recent=sum_recent(slots),
+                totals=outcome_counts(counters),
+                announced=name in announced,
+                worker_stats=stats,
+                counters=counters,
+            )
+        )
+    return out
+
+
+class Collector:
+    """A prometheus-client collector that reads the whole cluster from Redis at each
+    scrape (the metrics and their meaning: `pipeq._metrics.METRICS`). When Redis cannot
+    be read, the scrape answers `pipeq_redis_up 0` and nothing else."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def describe(self) -> list[Any]:
+        return []  # nothing to check at registration: the names are pipeq's own
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        def family(name: str) -> Any:
+            m = METRICS[name]
+            kind = {
+                "gauge": GaugeMetricFamily,
+                "counter": CounterMetricFamily,
+                "histogram": HistogramMetricFamily,
+            }[m.type]
+            return kind(name, m.help, labels=list(m.labels))
+
+        up = family("pipeq_redis_up")
+        try:
+            deployments = cluster_status(self.client)
+        except redis.RedisError:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        gauges = {
+            name: family(name)
+            for name in (
+                "pipeq_queue_depth",
+                "pipeq_queue_oldest_age_seconds",
+                "pipeq_workers",
+                "pipeq_jobs_running",
+                "pipeq_gpu_memory_used_bytes",
+                "pipeq_gpu_memory_total_bytes",
+            )
+        }
+        # CounterMetricFamily takes the name without _total and adds it
+        jobs = family("pipeq_jobs_total")
+        histograms = {h: family(f"pipeq_{h}") for h in HISTOGRAMS}
+        for d in deployments:
+            gauges["pipeq_queue_depth"].add_metric([d.name], d.waiting)
+            gauges["pipeq_queue_oldest_age_seconds"].add_metric([d.name], d.oldest_age_s)
+            gauges["pipeq_workers"].add_metric([d.name], d.workers)
+            gauges["pipeq_jobs_running"].add_metric([d.name], d.running)
+            for outcome, n in d.totals.items():
+                jobs.add_metric([d.name, outcome], n)
+            for h, fam in histograms.items():
+                buckets, total = histogram_buckets(h, d.counters)
+                fam.add_metric([d.name], buckets, total)
+            for worker, stats in d.worker_stats.items():
+                for what in ("used", "total"):
+                    value = stats.get(f"gpu_memory_{what}_bytes")
+                    if value is not None:
+                        gauges[f"pipeq_gpu_memory_{what}_bytes"].add_metric([d.name, worker], value)
+        yield from gauges.values()
+        yield jobs
+        yield from histograms.values()
+
+
+def serve_exporter(url: str, port: int, address: str) -> tuple[Any, threading.Thread]:
+    """Serve /metrics on address:port in a thread; returns prometheus-client's server and
+    its thread (`server.shutdown()` stops it). Raises OSError when the port is taken."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from pipeq._app import CONNECT_TIMEOUT_S
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=5)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(client))
+    server, thread = start_http_server(port, addr=address, registry=registry)
+    return server, thread
+
+
+def status_lines(deployments: Iterable[DeploymentStatus]) -> list[str]:
+    """`pipeq status`'s table: one line per deployment under a header."""
+    rows = [("DEPLOYMENT", "WORKERS", "WAITING", "OLDEST", "RUNNING", "OK/5m", "FAILED/5m")]
+    for d in deployments:
+        failed = d.recent["failed"] + d.recent["lost"]
+        rows.append(
+            (
+                d.name,
+                str(d.workers) if d.announced else "0 (never started)",
+                str(d.waiting),
+                f"{d.oldest_age_s:.1f}s",
+                str(d.running),
+                str(d.recent["succeeded"]),
+                str(failed),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def status_json(deployments: list[DeploymentStatus]) -> str:
+    return json.dumps(
+        {
+            "healthy": all(d.workers > 0 for d in deployments),
+            "recent_window_s": RECENT_S,
+            "deployments": [d.as_dict() for d in deployments],
+        },
+        indent=2,
+    )
