@@ -100,6 +100,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         flower_port=None if args.no_flower else args.flower_port,
         flower_address=args.flower_address,
         flower_auth=os.environ.get(FLOWER_AUTH_ENV) or None,
+        exporter_port=None if args.no_exporter else args.exporter_port,
     )
     try:
         stack.check()
@@ -114,11 +115,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        stack.start()
-        print(f"redis:   {stack.url}" + ("  (embedded)" if stack.redis_proc else ""), flush=True)
+        try:
+            stack.start()
+        except RuntimeError as e:  # a port taken, no redis-server
+            print(f"pipeq up: {e}", file=sys.stderr)
+            return 2
+        from pipeq._client import masked
+
+        where = masked(stack.url) + ("  (embedded)" if stack.redis_proc else "")
+        print(f"redis:   {where}", flush=True)
         if stack.flower_proc:
             api = "basic auth" if stack.flower_auth else "API open to this host"
             print(f"flower:  {stack.flower_url}  ({api})", flush=True)
+        if stack.exporter_proc:
+            print(f"metrics: {stack.metrics_url}", flush=True)
         print(f"logs:    {stack.log_dir}", flush=True)
         for name, state in stack.wait_ready(args.ready_timeout).items():
             print(f"worker {name}: {state}", flush=True)
@@ -321,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
         "needs $PIPEQ_FLOWER_AUTH=user:password",
     )
     u.add_argument("--no-flower", action="store_true")
+    u.add_argument(
+        "--exporter-port", type=int, default=9808, help="Prometheus metrics on 127.0.0.1"
+    )
+    u.add_argument("--no-exporter", action="store_true")
     u.add_argument("--ready-timeout", type=float, default=300.0)
 
     for name, func, help in (

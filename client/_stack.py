@@ -1,4 +1,4 @@
-"""`pipeq up`: a whole local stack — Redis, one worker per deployment, Flower.
+"""`pipeq up`: a whole local stack — Redis, one worker per deployment, Flower, the exporter.
 
 The stack's children run in their own sessions, so Ctrl-C reaches only `pipeq up`,
 which then stops them in order: workers (warm shutdown), Flower, Redis. Worker
@@ -200,6 +200,9 @@ class Stack:
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     redis_proc: subprocess.Popen[bytes] | None = None
     flower_proc: subprocess.Popen[bytes] | None = None
+    #: port of `pipeq exporter` on 127.0.0.1 (None: no exporter)
+    exporter_port: int | None = 9808
+    exporter_proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -219,8 +222,18 @@ class Stack:
         if self.flower_port:
             flower_auth_env(self.flower_address, self.flower_auth)
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.exporter_port}/metrics"
+
     def start(self) -> None:
+        """Start every process; RuntimeError (saying which option to change) when a port
+        it needs is taken."""
         self.check()
+        if self.exporter_port and not port_free(self.exporter_port):
+            raise RuntimeError(
+                f"port {self.exporter_port} is taken: pass --exporter-port or --no-exporter"
+            )
         if self.redis_url is None:
             if not port_free(self.redis_port):
                 raise RuntimeError(
@@ -240,6 +253,16 @@ class Stack:
                 )
         if self.flower_port:
             self.flower_proc = self._start_flower(env)
+        if self.exporter_port:
+            cmd = [sys.executable, "-m", "pipeq", "exporter", "--port", str(self.exporter_port)]
+            with open(self.log_dir / "exporter.log", "wb") as log:
+                self.exporter_proc = subprocess.Popen(
+                    [*cmd, "--address", "127.0.0.1"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
 
     def _start_flower(self, env: dict[str, str]) -> subprocess.Popen[bytes] | None:
         try:
@@ -301,7 +324,8 @@ class Stack:
                 proc.send_signal(signal.SIGTERM)
         for proc in self.workers.values():
             stop_process(proc)
-        if self.flower_proc:
-            stop_process(self.flower_proc)
+        for proc in (self.flower_proc, self.exporter_proc):
+            if proc:
+                stop_process(proc)
         if self.redis_proc:
             stop_process(self.redis_proc)

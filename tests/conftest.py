@@ -62,7 +62,9 @@ def config_file(
 @pytest.fixture(scope="session")
 def stack(redis_url: str, deployments: dict[str, Any], config_file: Path) -> Iterator[Stack]:
     """One real worker process per deployment (the course's nine tasks + distilgpt2)."""
-    stack = Stack(deployments, str(config_file), redis_url=redis_url, flower_port=None)
+    stack = Stack(
+        deployments, str(config_file), redis_url=redis_url, flower_port=None, exporter_port=None
+    )
     stack.start()
     try:
         status = stack.wait_ready(timeout_s=240)

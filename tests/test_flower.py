@@ -90,6 +90,8 @@ def _start(config: Path, *args: str, auth: str | None = None) -> Up:
             str(redis_port),
             "--flower-port",
             str(flower_port),
+            "--exporter-port",
+            str(free_port()),
             *args,
         ],
         stdout=subprocess.PIPE,

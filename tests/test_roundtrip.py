@@ -221,6 +221,7 @@ def test_a_stopping_worker_sends_the_flower_events_it_still_holds(
         str(write_config({d.name: d}, tmp_path / "stopping.toml")),
         redis_url=redis_url,
         flower_port=None,
+        exporter_port=None,
     )
     stack.start()
     try:

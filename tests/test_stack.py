@@ -32,7 +32,7 @@ def test_pipeq_up_serves_the_course_call_and_stops_every_child(
         {k: deployments[k] for k in ("sentiment-analysis", "feature-extraction")},
         tmp_path / "up.toml",
     )
-    redis_port, flower_port = free_port(), free_port()
+    redis_port, flower_port, exporter_port = free_port(), free_port(), free_port()
     up = subprocess.Popen(
         [
             sys.executable,
@@ -45,6 +45,8 @@ def test_pipeq_up_serves_the_course_call_and_stops_every_child(
             str(redis_port),
             "--flower-port",
             str(flower_port),
+            "--exporter-port",
+            str(exporter_port),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -67,6 +69,12 @@ def test_pipeq_up_serves_the_course_call_and_stops_every_child(
         assert len(result) == 1 and set(result[0]) == {"label", "score"}
         assert result[0]["label"] in ("POSITIVE", "NEGATIVE")
         assert _flower_answers(flower_port)
+        metrics_url = f"http://127.0.0.1:{exporter_port}/metrics"
+        assert f"metrics: {metrics_url}\n" in lines
+        with urllib.request.urlopen(metrics_url, timeout=10) as r:
+            scrape = r.read().decode()
+        assert 'pipeq_workers{deployment="sentiment-analysis"} 1.0' in scrape
+        assert 'pipeq_jobs_total{deployment="sentiment-analysis",outcome="succeeded"} 1.0' in scrape
         assert _processes_mentioning(url) == []  # children get it in their environment
         workers = [p for p in _processes_mentioning(str(config)) if " pipeq worker " in p]
         assert len(workers) == 2, workers
@@ -78,6 +86,7 @@ def test_pipeq_up_serves_the_course_call_and_stops_every_child(
     assert _processes_mentioning(f"127.0.0.1:{redis_port}") == []  # redis-server
     assert _processes_mentioning(str(config)) == []  # the workers
     assert _processes_mentioning(f"--port={flower_port}") == []
+    assert _processes_mentioning(f"--port {exporter_port}") == []
     assert port_free(redis_port) and port_free(flower_port)
 
 

@@ -195,7 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         deployments = {x.name: x for x in ([d] if args.no_unbatched else [d, unbatched])}
         config = write_config(deployments, Path(tmp) / "bench.toml")
         exit_on_sigterm()
-        stack = Stack(deployments, str(config), redis_port=free_port_from(6500), flower_port=None)
+        stack = Stack(
+            deployments,
+            str(config),
+            redis_port=free_port_from(6500),
+            flower_port=None,
+            exporter_port=None,
+        )
         try:
             stack.start()
             status = stack.wait_ready()

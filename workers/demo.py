@@ -184,13 +184,18 @@ def main(models_dir: str | os.PathLike[str] = ".cache/pipeq-models") -> int:
     config = write_config(deployments, root / "demo.toml")
     exit_on_sigterm()
     stack = Stack(
-        deployments, str(config), redis_port=free_port_from(6399), flower_port=free_port_from(5555)
+        deployments,
+        str(config),
+        redis_port=free_port_from(6399),
+        flower_port=free_port_from(5555),
+        exporter_port=free_port_from(9808),
     )
     failures = 0
     try:
         stack.start()
         os.environ["PIPEQ_REDIS_URL"] = stack.url
         print(f"stack: redis {stack.url} (embedded), flower http://127.0.0.1:{stack.flower_port}")
+        print(f"       metrics {stack.metrics_url}")
         print(f"       {len(deployments)} workers, logs in {stack.log_dir}", flush=True)
         started = time.monotonic()
         for name, state in stack.wait_ready().items():
