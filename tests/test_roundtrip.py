@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pipeq import Client, JobFailed, JobState, pipeline
+from pipeq import Client, InvalidRequest, JobFailed, JobState, pipeline
 from pipeq._app import RUN_TASK
 from pipeq._stack import Stack
 from pipeq.worker.demo import write_config
@@ -184,14 +184,19 @@ def test_every_job_reaches_flower_as_received_started_then_succeeded_or_failed(
             inputs="hi",
             params={"candidate_labels": ["a"], "hypothesis_template": "x"},
         )
+        # set aside by the worker's gate (no params): Celery never sees it, Flower must
+        malformed = send_raw(client, "sentiment-analysis", inputs="hi")
         good.result(timeout=30)
         many.result(timeout=30)
         with pytest.raises(JobFailed):
             bad.result(timeout=30)
+        with pytest.raises(InvalidRequest, match="malformed message"):
+            malformed.result(timeout=30)
         want = {
             good.id: ["task-received", "task-started", "task-succeeded"],
             many.id: ["task-received", "task-started", "task-succeeded"],
             bad.id: ["task-received", "task-started", "task-failed"],
+            malformed.id: ["task-received", "task-failed"],
         }
 
         def seen(job_id: str) -> Events:
@@ -201,6 +206,7 @@ def test_every_job_reaches_flower_as_received_started_then_succeeded_or_failed(
     for job_id in want:
         stamps = [e["timestamp"] for e in seen(job_id)]
         assert stamps == sorted(stamps)
+    assert seen(malformed.id)[0]["name"] == f"{RUN_TASK}[sentiment-analysis]"
     received = seen(good.id)[0]
     assert received["name"] == f"{RUN_TASK}[sentiment-analysis]"
     assert received["args"] == "()"

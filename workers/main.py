@@ -197,6 +197,10 @@ def run_worker(
         if why.job_id is not None:
             error = InvalidRequest(f"malformed message: {why.reason}")
             app.backend.mark_as_failure(why.job_id, error)
+            # Celery never saw it: Flower learns of the job, and of its failure, from here
+            name = f"{_app.RUN_TASK}[{deployment.name}]"
+            events.send("task-received", why.job_id, name=name, args="()", kwargs="")
+            events.send("task-failed", why.job_id, exception=repr(error))
 
     def on_lost(job_ids: list[str]) -> None:
         for job_id in job_ids:
