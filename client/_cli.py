@@ -130,7 +130,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         if stack.exporter_proc:
             print(f"metrics: {stack.metrics_url}", flush=True)
         print(f"logs:    {stack.log_dir}", flush=True)
-        for name, state in stack.wait_ready(args.ready_timeout).items():
+        import redis
+
+        try:
+            ready = stack.wait_ready(args.ready_timeout)
+        except redis.RedisError as e:
+            print(f"pipeq up: Redis at {masked(stack.url)} does not answer: {e}", file=sys.stderr)
+            return 2
+        for name, state in ready.items():
             print(f"worker {name}: {state}", flush=True)
         print("pipeq is up; Ctrl-C stops it", flush=True)
         reported = set(stack.failed())

@@ -122,3 +122,24 @@ def test_sigterm_lets_bench_and_demo_stop_the_children_they_started() -> None:
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
+
+
+QUIET = ("--no-flower", "--no-exporter")
+
+
+def test_pipeq_up_on_a_redis_that_does_not_answer_says_so_in_one_line(
+    deployments: dict[str, Any], tmp_path: Path
+) -> None:
+    config = write_config({"ner": deployments["ner"]}, tmp_path / "up.toml")
+    url = f"redis://:secret@127.0.0.1:{free_port()}/0"
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeq", "up", "--config", str(config), *QUIET],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PIPEQ_REDIS_URL": url},
+        timeout=120,
+    )
+    assert out.returncode == 2, out
+    assert "does not answer" in out.stderr and "Traceback" not in out.stderr
+    assert "secret" not in out.stdout + out.stderr
+    assert _processes_mentioning(str(config)) == []  # the worker it started is stopped
