@@ -74,6 +74,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             heartbeat_s=args.heartbeat_s,
             dead_after_s=args.dead_after_s,
             max_attempts=args.max_attempts,
+            health_file=args.health_file,
         )
     except ValueError as e:
         print(f"pipeq worker: {e}", file=sys.stderr)
@@ -325,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("PIPEQ_MAX_ATTEMPTS", "3"),
         help="a job whose worker died running it this often fails with JobLost "
         "($PIPEQ_MAX_ATTEMPTS, 3)",
+    )
+    w.add_argument(
+        "--health-file",
+        default=os.environ.get("PIPEQ_HEALTH_FILE") or None,
+        metavar="PATH",
+        help="touched at each heartbeat once the model has loaded, removed at stop: healthy "
+        "while younger than --dead-after-s ($PIPEQ_HEALTH_FILE)",
     )
 
     u = add("up", "start Redis (embedded unless --redis-url), the workers and Flower", cmd_up)

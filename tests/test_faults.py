@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -585,3 +586,29 @@ def test_a_map_with_an_item_that_kills_its_worker_fails_that_item_alone(
     for i, (text, got) in enumerate(zip(items, outcome, strict=True)):
         if i != 5:
             assert_close(got, expected(sentiment.model, text), tol=1e-5)
+
+
+def test_the_health_file_is_fresh_while_the_worker_serves_and_stale_or_gone_otherwise(
+    cluster_of: Any, sentiment: Deployment, tmp_path: Path
+) -> None:
+    """What compose and Kubernetes probes read (`find FILE -newermt '-<dead_after> s'`):
+    it appears once the model has loaded, is touched every heartbeat, goes stale when the
+    worker is killed, and is removed when the worker stops."""
+    cluster = cluster_of([sentiment], worker_env=QUICK)
+    health = tmp_path / "health"
+    worker = cluster.start_worker("sentiment", PIPEQ_HEALTH_FILE=str(health))
+    wait_until(health.exists, 120, "the health file appears")
+    time.sleep(2.0)
+    assert time.time() - health.stat().st_mtime < 1.5  # touched every 0.5 s
+    probe = ["find", str(health), "-newermt", "-2.5 seconds"]
+    assert subprocess.run(probe, capture_output=True, text=True).stdout.strip() == str(health)
+    cluster.kill(worker)
+    time.sleep(3.0)
+    assert subprocess.run(probe, capture_output=True, text=True).stdout.strip() == ""
+    worker = cluster.start_worker("sentiment", PIPEQ_HEALTH_FILE=str(health))
+    wait_until(lambda: time.time() - health.stat().st_mtime < 1.0, 120, "fresh again")
+    with cluster.client() as client:  # serving (Celery handles SIGTERM from here on)
+        client.submit("sentiment", "a good film").result(timeout=60)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert not health.exists()

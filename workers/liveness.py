@@ -24,6 +24,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -61,6 +62,10 @@ class LivenessSettings:
     max_attempts: int = 3
     #: a dead worker is forgotten (after its jobs went back) this long after its last beat
     forget_after_s: float = 600.0
+    #: touched after each heartbeat that reached Redis (the first once the model has
+    #: loaded), removed when the worker stops: a probe reads the worker's health from its
+    #: age (`find FILE -newermt '-10 seconds'`), without Python or Redis
+    health_file: str | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.dead_after_s) and math.isfinite(self.forget_after_s)):
@@ -151,6 +156,8 @@ class Heartbeat:
             )
         if lost_ids:
             self.on_lost(lost_ids)
+        if self.settings.health_file:
+            Path(self.settings.health_file).touch()
         return int(moved)
 
     def start(self) -> Heartbeat:
@@ -180,6 +187,8 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.settings.health_file:
+            Path(self.settings.health_file).unlink(missing_ok=True)
         try:
             pipe = self.ledger.redis.pipeline(transaction=False)
             add_increments(pipe, self.deployment, self.observations.take())
