@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from pipeq.errors import PipeqError
@@ -62,8 +63,31 @@ def _print(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
+def _missing_worker_extra(command: str) -> bool:
+    """True (after saying what to install) when the worker extra is not installed."""
+    import importlib.util
+
+    missing = []
+    for module in ("torch", "transformers"):
+        try:
+            if importlib.util.find_spec(module) is None:
+                missing.append(module)
+        except ImportError:  # a parent package cannot be imported, or a finder refuses
+            missing.append(module)
+    if missing:
+        print(
+            f"pipeq {command}: {' and '.join(missing)} not installed: this is a producer-only "
+            "install; workers need: pip install 'pipeq[worker]'",
+            file=sys.stderr,
+        )
+    return bool(missing)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from pipeq._config import load_deployments, pick
+
+    if _missing_worker_extra("worker"):
+        return 2
 
     deployment = pick(load_deployments(args.config), args.deployment)
     from pipeq.worker.liveness import LivenessSettings
@@ -89,13 +113,51 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
 
 
+def _up_config(args: argparse.Namespace) -> str | None:
+    """The config `pipeq up` serves: --config, or with --tiny the offline tiny models'."""
+    if not args.tiny:
+        return args.config  # type: ignore[no-any-return]
+    from pipeq.worker.demo import demo_config, write_config
+
+    models = Path(args.models_dir)
+    print(f"tiny:    offline models in {models}", flush=True)
+    return str(write_config(demo_config(models), models / "tiny.toml"))
+
+
+def _serving(stack: Any, args: argparse.Namespace) -> bool:
+    """Wait for the workers and say how each started; False when none serves.
+    Raises redis.RedisError when Redis does not answer."""
+    ready = stack.wait_ready(args.ready_timeout)
+    for name, state in ready.items():
+        print(f"worker {name}: {state}", flush=True)
+    failed = sorted(n for n, state in ready.items() if state != "ready")
+    if failed and len(failed) == len(ready):
+        hint = (
+            "" if args.tiny else " (no Hugging Face Hub? `pipeq up --tiny` serves offline models)"
+        )
+        print(f"pipeq up: every worker failed{hint}", file=sys.stderr, flush=True)
+        return False
+    if failed:
+        names = ", ".join(failed)
+        print(f"{len(failed)} of {len(ready)} workers failed ({names}); serving the others")
+    return True
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    """Exit 0 after Ctrl-C/SIGTERM; 1 when every worker failed; 2 when the stack cannot
+    start (a port taken, Flower exposed without a password, Redis not answering)."""
+    import redis
+
+    from pipeq._client import masked
     from pipeq._config import load_deployments
     from pipeq._stack import FLOWER_AUTH_ENV, FlowerUnprotected, Stack
 
+    if _missing_worker_extra("up"):
+        return 2
+    config = _up_config(args)
     stack = Stack(
-        load_deployments(args.config),
-        args.config,
+        load_deployments(config),
+        config,
         redis_url=args.redis_url or None,
         redis_port=args.redis_port,
         flower_port=None if args.no_flower else args.flower_port,
@@ -103,26 +165,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         flower_auth=os.environ.get(FLOWER_AUTH_ENV) or None,
         exporter_port=None if args.no_exporter else args.exporter_port,
     )
-    try:
-        stack.check()
-    except FlowerUnprotected as e:
-        print(f"pipeq up: {e}", file=sys.stderr)
-        return 2
     stopping = threading.Event()
-
-    def _stop(signum: int, frame: Any) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
     try:
-        try:
-            stack.start()
-        except RuntimeError as e:  # a port taken, no redis-server
-            print(f"pipeq up: {e}", file=sys.stderr)
-            return 2
-        from pipeq._client import masked
-
+        stack.start()
         where = masked(stack.url) + ("  (embedded)" if stack.redis_proc else "")
         print(f"redis:   {where}", flush=True)
         if stack.flower_proc:
@@ -131,15 +178,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         if stack.exporter_proc:
             print(f"metrics: {stack.metrics_url}", flush=True)
         print(f"logs:    {stack.log_dir}", flush=True)
-        import redis
-
-        try:
-            ready = stack.wait_ready(args.ready_timeout)
-        except redis.RedisError as e:
-            print(f"pipeq up: Redis at {masked(stack.url)} does not answer: {e}", file=sys.stderr)
-            return 2
-        for name, state in ready.items():
-            print(f"worker {name}: {state}", flush=True)
+        if not _serving(stack, args):
+            return 1
         print("pipeq is up; Ctrl-C stops it", flush=True)
         reported = set(stack.failed())
         while not stopping.wait(1.0):
@@ -147,6 +187,12 @@ def cmd_up(args: argparse.Namespace) -> int:
                 if name not in reported:
                     reported.add(name)
                     print(f"worker {name} exited ({code}): {stack.log_tail(name)}", flush=True)
+    except (FlowerUnprotected, RuntimeError) as e:  # before anything started, or a port taken
+        print(f"pipeq up: {e}", file=sys.stderr)
+        return 2
+    except redis.RedisError as e:
+        print(f"pipeq up: Redis at {masked(stack.url)} does not answer: {e}", file=sys.stderr)
+        return 2
     finally:
         print("stopping...", flush=True)
         stack.stop()
@@ -337,6 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = add("up", "start Redis (embedded unless --redis-url), the workers and Flower", cmd_up)
     u.add_argument("--config", default=env_config)
+    u.add_argument(
+        "--tiny",
+        action="store_true",
+        help="serve the course's tasks with tiny random-weight models built offline "
+        "(what `pipeq demo` uses; no Hugging Face Hub needed)",
+    )
+    u.add_argument("--models-dir", default=".cache/pipeq-models", help="where --tiny builds them")
     u.add_argument("--redis-port", type=int, default=6399, help="port of the embedded Redis")
     u.add_argument("--flower-port", type=int, default=5555)
     u.add_argument(

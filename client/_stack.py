@@ -230,10 +230,9 @@ class Stack:
         """Start every process; RuntimeError (saying which option to change) when a port
         it needs is taken."""
         self.check()
-        if self.exporter_port and not port_free(self.exporter_port):
-            raise RuntimeError(
-                f"port {self.exporter_port} is taken: pass --exporter-port or --no-exporter"
-            )
+        for port, option in ((self.exporter_port, "exporter"), (self.flower_port, "flower")):
+            if port and not port_free(port, "127.0.0.1"):
+                raise RuntimeError(f"port {port} is taken: pass --{option}-port or --no-{option}")
         if self.redis_url is None:
             if not port_free(self.redis_port):
                 raise RuntimeError(

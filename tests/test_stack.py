@@ -143,3 +143,127 @@ def test_pipeq_up_on_a_redis_that_does_not_answer_says_so_in_one_line(
     assert "does not answer" in out.stderr and "Traceback" not in out.stderr
     assert "secret" not in out.stdout + out.stderr
     assert _processes_mentioning(str(config)) == []  # the worker it started is stopped
+
+
+def _up(config: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeq", "up", "--config", str(config), *QUIET, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PIPEQ_REDIS_URL": "", **(env or {})},
+        timeout=180,
+    )
+
+
+def test_pipeq_up_exits_non_zero_with_each_reason_when_every_worker_fails(
+    deployments: dict[str, Any], tmp_path: Path
+) -> None:
+    """No Hub here: a config naming Hub models fails to load every worker."""
+    from dataclasses import replace
+
+    broken = {
+        n: replace(deployments[n], model=f"no-such-org/no-such-{n}", hub_id=None)
+        for n in ("ner", "fill-mask")
+    }
+    out = _up(write_config(broken, tmp_path / "hub.toml"), "--redis-port", str(free_port()))
+    assert out.returncode == 1, out
+    assert "pipeq up: every worker failed" in out.stderr and "pipeq up --tiny" in out.stderr
+    for name in broken:
+        assert f"worker {name}: failed (exit 3)" in out.stdout
+    assert "pipeq is up" not in out.stdout
+
+
+def test_pipeq_up_says_which_workers_failed_and_serves_the_others(
+    deployments: dict[str, Any], tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    config = write_config(
+        {
+            "ner": deployments["ner"],
+            "broken": replace(deployments["fill-mask"], name="broken", model="no-org/none"),
+        },
+        tmp_path / "half.toml",
+    )
+    redis_port = free_port()
+    port_args = ("--redis-port", str(redis_port))
+    up = subprocess.Popen(
+        [sys.executable, "-m", "pipeq", "up", "--config", str(config), *QUIET, *port_args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PIPEQ_REDIS_URL": ""},
+    )
+    lines = []
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            lines.append(line)
+            if "pipeq is up" in line:
+                break
+        assert "1 of 2 workers failed (broken); serving the others\n" in lines, lines
+        with Client(f"redis://127.0.0.1:{redis_port}/0") as client:
+            assert client.submit("ner", "Ada lives in Paris").result(timeout=60) is not None
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.communicate(timeout=60)
+    assert up.returncode == 0
+
+
+def test_a_port_taken_is_one_line_and_a_producer_only_install_is_told_what_to_install(
+    deployments: dict[str, Any], tmp_path: Path
+) -> None:
+    import socket
+
+    config = write_config({"ner": deployments["ner"]}, tmp_path / "one.toml")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        cases = [
+            ["--redis-port", port, *QUIET],
+            ["--flower-port", port, "--no-exporter", "--redis-port", str(free_port())],
+            ["--exporter-port", port, "--no-flower", "--redis-port", str(free_port())],
+        ]
+        for args in cases:
+            out = subprocess.run(
+                [sys.executable, "-m", "pipeq", "up", "--config", str(config), *args],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PIPEQ_REDIS_URL": ""},
+                timeout=120,
+            )
+            assert out.returncode == 2, (args, out)
+            assert f"port {port} is taken" in out.stderr and "Traceback" not in out.stderr
+    # torch and transformers hidden, as on `pip install pipeq` without the worker extra
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+    )
+    for command in (["worker", "ner", "--config", str(config)], ["up", "--config", str(config)]):
+        out = subprocess.run(
+            [sys.executable, "-m", "pipeq", *command],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(hide)},
+            timeout=60,
+        )
+        assert out.returncode == 2, out
+        assert "pip install 'pipeq[worker]'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_pipeq_up_tiny_serves_the_offline_models_the_demo_uses(models_dir: Path) -> None:
+    from pipeq._cli import _up_config, build_parser
+    from pipeq._config import load_deployments
+    from pipeq.worker.demo import demo_config
+
+    args = build_parser().parse_args(["up", "--tiny", "--models-dir", str(models_dir)])
+    served = load_deployments(_up_config(args))
+    assert served == demo_config(models_dir)
+    assert all(Path(d.model).exists() for d in served.values())
