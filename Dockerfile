@@ -11,5 +11,9 @@ COPY client ./client
 COPY workers ./workers
 RUN pip install --no-cache-dir ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$TORCH_SPEC" \
  && pip install --no-cache-dir -c constraints.txt ".[worker,stack]"
-USER nobody
+# A user of its own, owning the model cache: a named volume mounted at /models starts as
+# a copy of this directory, owner included, so the first download can write there.
+RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin pipeq \
+ && mkdir -p /models && chown pipeq:pipeq /models
+USER pipeq
 ENTRYPOINT ["pipeq"]

@@ -1,0 +1,116 @@
+"""docker-compose.yml, the Dockerfile and .dockerignore, read for the faults a GPU node hit
+(there is no Docker engine here to run them): a GPU worker must see its GPU, the model
+cache must be writable by the image's user, every service must have a health check, and
+nothing may listen beyond the host unless asked. `docker-compose config` validates the
+file where docker-compose is installed (always in CI: .ci/run installs it)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import ROOT
+
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+def services() -> dict[str, Any]:
+    return dict(yaml.safe_load(COMPOSE.read_text())["services"])
+
+
+def workers() -> dict[str, Any]:
+    return {n: s for n, s in services().items() if (s.get("command") or [None])[0] == "worker"}
+
+
+def test_docker_compose_validates_the_file() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-compose is not installed: .ci/run installs Debian's package")
+        pytest.skip("no docker-compose (apt-get install docker-compose); CI installs it")
+    env = {**os.environ, "PIPEQ_FLOWER_AUTH": "user:password"}
+    out = subprocess.run(
+        [binary, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    # without a Flower password the file refuses to start rather than expose Flower
+    env.pop("PIPEQ_FLOWER_AUTH")
+    out = subprocess.run(
+        [binary, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode != 0 and "PIPEQ_FLOWER_AUTH" in out.stderr
+
+
+def test_each_gpu_worker_uses_the_one_gpu_its_container_sees() -> None:
+    """Docker's NVIDIA runtime renumbers a container's GPU as 0: `--gpu 1` hid it."""
+    gpu_workers = 0
+    for name, service in workers().items():
+        devices = (
+            service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+        )
+        command = service["command"]
+        if not devices:
+            assert "--gpu" not in command, name
+            continue
+        gpu_workers += 1
+        [device] = devices
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"], name
+        assert len(device.get("device_ids", [])) == 1 or device.get("count") == 1, name
+        if "--gpu" in command:
+            assert command[command.index("--gpu") + 1] == "0", name
+    assert gpu_workers >= 2  # the file shows a generator and a summarizer on their own GPUs
+
+
+def test_every_worker_serves_a_deployment_of_the_config_it_mounts() -> None:
+    declared = tomllib.loads((ROOT / "deploy" / "pipeq.toml").read_text())["deployments"]
+    for name, service in workers().items():
+        assert service["command"][1] in declared, name
+        assert "./deploy/pipeq.toml:/etc/pipeq/pipeq.toml:ro" in service["volumes"], name
+        assert "models:/models" in service["volumes"], name  # one cache, shared
+        assert service["environment"]["PIPEQ_HEALTH_FILE"] == "/tmp/pipeq-health", name
+
+
+def test_every_service_has_a_health_check_and_listens_on_this_host_only() -> None:
+    for name, service in services().items():
+        test = service.get("healthcheck", {}).get("test")
+        assert test, f"{name} has no health check"
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond the host"
+    worker_check = " ".join(next(iter(workers().values()))["healthcheck"]["test"])
+    assert "/tmp/pipeq-health" in worker_check and "-newermt" in worker_check
+    redis_command = services()["redis"]["command"]
+    assert "--appendonly" in redis_command and "noeviction" in redis_command
+    flower = services()["flower"]
+    assert "pipeq._flower" in flower["entrypoint"]
+    assert "FLOWER_BASIC_AUTH" in flower["environment"]
+    assert "FLOWER_UNAUTHENTICATED_API" not in flower["environment"]
+    assert services()["exporter"]["command"][0] == "exporter"
+
+
+def test_the_image_runs_as_a_user_that_owns_the_model_cache() -> None:
+    """The named volume mounted at /models starts as a copy of the image's /models,
+    owner included: the image must create it and give it to the user it runs as."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "HF_HOME=/models" in dockerfile
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, re.M)
+    assert users and users[-1] not in ("root", "0"), users
+    user = users[-1]
+    before_user = dockerfile[: dockerfile.rindex(f"USER {user}")]
+    assert re.search(r"mkdir -p /models", before_user)
+    assert re.search(rf"chown (-R )?{user}(:\S+)? /models", before_user)
+
+
+def test_the_build_context_leaves_out_the_venv_and_the_model_cache() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for path in (".venv", ".cache", ".git", "build"):
+        assert path in ignored, path
+    # and keeps what the Dockerfile copies
+    for copied in ("client", "workers", "pyproject.toml", "constraints.txt", "README.md"):
+        assert copied not in ignored, copied
