@@ -1,5 +1,6 @@
 """deploy/: the Grafana dashboard, Prometheus rules and config, and the KEDA ScaledObject
 parse, and name only metrics of the exporter's contract (pipeq._metrics.METRICS).
+(tests/test_k8s.py checks the rest of deploy/k8s.)
 
 Operators import these files as they are, so a renamed metric must break CI here, not an
 alert in production. promtool (Debian's `prometheus` package; .ci/run installs it) checks
@@ -29,7 +30,7 @@ DASHBOARD = DEPLOY / "grafana" / "pipeq.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERTS_TESTS = DEPLOY / "prometheus" / "alerts.test.yml"
 PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
-KEDA = DEPLOY / "k8s" / "keda-scaledobject.yaml"
+KEDA = DEPLOY / "k8s" / "keda" / "scaledobjects.yaml"  # one ScaledObject per worker
 
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # every series name the exporter serves: histograms only through their suffixes
@@ -174,9 +175,10 @@ def test_alerts_name_only_contract_metrics() -> None:
 
 
 def test_keda_query_names_only_contract_metrics() -> None:
-    (trigger,) = keda_objects()[0]["spec"]["triggers"]
-    check_expr(trigger["metadata"]["query"], "KEDA query")
-    assert "pipeq_queue_depth" in metric_names(trigger["metadata"]["query"])
+    for obj in keda_objects():
+        (trigger,) = obj["spec"]["triggers"]
+        check_expr(trigger["metadata"]["query"], f"KEDA query of {obj['metadata']['name']}")
+        assert "pipeq_queue_depth" in metric_names(trigger["metadata"]["query"])
 
 
 # --- the dashboard -------------------------------------------------------------------
@@ -277,8 +279,14 @@ def test_alert_rules_are_labelled_and_explained() -> None:
 # --- the KEDA ScaledObject -----------------------------------------------------------
 
 
-def test_keda_scaled_object() -> None:
-    (obj,) = keda_objects()
+def test_keda_scaled_objects() -> None:
+    objects = keda_objects()
+    assert objects
+    for obj in objects:
+        check_keda_scaled_object(obj)
+
+
+def check_keda_scaled_object(obj: dict[str, Any]) -> None:
     assert obj["apiVersion"] == "keda.sh/v1alpha1"
     assert obj["kind"] == "ScaledObject"
     spec = obj["spec"]
@@ -350,7 +358,7 @@ def test_promtool_parses_dashboard_and_keda_queries(tmp_path: Path) -> None:
     """Grafana and KEDA check their PromQL only when run; promtool parses it here, as
     recording rules, with Grafana's variables replaced by values of their kind."""
     exprs = [e for _, e in dashboard_exprs(load_dashboard()) if not e.startswith("label_values(")]
-    exprs.append(keda_objects()[0]["spec"]["triggers"][0]["metadata"]["query"])
+    exprs += [o["spec"]["triggers"][0]["metadata"]["query"] for o in keda_objects()]
     rules = [
         {
             "record": f"pipeq_check:expr_{i}",
