@@ -165,6 +165,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         flower_auth=os.environ.get(FLOWER_AUTH_ENV) or None,
         exporter_port=None if args.no_exporter else args.exporter_port,
     )
+    try:
+        stack.check()  # before anything starts: nothing to stop
+    except FlowerUnprotected as e:
+        print(f"pipeq up: {e}", file=sys.stderr)
+        return 2
+    try:
+        stack.check()  # before anything starts: nothing to stop
+    except FlowerUnprotected as e:
+        print(f"pipeq up: {e}", file=sys.stderr)
+        return 2
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
@@ -187,7 +197,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 if name not in reported:
                     reported.add(name)
                     print(f"worker {name} exited ({code}): {stack.log_tail(name)}", flush=True)
-    except (FlowerUnprotected, RuntimeError) as e:  # before anything started, or a port taken
+    except RuntimeError as e:  # a port taken, no redis-server
         print(f"pipeq up: {e}", file=sys.stderr)
         return 2
     except redis.RedisError as e:
