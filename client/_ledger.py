@@ -227,7 +227,10 @@ for i = 1, n do
     redis.call('PUBLISH', key, started)
     if redis.call('EXISTS', 'pipeq:job:' .. id) == 1 then  -- counted only if accepted here
       local accepted = redis.call('ZSCORE', KEYS[1], id)
-      if accepted then waited[i] = tostring(now - tonumber(accepted)) end
+      -- its first forward pass only: a job back from a dead worker has run before
+      if accepted and redis.call('EXISTS', 'pipeq:attempts:' .. id) == 0 then
+        waited[i] = tostring(now - tonumber(accepted))
+      end
       redis.call('ZREM', KEYS[1], id)
       redis.call('ZADD', KEYS[2], accepted or now, id)
     end

@@ -612,3 +612,34 @@ def test_the_health_file_is_fresh_while_the_worker_serves_and_stale_or_gone_othe
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0
     assert not health.exists()
+
+
+def test_a_job_run_again_after_its_worker_died_counts_one_queue_wait(
+    cluster_of: Any, sentiment: Deployment
+) -> None:
+    """pipeq_queue_wait_seconds is acceptance to a job's *first* forward pass: a job that
+    runs again on another worker after a SIGKILL is not observed twice (it was: 3 for 2)."""
+    gathering = renamed(sentiment, "sentiment", max_batch_wait_ms=1000)  # one batch of 4
+    cluster = cluster_of([gathering], worker_env={**QUICK, "PIPEQ_FAULTS_FORWARD_S": "3"})
+    inputs = texts(4, "slow ")
+    with cluster.client() as client:
+        first = cluster.start_worker("sentiment")
+        cluster.hostname(first, "sentiment")
+        jobs = [client.submit("sentiment", t) for t in inputs]
+        wait_until(lambda: all(j.status() is JobState.RUNNING for j in jobs), 30, "running")
+        time.sleep(1.5)  # the admissions' observations went out with a heartbeat (0.5 s)
+        cluster.kill(first)
+        second = cluster.start_worker("sentiment")
+        cluster.hostname(second, "sentiment")
+        for job in jobs:
+            job.result(timeout=60)
+    runs = Counter(text for _, text in cluster.forwards())
+    assert all(runs[t] == 2 for t in inputs), runs  # each ran twice, alone the second time
+
+    def counts() -> dict[str, float]:
+        raw = cluster.redis().hgetall(metrics_key("sentiment"))
+        return {k.decode(): float(v) for k, v in raw.items()}
+
+    wait_until(lambda: counts().get("forward_seconds:count") == 4, 10, "the survivor's passes")
+    assert counts()["queue_wait_seconds:count"] == 4
+    assert outcomes(cluster, "sentiment") == {**NONE, "succeeded": 4}
