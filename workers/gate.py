@@ -52,7 +52,8 @@ def _id_of(headers: Any) -> str | None:
 def check_message(raw: bytes, *, max_bytes: int) -> dict[str, Any]:
     """The message as kombu's envelope (a dict), if pipeq can run it; else Malformed."""
     if len(raw) > max_bytes:
-        found = _ID.search(raw[:65536])
+        # the headers' id: kombu writes them after the body, which may be megabytes
+        found = _ID.search(raw, max(0, raw.rfind(b'"headers"')))
         job_id = found.group(1).decode("utf-8", "replace") if found else None
         raise Malformed(f"message of {len(raw)} bytes is over {max_bytes}", job_id)
     try:
