@@ -15,12 +15,13 @@ from functools import cached_property
 from typing import Any
 
 from celery import Celery, states
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.exceptions import BackendStoreError
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
 from pipeq._ledger import Ledger, queue_for
+from pipeq._redis import RedisTarget, parse
 from pipeq.errors import Overloaded
 
 __all__ = [
@@ -29,7 +30,10 @@ __all__ = [
     "RUN_TASK",
     "make_app",
     "queue_for",
+    "redis_client",
+    "redis_target",
     "redis_url",
+    "transport_for",
 ]
 
 #: where `pipeq up` puts its embedded Redis, and where clients look when told nothing
@@ -46,6 +50,24 @@ CONNECT_TIMEOUT_S = 2.0
 def redis_url(url: str | None = None) -> str:
     """The explicit URL, else $PIPEQ_REDIS_URL, else the local default."""
     return url or os.environ.get("PIPEQ_REDIS_URL") or DEFAULT_REDIS_URL
+
+
+def redis_target(url: str | None = None) -> RedisTarget:
+    """`redis_url(url)` taken apart (`_redis.parse`); ValueError if it cannot be used."""
+    return parse(redis_url(url))
+
+
+def redis_client(url: str | None = None, **kwargs: Any) -> Any:
+    """A redis-py client of `redis_url(url)`: the one way pipeq makes one (Sentinel's
+    master, TLS verified); `kwargs` are redis-py's (socket_timeout=...)."""
+    kwargs.setdefault("socket_connect_timeout", CONNECT_TIMEOUT_S)
+    return redis_target(url).client(**kwargs)
+
+
+def transport_for(url: str | None, module: str = __name__) -> str:
+    """The kombu transport class (module:name) pipeq uses for this URL: `Transport`, or
+    `SentinelTransport` for a sentinel:// URL."""
+    return f"{module}:{'Sentinel' if redis_target(url).sentinel else ''}Transport"
 
 
 def outcome_of(state: str, result: Any) -> str:
@@ -114,6 +136,12 @@ class Backend(RedisBackend):  # type: ignore[misc]
         return Ledger(self.client)
 
 
+class SentinelResultBackend(Backend, SentinelBackend):  # type: ignore[misc]
+    """pipeq's result backend on sentinel://: Celery's Sentinel backend (which asks the
+    sentinels for the master) with `Backend`'s behaviour; the ledger's scripts run on
+    that master too."""
+
+
 #: the `max_queue_length` the current thread's send is held to (0: none); set by
 #: `Client` around `send_task`, read by the channel that pushes the message
 enqueue_limit: ContextVar[int] = ContextVar("pipeq_enqueue_limit", default=0)
@@ -165,15 +193,32 @@ class Transport(kombu_redis.Transport):
     Channel = _Channel
 
 
+class _SentinelChannel(_Channel, kombu_redis.SentinelChannel):
+    """`_Channel` over the master kombu's Sentinel channel finds."""
+
+    from_transport_options = kombu_redis.SentinelChannel.from_transport_options
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """`Transport` for sentinel:// URLs."""
+
+    Channel = _SentinelChannel
+
+
 def make_app(url: str | None = None, *, cls: type[Celery] = Celery, **overrides: Any) -> Celery:
     """A Celery app (of class `cls`) with pipeq's settings, on Redis as broker and result
     backend."""
-    url = redis_url(url)
+    target = redis_target(url)
+    broker = target.celery_url
     # "<class>+<url>" picks the backend class (celery.app.backends.by_url)
-    backend = f"{__name__}:Backend+{url.removeprefix('redis+')}"
-    app = cls("pipeq", broker=url, backend=backend, set_as_current=False)
+    kind = "SentinelResultBackend" if target.sentinel else "Backend"
+    backend = f"{__name__}:{kind}+{broker.removeprefix('redis+')}"
+    app = cls("pipeq", broker=broker, backend=backend, set_as_current=False)
     app.conf.update(
-        broker_transport=f"{__name__}:Transport",
+        broker_transport=transport_for(url),
+        # TLS as pipeq reads it (`_redis`): verified unless the URL says otherwise
+        broker_use_ssl=target.ssl,
+        redis_backend_use_ssl=target.ssl,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -209,4 +254,7 @@ def make_app(url: str | None = None, *, cls: type[Celery] = Celery, **overrides:
         broker_pool_limit=10,
     )
     app.conf.update(overrides)
+    # the sentinels' options join whatever transport options the caller set
+    for setting in ("broker_transport_options", "result_backend_transport_options"):
+        app.conf[setting] = {**app.conf[setting], **target.transport_options()}
     return app

@@ -10,7 +10,6 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from celery import states
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from pipeq import _app, _tasks
 from pipeq._ledger import Depth, Ledger, meta_json
+from pipeq._redis import masked
 from pipeq._registry import NO_WORKER_GRACE_S, Announced, Registry
 from pipeq.errors import (
     BrokerUnavailable,
@@ -43,18 +43,6 @@ _LOOKUP_CACHE_S = 2.0
 #: a call finding Redis unreachable tries again for this long, then BrokerUnavailable
 BROKER_TIMEOUT_S = 10.0
 _BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, OperationalError, OSError)
-
-
-def masked(url: str) -> str:
-    """The URL with its password (if any) replaced by ***."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def drop_result_channels(app: Any) -> None:
@@ -232,14 +220,10 @@ class Client:
         self.redis_url = _app.redis_url(redis_url)
         self.broker_timeout_s = broker_timeout_s
         try:
-            self.redis = redis.Redis.from_url(
-                self.redis_url,
-                socket_connect_timeout=_app.CONNECT_TIMEOUT_S,
-                socket_timeout=broker_timeout_s,
-            )
-        except ValueError as e:  # not a redis://, rediss://, unix:// URL, or a bad port
+            self.redis = _app.redis_client(self.redis_url, socket_timeout=broker_timeout_s)
+            self.app = _app.make_app(self.redis_url)
+        except ValueError as e:  # not a URL of `_redis`'s forms, or a bad port
             raise InvalidRequest(f"invalid Redis URL {masked(self.redis_url)}: {e}") from None
-        self.app = _app.make_app(self.redis_url)
         self.registry = Registry(self.redis, no_worker_grace_s=no_worker_grace_s)
         self.ledger = Ledger(self.redis)
         self._lookups: dict[tuple[str, str | None], tuple[float, Announced]] = {}

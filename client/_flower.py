@@ -86,9 +86,7 @@ class FlowerApp(Celery):  # type: ignore[misc]
 
 def _announced(url: str) -> list[str]:
     """The deployments announced on this Redis; none if it does not answer."""
-    client = redis.Redis.from_url(
-        url, socket_connect_timeout=_app.CONNECT_TIMEOUT_S, socket_timeout=_app.CONNECT_TIMEOUT_S
-    )
+    client = _app.redis_client(url, socket_timeout=_app.CONNECT_TIMEOUT_S)
     try:
         return list(Registry(client).deployments())
     except redis.RedisError:
@@ -109,8 +107,8 @@ def make_app(url: str | None = None, deployments: list[str] | None = None) -> Ce
     # name: in Flower's process, pipeq's transport goes by the URL's own name ("redis")
     scheme = url.partition("://")[0]
     overrides = {}
-    if scheme in ("redis", "rediss"):  # both are kombu's Redis transport, which pipeq's extends
-        TRANSPORT_ALIASES[scheme] = f"{_app.__name__}:Transport"
+    if scheme in ("redis", "rediss", "sentinel"):  # kombu's Redis transports, pipeq's extend
+        TRANSPORT_ALIASES[scheme] = _app.transport_for(url)
         overrides["broker_transport"] = scheme
     flower = _app.make_app(
         url,

@@ -131,10 +131,17 @@ def free_port_from(start: int) -> int:
 
 
 def start_redis(
-    port: int, workdir: Path, *, appendonly: bool = False, extra: tuple[str, ...] = ()
+    port: int,
+    workdir: Path,
+    *,
+    appendonly: bool = False,
+    extra: tuple[str, ...] = (),
+    client: redis.Redis | None = None,
+    logfile: str = "redis.log",
 ) -> subprocess.Popen[bytes]:
     """Start redis-server on 127.0.0.1:port and wait until it answers; `extra` are more
-    server options (`("--appendfsync", "always")`)."""
+    server options (`("--appendfsync", "always")`, `("--requirepass", pw)`), `client`
+    one that can reach it as configured (with the password, over TLS)."""
     proc = subprocess.Popen(
         [
             find_redis_server(),
@@ -151,14 +158,14 @@ def start_redis(
             "--maxmemory-policy",
             "noeviction",
             "--logfile",
-            str(workdir / "redis.log"),
+            str(workdir / logfile),
             *extra,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    client = client or redis.Redis(port=port, socket_connect_timeout=0.2)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -169,7 +176,7 @@ def start_redis(
                 break
             time.sleep(0.05)
     proc.kill()
-    log = (workdir / "redis.log").read_text(errors="replace")[-2000:]
+    log = (workdir / logfile).read_text(errors="replace")[-2000:]
     raise RuntimeError(f"redis-server did not start on port {port}:\n{log}")
 
 
@@ -292,7 +299,9 @@ class Stack:
 
     def wait_ready(self, timeout_s: float = 300.0) -> dict[str, str]:
         """Wait until every worker serves or has failed: name -> 'ready' or 'failed: why'."""
-        registry = Registry(redis.Redis.from_url(self.url))
+        from pipeq._app import redis_client
+
+        registry = Registry(redis_client(self.url))
         status: dict[str, str] = {}
         deadline = time.monotonic() + timeout_s
         while len(status) < len(self.workers) and time.monotonic() < deadline:
@@ -323,8 +332,8 @@ class Stack:
                 proc.send_signal(signal.SIGTERM)
         for proc in self.workers.values():
             stop_process(proc)
-        for proc in (self.flower_proc, self.exporter_proc):
-            if proc:
-                stop_process(proc)
+        for other in (self.flower_proc, self.exporter_proc):
+            if other:
+                stop_process(other)
         if self.redis_proc:
             stop_process(self.redis_proc)

@@ -187,9 +187,9 @@ def serve_exporter(url: str, port: int, address: str) -> tuple[Any, threading.Th
     its thread (`server.shutdown()` stops it). Raises OSError when the port is taken."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from pipeq._app import CONNECT_TIMEOUT_S
+    from pipeq._app import redis_client
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=5)
+    client = redis_client(url, socket_timeout=5)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector(client))
     server, thread = start_http_server(port, addr=address, registry=registry)

@@ -22,10 +22,10 @@ from celery import signals
 from celery.worker.consumer import Consumer as CeleryConsumer
 
 from pipeq import _app
-from pipeq._client import masked
 from pipeq._config import Deployment
 from pipeq._ledger import inflight_key, queue_for
 from pipeq._metrics import Observations
+from pipeq._redis import masked
 from pipeq._registry import Registry
 from pipeq.errors import InvalidRequest, JobLost, ModelLoadError
 from pipeq.worker.gate import Malformed
@@ -134,6 +134,13 @@ HEARTBEAT_IO_S = 5.0
 HELD_BATCHES = 4
 
 
+def _redis_failed(name: str, url: str, e: Exception) -> int:
+    """One line on stderr saying why Redis cannot be used; the exit status."""
+    why = " ".join(f"{type(e).__name__}: {e}".split())
+    print(f"pipeq worker {name}: Redis at {masked(url)} did not answer ({why})", file=sys.stderr)
+    return EXIT_FATAL
+
+
 def run_worker(
     deployment: Deployment,
     *,
@@ -164,11 +171,11 @@ def run_worker(
     sys.setswitchinterval(0.0005)
     url = _app.redis_url(redis_url)
     # a heartbeat stuck on a half-open connection would make this worker look dead
-    registry = Registry(
-        redis.Redis.from_url(
-            url, socket_connect_timeout=_app.CONNECT_TIMEOUT_S, socket_timeout=HEARTBEAT_IO_S
-        )
-    )
+    try:
+        registry = Registry(_app.redis_client(url, socket_timeout=HEARTBEAT_IO_S))
+    except ValueError as e:
+        print(f"pipeq worker: invalid Redis URL {masked(url)}: {e}", file=sys.stderr)
+        return EXIT_FATAL
     # unique per start: a restarted container keeps its hostname and pid, and the jobs its
     # previous life held must not look like the new one's
     start_id = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -179,6 +186,10 @@ def run_worker(
     from pipeq.worker.batcher import Batcher
     from pipeq.worker.handlers import load_handler
 
+    try:  # a wrong password, CA or URL is told in one line now, not after the model loads
+        registry.redis.ping()
+    except redis.RedisError as e:
+        return _redis_failed(deployment.name, url, e)
     started = time.monotonic()
     try:
         handler = load_handler(deployment)
@@ -209,7 +220,7 @@ def run_worker(
     app = _app.make_app(
         url,
         worker_consumer=f"{__name__}:Consumer",
-        broker_transport="pipeq.worker.transport:Transport",
+        broker_transport=_app.transport_for(url, "pipeq.worker.transport"),
         broker_transport_options={
             "socket_connect_timeout": _app.CONNECT_TIMEOUT_S,
             "pipeq_inflight": inflight_key(hostname),
@@ -258,12 +269,7 @@ def run_worker(
         heartbeat.start()  # owns its in-flight list before it takes a job
         registry.loaded(deployment.name)
     except redis.RedisError as e:
-        print(
-            f"pipeq worker {deployment.name}: Redis at {masked(url)} did not answer "
-            f"({type(e).__name__}: {e})",
-            file=sys.stderr,
-        )
-        return EXIT_FATAL
+        return _redis_failed(deployment.name, url, e)
     stopping = threading.Event()
 
     @signals.worker_shutting_down.connect(weak=False)  # type: ignore[untyped-decorator]

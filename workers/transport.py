@@ -203,3 +203,22 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport with the worker's channel."""
 
     Channel = WorkerChannel
+
+
+class SentinelWorkerChannel(WorkerChannel, kombu_redis.SentinelChannel):
+    """`WorkerChannel` over the master kombu's Sentinel channel finds."""
+
+    from_transport_options = (  # type: ignore[assignment]
+        *WorkerChannel.from_transport_options,
+        *(
+            option
+            for option in kombu_redis.SentinelChannel.from_transport_options
+            if option not in WorkerChannel.from_transport_options
+        ),
+    )
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport with the worker's channel."""
+
+    Channel = SentinelWorkerChannel
