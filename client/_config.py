@@ -56,8 +56,8 @@ DEFAULT_MODELS: dict[str, str] = {
     "feature-extraction": "distilbert/distilbert-base-cased",
 }
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-_DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # fullmatch: `$` lets "x\n" through
+_DEVICE = re.compile(r"cpu|cuda|cuda:\d+")
 
 
 @dataclass(frozen=True)
@@ -79,12 +79,12 @@ class Deployment:
     limits: Mapping[str, int] = field(default_factory=dict)  # over DEFAULT_LIMITS
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
+        if not _NAME.fullmatch(self.name):
             raise InvalidRequest(f"deployment name {self.name!r} must match {_NAME.pattern}")
         _tasks.canonical_task(self.task)  # raises on an unknown task
         if not self.model:
             raise InvalidRequest(f"deployment {self.name!r} needs a model")
-        if not _DEVICE.match(self.device):
+        if not _DEVICE.fullmatch(self.device):
             raise InvalidRequest(
                 f"deployment {self.name!r}: device {self.device!r} must be cpu, cuda or cuda:N"
             )

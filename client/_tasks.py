@@ -343,11 +343,11 @@ ALIASES = {
     "sentiment-analysis": "text-classification",
     "ner": "token-classification",
 }
-_TRANSLATION = re.compile(r"^translation_[A-Za-z-]+_to_[A-Za-z-]+$")
+_TRANSLATION = re.compile(r"translation_[A-Za-z-]+_to_[A-Za-z-]+")
 
 
 def is_task(name: str) -> bool:
-    return name in SPECS or name in ALIASES or bool(_TRANSLATION.match(name))
+    return name in SPECS or name in ALIASES or bool(_TRANSLATION.fullmatch(name))
 
 
 def canonical_task(name: str) -> str:
@@ -356,7 +356,7 @@ def canonical_task(name: str) -> str:
         return name
     if name in ALIASES:
         return ALIASES[name]
-    if _TRANSLATION.match(name):
+    if _TRANSLATION.fullmatch(name):
         return "translation"
     raise UnknownDeployment(
         f"unknown task {name!r}; pipeq serves {sorted(set(SPECS) | set(ALIASES))}"

@@ -14,6 +14,8 @@ from unittest.mock import ANY
 
 import pytest
 from celery import states
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeq import (
     Client,
@@ -422,3 +424,43 @@ def test_a_worker_gone_for_good_is_forgotten_with_its_statistics(redis_url: str)
     assert [m.decode() for m in r.zrange(workers_key(name), 0, -1)] == ["alive@host"]
     assert not r.hexists(stats_key(name), "gone@host")
     assert not r.hexists(dead_after_key(name), "gone@host")
+
+
+@given(st.text(max_size=120))
+def test_a_deployment_name_is_accepted_exactly_when_it_is_a_plain_token(name: str) -> None:
+    """Names become Redis keys, queue names, Celery hostnames and Prometheus labels:
+    letters, digits, `_.-`, first a letter or digit, at most 100. A trailing newline
+    passed the old check (`$` matches before it)."""
+    from pipeq._config import Deployment
+
+    plain = (
+        0 < len(name) <= 100
+        and name[0].isascii()
+        and name[0].isalnum()
+        and all(c.isascii() and (c.isalnum() or c in "_.-") for c in name)
+    )
+    try:
+        Deployment(name=name, task="ner", model="m")
+    except InvalidRequest:
+        assert not plain
+    else:
+        assert plain
+
+
+def test_a_deployment_name_with_a_trailing_newline_is_refused() -> None:
+    from pipeq._config import Deployment
+
+    with pytest.raises(InvalidRequest, match="deployment name"):
+        Deployment(name="evil\n", task="ner", model="m")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("device", "cuda\n"), ("task", "translation_en_to_fr\n")]
+)
+def test_a_setting_with_a_trailing_newline_is_refused(field: str, value: str) -> None:
+    from pipeq import UnknownDeployment
+    from pipeq._config import Deployment
+
+    settings = {"name": "d", "task": "ner", "model": "m", field: value}
+    with pytest.raises((InvalidRequest, UnknownDeployment)):  # an unknown task: the latter
+        Deployment(**settings)
