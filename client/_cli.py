@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -124,10 +125,12 @@ def _up_config(args: argparse.Namespace) -> str | None:
     return str(write_config(demo_config(models), models / "tiny.toml"))
 
 
-def _serving(stack: Any, args: argparse.Namespace) -> bool:
-    """Wait for the workers and say how each started; False when none serves.
-    Raises redis.RedisError when Redis does not answer."""
-    ready = stack.wait_ready(args.ready_timeout)
+def _serving(stack: Any, args: argparse.Namespace, stopping: threading.Event) -> bool:
+    """Wait for the workers and say how each started; False when none serves (or a stop
+    was asked for meanwhile). Raises redis.RedisError when Redis does not answer."""
+    ready = stack.wait_ready(args.ready_timeout, stopping)
+    if stopping.is_set():
+        return False
     for name, state in ready.items():
         print(f"worker {name}: {state}", flush=True)
     failed = sorted(n for n, state in ready.items() if state != "ready")
@@ -188,15 +191,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         if stack.exporter_proc:
             print(f"metrics: {stack.metrics_url}", flush=True)
         print(f"logs:    {stack.log_dir}", flush=True)
-        if not _serving(stack, args):
-            return 1
+        if not _serving(stack, args, stopping):
+            return 0 if stopping.is_set() else 1
         print("pipeq is up; Ctrl-C stops it", flush=True)
         reported = set(stack.failed())
         while not stopping.wait(1.0):
             for name, code in stack.failed().items():
                 if name not in reported:
                     reported.add(name)
-                    print(f"worker {name} exited ({code}): {stack.log_tail(name)}", flush=True)
+                    print(f"{name} exited ({code}): {stack.log_tail(name)}", flush=True)
     except RuntimeError as e:  # a port taken, no redis-server
         print(f"pipeq up: {e}", file=sys.stderr)
         return 2
@@ -204,7 +207,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"pipeq up: Redis at {masked(stack.url)} does not answer: {e}", file=sys.stderr)
         return 2
     finally:
-        print("stopping...", flush=True)
+        with contextlib.suppress(OSError):  # stdout closed (`pipeq up | head`): stop anyway
+            print("stopping...", flush=True)
         stack.stop()
     return 0
 
@@ -241,11 +245,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cluster_status(args: argparse.Namespace) -> int:
-    """One line per deployment; exit 1 when one of them has no live worker (or none is
-    known), 2 when Redis cannot be read (BrokerUnavailable)."""
+    """One line per deployment; exit 1 when one of them needs a live worker and has none
+    (or none is known), 2 when Redis cannot be read (BrokerUnavailable). With --watch,
+    until Ctrl-C, through Redis outages."""
     import time
-
-    from pipeq import _status
 
     declared = {}
     if args.config:
@@ -254,24 +257,37 @@ def _cluster_status(args: argparse.Namespace) -> int:
         declared = {n: (d.task, d.model) for n, d in load_deployments(args.config).items()}
     with _client(args) as client:
         while True:
-            found = client.call(_status.cluster_status, client.redis, declared)
-            if args.deployment:
-                missing = sorted(set(args.deployment) - {d.name for d in found})
-                found = [d for d in found if d.name in args.deployment]
-            else:
-                missing = [] if found else ["(none announced on this Redis)"]
             if args.watch:
                 print("\033[H\033[2J", end="")  # clear the terminal, as watch(1) does
-            lines = [_status.status_json(found)] if args.json else _status.status_lines(found)
-            print("\n".join(lines))
-            down = [d.name for d in found if d.workers == 0]
-            for what, names in (("no live worker", down), ("no such deployment", missing)):
-                if names:
-                    print(f"{what}: {', '.join(names)}", file=sys.stderr)
+            try:
+                code = _status_once(client, args, declared)
+            except PipeqError as e:  # BrokerUnavailable
+                if not args.watch:
+                    raise
+                print(f"pipeq: {type(e).__name__}: {e}; trying again", file=sys.stderr)
+                code = 2
             if not args.watch:
-                return 1 if down or missing else 0
+                return code
             sys.stdout.flush()
             time.sleep(args.watch)
+
+
+def _status_once(client: Any, args: argparse.Namespace, declared: dict[str, Any]) -> int:
+    from pipeq import _status
+
+    found = client.call(_status.cluster_status, client.redis, declared)
+    if args.deployment:
+        missing = sorted(set(args.deployment) - {d.name for d in found})
+        found = [d for d in found if d.name in args.deployment]
+    else:
+        missing = [] if found else ["(none announced on this Redis)"]
+    down = [d.name for d in found if d.down]
+    lines = [_status.status_json(found, missing)] if args.json else _status.status_lines(found)
+    print("\n".join(lines))
+    for what, names in (("no live worker", down), ("no such deployment", missing)):
+        if names:
+            print(f"{what}: {', '.join(names)}", file=sys.stderr)
+    return 1 if down or missing else 0
 
 
 def cmd_exporter(args: argparse.Namespace) -> int:

@@ -76,6 +76,9 @@ class Deployment:
     max_batch_wait_ms: float = -1.0  # negative: the task's default
     job_timeout_s: float = 300.0  # from the job's first forward pass
     max_queue_length: int = 0  # 0: no limit
+    #: producers queue its jobs even while no worker runs (an autoscaler that scales it to
+    #: zero starts one for them); otherwise, NoLiveWorker after `no_worker_grace_s`
+    scale_to_zero: bool = False
     limits: Mapping[str, int] = field(default_factory=dict)  # over DEFAULT_LIMITS
 
     def __post_init__(self) -> None:
@@ -92,6 +95,8 @@ class Deployment:
             object.__setattr__(self, "max_batch_size", _tasks.spec(self.task).max_batch_size)
         if self.max_batch_wait_ms < 0:
             object.__setattr__(self, "max_batch_wait_ms", _tasks.spec(self.task).max_batch_wait_ms)
+        if not isinstance(self.scale_to_zero, bool):
+            raise InvalidRequest(f"deployment {self.name!r}: scale_to_zero must be true or false")
         if self.job_timeout_s <= 0:
             raise InvalidRequest(f"deployment {self.name!r}: job_timeout_s must be positive")
         unknown = set(self.limits) - set(DEFAULT_LIMITS)

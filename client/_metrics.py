@@ -115,6 +115,12 @@ METRICS: dict[str, Metric] = {
             "Total memory of the worker's GPU (torch.cuda.mem_get_info).",
         ),
         Metric(
+            "pipeq_scale_to_zero",
+            "gauge",
+            ("deployment",),
+            "1 if the deployment takes jobs with no worker running (scale_to_zero), else 0.",
+        ),
+        Metric(
             "pipeq_redis_up",
             "gauge",
             (),

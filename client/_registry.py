@@ -143,6 +143,10 @@ class Registry:
         info = json.loads(raw) if isinstance(raw, bytes) else {}
         return float(info.get("dead_after_s") or LIVE_FOR_S)
 
+    def scales_to_zero(self, name: str) -> bool:
+        raw = self.redis.hget(DEPLOYMENTS_KEY, name)
+        return isinstance(raw, bytes) and bool(json.loads(raw).get("scale_to_zero"))
+
     def live_workers(self, name: str) -> list[str]:
         """Workers of the deployment whose heartbeat is recent."""
         return self.ledger.live(name, self._live_for(name))[0]
@@ -208,6 +212,8 @@ class Registry:
         """NoLiveWorker unless a worker of the deployment beat within `no_worker_grace_s`."""
         live, last_beat_age = self.ledger.live(name, self._live_for(name))
         if live or (last_beat_age is not None and last_beat_age <= self.no_worker_grace_s):
+            return
+        if self.scales_to_zero(name):  # a worker starts for the jobs that wait
             return
         why = self.load_error(name)
         detail = f"; its last worker failed to load the model: {why}" if why else ""

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,20 +298,27 @@ class Stack:
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
 
-    def wait_ready(self, timeout_s: float = 300.0) -> dict[str, str]:
-        """Wait until every worker serves or has failed: name -> 'ready' or 'failed: why'."""
+    def wait_ready(
+        self, timeout_s: float = 300.0, stopping: threading.Event | None = None
+    ) -> dict[str, str]:
+        """Wait until every worker this stack started serves or has failed (or `stopping`
+        is set): name -> 'ready' or why not. Another process's worker of the same
+        deployment (on a shared Redis) does not count."""
         from pipeq._app import redis_client
 
         registry = Registry(redis_client(self.url))
         status: dict[str, str] = {}
         deadline = time.monotonic() + timeout_s
         while len(status) < len(self.workers) and time.monotonic() < deadline:
+            if stopping is not None and stopping.is_set():
+                break
             for name, proc in self.workers.items():
                 if name in status:
                     continue
+                ours = f"pipeq.{name}.{proc.pid}-"  # workers/main.py's hostname
                 if proc.poll() is not None:
                     status[name] = f"failed (exit {proc.returncode}): {self.log_tail(name)}"
-                elif registry.live_workers(name):
+                elif any(w.startswith(ours) for w in registry.live_workers(name)):
                     status[name] = "ready"
             time.sleep(0.2)
         for name in self.workers:
@@ -323,8 +331,9 @@ class Stack:
         return " | ".join(text[-lines:])
 
     def failed(self) -> dict[str, int]:
-        """Workers that have exited, with their exit status."""
-        return {n: p.returncode for n, p in self.workers.items() if p.poll() is not None}
+        """Workers (and Flower, the exporter) that have exited, with their exit status."""
+        procs = {**self.workers, "flower": self.flower_proc, "exporter": self.exporter_proc}
+        return {n: p.returncode for n, p in procs.items() if p and p.poll() is not None}
 
     def stop(self) -> None:
         for proc in self.workers.values():

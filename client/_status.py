@@ -49,13 +49,23 @@ class DeploymentStatus:
     recent: dict[str, int]
     totals: dict[str, int]
     announced: bool = True
+    #: takes jobs with no worker running (an autoscaler starts one for them)
+    scale_to_zero: bool = False
     #: live worker -> its batching statistics and GPU memory, as of its last heartbeat
     worker_stats: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     #: the deployment's `pipeq:metrics:` hash (`_metrics`), decoded
     counters: dict[str, str] = field(default_factory=dict, repr=False)
 
+    @property
+    def down(self) -> bool:
+        """No live worker, where one is needed: always, unless the deployment scales to
+        zero and no job waits or runs."""
+        idle = self.scale_to_zero and self.waiting == 0 and self.running == 0
+        return self.workers == 0 and not idle
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out["down"] = self.down
         del out["worker_stats"], out["counters"]
         return out
 
@@ -81,8 +91,10 @@ def cluster_status(
     slot = int(_redis_now(client)) // RECENT_SLOT_S
     out = []
     for name in names:
+        scale_to_zero = False
         if name in announced:
             task, model = announced[name].task, announced[name].model
+            scale_to_zero = bool(announced[name].info.get("scale_to_zero"))
         else:
             task, model = (declared or {})[name]
         depth = registry.ledger.depth(name)
@@ -105,6 +117,7 @@ def cluster_status(
                 recent=sum_recent(slots),
                 totals=outcome_counts(counters),
                 announced=name in announced,
+                scale_to_zero=scale_to_zero,
                 worker_stats=stats,
                 counters=counters,
             )
@@ -157,6 +170,7 @@ class Collector:
                 "pipeq_jobs_running",
                 "pipeq_gpu_memory_used_bytes",
                 "pipeq_gpu_memory_total_bytes",
+                "pipeq_scale_to_zero",
             )
         }
         # CounterMetricFamily takes the name without _total and adds it
@@ -167,6 +181,7 @@ class Collector:
             gauges["pipeq_queue_oldest_age_seconds"].add_metric([d.name], d.oldest_age_s)
             gauges["pipeq_workers"].add_metric([d.name], d.workers)
             gauges["pipeq_jobs_running"].add_metric([d.name], d.running)
+            gauges["pipeq_scale_to_zero"].add_metric([d.name], int(d.scale_to_zero))
             for outcome, n in d.totals.items():
                 jobs.add_metric([d.name, outcome], n)
             for h, fam in histograms.items():
@@ -204,7 +219,13 @@ def status_lines(deployments: Iterable[DeploymentStatus]) -> list[str]:
         rows.append(
             (
                 d.name,
-                str(d.workers) if d.announced else "0 (never started)",
+                (
+                    "0 (never started)"
+                    if not d.announced
+                    else "0 (scaled to zero)"
+                    if d.workers == 0 and not d.down
+                    else str(d.workers)
+                ),
                 str(d.waiting),
                 f"{d.oldest_age_s:.1f}s",
                 str(d.running),
@@ -216,10 +237,12 @@ def status_lines(deployments: Iterable[DeploymentStatus]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
-def status_json(deployments: list[DeploymentStatus]) -> str:
+def status_json(deployments: list[DeploymentStatus], missing: list[str]) -> str:
+    """`pipeq status --json`; `healthy` is exactly when the command exits 0."""
     return json.dumps(
         {
-            "healthy": all(d.workers > 0 for d in deployments),
+            "healthy": not missing and not any(d.down for d in deployments),
+            "missing": missing,
             "recent_window_s": RECENT_S,
             "deployments": [d.as_dict() for d in deployments],
         },

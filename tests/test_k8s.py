@@ -516,6 +516,10 @@ def test_one_scaled_object_per_worker_deployment() -> None:
         # generators holding a GPU may scale to zero; the small classifier stays at 1
         expected_min = 0 if is_gpu(declared[dep_name]) else 1
         assert spec["minReplicaCount"] == expected_min, name(obj)
+        # at zero workers the deployment must still take jobs, or KEDA never sees a
+        # backlog to scale up on (producers would get NoLiveWorker)
+        if spec["minReplicaCount"] == 0:
+            assert declared[dep_name].get("scale_to_zero") is True, dep_name
 
 
 # --- kubectl kustomize ---------------------------------------------------------------

@@ -370,3 +370,47 @@ def test_gpu_memory_is_served_per_live_worker_that_reports_it(redis_url: str) ->
     assert samples[("pipeq_gpu_memory_total_bytes", labels)] == 80 * 2**30
     assert not [k for k in samples if ("worker", "w-dead") in k[1]]  # only live workers
     assert samples[("pipeq_workers", (("deployment", "gpu-gen"),))] == 1
+
+
+def test_a_deployment_that_scales_to_zero_takes_jobs_with_no_worker_and_shows_its_backlog(
+    tmp_path: Path, deployments: dict[str, Any]
+) -> None:
+    """KEDA scales it on pipeq_queue_depth: with no worker, jobs must wait (not be
+    refused with NoLiveWorker), show in the depth, and be answered once a worker starts.
+    Idle at zero it is healthy; with jobs waiting and no worker it is not."""
+    gen = renamed(deployments["sentiment-analysis"], "cold", scale_to_zero=True)
+    cluster = Cluster(tmp_path, {"cold": gen}, worker_env=QUICK)
+    try:
+        worker = start(cluster, "cold")
+        worker.send_signal(signal.SIGTERM)  # KEDA scaled it to zero
+        assert worker.wait(30) == 0
+        exporter = Exporter(cluster.url)
+        try:
+            code, out, _ = status(cluster)
+            assert code == 0 and "0 (scaled to zero)" in out, out
+            with cluster.client(no_worker_grace_s=0) as client:
+                job = client.submit("cold", "queued while no worker runs")
+                s = exporter.scrape()
+                assert value(s, "pipeq_scale_to_zero", deployment="cold") == 1
+                assert value(s, "pipeq_workers", deployment="cold") == 0
+                assert value(s, "pipeq_queue_depth", deployment="cold") == 1
+                code, _, err = status(cluster, "--json")
+                assert code == 1 and "no live worker: cold" in err
+                start(cluster, "cold")
+                assert job.result(timeout=60)
+        finally:
+            exporter.close()
+    finally:
+        cluster.close()
+
+
+def test_without_scale_to_zero_a_deployment_with_no_worker_refuses_jobs(
+    cluster: Cluster,
+) -> None:
+    from pipeq import NoLiveWorker
+
+    worker = start(cluster, "tagger")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    with cluster.client(no_worker_grace_s=0) as client, pytest.raises(NoLiveWorker):
+        client.submit("tagger", "Ada lives in Paris")

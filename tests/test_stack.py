@@ -267,3 +267,34 @@ def test_pipeq_up_tiny_serves_the_offline_models_the_demo_uses(models_dir: Path)
     served = load_deployments(_up_config(args))
     assert served == demo_config(models_dir)
     assert all(Path(d.model).exists() for d in served.values())
+
+
+def test_pipeq_up_stops_at_once_while_its_workers_load_and_when_its_output_is_closed(
+    deployments: dict[str, Any], tmp_path: Path
+) -> None:
+    """SIGTERM while the models load ends `pipeq up` then, not after they have loaded;
+    `pipeq up | head -1` (its stdout closed) still stops every child."""
+    config = write_config({"ner": deployments["ner"]}, tmp_path / "one.toml")
+    cmd = [sys.executable, "-m", "pipeq", "up", "--config", str(config), *QUIET]
+    env = {**os.environ, "PIPEQ_REDIS_URL": ""}
+    up = subprocess.Popen(
+        [*cmd, "--redis-port", str(free_port())], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert up.stdout is not None
+    for line in up.stdout:
+        if line.startswith("logs:"):
+            break
+    up.send_signal(signal.SIGTERM)
+    rest, _ = up.communicate(timeout=30)
+    assert up.returncode == 0 and "pipeq is up" not in rest, rest
+    assert _processes_mentioning(str(config)) == []
+
+    up = subprocess.Popen(
+        [*cmd, "--redis-port", str(free_port())], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert up.stdout is not None
+    up.stdout.readline()
+    up.stdout.close()  # as `| head -1` does
+    up.send_signal(signal.SIGTERM)
+    up.wait(timeout=30)
+    assert _processes_mentioning(str(config)) == []

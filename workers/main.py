@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -190,6 +191,10 @@ def run_worker(
         registry.redis.ping()
     except redis.RedisError as e:
         return _redis_failed(deployment.name, url, e)
+    # a SIGTERM before Celery's own handler is in place (a scale-down or a deploy while
+    # the model loads) is kept, then acted on: a clean stop, exit 0, not death by signal
+    term_early = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: term_early.set())
     started = time.monotonic()
     try:
         handler = load_handler(deployment)
@@ -201,6 +206,9 @@ def run_worker(
             pass
         return EXIT_MODEL_LOAD_FAILED
     log.info("loaded %s in %.1f s", deployment.model, time.monotonic() - started)
+    if term_early.is_set():
+        log.info("asked to stop while loading: stopping before taking a job")
+        return 0
 
     events = Events()
 
@@ -278,6 +286,11 @@ def run_worker(
         # batch running now finishes, and the heartbeat goes on until it has
         stopping.set()
         log.info("stopping: handed %d waiting item(s) back", batcher.hand_back())
+
+    @signals.worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _ready(**_: Any) -> None:
+        if term_early.is_set():  # Celery's handler is in place now: a warm shutdown
+            os.kill(os.getpid(), signal.SIGTERM)
 
     threads = concurrency or HELD_BATCHES * deployment.max_batch_size
     try:
