@@ -50,6 +50,17 @@ def _count(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    """A TCP port, 1 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {text!r}")
+    return value
+
+
 def _input(text: str) -> Any:
     """A plain string, or JSON when it starts like JSON (for lists and QA dicts)."""
     if text[:1] in "[{":
@@ -301,7 +312,8 @@ def cmd_exporter(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"pipeq exporter: cannot listen on {args.address}:{args.port}: {e}", file=sys.stderr)
         return 2
-    print(f"metrics: http://{args.address}:{args.port}/metrics", flush=True)
+    host = f"[{args.address}]" if ":" in args.address else args.address  # IPv6
+    print(f"metrics: http://{host}:{args.port}/metrics", flush=True)
     stopping.wait()
     server.shutdown()
     return 0
@@ -416,8 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(what `pipeq demo` uses; no Hugging Face Hub needed)",
     )
     u.add_argument("--models-dir", default=".cache/pipeq-models", help="where --tiny builds them")
-    u.add_argument("--redis-port", type=int, default=6399, help="port of the embedded Redis")
-    u.add_argument("--flower-port", type=int, default=5555)
+    u.add_argument("--redis-port", type=_port, default=6399, help="port of the embedded Redis")
+    u.add_argument("--flower-port", type=_port, default=5555)
     u.add_argument(
         "--flower-address",
         default="127.0.0.1",
@@ -426,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.add_argument("--no-flower", action="store_true")
     u.add_argument(
-        "--exporter-port", type=int, default=9808, help="Prometheus metrics on 127.0.0.1"
+        "--exporter-port", type=_port, default=9808, help="Prometheus metrics on 127.0.0.1"
     )
     u.add_argument("--no-exporter", action="store_true")
     u.add_argument("--ready-timeout", type=float, default=300.0)
@@ -471,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this deployment (repeatable): a worker's health check",
     )
     e = add("exporter", "serve Prometheus metrics of every deployment on this Redis", cmd_exporter)
-    e.add_argument("--port", type=int, default=9808)
+    e.add_argument("--port", type=_port, default=9808)
     e.add_argument(
         "--address", default="0.0.0.0", help="address to bind (default all: Prometheus scrapes it)"
     )

@@ -50,11 +50,14 @@ class FlowerApp(Celery):  # type: ignore[misc]
         task_id = options.pop("task_id", None) or str(uuid.uuid4())
         try:
             deployment = self._deployment_of(name, options.get("queue"))
+            _check_body(args, kwargs, options)
             limit = int(deployment.info.get("max_queue_length") or 0)
             options.setdefault("shadow", f"{_app.RUN_TASK}[{deployment.name}]")
             token = _app.enqueue_limit.set(limit)
             try:
                 return super().send_task(name, args, kwargs, task_id=task_id, **options)
+            except (ValueError, TypeError) as e:  # Celery's reading of an option
+                raise InvalidRequest(f"Celery cannot send it: {e}") from None
             finally:
                 _app.enqueue_limit.reset(token)
         except PipeqError as e:  # Overloaded comes from the enqueue itself
@@ -82,6 +85,27 @@ class FlowerApp(Celery):  # type: ignore[misc]
             raise UnknownDeployment(f'no deployment reads queue "{qname}": {send}')
         registry.require_live(found.name)
         return found
+
+
+#: options a send may not carry: the queue alone routes a job (an exchange or routing key
+#: sent it to another deployment than the one checked), and pipeq runs no delayed jobs
+_REFUSED_OPTIONS = ("exchange", "routing_key", "countdown", "eta")
+
+
+def _check_body(args: Any, kwargs: Any, options: dict[str, Any]) -> None:
+    """InvalidRequest for what a worker would set aside: the send fails at once instead."""
+    refused = sorted(o for o in _REFUSED_OPTIONS if options.get(o) not in (None, ""))
+    if refused:
+        raise InvalidRequest(f"pipeq routes by queue only and runs no delayed jobs: {refused}")
+    if args:
+        raise InvalidRequest('pass "kwargs": {"inputs": ..., "params": {...}}, not "args"')
+    if not (
+        isinstance(kwargs, dict)
+        and "inputs" in kwargs
+        and isinstance(kwargs.get("params"), dict)
+        and set(kwargs) <= {"inputs", "params", "per_item"}
+    ):
+        raise InvalidRequest('kwargs must be {"inputs": ..., "params": {...}} ("params" may be {})')
 
 
 def _announced(url: str) -> list[str]:

@@ -75,7 +75,7 @@ def flower_auth_env(address: str, auth: str | None) -> dict[str, str]:
     Raises FlowerUnprotected for an open API anywhere else, or a malformed `auth`."""
     if auth:
         if not all(
-            user and password
+            user.strip() and password.strip()
             for user, _, password in (entry.partition(":") for entry in auth.split(","))
         ):
             raise FlowerUnprotected(

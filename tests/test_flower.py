@@ -324,6 +324,7 @@ def test_pipeq_up_refuses_to_expose_flower_without_a_password(
         ("0.0.0.0", None, "with no password: set PIPEQ_FLOWER_AUTH=user:password"),
         ("192.0.2.7", None, "with no password"),
         ("0.0.0.0", "no-colon", "PIPEQ_FLOWER_AUTH must be user:password"),
+        ("0.0.0.0", " : ", "PIPEQ_FLOWER_AUTH must be user:password"),  # blank user, password
     ):
         up = _start(config, "--flower-address", address, auth=auth)
         out, _ = up.proc.communicate(timeout=30)
@@ -349,3 +350,35 @@ def test_pipeq_up_refuses_to_expose_flower_without_a_password(
 )
 def test_loopback_addresses(address: str, loopback: bool) -> None:
     assert is_loopback(address) is loopback
+
+
+def test_a_body_a_worker_would_set_aside_fails_at_once_and_enqueues_nothing(
+    stacks: dict[str, Up],
+) -> None:
+    """Found by a review: an exchange or routing key sent the job to another deployment
+    than the one checked; a body without params, or `expires` Celery cannot read (a bare
+    500), failed only later or not at all."""
+    up = stacks["open"]
+    r = redis.Redis.from_url(up.redis_url)
+    queue = {"queue": "pipeq.sentiment-analysis"}
+    good = {"inputs": "fine", "params": {}}
+    cases = [
+        ({"kwargs": good, **queue, "routing_key": "pipeq.feature-extraction"}, "routes by queue"),
+        ({"kwargs": good, **queue, "exchange": "pipeq.feature-extraction"}, "routes by queue"),
+        ({"kwargs": good, **queue, "countdown": 5}, "no delayed jobs"),
+        ({"kwargs": {"inputs": "no params"}, **queue}, '"params" may be {}'),
+        ({"kwargs": {"inputs": "x", "params": [1]}, **queue}, '"params" may be {}'),
+        ({"args": ["x"], **queue}, 'not "args"'),
+        ({"kwargs": good, **queue, "expires": "next tuesday"}, "Celery cannot send it"),
+    ]
+    depth_before = {q: r.llen(q) for q in ("pipeq.sentiment-analysis", "pipeq.feature-extraction")}
+    for body, says in cases:
+        status, sent = up.call("POST", "/api/task/send-task/pipeq.run", body)
+        assert status == 200, (body, sent)
+        assert sent["state"] == "FAILURE", (body, sent)
+        got = _result(up, sent["task-id"])
+        assert "InvalidRequest" in got["result"] and says in got["result"], (body, got)
+    assert {q: r.llen(q) for q in depth_before} == depth_before
+    with Client(up.redis_url) as client:
+        assert client.depth("sentiment-analysis").waiting == 0
+        assert client.depth("feature-extraction").waiting == 0

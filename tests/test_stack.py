@@ -298,3 +298,15 @@ def test_pipeq_up_stops_at_once_while_its_workers_load_and_when_its_output_is_cl
     up.send_signal(signal.SIGTERM)
     up.wait(timeout=30)
     assert _processes_mentioning(str(config)) == []
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "x"])
+def test_a_port_out_of_range_is_refused_in_one_line(port: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeq", "exporter", "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out
+    assert "--port" in out.stderr
