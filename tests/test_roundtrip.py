@@ -241,3 +241,17 @@ def test_a_stopping_worker_sends_the_flower_events_it_still_holds(
             until(lambda: ids <= {e["uuid"] for e in events if e["type"] == "task-succeeded"})
     finally:
         stack.stop()
+
+
+def test_a_worker_answers_flowers_stats_inspection_without_its_transport_options(
+    client: Client,
+) -> None:
+    """Flower's worker page asks `inspect stats`; the reply failed (a hook in the
+    transport options is not JSON), and would carry a Sentinel password once it did not."""
+    workers = client.registry.live_workers("sentiment-analysis")
+    replies = client.app.control.inspect(destination=workers, timeout=5).stats()
+    assert replies and set(replies) == set(workers), replies
+    [stats] = replies.values()
+    assert stats["broker"]["transport"]  # the broker part is there,
+    assert "transport_options" not in stats["broker"]  # without hooks or secrets
+    assert "pool" in stats and "total" in stats

@@ -21,6 +21,7 @@ from typing import Any
 import redis
 from celery import signals
 from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.consumer.connection import Connection as CeleryConnectionStep
 
 from pipeq import _app
 from pipeq._config import Deployment
@@ -64,6 +65,18 @@ def pin_device(deployment: Deployment, gpu: int | None) -> Deployment:
     return deployment
 
 
+class ConnectionStep(CeleryConnectionStep):  # type: ignore[misc]
+    """Celery's connection step, whose `inspect stats` reply (Flower's worker page) leaves
+    out the transport options: they hold the worker's hooks (not JSON: the reply failed)
+    and, on Sentinel, the sentinels' password (Celery drops only the broker's)."""
+
+    def info(self, c: Any) -> dict[str, Any]:
+        info: dict[str, Any] = super().info(c)
+        if isinstance(info.get("broker"), dict):
+            info["broker"].pop("transport_options", None)
+        return info
+
+
 class Consumer(CeleryConsumer):  # type: ignore[misc]
     """Celery's consumer, publishing buffered task events a moment later, not at once.
 
@@ -73,6 +86,12 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
     `EVENT_FLUSH_S` later, they leave the job's path, and under load one message
     carries the events of many jobs. Each event keeps the time it happened at.
     """
+
+    class Blueprint(CeleryConsumer.Blueprint):  # type: ignore[misc]
+        default_steps = tuple(
+            f"{__name__}:ConnectionStep" if s.endswith("connection:Connection") else s
+            for s in CeleryConsumer.Blueprint.default_steps
+        )
 
     _flush_due = False
     #: where the worker's own task events (started, revoked) find this consumer
