@@ -352,6 +352,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_deployments(args: argparse.Namespace) -> int:
     with _client(args) as client:
+        if args.forget:
+            if args.forget not in client.deployments():
+                print(f"pipeq: no deployment {args.forget!r} announced here", file=sys.stderr)
+                return 1
+            client.call(client.registry.forget, args.forget)
+            print(f"forgot {args.forget}")
+            return 0
         for name, d in sorted(client.deployments().items()):
             live = len(client.call(client.registry.live_workers, name))
             depth = client.depth(name)
@@ -492,10 +499,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=_seconds, default=None)
     c = add("cancel", "cancel a job that has not started (exit 1 if it could not be)", cmd_cancel)
     c.add_argument("job_id")
-    add(
+    dp = add(
         "deployments",
         "list the deployments workers announced, with live workers and queue depth",
         cmd_deployments,
+    )
+    dp.add_argument(
+        "--forget",
+        metavar="NAME",
+        help="retire a deployment no worker serves and no job needs (status, exporter, alerts)",
     )
     d = add(
         "demo", "run the course's chapter 1 on a local stack with tiny offline models", cmd_demo

@@ -20,7 +20,7 @@ import redis
 
 from pipeq import _tasks
 from pipeq._ledger import Ledger
-from pipeq.errors import NoLiveWorker, UnknownDeployment
+from pipeq.errors import InvalidRequest, NoLiveWorker, UnknownDeployment
 
 __all__ = [
     "DEPLOYMENTS_KEY",
@@ -142,6 +142,24 @@ class Registry:
         raw = self.redis.hget(DEPLOYMENTS_KEY, name)
         info = json.loads(raw) if isinstance(raw, bytes) else {}
         return float(info.get("dead_after_s") or LIVE_FOR_S)
+
+    def forget(self, name: str) -> None:
+        """Retire a deployment: workers announced it, none serves it, no job waits or
+        runs; it leaves `pipeq status`, the exporter and the alerts. Its counters stay.
+        Raises InvalidRequest while a worker is live or a job waits or runs."""
+        from pipeq._ledger import dead_after_key, workers_key
+
+        depth = self.ledger.depth(name)
+        if self.live_workers(name) or depth.waiting or depth.running:
+            raise InvalidRequest(
+                f"deployment {name!r} still has live workers or jobs: stop its workers and "
+                "let its jobs finish (or cancel them) first"
+            )
+        pipe = self.redis.pipeline()
+        pipe.hdel(DEPLOYMENTS_KEY, name)
+        pipe.hdel(_LOAD_ERRORS, name)
+        pipe.delete(workers_key(name), dead_after_key(name), stats_key(name))
+        pipe.execute()
 
     def scales_to_zero(self, name: str) -> bool:
         raw = self.redis.hget(DEPLOYMENTS_KEY, name)

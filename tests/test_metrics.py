@@ -414,3 +414,31 @@ def test_without_scale_to_zero_a_deployment_with_no_worker_refuses_jobs(
     assert worker.wait(30) == 0
     with cluster.client(no_worker_grace_s=0) as client, pytest.raises(NoLiveWorker):
         client.submit("tagger", "Ada lives in Paris")
+
+
+FORGET = ("--forget", "tagger")
+
+
+def test_a_retired_deployment_can_be_forgotten_once_nothing_needs_it(cluster: Cluster) -> None:
+    """A deployment stays announced (and `pipeq status` fails, the alert fires) until it is
+    forgotten; forgetting is refused while a worker serves it."""
+
+    def forget() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pipeq", "deployments", "--redis-url", cluster.url, *FORGET],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    worker = start(cluster, "tagger")
+    refused = forget()
+    assert refused.returncode == 2 and "still has live workers" in refused.stderr
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert status(cluster)[0] == 1  # announced, no worker
+    done = forget()
+    assert done.returncode == 0, done.stderr
+    code, out, err = status(cluster)
+    assert code == 1 and "tagger" not in out and "none announced" in err
+    assert forget().returncode == 1  # nothing left to forget
