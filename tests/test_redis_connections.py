@@ -274,10 +274,10 @@ def test_tls_with_a_client_certificate_everywhere_and_clear_errors_without_the_c
                     client.submit("sentiment", "x")
             message = str(e.value)
             assert masked(bad_url) in message, (what, message)
-            assert "SSL" in message or "Connection reset" in message or "closed" in message, (
-                what,
-                message,
-            )
+            # the TLS failure, in whichever words OpenSSL and the kernel chose this time
+            # ("[SSL: ...]", "_ssl.c: EOF occurred in violation of protocol", a reset)
+            said = message.lower()
+            assert any(w in said for w in ("ssl", "connection reset", "closed")), (what, message)
             _secrets_nowhere(message)
         # a worker with no CA stops at once with one line, never exit 0
         started = time.monotonic()

@@ -25,6 +25,24 @@ def _processes_mentioning(text: str) -> list[str]:
     return [line for line in out.splitlines() if text in line and "ps -eo" not in line]
 
 
+def _up_until_serving(config: Path, *args: str) -> tuple[subprocess.Popen[str], list[str]]:
+    """`pipeq up` started, and its output read up to "pipeq is up" (or its end)."""
+    up = subprocess.Popen(
+        [sys.executable, "-m", "pipeq", "up", "--config", str(config), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PIPEQ_REDIS_URL": ""},
+    )
+    lines = []
+    assert up.stdout is not None
+    for line in up.stdout:
+        lines.append(line)
+        if "pipeq is up" in line:
+            break
+    return up, lines
+
+
 def test_pipeq_up_serves_the_course_call_and_stops_every_child(
     deployments: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -33,33 +51,12 @@ def test_pipeq_up_serves_the_course_call_and_stops_every_child(
         tmp_path / "up.toml",
     )
     redis_port, flower_port, exporter_port = free_port(), free_port(), free_port()
-    up = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipeq",
-            "up",
-            "--config",
-            str(config),
-            "--redis-port",
-            str(redis_port),
-            "--flower-port",
-            str(flower_port),
-            "--exporter-port",
-            str(exporter_port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PIPEQ_REDIS_URL": ""},
+    up, lines = _up_until_serving(
+        config,
+        *("--redis-port", str(redis_port), "--flower-port", str(flower_port)),
+        *("--exporter-port", str(exporter_port)),
     )
-    lines = []
     try:
-        assert up.stdout is not None
-        for line in up.stdout:
-            lines.append(line)
-            if "pipeq is up" in line:
-                break
         assert "pipeq is up" in lines[-1], "".join(lines)
         assert "worker sentiment-analysis: ready\n" in lines
         assert "worker feature-extraction: ready\n" in lines
@@ -186,21 +183,8 @@ def test_pipeq_up_says_which_workers_failed_and_serves_the_others(
         tmp_path / "half.toml",
     )
     redis_port = free_port()
-    port_args = ("--redis-port", str(redis_port))
-    up = subprocess.Popen(
-        [sys.executable, "-m", "pipeq", "up", "--config", str(config), *QUIET, *port_args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PIPEQ_REDIS_URL": ""},
-    )
-    lines = []
+    up, lines = _up_until_serving(config, *QUIET, "--redis-port", str(redis_port))
     try:
-        assert up.stdout is not None
-        for line in up.stdout:
-            lines.append(line)
-            if "pipeq is up" in line:
-                break
         assert "1 of 2 workers failed (broken); serving the others\n" in lines, lines
         with Client(f"redis://127.0.0.1:{redis_port}/0") as client:
             assert client.submit("ner", "Ada lives in Paris").result(timeout=60) is not None
