@@ -643,3 +643,23 @@ def test_a_job_run_again_after_its_worker_died_counts_one_queue_wait(
     wait_until(lambda: counts().get("forward_seconds:count") == 4, 10, "the survivor's passes")
     assert counts()["queue_wait_seconds:count"] == 4
     assert outcomes(cluster, "sentiment") == {**NONE, "succeeded": 4}
+
+
+def test_a_hung_forward_pass_makes_its_worker_give_up_its_jobs(
+    cluster_of: Any, sentiment: Deployment
+) -> None:
+    """A forward pass that never returns (a driver hang) kept the heartbeat, the health
+    file and every held job its own forever. Past twice `job_timeout_s` (+5 s) the worker
+    exits 70 and the other worker runs the jobs it held."""
+    hanging = renamed(sentiment, "sentiment", job_timeout_s=1.0)
+    cluster = cluster_of([hanging], worker_env=QUICK)
+    with cluster.client() as client:
+        stuck = cluster.start_worker("sentiment")
+        cluster.hostname(stuck, "sentiment")
+        hung = client.submit("sentiment", "pipeq-fault:sleep=600 forever")
+        wait_until(lambda: hung.status() is JobState.RUNNING, 30, "the hang begins")
+        held = [client.submit("sentiment", t) for t in texts(5, "held ")]
+        assert stuck.wait(30) == 70
+        cluster.start_worker("sentiment")
+        for job in held:
+            assert job.result(timeout=60)

@@ -178,6 +178,8 @@ class Batcher:
         self._stopping = False
         self._handing_back = False
         self.stats = BatchStats()
+        #: time.monotonic() when the forward pass running now began; None between passes
+        self.forward_since: float | None = None
         self._thread = threading.Thread(target=self._loop, name="pipeq-batcher", daemon=True)
 
     def start(self) -> Batcher:
@@ -215,6 +217,11 @@ class Batcher:
         for item in back:
             _resolve(item.future, error=HandBack())
         return len(back)
+
+    def stuck(self, limit_s: float) -> bool:
+        """A forward pass has run longer than `limit_s`: hung (a driver, a deadlock)."""
+        since = self.forward_since
+        return since is not None and time.monotonic() - since > limit_s
 
     @property
     def alive(self) -> bool:
@@ -325,7 +332,11 @@ class Batcher:
         for item in live:
             if item.job.started_at is None:
                 item.job.started_at = started
-        self._forward(live)
+        self.forward_since = started
+        try:
+            self._forward(live)
+        finally:
+            self.forward_since = None
         forward_s = time.monotonic() - started
         self.stats.record(len(live), [now - i.arrived for i in live], forward_s)
         self._observe("batch_size", len(live))

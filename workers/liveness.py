@@ -172,7 +172,7 @@ class Heartbeat:
             if not self.healthy():
                 # a worker that can no longer run jobs must not go on beating for the jobs
                 # it holds: exit, and the others take them back after dead_after_s
-                log.critical("the worker can no longer run jobs (batcher stopped); exiting")
+                log.critical("no more jobs can run here (the batcher stopped or hangs); exiting")
                 logging.shutdown()
                 os._exit(EXIT_UNHEALTHY)
             try:

@@ -288,7 +288,9 @@ def run_worker(
         liveness,
         stats=lambda: {**batcher.stats.as_dict(), **_gpu_memory()},
         observations=observations,
-        healthy=lambda: batcher.alive,
+        # a forward pass past twice the job timeout (generation stops at it) is hung:
+        # stop beating for the jobs held, so that the other workers take them
+        healthy=lambda: batcher.alive and not batcher.stuck(2 * deployment.job_timeout_s + 5),
         on_lost=on_lost,
         result_ttl_s=_app.RESULT_TTL_S,
     )
