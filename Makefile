@@ -43,7 +43,7 @@ bench: $(STAMP)
 	$(VENV)/bin/pipeq bench --tiny distilbert-base-sst2-random --jobs 512 --rounds 3
 
 compose-check:
-	PIPEQ_FLOWER_AUTH=check:check docker-compose -f docker-compose.yml config -q
+	docker-compose -f docker-compose.yml config -q
 
 clean:
 	rm -rf $(VENV) build .cache .pytest_cache .mypy_cache .ruff_cache

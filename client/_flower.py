@@ -26,7 +26,9 @@ What Flower needs beyond that:
 from __future__ import annotations
 
 import os
+import sys
 import uuid
+from collections.abc import MutableMapping
 from typing import Any
 
 import redis
@@ -36,7 +38,7 @@ from kombu.transport import TRANSPORT_ALIASES
 
 from pipeq import _app
 from pipeq._registry import Announced, Registry
-from pipeq._stack import FLOWER_DEPLOYMENTS_ENV
+from pipeq._stack import FLOWER_DEPLOYMENTS_ENV, is_loopback
 from pipeq.errors import InvalidRequest, PipeqError, UnknownDeployment
 
 __all__ = ["FlowerApp", "app", "make_app"]
@@ -158,4 +160,27 @@ def _never_here(*args: Any, **kwargs: Any) -> None:
     raise RuntimeError(f"{_app.RUN_TASK} runs on pipeq workers only")
 
 
+def guard_exposure(argv: list[str], env: MutableMapping[str, str]) -> None:
+    """Flower shows every job's input and result on its pages, and its own default is
+    every interface: without a password (FLOWER_BASIC_AUTH, or OAuth's FLOWER_AUTH) it
+    listens on 127.0.0.1 only, and an `--address` beyond this host is refused
+    (SystemExit with one line), as `pipeq up` refuses it."""
+    if env.get("FLOWER_BASIC_AUTH", "").strip() or env.get("FLOWER_AUTH", "").strip():
+        return
+    address = env.get("FLOWER_ADDRESS")
+    for i, arg in enumerate(argv):
+        if arg.startswith("--address="):
+            address = arg.partition("=")[2]
+        elif arg == "--address" and i + 1 < len(argv):
+            address = argv[i + 1]
+    if address is None:
+        env["FLOWER_ADDRESS"] = "127.0.0.1"  # read by Flower as its --address default
+    elif not is_loopback(address):
+        raise SystemExit(
+            f"pipeq Flower: no password for address {address or 'every address'!r}: set "
+            "FLOWER_BASIC_AUTH=user:password (PIPEQ_FLOWER_AUTH under pipeq up)"
+        )
+
+
+guard_exposure(sys.argv, os.environ)
 app = make_app()

@@ -382,3 +382,31 @@ def test_a_body_a_worker_would_set_aside_fails_at_once_and_enqueues_nothing(
     with Client(up.redis_url) as client:
         assert client.depth("sentiment-analysis").waiting == 0
         assert client.depth("feature-extraction").waiting == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "outcome"),
+    [
+        ([], {}, "127.0.0.1"),  # no password: this host only, whatever Flower's default
+        (["--address=0.0.0.0"], {}, "refused"),
+        (["--address", "10.0.0.5"], {}, "refused"),
+        (["--address=127.0.0.1"], {}, None),
+        (["--address=0.0.0.0"], {"FLOWER_BASIC_AUTH": "a:b"}, None),
+        (["--address=0.0.0.0"], {"FLOWER_BASIC_AUTH": " "}, "refused"),
+        ([], {"FLOWER_ADDRESS": "0.0.0.0"}, "refused"),
+    ],
+)
+def test_flower_run_by_hand_never_shows_jobs_beyond_this_host_without_a_password(
+    argv: list[str], env: dict[str, str], outcome: str | None
+) -> None:
+    """`celery -A pipeq._flower flower` (the docs' command outside `pipeq up`): Flower's
+    UI pages show every job's input and bound every interface by default."""
+    from pipeq._flower import guard_exposure
+
+    if outcome == "refused":
+        with pytest.raises(SystemExit, match="no password"):
+            guard_exposure(["celery", "flower", *argv], dict(env))
+        return
+    env = dict(env)
+    guard_exposure(["celery", "flower", *argv], env)
+    assert env.get("FLOWER_ADDRESS") == outcome

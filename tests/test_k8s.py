@@ -228,7 +228,7 @@ def test_validation_catches_a_broken_manifest() -> None:
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
     c["livenessProbe"] = c.pop("livenesProbe")
-    pod_spec(deployment)["terminationGracePeriodSeconds"] = "60"
+    pod_spec(deployment)["terminationGracePeriodSeconds"] = "330"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
 
@@ -304,7 +304,9 @@ def test_one_worker_deployment_per_toml_deployment() -> None:
         claim = volumes[mounts["/models"]["name"]]["persistentVolumeClaim"]["claimName"]
         (pvc,) = [p for p in of_kind(BASE, "PersistentVolumeClaim") if name(p) == claim]
         assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-        assert spec["terminationGracePeriodSeconds"] >= 60, "too short for a warm shutdown"
+        # a warm shutdown lets the running batch finish: up to job_timeout_s
+        timeout = float(declared[dep_name].get("job_timeout_s", 300))
+        assert spec["terminationGracePeriodSeconds"] >= timeout + 30, "SIGKILL mid-job"
         assert "replicas" not in d["spec"], f"{name(d)}: KEDA's HPA owns replicas"
 
 
