@@ -100,6 +100,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     if _missing_worker_extra("worker"):
         return 2
+    if args.health_file:  # found unwritable now, not after minutes of model loading
+        try:
+            Path(args.health_file).touch()
+            Path(args.health_file).unlink()
+        except OSError as e:
+            print(f"pipeq worker: --health-file {args.health_file}: {e.strerror}", file=sys.stderr)
+            return 2
 
     deployment = pick(load_deployments(args.config), args.deployment)
     from pipeq.worker.liveness import LivenessSettings
@@ -168,6 +175,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     if _missing_worker_extra("up"):
         return 2
+    if os.environ.get("PIPEQ_REDIS_URL") and not args.redis_url:
+        print(
+            "pipeq up: $PIPEQ_REDIS_URL is ignored; an embedded Redis is started "
+            "(--redis-url joins another)",
+            file=sys.stderr,
+        )
     config = _up_config(args)
     stack = Stack(
         load_deployments(config),
@@ -205,7 +218,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not _serving(stack, args, stopping):
             return 0 if stopping.is_set() else 1
         print("pipeq is up; Ctrl-C stops it", flush=True)
-        reported = set(stack.failed())
+        reported = {n for n in stack.failed() if n in stack.workers}  # said by _serving
         while not stopping.wait(1.0):
             for name, code in stack.failed().items():
                 if name not in reported:
@@ -427,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     u = add("up", "start Redis (embedded unless --redis-url), the workers and Flower", cmd_up)
+    # $PIPEQ_REDIS_URL names the cluster producers use: a local stack (tiny models, say)
+    # must not join it unless asked to
+    u.set_defaults(redis_url=None)
     u.add_argument("--config", default=env_config)
     u.add_argument(
         "--tiny",
@@ -525,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # `pipeq ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except PipeqError as e:
         print(f"pipeq: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

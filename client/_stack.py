@@ -238,8 +238,11 @@ class Stack:
         """Start every process; RuntimeError (saying which option to change) when a port
         it needs is taken."""
         self.check()
-        for port, option in ((self.exporter_port, "exporter"), (self.flower_port, "flower")):
-            if port and not port_free(port, "127.0.0.1"):
+        for port, option, host in (
+            (self.exporter_port, "exporter", "127.0.0.1"),
+            (self.flower_port, "flower", self.flower_address.strip("[]") or "0.0.0.0"),
+        ):
+            if port and not port_free(port, host):
                 raise RuntimeError(f"port {port} is taken: pass --{option}-port or --no-{option}")
         if self.redis_url is None:
             if not port_free(self.redis_port):

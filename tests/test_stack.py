@@ -130,10 +130,9 @@ def test_pipeq_up_on_a_redis_that_does_not_answer_says_so_in_one_line(
     config = write_config({"ner": deployments["ner"]}, tmp_path / "up.toml")
     url = f"redis://:secret@127.0.0.1:{free_port()}/0"
     out = subprocess.run(
-        [sys.executable, "-m", "pipeq", "up", "--config", str(config), *QUIET],
+        [sys.executable, "-m", "pipeq", "up", "--config", str(config), *QUIET, "--redis-url", url],
         capture_output=True,
         text=True,
-        env={**os.environ, "PIPEQ_REDIS_URL": url},
         timeout=120,
     )
     assert out.returncode == 2, out
@@ -294,3 +293,46 @@ def test_a_port_out_of_range_is_refused_in_one_line(port: str) -> None:
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr, out
     assert "--port" in out.stderr
+
+
+def test_pipeq_up_keeps_off_the_cluster_in_the_environment_and_reports_a_dead_flower(
+    deployments: dict[str, Any], tmp_path: Path
+) -> None:
+    """$PIPEQ_REDIS_URL (the producers' cluster) is not joined unless --redis-url says so:
+    a local stack of tiny models announced itself there under production names. A Flower
+    that dies at start (its port taken on another address) is reported, not hidden."""
+    import socket
+
+    config = write_config({"ner": deployments["ner"]}, tmp_path / "one.toml")
+    cluster_port = free_port()
+    with socket.socket() as flower_port:
+        flower_port.bind(("127.0.0.1", 0))
+        flower_port.listen()
+        port = str(flower_port.getsockname()[1])
+        ports = ("--redis-port", str(free_port()), "--flower-port", port)
+        up = subprocess.Popen(
+            [sys.executable, "-m", "pipeq", "up", "--config", str(config), "--no-exporter", *ports],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PIPEQ_REDIS_URL": f"redis://127.0.0.1:{cluster_port}/0"},
+        )
+        out, _ = up.communicate(timeout=120)
+    assert up.returncode == 2 and f"port {port} is taken" in out, out
+    assert "$PIPEQ_REDIS_URL is ignored" in out
+    # (nothing listens on cluster_port: had `up` used it, it would have said so)
+    assert f":{cluster_port}" not in out
+
+
+def test_a_health_file_that_cannot_be_written_is_one_line_before_the_model_loads(
+    tmp_path: Path, config_file: Path
+) -> None:
+    health = ("--health-file", str(tmp_path / "no" / "such" / "dir" / "health"))
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeq", "worker", "ner", "--config", str(config_file), *health],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "--health-file" in out.stderr, out
+    assert "Traceback" not in out.stderr
