@@ -138,9 +138,13 @@ class Registry:
             out[k.decode()] = Announced(k.decode(), info["task"], info["model"], info)
         return out
 
-    def _live_for(self, name: str) -> float:
+    def _info(self, name: str) -> dict[str, Any]:
+        """What workers announced of the deployment ({} if none did)."""
         raw = self.redis.hget(DEPLOYMENTS_KEY, name)
-        info = json.loads(raw) if isinstance(raw, bytes) else {}
+        return json.loads(raw) if isinstance(raw, bytes) else {}
+
+    @staticmethod
+    def _live_for(info: dict[str, Any]) -> float:
         return float(info.get("dead_after_s") or LIVE_FOR_S)
 
     def forget(self, name: str) -> None:
@@ -161,13 +165,10 @@ class Registry:
         pipe.delete(workers_key(name), dead_after_key(name), stats_key(name))
         pipe.execute()
 
-    def scales_to_zero(self, name: str) -> bool:
-        raw = self.redis.hget(DEPLOYMENTS_KEY, name)
-        return isinstance(raw, bytes) and bool(json.loads(raw).get("scale_to_zero"))
-
-    def live_workers(self, name: str) -> list[str]:
-        """Workers of the deployment whose heartbeat is recent."""
-        return self.ledger.live(name, self._live_for(name))[0]
+    def live_workers(self, name: str, info: dict[str, Any] | None = None) -> list[str]:
+        """Workers of the deployment whose heartbeat is recent; `info`: what workers
+        announced of it, when the caller has read it already."""
+        return self.ledger.live(name, self._live_for(self._info(name) if info is None else info))[0]
 
     def stats(self, name: str) -> dict[str, dict[str, Any]]:
         """Batching statistics per worker of a deployment, as of its last heartbeat."""
@@ -228,10 +229,11 @@ class Registry:
 
     def require_live(self, name: str) -> None:
         """NoLiveWorker unless a worker of the deployment beat within `no_worker_grace_s`."""
-        live, last_beat_age = self.ledger.live(name, self._live_for(name))
+        info = self._info(name)
+        live, last_beat_age = self.ledger.live(name, self._live_for(info))
         if live or (last_beat_age is not None and last_beat_age <= self.no_worker_grace_s):
             return
-        if self.scales_to_zero(name):  # a worker starts for the jobs that wait
+        if info.get("scale_to_zero"):  # a worker starts for the jobs that wait
             return
         why = self.load_error(name)
         detail = f"; its last worker failed to load the model: {why}" if why else ""

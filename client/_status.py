@@ -80,30 +80,36 @@ def _redis_now(client: redis.Redis) -> float:
 
 
 def cluster_status(
-    client: redis.Redis, declared: dict[str, tuple[str, str]] | None = None
+    client: redis.Redis,
+    declared: dict[str, tuple[str, str]] | None = None,
+    *,
+    recent: bool = True,
 ) -> list[DeploymentStatus]:
     """Every deployment workers announced, and every one `declared` (name -> (task,
-    model), from a config) whether announced or not, sorted by name.
+    model), from a config) whether announced or not, sorted by name. `recent=False`
+    leaves `recent` at zero without reading its RECENT_S / RECENT_SLOT_S slots.
     Raises redis.RedisError when Redis cannot be read."""
     registry = Registry(client)
     announced = registry.deployments()
     names = sorted(set(announced) | set(declared or {}))
-    slot = int(_redis_now(client)) // RECENT_SLOT_S
+    slots = range(0)
+    if recent:
+        now = int(_redis_now(client)) // RECENT_SLOT_S
+        slots = range(now - RECENT_S // RECENT_SLOT_S + 1, now + 1)
     out = []
     for name in names:
-        scale_to_zero = False
+        info: dict[str, Any] = {}
         if name in announced:
-            task, model = announced[name].task, announced[name].model
-            scale_to_zero = bool(announced[name].info.get("scale_to_zero"))
+            task, model, info = announced[name].task, announced[name].model, announced[name].info
         else:
             task, model = (declared or {})[name]
         depth = registry.ledger.depth(name)
         pipe = client.pipeline(transaction=False)
         pipe.hgetall(metrics_key(name))
-        for s in range(slot - RECENT_S // RECENT_SLOT_S + 1, slot + 1):
+        for s in slots:
             pipe.hgetall(recent_key(name, s))
-        counters, *slots = (_decode(r) for r in pipe.execute())
-        live = registry.live_workers(name)
+        counters, *recent_outcomes = (_decode(r) for r in pipe.execute())
+        live = registry.live_workers(name, info)
         stats = {w: s for w, s in registry.stats(name).items() if w in live}
         out.append(
             DeploymentStatus(
@@ -114,10 +120,10 @@ def cluster_status(
                 waiting=depth.waiting,
                 oldest_age_s=depth.oldest_age_s,
                 running=depth.running,
-                recent=sum_recent(slots),
+                recent=sum_recent(recent_outcomes),
                 totals=outcome_counts(counters),
                 announced=name in announced,
-                scale_to_zero=scale_to_zero,
+                scale_to_zero=bool(info.get("scale_to_zero")),
                 worker_stats=stats,
                 counters=counters,
             )
@@ -154,7 +160,7 @@ class Collector:
 
         up = family("pipeq_redis_up")
         try:
-            deployments = cluster_status(self.client)
+            deployments = cluster_status(self.client, recent=False)  # no metric of it
         except redis.RedisError:
             up.add_metric([], 0)
             yield up
