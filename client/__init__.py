@@ -23,6 +23,7 @@ from pipeq.errors import (
     NoLiveWorker,
     Overloaded,
     PipeqError,
+    StreamRestarted,
     UnknownDeployment,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "Depth",
     "InvalidRequest",
     "ItemsFailed",
+    "StreamRestarted",
     "Job",
     "JobCancelled",
     "JobError",

@@ -20,7 +20,7 @@ from kombu.exceptions import OperationalError
 from tqdm import tqdm
 
 from pipeq import _app, _tasks
-from pipeq._ledger import Depth, Ledger, meta_json
+from pipeq._ledger import Depth, Ledger, meta_json, stream_key
 from pipeq._redis import masked
 from pipeq._registry import NO_WORKER_GRACE_S, Announced, Registry
 from pipeq.errors import (
@@ -33,10 +33,19 @@ from pipeq.errors import (
     JobTimeout,
     Overloaded,
     PipeqError,
+    StreamRestarted,
     from_wire,
 )
 
-__all__ = ["BROKER_TIMEOUT_S", "Client", "Job", "JobState", "drop_result_channels", "masked"]
+__all__ = [
+    "BROKER_TIMEOUT_S",
+    "Client",
+    "Job",
+    "JobState",
+    "TextStream",
+    "drop_result_channels",
+    "masked",
+]
 
 T = TypeVar("T")
 _LOOKUP_CACHE_S = 2.0
@@ -179,11 +188,37 @@ class Job:
             return self._async.result
         raise to_pipeq_error(self._async.result, self.id, self.deployment)
 
+    def stream(self, *, item: int = 0, timeout: float | None = None) -> TextStream:
+        """The text of a text-generation job as its worker makes it: an iterator of
+        strings whose concatenation is the result's `generated_text` (the prompt first
+        when the result holds it, `return_full_text`); it ends when the job does.
+
+        Pieces are kept in Redis (a stream per job, expiring with the result), so a reader
+        that starts late, or a second one, gets every piece from the start. Continuous
+        batching streams a piece a decoding step; a job the dynamic batcher runs
+        (sampling, beam search, chats) comes as one piece when it is done (for a chat: the
+        reply's content; with several sequences: the first). `item`: which prompt of a
+        job of several. Raises the job's error if it failed (JobFailed, JobLost, ...), or
+        JobTimeout after `timeout` s; a cancelled job's stream ends with the text made
+        before it stopped. If the job's worker died, the job runs again and the stream
+        goes on where it was (`.restarts` counts it); StreamRestarted if the new attempt
+        makes different text. InvalidRequest for a deployment that does not generate."""
+        announced = self._client.registry.deployments().get(self.deployment or "")
+        if announced is not None and _tasks.canonical_task(announced.task) != "text-generation":
+            raise InvalidRequest(
+                f"{announced.name} serves {announced.task}: only text-generation streams",
+                job_id=self.id,
+                deployment=self.deployment,
+            )
+        return TextStream(self, item, timeout)
+
     def cancel(self) -> bool:
-        """True if the job will never run: it was queued, or waiting in a worker for a
-        batch, and now ends CANCELLED. False if it could not be cancelled: its forward
-        pass has begun (it will finish), it has finished, or pipeq never accepted it
-        (`status()` tells which)."""
+        """True if the job ends CANCELLED: it was queued, or waiting in a worker for a
+        batch (it never runs), or it is a generation that continuous batching runs (it
+        stops at its next decoding step; `stream()` has the text made until then). False
+        if it could not be cancelled: another kind of job whose forward pass has begun
+        (it will finish), a finished job, or one pipeq never accepted (`status()` tells
+        which)."""
         revoked = meta_json(
             self.id,
             states.REVOKED,
@@ -198,6 +233,107 @@ class Job:
     def forget(self) -> None:
         """Delete the stored result now rather than when it expires."""
         self._client.call(self._async.forget)
+
+
+def _text_of(result: Any, item: int) -> str:
+    """The generated text of one prompt of a text-generation result."""
+    if isinstance(result, list) and result and isinstance(result[0], list):
+        result = result[item]
+    record = result[0] if isinstance(result, list) else result
+    text = record.get("generated_text", "") if isinstance(record, dict) else ""
+    if isinstance(text, list):  # a chat: the reply
+        text = text[-1].get("content", "") if text and isinstance(text[-1], dict) else ""
+    return str(text)
+
+
+class TextStream(Iterator[str]):
+    """`Job.stream()`'s iterator. `restarts`: how often the job began again on another
+    worker (its worker died) while this reader followed it."""
+
+    #: a read waits this long for a piece before it looks at the job's state
+    BLOCK_MS = 200
+
+    def __init__(self, job: Job, item: int, timeout: float | None) -> None:
+        self.job = job
+        self.item = item
+        self.restarts = 0
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._pieces = self._read()
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def _entries(self, last: str | None) -> list[tuple[str, dict[bytes, bytes]]]:
+        redis_ = self.job._client.ledger.redis
+        key = stream_key(self.job.id)
+        got: list[Any]
+        if last is None:  # the first read: everything so far, from the last attempt on
+            everything: Any = self.job._client.call(redis_.xrange, key)
+            got = list(everything or [])
+            starts = [n for n, (_, f) in enumerate(got) if b"start" in f]
+            got = got[starts[-1] if starts else 0 :]
+        else:
+            reply: Any = self.job._client.call(redis_.xread, {key: last}, None, self.BLOCK_MS)
+            got = reply[0][1] if reply else []
+        return [(i.decode(), f) for i, f in got]
+
+    def _read(self) -> Iterator[str]:
+        last: str | None = None
+        yielded = ""  # the text given to the caller
+        attempt = ""  # the text of the attempt running now
+        attempts = 0
+        ended = draining = False
+        while not ended:
+            entries = self._entries(last)
+            for entry_id, fields in entries:
+                last = entry_id
+                if b"start" in fields:
+                    attempts += 1
+                    self.restarts = max(0, attempts - 1)
+                    attempt = ""
+                elif b"end" in fields:
+                    ended = True
+                    break
+                elif int(fields[b"i"]) == self.item:
+                    attempt += fields[b"t"].decode()
+                    if not (attempt.startswith(yielded) or yielded.startswith(attempt)):
+                        raise StreamRestarted(
+                            "the job restarted on another worker and made other text; "
+                            "job.stream() again reads the new attempt",
+                            job_id=self.job.id,
+                            deployment=self.job.deployment,
+                        )
+                    if len(attempt) > len(yielded):
+                        piece, yielded = attempt[len(yielded) :], attempt
+                        yield piece
+            if last is None:
+                last = "0-0"
+            if ended or entries:
+                continue
+            if draining:  # the job was done before the last read: nothing more comes
+                break
+            draining = self.job.status().done
+            if self._deadline is not None and time.monotonic() > self._deadline:
+                raise JobTimeout(
+                    "the stream did not end within the timeout (the job goes on)",
+                    job_id=self.job.id,
+                    deployment=self.job.deployment,
+                )
+        if self.job.status() == JobState.CANCELLED:
+            return
+        left = None if self._deadline is None else max(0.1, self._deadline - time.monotonic())
+        text = _text_of(self.job.result(timeout=left), self.item)  # raises the job's error
+        # the dynamic batcher ran it (or ran it again, a suspect, after its worker died):
+        # the rest comes at once
+        if not text.startswith(yielded):
+            raise StreamRestarted(
+                "the job restarted on another worker and made other text; "
+                "job.result() has the new attempt's",
+                job_id=self.job.id,
+                deployment=self.job.deployment,
+            )
+        if len(text) > len(yielded):
+            yield text[len(yielded) :]
 
 
 class Client:

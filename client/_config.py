@@ -11,6 +11,7 @@ max_batch_size = 32          # optional, per-task default
 max_batch_wait_ms = 5        # optional
 job_timeout_s = 300          # optional; counted from the job's first forward pass
 max_queue_length = 10000     # optional; submit raises Overloaded past it (0 = no limit)
+batching = "dynamic"         # optional; "continuous" (text-generation's default) or "dynamic"
 
 [deployments.sentiment-analysis.limits]   # optional; each bounds what one request may ask
 request_bytes = 2000000      # the JSON of inputs and parameters (TEI's payload limit)
@@ -80,6 +81,9 @@ class Deployment:
     #: zero starts one for them); otherwise, NoLiveWorker after `no_worker_grace_s`
     scale_to_zero: bool = False
     limits: Mapping[str, int] = field(default_factory=dict)  # over DEFAULT_LIMITS
+    #: "continuous" (text-generation's default: a job joins the running generation at its
+    #: next step, docs/batching.md) or "dynamic" (batches of jobs with equal parameters)
+    batching: str = ""
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -95,6 +99,17 @@ class Deployment:
             object.__setattr__(self, "max_batch_size", _tasks.spec(self.task).max_batch_size)
         if self.max_batch_wait_ms < 0:
             object.__setattr__(self, "max_batch_wait_ms", _tasks.spec(self.task).max_batch_wait_ms)
+        if not self.batching:
+            default = "continuous" if self.canonical_task == "text-generation" else "dynamic"
+            object.__setattr__(self, "batching", default)
+        if self.batching not in ("continuous", "dynamic"):
+            raise InvalidRequest(
+                f"deployment {self.name!r}: batching must be 'continuous' or 'dynamic'"
+            )
+        if self.batching == "continuous" and self.canonical_task != "text-generation":
+            raise InvalidRequest(
+                f"deployment {self.name!r}: continuous batching serves text-generation only"
+            )
         if not isinstance(self.scale_to_zero, bool):
             raise InvalidRequest(f"deployment {self.name!r}: scale_to_zero must be true or false")
         if self.job_timeout_s <= 0:

@@ -8,6 +8,7 @@
     pipeq:dead-after:<deployment> hash    worker -> the silence after which it counts as dead
     pipeq:job:<id>                string  the deployment of a job pipeq accepted
     pipeq:cancel:<id>             string  the producer cancelled the job
+    pipeq:stream:<id>             stream  a generation's text as it is made (`Job.stream`)
     pipeq:attempts:<id>           string  how many times the job's worker died while running it
     celery-task-meta-<id>         string  Celery's result record (status, result, ...), JSON
     pipeq:dead-letter             list    messages no worker could read, and why (newest first)
@@ -19,7 +20,9 @@ on ages and on who is dead. Each step that moves a job is one Lua script, so a p
 killed between two commands can neither lose a job nor hold it twice:
 
 - `enqueue` (producer): refuse past `max_queue_length`, else record and push, at once;
-- `cancel` (producer): only a job that has not started; a started one says so;
+- `cancel` (producer): a job that has not started, or a generation its worker marked
+  stoppable (continuous batching stops it at its next step); any other started one
+  says so;
 - `admit` (worker, before a forward pass): drop cancelled, expired and finished jobs,
   set redelivered suspects apart, mark the rest STARTED and running;
 - `store` (worker): a result is stored once; a finished job leaves waiting and running;
@@ -53,6 +56,7 @@ __all__ = [
     "job_key",
     "meta_json",
     "queue_for",
+    "stream_key",
     "workers_key",
 ]
 
@@ -93,6 +97,10 @@ def job_key(job_id: str) -> str:
 
 def cancel_key(job_id: str) -> str:
     return f"pipeq:cancel:{job_id}"
+
+
+def stream_key(job_id: str) -> str:
+    return f"pipeq:stream:{job_id}"
 
 
 def meta_json(job_id: str, status: str, result: Any = None, *, done: bool = False) -> str:
@@ -160,7 +168,10 @@ _CANCEL = (
 local meta = redis.call('GET', KEYS[1])
 local status = status_of(meta)
 if ready(status) then return 'finished' end
-if status == 'STARTED' then return 'running' end
+if status == 'STARTED' then
+  local result = cjson.decode(meta)['result']
+  if type(result) ~= 'table' or result['stoppable'] ~= true then return 'running' end
+end
 local deployment = redis.call('GET', KEYS[3])
 if not deployment and not meta then return 'unknown' end
 redis.call('SET', KEYS[2], 1, 'EX', ARGV[2])
@@ -201,9 +212,11 @@ return 1
 _ADMIT = (
     _CLOCK
     + """
--- KEYS: waiting, running ; ARGV: ttl, worker, pid, alone, n, ids[n], expires[n] ('' = none)
+-- KEYS: waiting, running ; ARGV: ttl, worker, pid, alone, n, ids[n], expires[n] ('' = none),
+-- stoppable ('1': the worker stops the job at its next step when it is cancelled)
 -- returns the verdicts, and for each job leaving `waiting` now the seconds it waited
 local n = tonumber(ARGV[5])
+local stoppable = ARGV[6 + 2 * n] == '1' and ', "stoppable": true' or ''
 local out, waited = {}, {}
 for i = 1, n do
   local id = ARGV[5 + i]
@@ -221,7 +234,7 @@ for i = 1, n do
   else
     verdict = 'run'
     local started = '{"status": "STARTED", "result": {"hostname": ' .. cjson.encode(ARGV[2])
-      .. ', "pid": ' .. ARGV[3] .. '}, "traceback": null, "children": [], '
+      .. ', "pid": ' .. ARGV[3] .. stoppable .. '}, "traceback": null, "children": [], '
       .. '"date_done": null, "task_id": ' .. cjson.encode(id) .. '}'
     redis.call('SET', key, started, 'EX', ARGV[1])
     redis.call('PUBLISH', key, started)
@@ -419,7 +432,8 @@ class Ledger:
         return bool(self.script("enqueue")(keys, args, client=client))
 
     def cancel(self, job_id: str, revoked_meta: str, ttl_s: int) -> str:
-        """'cancelled' (it will never run), 'running', 'finished' or 'unknown'."""
+        """'cancelled' (it will not run on, or stops at its next step), 'running',
+        'finished' or 'unknown'."""
         keys = [META_PREFIX + job_id, cancel_key(job_id), job_key(job_id)]
         out = self.script("cancel")(keys, [revoked_meta, ttl_s, job_id])
         return out.decode() if isinstance(out, bytes) else str(out)

@@ -13,7 +13,8 @@
         ├── JobCancelled        the job was cancelled before it ran
         ├── JobExpired          the job was not started before its `expires` deadline
         ├── JobLost             the job killed its worker too many times
-        └── ItemsFailed         some items of a bulk submission failed; the rest succeeded
+        ├── ItemsFailed         some items of a bulk submission failed; the rest succeeded
+        └── StreamRestarted     the job restarted and made text other than what was streamed
 
 Errors raised on a worker travel back to the producer through the JSON result
 backend as (type name, message); `from_wire` turns them back into these classes.
@@ -38,6 +39,7 @@ __all__ = [
     "NoLiveWorker",
     "Overloaded",
     "PipeqError",
+    "StreamRestarted",
     "UnknownDeployment",
 ]
 
@@ -125,6 +127,12 @@ class ItemsFailed(JobError):
         super().__init__(message)
         self.results = results
         self.errors = errors
+
+
+class StreamRestarted(JobError):
+    """`Job.stream()`: the job's worker died, the job ran again elsewhere, and the new
+    attempt's text differs from what was already streamed (sampling): read the stream
+    again from the start (`job.stream()`) for the new attempt's text."""
 
 
 _BY_NAME: dict[str, type[PipeqError]] = {

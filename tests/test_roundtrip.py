@@ -248,9 +248,16 @@ def test_a_worker_answers_flowers_stats_inspection_without_its_transport_options
 ) -> None:
     """Flower's worker page asks `inspect stats`; the reply failed (a hook in the
     transport options is not JSON), and would carry a Sentinel password once it did not."""
-    workers = client.registry.live_workers("sentiment-analysis")
-    replies = client.app.control.inspect(destination=workers, timeout=5).stats()
-    assert replies and set(replies) == set(workers), replies
+    # a broadcast reaches only the workers subscribed when it is sent (Redis pub/sub): a
+    # worker started by an earlier test may be live a moment before it listens, as Flower,
+    # which asks again every few seconds, finds too
+    deadline = time.monotonic() + 60
+    while True:
+        workers = client.registry.live_workers("sentiment-analysis")
+        replies = client.app.control.inspect(destination=workers, timeout=2).stats() or {}
+        if (replies and set(replies) == set(workers)) or time.monotonic() > deadline:
+            break
+    assert replies and set(replies) == set(workers), (replies, workers)
     [stats] = replies.values()
     assert stats["broker"]["transport"]  # the broker part is there,
     assert "transport_options" not in stats["broker"]  # without hooks or secrets

@@ -34,6 +34,7 @@ from pipeq import _app, _tasks
 from pipeq._ledger import Ledger, running_key, waiting_key
 from pipeq.errors import JobCancelled, JobExpired, JobFailed, JobTimeout, PipeqError
 from pipeq.worker.batcher import Batcher, HandBack, Quarantine, Submission
+from pipeq.worker.generation import ContinuousBatcher, write_end
 from pipeq.worker.transport import retrying
 
 __all__ = ["AlreadyDone", "Admission", "Events", "Request", "register_task"]
@@ -108,7 +109,12 @@ class Admission:
         with self._lock:
             return not (self.started - {job_id})
 
-    def __call__(self, job_ids: list[str], alone: bool) -> dict[str, BaseException]:
+    def __call__(
+        self, job_ids: list[str], alone: bool, stoppable: bool = False
+    ) -> dict[str, BaseException]:
+        """Verdicts for the jobs that may not run now (cancelled, expired, done, suspect);
+        the others are STARTED. `stoppable`: `Job.cancel()` may stop them while they run
+        (continuous batching checks for it at every step)."""
         deadlines = [self.expires.get(j) for j in job_ids]
         args = [
             _app.RESULT_TTL_S,
@@ -118,6 +124,7 @@ class Admission:
             len(job_ids),
             *job_ids,
             *("" if d is None else repr(d) for d in deadlines),
+            int(stoppable),
         ]
         verdicts, waited = retrying(self.ledger.script("admit"), self.keys, args)
         for seconds in waited:
@@ -200,7 +207,7 @@ _STOPS = (HandBack, AlreadyDone, JobCancelled, JobExpired)
 def register_task(
     app: Celery,
     deployment: Any,
-    batcher: Batcher,
+    batcher: Batcher | ContinuousBatcher,
     admission: Admission,
     events: Events,
     check_input: Callable[[Any, dict[str, Any], str], None] = lambda item, params, where: None,
@@ -209,6 +216,7 @@ def register_task(
     `check_input(item, params, where)` raises InvalidRequest for an item the model
     cannot take (the handler's length check)."""
     task = deployment.task
+    streams = _tasks.canonical_task(task) == "text-generation"  # `Job.stream()` reads
 
     def check(item: Any, params: dict[str, Any], where: str) -> None:
         _tasks.check_item(task, item, where)
@@ -221,19 +229,32 @@ def register_task(
         deadline = _deadline(self.request.expires)
         if deadline is not None:
             admission.expires[job_id] = deadline
+        outcome = "failed"
         try:
-            return run_job(job_id, inputs, params, per_item)
+            result = run_job(job_id, inputs, params, per_item)
+            outcome = "succeeded"
+            return result
         except HandBack:
+            outcome = ""  # back to the queue: its stream goes on with the next attempt
             raise Reject("handed back: the worker is stopping", requeue=True) from None
         except AlreadyDone:
+            outcome = ""
             raise Ignore() from None
         except JobCancelled:
+            outcome = "cancelled"
             events.send("task-revoked", job_id, terminated=False, signum=None, expired=False)
             raise Ignore() from None
         except JobExpired:
+            outcome = "expired"
             app.backend.mark_as_revoked(job_id, "expired")
             events.send("task-revoked", job_id, terminated=False, signum=None, expired=True)
             raise Ignore() from None
+        finally:
+            if outcome and streams:
+                try:  # a reader not told stops at the stored result anyway
+                    write_end(app.backend.ledger.redis, job_id, outcome)
+                except Exception:
+                    log.warning("could not end the stream of %s", job_id, exc_info=True)
 
     @signals.task_postrun.connect(weak=False)  # type: ignore[untyped-decorator]
     def _stored(task_id: str, **_: Any) -> None:  # after Celery stored the outcome

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -204,6 +205,7 @@ def run_worker(
     from functools import partial
 
     from pipeq.worker.batcher import Batcher
+    from pipeq.worker.generation import ContinuousBatcher, pausing, start_manager
     from pipeq.worker.handlers import load_handler
 
     try:  # a wrong password, CA or URL is told in one line now, not after the model loads
@@ -264,8 +266,13 @@ def run_worker(
     admission = Admission(
         app.backend.ledger, deployment.name, hostname, events, observe=observations.observe
     )
+    run: Callable[..., Any] = partial(handler.run, time_limit_s=deployment.job_timeout_s)
+    manager = None
+    if deployment.batching == "continuous":
+        manager = start_manager(handler.pipe, deployment.max_batch_size)
+        run = pausing(manager, run)  # one forward pass on the model at a time
     batcher = Batcher(
-        partial(handler.run, time_limit_s=deployment.job_timeout_s),
+        run,
         max_batch_size=deployment.max_batch_size,
         max_batch_wait_ms=deployment.max_batch_wait_ms,
         admit=admission,
@@ -274,7 +281,18 @@ def run_worker(
         size=handler.size,
         observe=observations.observe,
     ).start()
-    register_task(app, deployment, batcher, admission, events, handler.check_input)
+    engine: Batcher | ContinuousBatcher = batcher
+    if manager is not None:
+        engine = ContinuousBatcher(
+            handler.pipe,
+            manager,
+            batcher,
+            app.backend.ledger.redis,
+            admit=admission,
+            hostname=hostname,
+            observe=observations.observe,
+        ).start()
+    register_task(app, deployment, engine, admission, events, handler.check_input)
     info = {
         **handler.info(),
         "heartbeat_s": liveness.heartbeat_s,
@@ -286,11 +304,11 @@ def run_worker(
         hostname,
         info,
         liveness,
-        stats=lambda: {**batcher.stats.as_dict(), **_gpu_memory()},
+        stats=lambda: {**engine.stats.as_dict(), **_gpu_memory()},
         observations=observations,
         # a forward pass past twice the job timeout (generation stops at it) is hung:
         # stop beating for the jobs held, so that the other workers take them
-        healthy=lambda: batcher.alive and not batcher.stuck(2 * deployment.job_timeout_s + 5),
+        healthy=lambda: engine.alive and not engine.stuck(2 * deployment.job_timeout_s + 5),
         on_lost=on_lost,
         result_ttl_s=_app.RESULT_TTL_S,
     )
@@ -306,7 +324,7 @@ def run_worker(
         # the jobs waiting for a batch go back to the front of the queue at once; the
         # batch running now finishes, and the heartbeat goes on until it has
         stopping.set()
-        log.info("stopping: handed %d waiting item(s) back", batcher.hand_back())
+        log.info("stopping: handed %d waiting item(s) back", engine.hand_back())
 
     @signals.worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def _ready(**_: Any) -> None:
@@ -328,7 +346,7 @@ def run_worker(
             ]
         )
     finally:
-        batcher.stop()
+        engine.stop()  # the continuous batcher stops its fallback too
         heartbeat.stop()
     if isinstance(status, int) and status != 0:
         return status

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from transformers import BartConfig, DistilBertConfig, PreTrainedModel
 
 BENCH_SENTIMENT = "distilbert-base-sst2-random"
+BENCH_GENERATOR = "distilgpt2-random"
 
 #: Bump when the produced files change on purpose; a checkpoint with another version is rebuilt.
 BUILD_VERSION = 1
@@ -678,6 +679,20 @@ def _build_gpt2(out: pathlib.Path, seed: int) -> None:
     _save_model(GPT2LMHeadModel(config), out, seed, generation)
 
 
+def _build_bench_generator(out: pathlib.Path, seed: int) -> None:
+    """distilgpt2's shape (GPT2Config defaults with 6 layers, ~43M parameters with the
+    tiny 1,001-token vocabulary) for generation benchmarks."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    vocab = _gpt2_tokenizer(out, max_length=1024)
+    eos = vocab[GPT2_EOS]
+    config = GPT2Config(
+        vocab_size=len(vocab), n_layer=6, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos
+    )
+    generation = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "max_length": 50}
+    _save_model(GPT2LMHeadModel(config), out, seed, generation)
+
+
 def _build_marian(out: pathlib.Path, seed: int) -> None:
     from transformers import MarianConfig, MarianMTModel
 
@@ -772,6 +787,7 @@ _SPECS: dict[str, _Spec] = {
     "bert-large-cased-finetuned-conll03-english": _Spec("token-classification", 1010, _build_conll),
     "distilbert-base-cased": _Spec("feature-extraction", 1011, _build_distilbert_base),
     BENCH_SENTIMENT: _Spec("text-classification", 1012, _build_bench_sentiment),
+    BENCH_GENERATOR: _Spec("text-generation", 1013, _build_bench_generator),
 }
 
 #: Checkpoint name -> the canonical transformers pipeline task it serves.

@@ -7,7 +7,8 @@ over an input containing:
     pipeq-fault:kill        SIGKILLs the worker (a job that kills its worker every time)
     pipeq-fault:sleep=<s>   sleeps that long first (a long job)
 
-and every forward pass sleeps $PIPEQ_FAULTS_FORWARD_S first (a slow model). With
+and every forward pass sleeps $PIPEQ_FAULTS_FORWARD_S first (a slow model), every
+continuous-batching decoding step $PIPEQ_FAULTS_STEP_S (a slow generator). With
 $PIPEQ_FAULTS_LOG, each forward appends one line per input: "<pid>\t<input>".
 """
 
@@ -39,3 +40,13 @@ if os.environ.get("PIPEQ_FAULTS"):
         return _run(self, items, params)
 
     handlers.Handler._run = _faulty_run
+
+    from transformers.generation.continuous_batching import continuous_api
+
+    _step = continuous_api.ContinuousBatchingManager._generation_step
+
+    def _slow_step(self):  # type: ignore[no-untyped-def]
+        time.sleep(float(os.environ.get("PIPEQ_FAULTS_STEP_S") or 0))
+        return _step(self)
+
+    continuous_api.ContinuousBatchingManager._generation_step = _slow_step

@@ -1,0 +1,159 @@
+"""Generation deployments: continuous batching, streamed text, cancelling a generation.
+
+The session stack's `distilgpt2` deployment (a tiny random-weight GPT-2) runs with
+continuous batching, text-generation's default."""
+
+from __future__ import annotations
+
+import random
+import threading
+from functools import cache
+from typing import Any
+
+import pytest
+
+from pipeq import Client, InvalidRequest, JobCancelled, JobState
+from pipeq._ledger import stream_key
+
+from .cluster import wait_until
+from .test_faults import QUICK, cluster_of  # noqa: F401  (a fixture)
+
+GEN = "distilgpt2"
+
+
+@cache
+def _local(model: str) -> Any:
+    from transformers import pipeline
+
+    return pipeline("text-generation", model=model)
+
+
+def expected(deployments: dict[str, Any], prompt: str, **params: Any) -> Any:
+    return _local(deployments[GEN].model)(prompt, **params)
+
+
+def prompts(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    """n prompts of 2 to 30 words and max_new_tokens of 1 to 40."""
+    rng = random.Random(seed)
+    words = "the a course model learn data token queue worker batch fast good movie".split()
+    return [
+        (" ".join(rng.choices(words, k=rng.randint(2, 30))), rng.randint(1, 40)) for _ in range(n)
+    ]
+
+
+def entries(client: Client, job_id: str) -> list[dict[str, str]]:
+    raw = client.ledger.redis.xrange(stream_key(job_id))
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in raw]
+
+
+def test_continuous_greedy_results_equal_in_process_and_stream_a_piece_a_step(
+    client: Client, deployments: dict[str, Any]
+) -> None:
+    """Separate jobs of mixed lengths and max_new_tokens in one burst: each result equals
+    `transformers.pipeline` on the same model; each job streamed several pieces (the
+    dynamic batcher would stream one), and the pieces make the result's text."""
+    cases = prompts(24)
+    jobs = [
+        client.submit(GEN, p, max_new_tokens=n, do_sample=False, return_full_text=i % 2 == 0)
+        for i, (p, n) in enumerate(cases)
+    ]
+    for i, (job, (prompt, n)) in enumerate(zip(jobs, cases, strict=True)):
+        got = job.result(timeout=60)
+        want = expected(deployments, prompt, max_new_tokens=n, do_sample=False)
+        text = want[0]["generated_text"]
+        assert got == [{"generated_text": text if i % 2 == 0 else text[len(prompt) :]}]
+        pieces = list(job.stream(timeout=10))
+        assert "".join(pieces) == got[0]["generated_text"]
+        steps = [e for e in entries(client, job.id) if "t" in e]
+        assert len(steps) >= min(n, 2), steps  # about one a token (and the prompt)
+
+
+def test_a_late_reader_and_a_second_reader_get_every_piece(client: Client) -> None:
+    job = client.submit(GEN, "In this course", max_new_tokens=30, do_sample=False)
+    first: list[str] = []
+    reader = threading.Thread(target=lambda: first.extend(job.stream(timeout=30)))
+    reader.start()
+    text = job.result(timeout=30)[0]["generated_text"]
+    reader.join(30)
+    late = list(job.stream(timeout=10))  # after the job ended
+    assert "".join(first) == "".join(late) == text
+    assert late[0] == "In this course"  # the prompt first: the result holds it
+    assert len(late) > 2
+
+
+def test_a_job_the_dynamic_batcher_runs_streams_its_text_at_once(
+    client: Client, deployments: dict[str, Any]
+) -> None:
+    """Beam search is not served by continuous batching: the job goes to the dynamic
+    batcher, its result is transformers', and the stream gives it in one piece."""
+    job = client.submit(GEN, "Hello there", max_new_tokens=6, num_beams=2, do_sample=False)
+    want = expected(deployments, "Hello there", max_new_tokens=6, num_beams=2, do_sample=False)
+    assert job.result(timeout=30) == want
+    assert list(job.stream(timeout=10)) == [want[0]["generated_text"]]
+    assert [e for e in entries(client, job.id) if "t" in e] == []
+
+
+def test_a_failed_job_raises_from_its_stream_and_other_tasks_do_not_stream(
+    client: Client,
+) -> None:
+    bad = client.submit(GEN, "x " * 2000, max_new_tokens=4, do_sample=False)
+    with pytest.raises(InvalidRequest, match="tokens long"):
+        list(bad.stream(timeout=30))
+    other = client.submit("sentiment-analysis", "fine")
+    with pytest.raises(InvalidRequest, match="only text-generation streams"):
+        other.stream()
+
+
+def test_cancel_stops_a_running_generation_within_a_step_and_the_next_job_runs(
+    client: Client,
+) -> None:
+    """A generation of 900 tokens, cancelled once it has streamed a few: cancel() says
+    True, the job ends CANCELLED with the text made so far in its stream, and at most one
+    more step was made after the cancel reached Redis (one may be running then); a job
+    submitted next runs to the end."""
+    job = client.submit(GEN, "Once upon a time", max_new_tokens=900, do_sample=False)
+    stream = job.stream(timeout=60)
+    so_far = [next(stream) for _ in range(4)]  # the prompt and three steps
+    assert job.status() == JobState.RUNNING
+    assert job.cancel() is True
+    at_cancel = len([e for e in entries(client, job.id) if "t" in e])
+    so_far += list(stream)
+    assert job.status() == JobState.CANCELLED
+    with pytest.raises(JobCancelled):
+        job.result(timeout=5)
+    pieces = [e for e in entries(client, job.id) if "t" in e]
+    assert pieces[-1:] and entries(client, job.id)[-1] == {"end": "cancelled"}
+    assert "".join(so_far) == "".join(e["t"] for e in pieces)
+    assert len(pieces) - at_cancel <= 2, (len(pieces), at_cancel)
+    assert len(pieces) < 100  # far from 900: it stopped
+    after = client.submit(GEN, "And then", max_new_tokens=5, do_sample=False)
+    assert after.result(timeout=30)[0]["generated_text"].startswith("And then")
+
+
+def test_a_worker_killed_mid_stream_loses_no_job_and_the_stream_says_it_restarted(
+    cluster_of: Any,  # noqa: F811
+    deployments: dict[str, Any],
+) -> None:
+    """Two workers; the one running a long greedy generation is killed mid-stream. The
+    job runs again on the other (after dead_after_s), its stream records a second start,
+    the reader counts one restart, and what it read is the whole text, once."""
+    d = deployments[GEN]
+    cluster = cluster_of([d], worker_env={**QUICK, "PIPEQ_FAULTS_STEP_S": "0.02"})
+    with cluster.client() as client:
+        a, b = cluster.start_worker(GEN), cluster.start_worker(GEN)
+        hosts = {cluster.hostname(a, GEN): a, cluster.hostname(b, GEN): b}
+        job = client.submit(GEN, "A long story", max_new_tokens=300, do_sample=False)
+        stream = job.stream(timeout=120)
+        read = [next(stream) for _ in range(3)]
+        holder = wait_until(
+            lambda: next((h for h in hosts if cluster.inflight(h)), None), 30, "a holder"
+        )
+        cluster.kill(hosts[holder])
+        read += list(stream)
+        text = job.result(timeout=60)[0]["generated_text"]
+        starts = [e["start"] for e in entries(client, job.id) if "start" in e]
+    assert "".join(read) == text
+    assert stream.restarts == 1
+    assert len(starts) == 2 and starts[0] == holder and starts[1] != holder
+    want = _local(d.model)("A long story", max_new_tokens=300, do_sample=False)
+    assert text == want[0]["generated_text"]

@@ -1,0 +1,451 @@
+"""Continuous batching for text-generation, with every job's text streamed into Redis.
+
+transformers 5's `ContinuousBatchingManager` (`model.init_continuous_batching()`) runs
+one generation loop in a thread of its own: a request added with `add_request` joins
+the running batch at the next decoding step and leaves it when it is done, each with its
+own `max_new_tokens`; `cancel_request` takes it out before the next step. Its KV cache
+is paged, so requests of different lengths share steps without padding.
+
+`ContinuousBatcher` puts pipeq's jobs into it. A job goes there when the manager gives
+exactly what `pipe(prompt, **params)` gives: greedy decoding (`do_sample=False`, one
+beam, one sequence) of string prompts, with no parameters beyond `max_new_tokens`,
+`do_sample` and `return_full_text` (`CONTINUOUS_PARAMS`). Any other job (sampling, beam
+search, chats, stop strings, ...) goes to the dynamic `Batcher`, decided per job; so does
+a suspect (a job delivered again after its worker died), which the batcher runs alone.
+
+One driver thread (`pipeq-generation`) owns the manager's side: it admits new jobs (one
+Redis round trip for all that arrived, `Admission` with `stoppable`), adds their
+requests, reads the tokens the manager makes, and in one pipelined round trip a step
+appends each job's new text to its Redis Stream (`pipeq:stream:<job id>`, capped at
+`STREAM_MAXLEN` entries, expiring with the result) and reads which of its running jobs
+were cancelled. A cancelled job's requests are cancelled at once, so they leave the batch
+at the next step and their cache blocks go to the next request. A job's future is
+completed only after its last piece is in Redis, so a stream never lacks what its
+result holds.
+
+A stream's entries (`Job.stream` reads them):
+
+    start  the worker's hostname: an attempt begins (a second one: the job restarted)
+    i, t   item index and the next piece of its text (the prompt first, when the result
+           holds it: `return_full_text`)
+    end    the job's outcome, written by the task when it is done
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis
+
+from pipeq import _app
+from pipeq._ledger import stream_key
+from pipeq.errors import JobCancelled, JobFailed
+from pipeq.worker.batcher import Batcher, BatchStats, HandBack, Quarantine, Submission, _resolve
+
+__all__ = [
+    "CONTINUOUS_PARAMS",
+    "STREAM_MAXLEN",
+    "ContinuousBatcher",
+    "pausing",
+    "start_manager",
+    "write_end",
+]
+
+log = logging.getLogger("pipeq.generation")
+T = TypeVar("T")
+
+#: a job with parameters beyond these goes to the dynamic batcher
+CONTINUOUS_PARAMS = frozenset({"max_new_tokens", "do_sample", "return_full_text"})
+#: generation settings the manager honours or that greedy decoding ignores; a job whose
+#: effective settings (its own, the model's generation config, the pipeline's defaults)
+#: hold any other goes to the dynamic batcher
+_HONOURED = frozenset(
+    {
+        "max_new_tokens",
+        "max_length",
+        "do_sample",
+        "num_beams",
+        "num_return_sequences",
+        "eos_token_id",
+        "pad_token_id",
+        "bos_token_id",
+        "transformers_version",
+        "_from_model_config",
+        "temperature",
+        "top_k",
+        "top_p",
+        "use_cache",
+    }
+)
+#: entries kept per stream (about one per generated token per item): a stream past it
+#: loses its oldest pieces, a late reader then sees `StreamTruncated`
+STREAM_MAXLEN = 100_000
+
+
+def write_end(client: Any, job_id: str, outcome: str) -> None:
+    """Append the `end` entry to a job's stream (the task does, whatever the outcome)."""
+    key = stream_key(job_id)
+    pipe = client.pipeline(transaction=False)
+    pipe.xadd(key, {"end": outcome}, maxlen=STREAM_MAXLEN, approximate=True)
+    pipe.expire(key, _app.RESULT_TTL_S)
+    pipe.execute()
+
+
+@dataclass
+class _Request:
+    job: Submission
+    index: int
+    prompt: str
+    input_ids: list[int]
+    max_new_tokens: int
+    eos_token_id: Any
+    full_text: bool
+    future: Future[Any] = field(default_factory=Future)
+    arrived: float = field(default_factory=time.monotonic)
+    emitted: str = ""  # the new text streamed so far
+    tokens: int = 0
+
+    @property
+    def rid(self) -> str:
+        return f"{self.job.job_id}#{self.index}"
+
+
+def start_manager(pipe: Any, max_batch_size: int) -> Any:
+    """The model's `ContinuousBatchingManager`, greedy, started. The model keeps (or is
+    switched to) SDPA attention, which both the manager and `generate()` run.
+
+    On a GPU the manager sizes its paged KV cache from free memory (transformers'
+    default). On the CPU that probing takes about 14 s and claims most of the host's
+    memory, so the cache holds `max_batch_size` requests of the model's full length
+    (distilgpt2's shape: 8 x 1,024 tokens, 300 MB); more requests wait for blocks to free."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    model = pipe.model
+    sizes: dict[str, Any] = {}
+    if model.device.type == "cpu":
+        page = ContinuousBatchingConfig().page_size
+        length = getattr(model.config, "max_position_embeddings", None) or 1024
+        sizes = {"num_blocks": max(8, -(-max_batch_size * length // page)), "max_batch_tokens": 512}
+    if model.config._attn_implementation not in ("sdpa",) and "flash" not in str(
+        model.config._attn_implementation
+    ):
+        model.set_attn_implementation("sdpa")
+    config = model.generation_config
+    greedy = GenerationConfig(  # type: ignore[no-untyped-call]
+        do_sample=False,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+    )
+    manager = model.init_continuous_batching(
+        generation_config=greedy,
+        continuous_batching_config=ContinuousBatchingConfig(max_queue_size=0, **sizes),
+    )
+    manager.start()
+    return manager
+
+
+def pausing(manager: Any, run: Callable[..., T]) -> Callable[..., T]:
+    """`run`, called while the manager's loop is paused (its requests and cache kept):
+    one forward pass on the model at a time."""
+
+    def paused(*args: Any, **kwargs: Any) -> T:
+        with manager.pause():
+            return run(*args, **kwargs)
+
+    return paused
+
+
+class ContinuousBatcher:
+    """Text-generation jobs through transformers' continuous batching; the rest (and
+    suspects) through `fallback`. Same surface as `Batcher` for the worker."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        manager: Any,
+        fallback: Batcher,
+        client: redis.Redis,
+        *,
+        admit: Callable[..., dict[str, BaseException]],
+        hostname: str = "",
+        observe: Callable[[str, float], None] = lambda name, value: None,
+    ) -> None:
+        self.pipe = pipe
+        self.tokenizer = pipe.tokenizer
+        self.manager = manager
+        self.fallback = fallback
+        self.redis = client
+        self._admit = admit
+        self.hostname = hostname
+        self._observe = observe
+        self._cond = threading.Condition()
+        self._new: list[_Request] = []  # submitted, not admitted yet
+        self._active: dict[str, _Request] = {}  # request id -> request, in the manager
+        self._handing_back = False
+        self._stopping = False
+        self._last_output = time.monotonic()
+        self.stats: BatchStats = fallback.stats  # one record of what batching did
+        self._thread = threading.Thread(target=self._loop, name="pipeq-generation", daemon=True)
+
+    # -- the worker's side ---------------------------------------------------------
+    def start(self) -> ContinuousBatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+        try:
+            self.manager.stop(block=True, timeout=10)
+        except Exception:
+            log.exception("could not stop the continuous batching manager")
+        self.fallback.stop()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.manager.is_running() and self.fallback.alive
+
+    def stuck(self, limit_s: float) -> bool:
+        """Requests run and no token came for `limit_s` (or the fallback's pass hangs)."""
+        quiet = bool(self._active) and time.monotonic() - self._last_output > limit_s
+        return quiet or self.fallback.stuck(limit_s)
+
+    def hand_back(self) -> int:
+        """Fail with HandBack the jobs not admitted yet (and any submitted later)."""
+        with self._cond:
+            self._handing_back = True
+            back, self._new = self._new, []
+        for r in back:
+            _resolve(r.future, error=HandBack())
+        return len(back) + self.fallback.hand_back()
+
+    def takes(self, items: list[Any], params: dict[str, Any]) -> dict[str, Any] | None:
+        """The generation settings for the manager if it serves this job exactly as
+        `pipe(item, **params)` would, else None."""
+        if set(params) - CONTINUOUS_PARAMS or not items:
+            return None
+        if not all(isinstance(i, str) and i for i in items):
+            return None
+        gen = {k: params[k] for k in ("max_new_tokens", "do_sample") if k in params}
+        try:  # the settings `pipe(...)` would call generate() with
+            effective: dict[str, Any] = self.pipe._get_set_generation_params(
+                self.pipe._prepare_generate_kwargs(gen)
+            )
+        except Exception:
+            return None
+        if set(effective) - _HONOURED or effective.get("do_sample"):
+            return None
+        if (effective.get("num_beams") or 1) != 1:
+            return None
+        if (effective.get("num_return_sequences") or 1) != 1:
+            return None
+        if effective.get("max_new_tokens") is None and effective.get("max_length") is None:
+            return None
+        return effective
+
+    def submit(self, job_id: str, items: list[Any], params: dict[str, Any]) -> Submission:
+        """Queue a job's items; each future gets `pipe(item, **params)`'s result."""
+        effective = self.takes(items, params)
+        if effective is None:
+            return self.fallback.submit(job_id, items, params)
+        job = Submission(job_id, [])
+        requests = []
+        for n, prompt in enumerate(items):
+            ids = self.tokenizer(prompt)["input_ids"]
+            new = effective.get("max_new_tokens")
+            if new is None:  # a total length, as generate() counts it
+                new = int(effective["max_length"]) - len(ids)
+            if not ids or new < 1:  # generate() has its own ways with these
+                return self.fallback.submit(job_id, items, params)
+            requests.append(
+                _Request(
+                    job,
+                    n,
+                    prompt,
+                    list(ids),
+                    int(new),
+                    effective.get("eos_token_id"),
+                    params.get("return_full_text") is not False,
+                )
+            )
+        job.futures = [r.future for r in requests]
+        with self._cond:
+            if self._handing_back:
+                for r in requests:
+                    _resolve(r.future, error=HandBack())
+            else:
+                self._new.extend(requests)
+                self._cond.notify()
+        return job
+
+    # -- the driver thread -----------------------------------------------------------
+    def _loop(self) -> None:
+        writes: list[tuple[str, dict[str, Any]]] = []
+        done: list[tuple[_Request, Any]] = []
+        while True:
+            with self._cond:
+                while not self._new and not self._active and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                new, self._new = self._new, []
+            try:
+                if new:
+                    self._start(new, writes, done)
+                self._read_outputs(writes, done)
+                cancelled = self._flush(writes)
+                writes = []
+                for r, outcome in done:  # the pieces are in Redis: the result may go
+                    _resolve(r.future, **outcome)
+                done = []
+                self._cancel(cancelled)
+            except redis.RedisError as e:  # the pieces wait for the next round trip
+                log.warning("could not write streams (%s); trying again", e)
+                time.sleep(0.2)
+            except Exception as e:  # never let the thread die: fail what it holds
+                log.exception("continuous batching driver failed")
+                for r in [*new, *self._active.values()]:
+                    self.manager.cancel_request(r.rid)
+                    _resolve(r.future, error=e)
+                self._active.clear()
+                writes, done = [], []
+
+    def _start(
+        self,
+        new: list[_Request],
+        writes: list[tuple[str, dict[str, Any]]],
+        done: list[tuple[_Request, Any]],
+    ) -> None:
+        jobs = sorted({r.job.job_id for r in new})
+        if not self._active:  # the first step's time counts from now, not from idle
+            self._last_output = time.monotonic()
+        try:
+            refused = self._admit(jobs, False, True)
+        except Exception as e:
+            log.exception("admit hook failed")
+            refused = {j: e for j in jobs}
+        started = time.monotonic()
+        for job_id in jobs:  # an attempt begins here (a suspect's too, in the batcher)
+            if job_id not in refused or isinstance(refused[job_id], Quarantine):
+                writes.append((job_id, {"start": self.hostname or "worker"}))
+        for r in new:
+            verdict = refused.get(r.job.job_id)
+            if isinstance(verdict, Quarantine):  # a suspect: the batcher runs it alone
+                self._to_fallback(r)
+                continue
+            if verdict is not None:
+                done.append((r, {"error": verdict}))
+                continue
+            if not r.future.set_running_or_notify_cancel():
+                continue  # its job gave up
+            if r.job.started_at is None:
+                r.job.started_at = started
+            if r.full_text:
+                writes.append((r.job.job_id, {"i": r.index, "t": r.prompt}))
+            self._active[r.rid] = r
+            self.manager.add_request(
+                r.input_ids,
+                request_id=r.rid,
+                max_new_tokens=r.max_new_tokens,
+                streaming=True,
+                eos_token_id=r.eos_token_id,
+            )
+
+    def _to_fallback(self, r: _Request) -> None:
+        params = {"max_new_tokens": r.max_new_tokens, "do_sample": False}
+        if not r.full_text:
+            params["return_full_text"] = False
+        sub = self.fallback.submit(r.job.job_id, [r.prompt], params)
+
+        def copy(f: Future[Any]) -> None:
+            if r.job.started_at is None:
+                r.job.started_at = sub.started_at or time.monotonic()
+            if f.exception() is not None:
+                _resolve(r.future, error=f.exception())
+            else:
+                _resolve(r.future, f.result())
+
+        sub.futures[0].add_done_callback(copy)
+
+    def _read_outputs(
+        self, writes: list[tuple[str, dict[str, Any]]], done: list[tuple[_Request, Any]]
+    ) -> None:
+        """Take what the manager made (waiting up to 50 ms for the first), as pieces."""
+        router = self.manager.output_router
+        outputs = []
+        try:
+            outputs.append(router.output_queue.get(timeout=0.05))
+            while True:
+                outputs.append(router.output_queue.get_nowait())
+        except Exception:  # queue.Empty
+            pass
+        if not outputs:
+            return
+        now = time.monotonic()
+        step_s, self._last_output = now - self._last_output, now
+        stepped = set()
+        for out in outputs:
+            r = self._active.get(out.request_id)
+            if r is None:  # cancelled meanwhile
+                continue
+            stepped.add(r.rid)
+            if out.error is not None:
+                del self._active[r.rid]
+                done.append((r, {"error": JobFailed(f"generation failed: {out.error}")}))
+                continue
+            text = self.tokenizer.decode(out.generated_tokens, skip_special_tokens=True)
+            r.tokens = len(out.generated_tokens)
+            finished = out.is_finished()
+            if finished or (not text.endswith("\ufffd") and text.startswith(r.emitted)):
+                if text.startswith(r.emitted) and len(text) > len(r.emitted):
+                    writes.append((r.job.job_id, {"i": r.index, "t": text[len(r.emitted) :]}))
+                    r.emitted = text
+                elif finished and text != r.emitted:
+                    log.warning("the streamed text of %s differs from its final text", r.rid)
+            if finished:
+                del self._active[r.rid]
+                full = r.prompt + text if r.full_text else text
+                done.append((r, {"result": [{"generated_text": full}]}))
+        if stepped:  # about one decoding step (more when the driver fell behind)
+            self.stats.record(len(stepped), [0.0] * len(stepped), step_s)
+            self._observe("batch_size", len(stepped))
+            self._observe("forward_seconds", step_s)
+
+    def _flush(self, writes: list[tuple[str, dict[Any, Any]]]) -> set[str]:
+        """Append the pieces to their streams and read which running jobs were
+        cancelled, in one round trip. Returns the cancelled job ids."""
+        jobs = sorted({r.job.job_id for r in self._active.values()})
+        if not writes and not jobs:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, fields in writes:
+            key = stream_key(job_id)
+            pipe.xadd(key, fields, maxlen=STREAM_MAXLEN, approximate=True)
+            pipe.expire(key, _app.RESULT_TTL_S)
+        if jobs:
+            pipe.mget([f"pipeq:cancel:{j}" for j in jobs])
+        replies = pipe.execute()
+        if not jobs:
+            return set()
+        return {j for j, flag in zip(jobs, replies[-1], strict=True) if flag is not None}
+
+    def _cancel(self, cancelled: set[str]) -> None:
+        """Take out of the batch the requests of cancelled jobs and of jobs that gave up
+        (their futures cancelled: a time limit); the manager frees their slots before
+        its next step."""
+        for rid, r in list(self._active.items()):
+            gone = r.job.job_id in cancelled
+            if gone or r.future.done():
+                self.manager.cancel_request(rid)
+                del self._active[rid]
+                if gone:
+                    _resolve(r.future, error=JobCancelled("the job was cancelled"))
