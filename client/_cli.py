@@ -246,6 +246,16 @@ def _client(args: argparse.Namespace) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.submit(args.target, _input(args.input), model=args.model, **dict(args.param))
+        if args.stream:  # the text as it is made, then a line break; Ctrl-C cancels the job
+            try:
+                for piece in job.stream(timeout=args.timeout):
+                    print(piece, end="", flush=True)
+            except KeyboardInterrupt:
+                job.cancel()
+                print("\npipeq: cancelled", file=sys.stderr)
+                return 130
+            print()
+            return 0
         _print(job.result(timeout=args.timeout))
     return 0
 
@@ -477,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE")
         if name == "run":
             sp.add_argument("--timeout", type=_seconds, default=None)
+            sp.add_argument(
+                "--stream",
+                action="store_true",
+                help="text-generation: print the text as it is generated, not the JSON result",
+            )
 
     s = add(
         "status",

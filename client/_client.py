@@ -210,6 +210,8 @@ class Job:
                 job_id=self.id,
                 deployment=self.deployment,
             )
+        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+            raise InvalidRequest(f"stream(item=) takes a prompt's index, got {item!r}")
         return TextStream(self, item, timeout)
 
     def cancel(self) -> bool:
@@ -237,7 +239,10 @@ class Job:
 
 def _text_of(result: Any, item: int) -> str:
     """The generated text of one prompt of a text-generation result."""
-    if isinstance(result, list) and result and isinstance(result[0], list):
+    several = isinstance(result, list) and bool(result) and isinstance(result[0], list)
+    if item >= (len(result) if several else 1):
+        raise InvalidRequest(f"stream(item={item}): the job has no prompt {item}")
+    if several:
         result = result[item]
     record = result[0] if isinstance(result, list) else result
     text = record.get("generated_text", "") if isinstance(record, dict) else ""

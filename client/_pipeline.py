@@ -95,16 +95,41 @@ class RemotePipeline:
             self._tokenizer = AutoTokenizer.from_pretrained(where, revision=revision)
         return self._tokenizer
 
-    def __call__(self, *args: Any, expires: Any = None, **kwargs: Any) -> Any:
+    def __call__(
+        self, *args: Any, expires: Any = None, streamer: Any = None, **kwargs: Any
+    ) -> Any:
         """What the transformers pipeline returns for these arguments: a result for one
         input, a list for a list, and an iterator of results for a generator or any
         other iterable (sent as it is read, a bounded window at a time). `expires`
         (seconds from now, or a datetime): jobs not started by then end with
-        JobExpired; default the pipeline's own."""
+        JobExpired; default the pipeline's own.
+
+        `streamer` (text-generation, one prompt): as `generate(streamer=...)` in
+        transformers, an object whose `on_finalized_text(text, stream_end=False)` is
+        called with each piece of text as the worker makes it (the prompt first when the
+        result holds it, unless the streamer's `skip_prompt` is set), then with
+        `("", stream_end=True)`; transformers' TextStreamer (prints) and
+        TextIteratorStreamer (an iterator for another thread) are such objects. The call
+        still returns the result."""
         kwargs = {k: v for k, v in kwargs.items() if k not in _CALL_OWNED}
         inputs, params = self._split_call(args, {**self.defaults, **kwargs})
         name = self.deployment.name
         expires = self.expires if expires is None else expires
+        if streamer is not None:
+            if self.task != "text-generation" or not isinstance(inputs, str):
+                raise InvalidRequest("streamer= takes one text-generation prompt")
+            job = self.client.submit(name, inputs, expires=expires, **params)
+            # TextStreamer(skip_prompt=True) leaves the prompt out, as in transformers
+            skip = getattr(streamer, "skip_prompt", False) and params.get("return_full_text", True)
+            left = len(inputs) if skip else 0
+            try:
+                for piece in job.stream(timeout=self.timeout):
+                    piece, left = piece[left:], max(0, left - len(piece))
+                    if piece:
+                        streamer.on_finalized_text(piece)
+            finally:
+                streamer.on_finalized_text("", stream_end=True)
+            return job.result(timeout=self.timeout)
         if _streamed(inputs):
             checked = self.client.check_params(self.deployment, params)
             stream = self.client.imap(name, inputs, timeout=self.timeout, expires=expires, **params)

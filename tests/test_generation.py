@@ -157,3 +157,54 @@ def test_a_worker_killed_mid_stream_loses_no_job_and_the_stream_says_it_restarte
     assert len(starts) == 2 and starts[0] == holder and starts[1] != holder
     want = _local(d.model)("A long story", max_new_tokens=300, do_sample=False)
     assert text == want[0]["generated_text"]
+
+
+def test_pipeline_takes_transformers_streamers_and_the_cli_prints_the_stream(
+    client: Client, deployments: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import TextIteratorStreamer
+
+    from pipeq import pipeline
+    from pipeq._cli import main
+
+    generator = pipeline("text-generation", model=GEN, client=client)
+    streamer = TextIteratorStreamer(_local(deployments[GEN].model).tokenizer, skip_prompt=True)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.extend(streamer))
+    reader.start()
+    result = generator("My favourite", max_new_tokens=12, do_sample=False, streamer=streamer)
+    reader.join(30)
+    assert result == expected(deployments, "My favourite", max_new_tokens=12, do_sample=False)
+    assert "My favourite" + "".join(got) == result[0]["generated_text"]
+    assert len([p for p in got if p]) > 1
+    with pytest.raises(InvalidRequest, match="one text-generation prompt"):
+        generator(["a", "b"], streamer=streamer)
+
+    argv = ["run", GEN, "My favourite", "--stream", "--redis-url", client.redis_url]
+    assert main([*argv, "--param", "max_new_tokens=12", "--param", "do_sample=false"]) == 0
+    assert capsys.readouterr().out == result[0]["generated_text"] + "\n"
+
+
+def test_batching_is_continuous_for_text_generation_by_default_and_checked() -> None:
+    from pipeq._config import Deployment
+
+    assert Deployment("g", "text-generation", "m").batching == "continuous"
+    assert Deployment("s", "sentiment-analysis", "m").batching == "dynamic"
+    assert Deployment("g", "text-generation", "m", batching="dynamic").batching == "dynamic"
+    with pytest.raises(InvalidRequest, match="text-generation only"):
+        Deployment("s", "sentiment-analysis", "m", batching="continuous")
+    with pytest.raises(InvalidRequest, match="'continuous' or 'dynamic'"):
+        Deployment("g", "text-generation", "m", batching="static")
+
+
+def test_a_job_of_several_prompts_streams_each_and_a_wrong_index_is_refused(
+    client: Client,
+) -> None:
+    job = client.submit(GEN, ["First one", "Second"], max_new_tokens=5, do_sample=False)
+    result = job.result(timeout=30)
+    for i in range(2):
+        assert "".join(job.stream(item=i, timeout=10)) == result[i][0]["generated_text"]
+    with pytest.raises(InvalidRequest, match="no prompt 2"):
+        list(job.stream(item=2, timeout=10))
+    with pytest.raises(InvalidRequest, match="index"):
+        job.stream(item=-1)

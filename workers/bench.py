@@ -7,6 +7,13 @@ In one run, on the same inputs, after one warm-up pass of each, `--rounds` times
 then latency: single jobs one at a time on the idle stack, against single in-process
 calls. Only one contender runs at a time, so they do not compete for cores; medians of
 the rounds and per-round ratios are reported, as these machines are noisy.
+
+A text-generation deployment gets the generation workload instead (`generation_main`):
+N prompts of mixed lengths, each with its own `max_new_tokens`, greedy, sent as N jobs
+in one burst to pipeq with continuous batching and to pipeq with the dynamic batcher,
+next to in-process `pipeline(chunk, batch_size=B)` at each B: useful tokens/s, time to
+the first streamed token and job latency (p50/p95), and whether both pipeq contenders
+made the same text.
 """
 
 from __future__ import annotations
@@ -17,7 +24,10 @@ import json
 import os
 import random
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from statistics import median_high as _median  # of an even count, the upper middle
 from typing import Any
@@ -26,7 +36,7 @@ from pipeq import Client, _tasks
 from pipeq._config import Deployment, load_deployments, pick
 from pipeq._stack import Stack, exit_on_sigterm, free_port_from
 
-__all__ = ["bench_inputs", "main"]
+__all__ = ["bench_inputs", "generation_main", "generation_workload", "main"]
 
 _WORDS = (
     "the a course model learn data train token text queue worker batch fast slow "
@@ -106,6 +116,15 @@ def burst(client: Client, name: str, inputs: list[Any], params: dict[str, Any]) 
     elapsed = time.perf_counter() - started
     time.sleep(2.5)  # and after
     after = client.registry.stats(name)[worker]
+    return {
+        "items_per_s": len(inputs) / elapsed,
+        "latency_ms": _latencies_ms(latencies),
+        **_batching(before, after),
+    }
+
+
+def _batching(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What a worker's batching did between two of its heartbeats' statistics."""
     sizes = {
         int(k): v - before["sizes"].get(k, 0)
         for k, v in after["sizes"].items()
@@ -114,8 +133,6 @@ def burst(client: Client, name: str, inputs: list[Any], params: dict[str, Any]) 
     items = after["items"] - before["items"]
     waited_ms = after["mean_wait_ms"] * after["items"] - before["mean_wait_ms"] * before["items"]
     return {
-        "items_per_s": len(inputs) / elapsed,
-        "latency_ms": _latencies_ms(latencies),
         "batch_sizes": dict(sorted(sizes.items())),
         "mean_batch_size": items / max(1, after["batches"] - before["batches"]),
         "mean_wait_for_batch_ms": waited_ms / max(1, items),
@@ -137,6 +154,33 @@ def single_jobs(
     return _latencies_ms(latencies)
 
 
+@contextmanager
+def running_stack(deployments: dict[str, Deployment]) -> Iterator[Client]:
+    """A Stack of one worker per deployment on an embedded Redis, ready; its Client."""
+    from pipeq.worker.demo import write_config
+
+    with tempfile.TemporaryDirectory(prefix="pipeq-bench-") as tmp:
+        config = write_config(deployments, Path(tmp) / "bench.toml")
+        exit_on_sigterm()
+        stack = Stack(
+            deployments,
+            str(config),
+            redis_port=free_port_from(6500),
+            flower_port=None,
+            exporter_port=None,
+        )
+        try:
+            stack.start()
+            print(f"worker logs: {stack.log_dir}", flush=True)
+            status = stack.wait_ready()
+            if any(v != "ready" for v in status.values()):
+                raise RuntimeError(f"workers: {status}")
+            with Client(stack.url) as client:
+                yield client
+        finally:
+            stack.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pipeq bench", description=__doc__)
     p.add_argument("deployment", nargs="?", help="deployment of --config to measure")
@@ -146,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--models-dir", default=".cache/pipeq-models")
     p.add_argument("--jobs", type=int, default=512)
-    p.add_argument("--batch-sizes", default="1,8,32", help="in-process batch sizes to compare")
+    p.add_argument(
+        "--batch-sizes",
+        help="in-process batch sizes to compare (default: 1,8,32; generation: 1,8,16,32)",
+    )
     p.add_argument("--max-batch-size", type=int, help="override the deployment's")
     p.add_argument("--max-batch-wait-ms", type=float, help="override the deployment's")
     p.add_argument("--no-unbatched", action="store_true", help="skip the max_batch_size=1 run")
@@ -178,9 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeq.worker.handlers import load_handler
 
     handler = load_handler(d)
+    if d.canonical_task == "text-generation":
+        sizes = [int(b) for b in (args.batch_sizes or "1,8,16,32").split(",")]
+        return generation_main(d, handler.pipe, args.jobs, args.rounds, sizes, args.json)
     inputs = bench_inputs(d.task, args.jobs, mask_token=handler.info().get("mask_token"))
     params = default_params(d.task)
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    sizes = [int(b) for b in (args.batch_sizes or "1,8,32").split(",")]
     report: dict[str, Any] = {
         "deployment": dataclasses.asdict(d),
         "jobs": args.jobs,
@@ -189,45 +239,24 @@ def main(argv: list[str] | None = None) -> int:
     pipe = handler.pipe
     runs: dict[str, list[Any]] = {f"in_process_b{b}": [] for b in sizes}
     runs["pipeq"], runs["pipeq_unbatched"] = [], []
-    with tempfile.TemporaryDirectory(prefix="pipeq-bench-") as tmp:
-        from pipeq.worker.demo import write_config
-
-        deployments = {x.name: x for x in ([d] if args.no_unbatched else [d, unbatched])}
-        config = write_config(deployments, Path(tmp) / "bench.toml")
-        exit_on_sigterm()
-        stack = Stack(
-            deployments,
-            str(config),
-            redis_port=free_port_from(6500),
-            flower_port=None,
-            exporter_port=None,
+    deployments = {x.name: x for x in ([d] if args.no_unbatched else [d, unbatched])}
+    with running_stack(deployments) as client:
+        print("warm-up: one pass in-process and through each worker ...", flush=True)
+        in_process_rate(pipe, inputs, params, max(sizes))
+        for x in deployments.values():
+            burst(client, x.name, inputs[: 64 if x is unbatched else None], params)
+        for r in range(args.rounds):
+            print(f"round {r + 1}/{args.rounds} ...", flush=True)
+            for b in sizes:
+                runs[f"in_process_b{b}"].append(in_process_rate(pipe, inputs, params, b))
+            runs["pipeq"].append(burst(client, d.name, inputs, params))
+            if not args.no_unbatched:
+                runs["pipeq_unbatched"].append(burst(client, unbatched.name, inputs, params))
+        report["single_job_latency_ms"] = single_jobs(client, d.name, inputs, params)
+        report["single_call_latency_ms"] = single_call_latency(pipe, inputs, params)
+        report["single_call_after_idle_latency_ms"] = single_call_latency(
+            pipe, inputs, params, IDLE_S
         )
-        try:
-            stack.start()
-            status = stack.wait_ready()
-            if any(v != "ready" for v in status.values()):
-                raise RuntimeError(f"workers: {status}")
-            with Client(stack.url) as client:
-                print("warm-up: one pass in-process and through each worker ...", flush=True)
-                in_process_rate(pipe, inputs, params, max(sizes))
-                for x in deployments.values():
-                    burst(client, x.name, inputs[: 64 if x is unbatched else None], params)
-                for r in range(args.rounds):
-                    print(f"round {r + 1}/{args.rounds} ...", flush=True)
-                    for b in sizes:
-                        runs[f"in_process_b{b}"].append(in_process_rate(pipe, inputs, params, b))
-                    runs["pipeq"].append(burst(client, d.name, inputs, params))
-                    if not args.no_unbatched:
-                        runs["pipeq_unbatched"].append(
-                            burst(client, unbatched.name, inputs, params)
-                        )
-                report["single_job_latency_ms"] = single_jobs(client, d.name, inputs, params)
-            report["single_call_latency_ms"] = single_call_latency(pipe, inputs, params)
-            report["single_call_after_idle_latency_ms"] = single_call_latency(
-                pipe, inputs, params, IDLE_S
-            )
-        finally:
-            stack.stop()
     report["runs"] = runs
     _print_report(report, sizes)
     if args.json:
@@ -287,3 +316,349 @@ def _print_report(r: dict[str, Any], sizes: list[int]) -> None:
 
 def _fmt(values: list[float], digits: int = 1) -> str:
     return "[" + ", ".join(f"{v:.{digits}f}" for v in values) + "]"
+
+
+# --------------------------------------------------------------------------- generation
+
+#: seed of the jobs' max_new_tokens (the prompts are bench_inputs', with its own seed)
+GENERATION_SEED = 1
+NEW_TOKENS = (8, 64)  # each job's max_new_tokens: uniform in this range, both included
+#: what the continuous batching worker is compared with: the same model and sizes,
+#: today's batcher (a batch holds only jobs of equal parameters)
+CONTENDERS = ("continuous", "dynamic")
+
+
+def generation_workload(n: int) -> tuple[list[str], list[int]]:
+    """n prompts of 5 to 40 words, and each one's max_new_tokens (fixed seeds)."""
+    rng = random.Random(GENERATION_SEED)
+    prompts = [str(p) for p in bench_inputs("text-generation", n)]
+    return prompts, [rng.randint(*NEW_TOKENS) for _ in prompts]
+
+
+def generation_params(max_new_tokens: int) -> dict[str, Any]:
+    """Greedy, and only the new text: with `return_full_text` (the default) a stream's
+    first piece would be the prompt, written when the job is admitted, not a token."""
+    return {"max_new_tokens": max_new_tokens, "do_sample": False, "return_full_text": False}
+
+
+def useful_tokens(tokenizer: Any, text: str, max_new_tokens: int) -> int:
+    """The tokens of a generated text, at most what its job asked for."""
+    return min(max_new_tokens, len(tokenizer(text, add_special_tokens=False).input_ids))
+
+
+def _generated_text(result: Any) -> str:
+    record = result[0] if isinstance(result, list) else result
+    record = record[0] if isinstance(record, list) else record
+    return str(record["generated_text"])
+
+
+def _generation_figures(
+    tokenizer: Any,
+    budgets: list[int],
+    texts: list[str],
+    firsts: list[float],
+    ends: list[float],
+    elapsed: float,
+) -> dict[str, Any]:
+    tokens = sum(useful_tokens(tokenizer, t, b) for t, b in zip(texts, budgets, strict=True))
+    return {
+        "tokens_per_s": tokens / elapsed,
+        "useful_tokens": tokens,
+        "seconds": elapsed,
+        "ttft_ms": _latencies_ms(firsts),
+        "latency_ms": _latencies_ms(ends),
+    }
+
+
+def generation_burst(
+    client: Client, name: str, prompts: list[str], budgets: list[int], tokenizer: Any
+) -> tuple[dict[str, Any], list[str]]:
+    """Every prompt as its own job at once, a thread following each job's stream: from
+    the burst's start, the time to its first non-empty piece and to its end. Returns the
+    figures and the texts (a failed job's: "")."""
+    worker = client.registry.live_workers(name)[0]
+    time.sleep(2.5)  # a fresh heartbeat: batching statistics before
+    before = client.registry.stats(name)[worker]
+    n = len(prompts)
+    firsts: list[float | None] = [None] * n
+    ends = [0.0] * n
+    texts = [""] * n
+    errors: dict[int, str] = {}
+    mismatched = []  # jobs whose streamed pieces do not add up to their result
+
+    def follow(i: int, job: Any) -> None:
+        try:
+            pieces = []
+            for piece in job.stream(timeout=600):
+                if piece and firsts[i] is None:
+                    firsts[i] = time.perf_counter() - started
+                pieces.append(piece)
+            ends[i] = time.perf_counter() - started
+            texts[i] = _generated_text(job.result(timeout=60))
+            if "".join(pieces) != texts[i]:
+                mismatched.append(i)
+        except Exception as e:
+            ends[i] = time.perf_counter() - started
+            errors[i] = f"{type(e).__name__}: {e}"
+
+    threads = []
+    started = time.perf_counter()
+    for i, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
+        job = client.submit(name, prompt, **generation_params(budget))
+        threads.append(threading.Thread(target=follow, args=(i, job), daemon=True))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    time.sleep(2.5)  # and after
+    after = client.registry.stats(name)[worker]
+    ok = [i for i in range(n) if i not in errors]
+    figures = _generation_figures(
+        tokenizer,
+        [budgets[i] for i in ok],
+        [texts[i] for i in ok],
+        [ends[i] if firsts[i] is None else firsts[i] for i in ok],  # no text: its end
+        [ends[i] for i in ok],
+        elapsed,
+    )
+    figures.update(_batching(before, after))
+    figures["failed"] = {str(i): errors[i] for i in sorted(errors)}
+    figures["stream_differs_from_result"] = sorted(mismatched)
+    return figures, texts
+
+
+def in_process_generation(
+    pipe: Any, prompts: list[str], budgets: list[int], batch_size: int
+) -> tuple[dict[str, Any], list[str]]:
+    """The prompts in order, `batch_size` a call, each call generating the most its
+    chunk asks for; every prompt's first token and end: its chunk's end."""
+    texts: list[str] = []
+    ends: list[float] = []
+    started = time.perf_counter()
+    for at in range(0, len(prompts), batch_size):
+        chunk = prompts[at : at + batch_size]
+        out = pipe(
+            chunk,
+            batch_size=batch_size,
+            max_new_tokens=max(budgets[at : at + batch_size]),
+            do_sample=False,
+            return_full_text=False,
+        )
+        done = time.perf_counter() - started
+        texts += [_generated_text(o) for o in out]
+        ends += [done] * len(chunk)
+    elapsed = time.perf_counter() - started
+    return _generation_figures(pipe.tokenizer, budgets, texts, ends, ends, elapsed), texts
+
+
+def divergences(
+    pipe: Any,
+    prompts: list[str],
+    budgets: list[int],
+    a: list[str],
+    b: list[str],
+    names: tuple[str, str] = ("a", "b"),
+) -> list[dict[str, Any]]:
+    """For each job whose texts in `a` and `b` differ: the first new token where they
+    part (following unbatched greedy `generate()`), the gap there between its two
+    highest logits (a near-tie when tiny), and which of the two `generate()` made."""
+    tok, model = pipe.tokenizer, pipe.model
+    found = []
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x == y:
+            continue
+        enc = tok(prompts[i], return_tensors="pt").to(model.device)
+        out = model.generate(
+            **enc,
+            max_new_tokens=budgets[i],
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=tok.pad_token_id,
+        )
+        ids = out.sequences[0, enc["input_ids"].shape[1] :].tolist()
+        ref = tok.decode(ids, skip_special_tokens=True)
+        where: dict[str, Any] = {"job": i, "step": None, "top2_gap": None, "top1": None}
+        for k in range(len(ids)):
+            text = tok.decode(ids[: k + 1], skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # part of a character
+                continue
+            if not (x.startswith(text) and y.startswith(text)):
+                top = out.logits[k][0].float().topk(2).values.tolist()
+                where.update(step=k, top2_gap=top[0] - top[1], top1=top[0])
+                break
+        where["generate_equals"] = {x: names[0], y: names[1]}.get(ref, "neither")
+        found.append(where)
+    return found
+
+
+def generation_main(
+    d: Deployment,
+    pipe: Any,
+    jobs: int,
+    rounds: int,
+    sizes: list[int],
+    json_path: str | None,
+) -> int:
+    """The generation workload: pipeq with continuous batching, pipeq with the dynamic
+    batcher, and in-process pipeline(batch_size=B) for each B, one at a time a round."""
+    prompts, budgets = generation_workload(jobs)
+    tokenizer = pipe.tokenizer
+    workers = {
+        kind: dataclasses.replace(
+            d, name=d.name if kind == "continuous" else f"{d.name}-{kind}", batching=kind
+        )
+        for kind in CONTENDERS
+    }
+    report: dict[str, Any] = {
+        "workload": "generation",
+        "deployment": dataclasses.asdict(d),
+        "jobs": jobs,
+        "max_new_tokens": {"range": list(NEW_TOKENS), "sum": sum(budgets)},
+        "cpu_threads": os.cpu_count(),
+    }
+    runs: dict[str, list[Any]] = {f"in_process_b{b}": [] for b in sizes}
+    runs.update({kind: [] for kind in CONTENDERS})
+    texts: dict[str, list[list[str]]] = {kind: [] for kind in runs}
+    warm = min(16, jobs)
+    with running_stack({w.name: w for w in workers.values()}) as client:
+        print("warm-up: a few prompts in-process and through each worker ...", flush=True)
+        in_process_generation(pipe, prompts[:warm], budgets[:warm], max(sizes))
+        for w in workers.values():
+            generation_burst(client, w.name, prompts[:warm], budgets[:warm], tokenizer)
+        for r in range(rounds):
+            for b in sizes:
+                print(f"round {r + 1}/{rounds}: in-process batch_size={b} ...", flush=True)
+                figures, out = in_process_generation(pipe, prompts, budgets, b)
+                runs[f"in_process_b{b}"].append(figures)
+                texts[f"in_process_b{b}"].append(out)
+            for kind, w in workers.items():
+                print(f"round {r + 1}/{rounds}: pipeq {kind} ...", flush=True)
+                figures, out = generation_burst(client, w.name, prompts, budgets, tokenizer)
+                runs[kind].append(figures)
+                texts[kind].append(out)
+    cont, dyn = texts["continuous"], texts["dynamic"]
+    report["identical"] = {
+        "continuous_vs_dynamic": [
+            sum(x == y for x, y in zip(c, t, strict=True)) for c, t in zip(cont, dyn, strict=True)
+        ],
+        "continuous_across_rounds": sum(x == y for x, y in zip(cont[0], cont[-1], strict=True)),
+    }
+    if 1 in sizes:  # unbatched generate(), each prompt with its own max_new_tokens
+        report["identical"]["continuous_vs_in_process_b1"] = [
+            sum(x == y for x, y in zip(c, t, strict=True))
+            for c, t in zip(cont, texts["in_process_b1"], strict=True)
+        ]
+    report["divergences"] = divergences(pipe, prompts, budgets, cont[-1], dyn[-1], CONTENDERS)
+    report["runs"] = runs
+    _print_generation_report(report, sizes)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _print_generation_report(r: dict[str, Any], sizes: list[int]) -> None:
+    runs, d, n = r["runs"], r["deployment"], r["jobs"]
+    rounds = len(runs["continuous"])
+    lo, hi = r["max_new_tokens"]["range"]
+    print(
+        f"\n{n} generation jobs, {rounds} rounds; deployment {d['name']} ({d['model']}), "
+        f"max_batch_size {d['max_batch_size']}, {r['cpu_threads']} CPU threads"
+    )
+    print(
+        f"  prompts of 5-40 words, max_new_tokens uniform in {lo}-{hi} "
+        f"(sum {r['max_new_tokens']['sum']}), greedy, return_full_text=False"
+    )
+    print("  useful tokens: of each job's new text (tokenizer), at most its max_new_tokens")
+    print("useful tokens/s, median of the rounds (each round: every contender once, in turn)")
+    best_b = max(
+        sizes, key=lambda b: _median([x["tokens_per_s"] for x in runs[f"in_process_b{b}"]])
+    )
+    labels = {f"in_process_b{b}": f"in-process pipeline(batch_size={b})" for b in sizes}
+    labels["continuous"] = "pipeq, batching=continuous"
+    labels["dynamic"] = "pipeq, batching=dynamic"
+    for key, label in labels.items():
+        rates = [x["tokens_per_s"] for x in runs[key]]
+        print(f"  {label:<36} {_median(rates):8.1f}   {_fmt(rates)}")
+    print(
+        "ms from the burst's start, median of the rounds:  first token p50 / p95    "
+        "latency p50 / p95"
+    )
+    rows = {
+        "continuous": "pipeq continuous (streamed)",
+        "dynamic": "pipeq dynamic (first result)",
+        f"in_process_b{best_b}": f"in-process B={best_b} (chunk's end)",
+    }
+    for key, label in rows.items():
+        t = {q: _median([x["ttft_ms"][q] for x in runs[key]]) for q in ("p50", "p95")}
+        e = {q: _median([x["latency_ms"][q] for x in runs[key]]) for q in ("p50", "p95")}
+        print(
+            f"  {label:<36} {t['p50']:8.0f} / {t['p95']:<8.0f}      "
+            f"{e['p50']:8.0f} / {e['p95']:.0f}"
+        )
+    cont = runs["continuous"]
+    best = [max(runs[f"in_process_b{b}"][i]["tokens_per_s"] for b in sizes) for i in range(rounds)]
+    targets = (
+        (
+            "continuous / dynamic tokens/s",
+            ">= 1.5",
+            [
+                c["tokens_per_s"] / x["tokens_per_s"]
+                for c, x in zip(cont, runs["dynamic"], strict=True)
+            ],
+        ),
+        (
+            "continuous / best in-process tokens/s",
+            ">= 0.9",
+            [c["tokens_per_s"] / b for c, b in zip(cont, best, strict=True)],
+        ),
+        (
+            "continuous first-token p95 / dynamic's",
+            "<= 0.33",
+            [
+                c["ttft_ms"]["p95"] / x["ttft_ms"]["p95"]
+                for c, x in zip(cont, runs["dynamic"], strict=True)
+            ],
+        ),
+    )
+    print("targets, median of the per-round ratios (best in-process: that round's best B)")
+    for label, target, ratios in targets:
+        print(f"  {label:<40} {_median(ratios):5.2f}x  (target {target})   {_fmt(ratios, 2)}")
+    unit = {"continuous": "requests a decoding step", "dynamic": "jobs a generate() call"}
+    for kind in CONTENDERS:
+        last = runs[kind][-1]
+        print(
+            f"  {kind} batching (last round): mean batch size {last['mean_batch_size']:.1f} "
+            f"({unit[kind]}), sizes {last['batch_sizes']}"
+        )
+        for x in runs[kind]:
+            if x["failed"]:
+                first = next(iter(x["failed"].items()))
+                print(f"  {kind}: {len(x['failed'])} jobs FAILED, e.g. job {first[0]}: {first[1]}")
+            if x["stream_differs_from_result"]:
+                print(
+                    f"  {kind}: streamed text differs from the result for jobs "
+                    f"{x['stream_differs_from_result']}"
+                )
+    same = r["identical"]
+    print(f"results: continuous vs dynamic {_fmt_counts(same['continuous_vs_dynamic'], n)}")
+    if "continuous_vs_in_process_b1" in same:
+        counts = _fmt_counts(same["continuous_vs_in_process_b1"], n)
+        print(f"  continuous vs in-process unbatched (B=1, own max_new_tokens) {counts}")
+    print(f"  continuous, first vs last round {same['continuous_across_rounds']}/{n} identical")
+    for x in r["divergences"]:
+        where = (
+            "texts differ"
+            if x["step"] is None
+            else f"parts at new token {x['step']}, top-2 logit gap {x['top2_gap']:.2g} "
+            f"(top logit {x['top1']:.3g})"
+        )
+        print(f"  job {x['job']}: {where}; unbatched generate() made {x['generate_equals']}'s")
+
+
+def _fmt_counts(counts: list[int], n: int) -> str:
+    return (
+        ", ".join(f"{c}/{n}" for c in counts)
+        + " identical"
+        + (" (per round)" if len(counts) > 1 else "")
+    )
