@@ -51,6 +51,8 @@ T = TypeVar("T")
 _LOOKUP_CACHE_S = 2.0
 #: a call finding Redis unreachable tries again for this long, then BrokerUnavailable
 BROKER_TIMEOUT_S = 10.0
+#: `Job.result` reads the stored result at least this often while it waits
+RESULT_RECHECK_S = 1.0
 _BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, OperationalError, OSError)
 
 
@@ -175,15 +177,29 @@ class Job:
         return _STATES.get(state, JobState.QUEUED)
 
     def result(self, timeout: float | None = None) -> Any:
-        """Wait for the result; raise the job's error, or JobTimeout after `timeout` s."""
-        try:
-            self._client.call(self._async.get, timeout=timeout, propagate=False, interval=0.05)
-        except CeleryTimeout:
-            raise JobTimeout(
-                f"no result within {timeout} s (the job goes on; ask again later)",
-                job_id=self.id,
-                deployment=self.deployment,
-            ) from None
+        """Wait for the result; raise the job's error, or JobTimeout after `timeout` s.
+
+        Celery's wait listens on the job's result channel; with many threads waiting on
+        one Client its shared subscription now and then misses a result stored as it
+        subscribes (1 to 3 jobs in 128 streamed at once, `pipeq bench` on text-generation),
+        so the wait goes in slices of at most `RESULT_RECHECK_S` and reads the stored
+        result between them."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            step = RESULT_RECHECK_S if left is None else max(0.001, min(RESULT_RECHECK_S, left))
+            try:
+                self._client.call(self._async.get, timeout=step, propagate=False, interval=0.05)
+                break
+            except CeleryTimeout:
+                if self._client.call(lambda: self._async.state) in states.READY_STATES:
+                    break  # stored, its message missed
+                if left is not None and left <= step:
+                    raise JobTimeout(
+                        f"no result within {timeout} s (the job goes on; ask again later)",
+                        job_id=self.id,
+                        deployment=self.deployment,
+                    ) from None
         if self._async.state == states.SUCCESS:
             return self._async.result
         raise to_pipeq_error(self._async.result, self.id, self.deployment)
@@ -255,8 +271,10 @@ class TextStream(Iterator[str]):
     """`Job.stream()`'s iterator. `restarts`: how often the job began again on another
     worker (its worker died) while this reader followed it."""
 
-    #: a read waits this long for a piece before it looks at the job's state
-    BLOCK_MS = 200
+    #: with nothing new, the next read comes after a pause doubling up to this (s); the
+    #: reads do not block, so that a reader holds no Redis connection while it waits
+    #: (a Client's pool holds 100, and one reader per stream may read thousands)
+    MAX_PAUSE_S = 0.05
 
     def __init__(self, job: Job, item: int, timeout: float | None) -> None:
         self.job = job
@@ -278,7 +296,7 @@ class TextStream(Iterator[str]):
             starts = [n for n, (_, f) in enumerate(got) if b"start" in f]
             got = got[starts[-1] if starts else 0 :]
         else:
-            reply: Any = self.job._client.call(redis_.xread, {key: last}, None, self.BLOCK_MS)
+            reply: Any = self.job._client.call(redis_.xread, {key: last})
             got = reply[0][1] if reply else []
         return [(i.decode(), f) for i, f in got]
 
@@ -288,8 +306,12 @@ class TextStream(Iterator[str]):
         attempt = ""  # the text of the attempt running now
         attempts = 0
         ended = draining = False
+        pause = 0.0
         while not ended:
+            if pause:
+                time.sleep(pause)
             entries = self._entries(last)
+            pause = 0.0 if entries else min(self.MAX_PAUSE_S, max(0.002, 2 * pause))
             for entry_id, fields in entries:
                 last = entry_id
                 if b"start" in fields:
@@ -317,7 +339,8 @@ class TextStream(Iterator[str]):
                 continue
             if draining:  # the job was done before the last read: nothing more comes
                 break
-            draining = self.job.status().done
+            if pause >= self.MAX_PAUSE_S:  # quiet a while: is the job over (no end sent)?
+                draining = self.job.status().done
             if self._deadline is not None and time.monotonic() > self._deadline:
                 raise JobTimeout(
                     "the stream did not end within the timeout (the job goes on)",

@@ -95,9 +95,7 @@ class RemotePipeline:
             self._tokenizer = AutoTokenizer.from_pretrained(where, revision=revision)
         return self._tokenizer
 
-    def __call__(
-        self, *args: Any, expires: Any = None, streamer: Any = None, **kwargs: Any
-    ) -> Any:
+    def __call__(self, *args: Any, expires: Any = None, streamer: Any = None, **kwargs: Any) -> Any:
         """What the transformers pipeline returns for these arguments: a result for one
         input, a list for a list, and an iterator of results for a generator or any
         other iterable (sent as it is read, a bounded window at a time). `expires`

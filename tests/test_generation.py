@@ -11,11 +11,13 @@ from functools import cache
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pipeq import Client, InvalidRequest, JobCancelled, JobState
+from pipeq import Client, InvalidRequest, JobCancelled, JobState, JobTimeout
 from pipeq._ledger import stream_key
 
-from .cluster import wait_until
+from .cluster import renamed, wait_until
 from .test_faults import QUICK, cluster_of  # noqa: F401  (a fixture)
 
 GEN = "distilgpt2"
@@ -208,3 +210,75 @@ def test_a_job_of_several_prompts_streams_each_and_a_wrong_index_is_refused(
         list(job.stream(item=2, timeout=10))
     with pytest.raises(InvalidRequest, match="index"):
         job.stream(item=-1)
+
+
+def test_a_generation_past_job_timeout_s_leaves_the_batch_and_fails_with_jobtimeout(
+    cluster_of: Any,  # noqa: F811
+    deployments: dict[str, Any],
+) -> None:
+    """300 steps of 20 ms, job_timeout_s=1: the job fails with JobTimeout near 1 s of
+    generation (not after all 300 steps), its stream stops there, the worker serves on."""
+    d = renamed(deployments[GEN], "gen-timeout", job_timeout_s=1.0)
+    cluster = cluster_of([d], worker_env={**QUICK, "PIPEQ_FAULTS_STEP_S": "0.02"})
+    with cluster.client() as client:
+        cluster.hostname(cluster.start_worker(d.name), d.name)
+        job = client.submit(d.name, "Too long", max_new_tokens=300, do_sample=False)
+        with pytest.raises(JobTimeout, match=r"job_timeout_s=1\.0"):
+            job.result(timeout=60)
+        steps = len([e for e in entries(client, job.id) if "t" in e])
+        assert entries(client, job.id)[-1] == {"end": "failed"}
+        after = client.submit(d.name, "Short", max_new_tokens=3, do_sample=False)
+        assert after.result(timeout=30)[0]["generated_text"].startswith("Short")
+    assert 5 < steps < 150, steps  # ~50 steps of 20 ms in 1 s; 300 had it not stopped
+
+
+def test_one_client_follows_150_streams_at_once(client: Client) -> None:
+    """One reader thread per stream on one Client, more than its pool's 100 connections:
+    a reader holds none while it waits (a blocking read each failed 28 of 128 with
+    MaxConnectionsError), and each result is read even when its message was missed."""
+    jobs = [
+        client.submit(GEN, f"Reader {i} says", max_new_tokens=4, do_sample=False)
+        for i in range(150)
+    ]
+    texts: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def follow(i: int) -> None:
+        try:
+            texts[i] = "".join(jobs[i].stream(timeout=120))
+            assert texts[i] == jobs[i].result(timeout=30)[0]["generated_text"]
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=follow, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors[:3]
+    assert len(texts) == 150 and all(texts[i].startswith(f"Reader {i} says") for i in texts)
+
+
+@given(st.lists(st.integers(0, 1000), min_size=1, max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_every_streamed_piece_is_final_text_whatever_the_tokens(ids: list[int]) -> None:
+    """Any token sequence of a byte-level tokenizer (tokens ending inside a character
+    included): what the worker streams after each token is a prefix of the final text,
+    so the pieces concatenate to it."""
+    from pipeq.worker.generation import settled_text
+
+    tok = _tiny_tokenizer()
+    final = tok.decode(ids, skip_special_tokens=True)
+    for n in range(1, len(ids)):
+        assert final.startswith(settled_text(tok.decode(ids[:n], skip_special_tokens=True)))
+
+
+@cache
+def _tiny_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    from pipeq.worker import tiny_models
+
+    from .conftest import MODELS_DIR
+
+    return AutoTokenizer.from_pretrained(str(tiny_models.build(GEN, MODELS_DIR)))

@@ -47,12 +47,14 @@ from pipeq import _app
 from pipeq._ledger import stream_key
 from pipeq.errors import JobCancelled, JobFailed
 from pipeq.worker.batcher import Batcher, BatchStats, HandBack, Quarantine, Submission, _resolve
+from pipeq.worker.handlers import TimeLimitExceeded
 
 __all__ = [
     "CONTINUOUS_PARAMS",
     "STREAM_MAXLEN",
     "ContinuousBatcher",
     "pausing",
+    "settled_text",
     "start_manager",
     "write_end",
 ]
@@ -86,6 +88,14 @@ _HONOURED = frozenset(
 #: entries kept per stream (about one per generated token per item): a stream past it
 #: loses its oldest pieces, a late reader then sees `StreamTruncated`
 STREAM_MAXLEN = 100_000
+
+
+def settled_text(text: str) -> str:
+    """The part of a generation's text so far that later tokens cannot change. A token
+    may end inside a multi-byte character: the incomplete tail decodes as one U+FFFD
+    (the maximal subpart, as `tokenizers` and Python decode), which waits for the next
+    token; earlier U+FFFDs are invalid bytes for good."""
+    return text[:-1] if text.endswith("\ufffd") else text
 
 
 def write_end(client: Any, job_id: str, outcome: str) -> None:
@@ -175,6 +185,7 @@ class ContinuousBatcher:
         *,
         admit: Callable[..., dict[str, BaseException]],
         hostname: str = "",
+        time_limit_s: float | None = None,
         observe: Callable[[str, float], None] = lambda name, value: None,
     ) -> None:
         self.pipe = pipe
@@ -184,6 +195,7 @@ class ContinuousBatcher:
         self.redis = client
         self._admit = admit
         self.hostname = hostname
+        self.time_limit_s = time_limit_s
         self._observe = observe
         self._cond = threading.Condition()
         self._new: list[_Request] = []  # submitted, not admitted yet
@@ -405,12 +417,12 @@ class ContinuousBatcher:
             text = self.tokenizer.decode(out.generated_tokens, skip_special_tokens=True)
             r.tokens = len(out.generated_tokens)
             finished = out.is_finished()
-            if finished or (not text.endswith("\ufffd") and text.startswith(r.emitted)):
-                if text.startswith(r.emitted) and len(text) > len(r.emitted):
-                    writes.append((r.job.job_id, {"i": r.index, "t": text[len(r.emitted) :]}))
-                    r.emitted = text
-                elif finished and text != r.emitted:
-                    log.warning("the streamed text of %s differs from its final text", r.rid)
+            stable = text if finished else settled_text(text)
+            if stable.startswith(r.emitted) and len(stable) > len(r.emitted):
+                writes.append((r.job.job_id, {"i": r.index, "t": stable[len(r.emitted) :]}))
+                r.emitted = stable
+            elif finished and text != r.emitted:
+                log.warning("the streamed text of %s differs from its final text", r.rid)
             if finished:
                 del self._active[r.rid]
                 full = r.prompt + text if r.full_text else text
@@ -439,13 +451,21 @@ class ContinuousBatcher:
         return {j for j, flag in zip(jobs, replies[-1], strict=True) if flag is not None}
 
     def _cancel(self, cancelled: set[str]) -> None:
-        """Take out of the batch the requests of cancelled jobs and of jobs that gave up
-        (their futures cancelled: a time limit); the manager frees their slots before
-        its next step."""
+        """Take out of the batch the requests of cancelled jobs and of jobs past
+        `time_limit_s` from their first step; the manager frees their slots before its
+        next step."""
+        now = time.monotonic()
+        limit = self.time_limit_s
         for rid, r in list(self._active.items()):
-            gone = r.job.job_id in cancelled
-            if gone or r.future.done():
-                self.manager.cancel_request(rid)
-                del self._active[rid]
-                if gone:
-                    _resolve(r.future, error=JobCancelled("the job was cancelled"))
+            late = limit is not None and now - (r.job.started_at or now) > limit
+            if r.job.job_id in cancelled:
+                error: BaseException = JobCancelled("the job was cancelled")
+            elif late:
+                error = TimeLimitExceeded(
+                    f"generation stopped at job_timeout_s={limit} of its forward pass"
+                )
+            else:
+                continue
+            self.manager.cancel_request(rid)
+            del self._active[rid]
+            _resolve(r.future, error=error)

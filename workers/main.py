@@ -290,6 +290,7 @@ def run_worker(
             app.backend.ledger.redis,
             admit=admission,
             hostname=hostname,
+            time_limit_s=deployment.job_timeout_s,
             observe=observations.observe,
         ).start()
     register_task(app, deployment, engine, admission, events, handler.check_input)
