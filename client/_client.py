@@ -51,6 +51,9 @@ T = TypeVar("T")
 _LOOKUP_CACHE_S = 2.0
 #: a call finding Redis unreachable tries again for this long, then BrokerUnavailable
 BROKER_TIMEOUT_S = 10.0
+#: a Client's Redis connections: each `Job.stream()` reader holds one while it waits for
+#: a piece (redis-py's default pool of 100 failed the 101st of many readers at once)
+MAX_CONNECTIONS = 10_000
 #: `Job.result` reads the stored result at least this often while it waits
 RESULT_RECHECK_S = 1.0
 _BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, OperationalError, OSError)
@@ -271,10 +274,9 @@ class TextStream(Iterator[str]):
     """`Job.stream()`'s iterator. `restarts`: how often the job began again on another
     worker (its worker died) while this reader followed it."""
 
-    #: with nothing new, the next read comes after a pause doubling up to this (s); the
-    #: reads do not block, so that a reader holds no Redis connection while it waits
-    #: (a Client's pool holds 100, and one reader per stream may read thousands)
-    MAX_PAUSE_S = 0.05
+    #: a read waits this long for a piece (holding one of the Client's connections;
+    #: `MAX_CONNECTIONS`) before it looks at the job's state
+    BLOCK_MS = 200
 
     def __init__(self, job: Job, item: int, timeout: float | None) -> None:
         self.job = job
@@ -296,7 +298,7 @@ class TextStream(Iterator[str]):
             starts = [n for n, (_, f) in enumerate(got) if b"start" in f]
             got = got[starts[-1] if starts else 0 :]
         else:
-            reply: Any = self.job._client.call(redis_.xread, {key: last})
+            reply: Any = self.job._client.call(redis_.xread, {key: last}, None, self.BLOCK_MS)
             got = reply[0][1] if reply else []
         return [(i.decode(), f) for i, f in got]
 
@@ -306,12 +308,8 @@ class TextStream(Iterator[str]):
         attempt = ""  # the text of the attempt running now
         attempts = 0
         ended = draining = False
-        pause = 0.0
         while not ended:
-            if pause:
-                time.sleep(pause)
             entries = self._entries(last)
-            pause = 0.0 if entries else min(self.MAX_PAUSE_S, max(0.002, 2 * pause))
             for entry_id, fields in entries:
                 last = entry_id
                 if b"start" in fields:
@@ -339,8 +337,7 @@ class TextStream(Iterator[str]):
                 continue
             if draining:  # the job was done before the last read: nothing more comes
                 break
-            if pause >= self.MAX_PAUSE_S:  # quiet a while: is the job over (no end sent)?
-                draining = self.job.status().done
+            draining = self.job.status().done  # over, with no end sent (never ran here)?
             if self._deadline is not None and time.monotonic() > self._deadline:
                 raise JobTimeout(
                     "the stream did not end within the timeout (the job goes on)",
@@ -384,7 +381,9 @@ class Client:
         self.redis_url = _app.redis_url(redis_url)
         self.broker_timeout_s = broker_timeout_s
         try:
-            self.redis = _app.redis_client(self.redis_url, socket_timeout=broker_timeout_s)
+            self.redis = _app.redis_client(
+                self.redis_url, socket_timeout=broker_timeout_s, max_connections=MAX_CONNECTIONS
+            )
             self.app = _app.make_app(self.redis_url)
         except ValueError as e:  # not a URL of `_redis`'s forms, or a bad port
             raise InvalidRequest(f"invalid Redis URL {masked(self.redis_url)}: {e}") from None

@@ -233,9 +233,9 @@ def test_a_generation_past_job_timeout_s_leaves_the_batch_and_fails_with_jobtime
 
 
 def test_one_client_follows_150_streams_at_once(client: Client) -> None:
-    """One reader thread per stream on one Client, more than its pool's 100 connections:
-    a reader holds none while it waits (a blocking read each failed 28 of 128 with
-    MaxConnectionsError), and each result is read even when its message was missed."""
+    """One reader thread per stream on one Client, more than redis-py's default pool of
+    100 connections (with it, 28 of 128 readers failed with MaxConnectionsError), and
+    each result is read even when its message was missed."""
     jobs = [
         client.submit(GEN, f"Reader {i} says", max_new_tokens=4, do_sample=False)
         for i in range(150)

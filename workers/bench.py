@@ -387,62 +387,30 @@ def generation_burst(
     errors: dict[int, str] = {}
     mismatched: list[int] = []  # jobs whose streamed pieces do not add up to their result
 
-    pieces: list[list[str]] = [[] for _ in range(n)]
-    last_piece = [0.0] * n
-    #: jobs done in Redis whose reader hung in the result's fetch at the stream's end
-    hung: list[int] = []
-
     def follow(i: int, job: Any) -> None:
         try:
+            pieces = []
             for piece in job.stream(timeout=600):
-                last_piece[i] = time.perf_counter() - started
                 if piece and firsts[i] is None:
-                    firsts[i] = last_piece[i]
-                pieces[i].append(piece)
-            if i in hung:
-                return
+                    firsts[i] = time.perf_counter() - started
+                pieces.append(piece)
             ends[i] = time.perf_counter() - started
             texts[i] = _generated_text(job.result(timeout=60))
-            if "".join(pieces[i]) != texts[i]:
+            if "".join(pieces) != texts[i]:
                 mismatched.append(i)
         except Exception as e:
             ends[i] = time.perf_counter() - started
             errors[i] = f"{type(e).__name__}: {e}"
 
-    # a Client's Redis pool holds 100 connections (redis-py's default), and each stream
-    # being read holds one while it waits: the readers share several clients
-    readers = [Client(client.redis_url) for _ in range(0, n, STREAMS_PER_CLIENT)]
-    threads, sent = [], []
+    threads = []
     started = time.perf_counter()
     for i, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
-        sent.append(client.submit(name, prompt, **generation_params(budget)))
-        job = readers[i // STREAMS_PER_CLIENT].job(sent[-1].id)
+        job = client.submit(name, prompt, **generation_params(budget))
         threads.append(threading.Thread(target=follow, args=(i, job), daemon=True))
         threads[-1].start()
-    alive, quiet_since = threads, time.perf_counter()
-    while alive:
-        alive[0].join(timeout=5)
-        still = [t for t in alive if t.is_alive()]
-        if len(still) < len(alive):
-            quiet_since = time.perf_counter()
-        elif time.perf_counter() - quiet_since > STALL_S:  # say what the jobs are doing
-            stalled = [(i, job) for i, job in enumerate(sent) if threads[i].is_alive()]
-            _report_stall(client, name, stalled, threads)
-            quiet_since = time.perf_counter()
-            if all(job.status().done for _, job in stalled):
-                # Job.result() at a stream's end can wait on Celery's result channel for
-                # ever (seen with 128 readers): the job is done and its text streamed;
-                # count it as ended at its last piece, and say so
-                for i, _ in stalled:
-                    hung.append(i)
-                    ends[i], texts[i] = last_piece[i], "".join(pieces[i])
-                    if not pieces[i]:  # the dynamic batcher's: its text comes with the result
-                        errors[i] = "its reader hung in job.result() at the stream's end"
-                still = []
-        alive = still
-    elapsed = max(ends) if hung else time.perf_counter() - started
-    for reader in readers:
-        reader.close()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
     time.sleep(2.5)  # and after
     after = client.registry.stats(name)[worker]
     ok = [i for i in range(n) if i not in errors]
@@ -457,39 +425,7 @@ def generation_burst(
     figures.update(_batching(before, after))
     figures["failed"] = {str(i): errors[i] for i in sorted(errors)}
     figures["stream_differs_from_result"] = sorted(mismatched)
-    figures["reader_hung_after_end"] = sorted(hung)
     return figures, texts
-
-
-#: jobs whose streams one Client reads at once, a thread each
-STREAMS_PER_CLIENT = 32
-#: a burst where no job ended for this long prints what its unfinished jobs are doing
-STALL_S = 30.0
-
-
-def _report_stall(
-    client: Client, name: str, unfinished: list[tuple[int, Any]], threads: list[threading.Thread]
-) -> None:
-    import sys
-    import traceback
-
-    from pipeq._ledger import stream_key
-
-    print(f"  {name}: no job ended for {STALL_S:.0f} s; {len(unfinished)} unfinished:", flush=True)
-    worker = client.registry.live_workers(name)
-    print(f"    live workers {worker}, stats {client.registry.stats(name)}", flush=True)
-    for i, job in unfinished[:20]:
-        entries = client.redis.xrange(stream_key(job.id))
-        print(
-            f"    job {i} ({job.id}): {job.status().name}, {len(entries)} stream entries, "
-            f"last {entries[-1] if entries else None}",
-            flush=True,
-        )
-    i = unfinished[0][0]
-    frame = sys._current_frames().get(threads[i].ident or 0)
-    if frame is not None:
-        print(f"    job {i}'s reader is at:", flush=True)
-        print("".join(traceback.format_stack(frame)[-12:]), flush=True)
 
 
 def in_process_generation(
@@ -714,12 +650,6 @@ def _print_generation_report(r: dict[str, Any], sizes: list[int]) -> None:
             if x["failed"]:
                 first = next(iter(x["failed"].items()))
                 print(f"  {kind}: {len(x['failed'])} jobs FAILED, e.g. job {first[0]}: {first[1]}")
-            if x["reader_hung_after_end"]:
-                print(
-                    f"  {kind}: job.result() hung at the end of the streams of jobs "
-                    f"{x['reader_hung_after_end']} (done in Redis); {STALL_S:.0f} s later, "
-                    "counted as ended at their last piece (none: as failed)"
-                )
             if x["stream_differs_from_result"]:
                 print(
                     f"  {kind}: streamed text differs from the result for jobs "
