@@ -70,6 +70,9 @@ class Submission:
     futures: list[Future[Any]]
     #: time.monotonic() when the job's first forward pass began (admitted), else None
     started_at: float | None = None
+    #: the job's task waits this much past its time limit: the engine enforces the limit
+    #: itself and completes the futures (continuous batching), the wait is a backstop
+    grace_s: float = 0.0
 
 
 @dataclass

@@ -45,9 +45,8 @@ import redis
 
 from pipeq import _app
 from pipeq._ledger import stream_key
-from pipeq.errors import JobCancelled, JobFailed
+from pipeq.errors import JobCancelled, JobFailed, JobTimeout
 from pipeq.worker.batcher import Batcher, BatchStats, HandBack, Quarantine, Submission, _resolve
-from pipeq.worker.handlers import TimeLimitExceeded
 
 __all__ = [
     "CONTINUOUS_PARAMS",
@@ -85,6 +84,8 @@ _HONOURED = frozenset(
         "use_cache",
     }
 )
+#: how much longer than `job_timeout_s` a job's task waits for the driver to stop it
+STOP_GRACE_S = 5.0
 #: entries kept per stream (about one per generated token per item): a stream past it
 #: loses its oldest pieces, a late reader then sees `StreamTruncated`
 STREAM_MAXLEN = 100_000
@@ -269,7 +270,9 @@ class ContinuousBatcher:
         effective = self.takes(items, params)
         if effective is None:
             return self.fallback.submit(job_id, items, params)
-        job = Submission(job_id, [])
+        # the driver stops a job at its time limit, after its last piece; the task's own
+        # wait, a backstop, comes later so that its stream's `end` is the last entry
+        job = Submission(job_id, [], grace_s=STOP_GRACE_S)
         requests = []
         for n, prompt in enumerate(items):
             ids = self.tokenizer(prompt)["input_ids"]
@@ -461,7 +464,7 @@ class ContinuousBatcher:
             if r.job.job_id in cancelled:
                 error: BaseException = JobCancelled("the job was cancelled")
             elif late:
-                error = TimeLimitExceeded(
+                error = JobTimeout(
                     f"generation stopped at job_timeout_s={limit} of its forward pass"
                 )
             else:

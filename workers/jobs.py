@@ -182,7 +182,7 @@ def wait_for(job: Submission, timeout_s: float) -> list[Any]:
     futures = job.futures
     while True:
         started = job.started_at
-        deadline = None if started is None else started + timeout_s
+        deadline = None if started is None else started + timeout_s + job.grace_s
         left = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
         _, pending = wait(futures, timeout=left)
         if not pending:
