@@ -321,15 +321,9 @@ class TextStream(Iterator[str]):
                     break
                 elif int(fields[b"i"]) == self.item:
                     attempt += fields[b"t"].decode()
-                    if not (attempt.startswith(yielded) or yielded.startswith(attempt)):
-                        raise StreamRestarted(
-                            "the job restarted on another worker and made other text; "
-                            "job.stream() again reads the new attempt",
-                            job_id=self.job.id,
-                            deployment=self.job.deployment,
-                        )
-                    if len(attempt) > len(yielded):
-                        piece, yielded = attempt[len(yielded) :], attempt
+                    piece = self._beyond(yielded, attempt, final=False)
+                    if piece:
+                        yielded += piece
                         yield piece
             if last is None:
                 last = "0-0"
@@ -350,15 +344,22 @@ class TextStream(Iterator[str]):
         text = _text_of(self.job.result(timeout=left), self.item)  # raises the job's error
         # the dynamic batcher ran it (or ran it again, a suspect, after its worker died):
         # the rest comes at once
-        if not text.startswith(yielded):
+        piece = self._beyond(yielded, text, final=True)
+        if piece:
+            yield piece
+
+    def _beyond(self, yielded: str, text: str, *, final: bool) -> str:
+        """What `text` (the attempt so far, or the final text) adds to what was yielded;
+        StreamRestarted if it does not go on from it (an attempt so far may still be
+        shorter than what an earlier attempt streamed)."""
+        if not (text.startswith(yielded) or (not final and yielded.startswith(text))):
             raise StreamRestarted(
                 "the job restarted on another worker and made other text; "
-                "job.result() has the new attempt's",
+                "job.stream() again reads the new attempt",
                 job_id=self.job.id,
                 deployment=self.job.deployment,
             )
-        if len(text) > len(yielded):
-            yield text[len(yielded) :]
+        return text[len(yielded) :]
 
 
 class Client:
