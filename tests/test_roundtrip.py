@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from celery.worker.consumer.connection import Connection as CeleryConnection
 
 from pipeq import Client, InvalidRequest, JobFailed, JobState, pipeline
 from pipeq._app import RUN_TASK
@@ -216,20 +217,28 @@ def test_every_job_reaches_flower_as_received_started_then_succeeded_or_failed(
     assert shown.startswith(repr({"inputs": ["You clever monster!"] * 60})[:1021])
 
 
-def test_a_stopping_worker_sends_the_flower_events_it_still_holds(
-    redis_url: str, deployments: dict[str, Any], tmp_path: Path
-) -> None:
-    """Events wait a moment in the worker before they go out; stopped at once after its
-    last job, a worker still sends them all."""
-    d = dataclasses.replace(deployments["sentiment-analysis"], name="sentiment-stopping")
+def own_sentiment_stack(
+    name: str, redis_url: str, deployments: dict[str, Any], tmp_path: Path
+) -> tuple[Any, Stack]:
+    """A stack (started) of one worker of its own, the sentiment model under `name`."""
+    d = dataclasses.replace(deployments["sentiment-analysis"], name=name)
     stack = Stack(
         {d.name: d},
-        str(write_config({d.name: d}, tmp_path / "stopping.toml")),
+        str(write_config({d.name: d}, tmp_path / f"{name}.toml")),
         redis_url=redis_url,
         flower_port=None,
         exporter_port=None,
     )
     stack.start()
+    return d, stack
+
+
+def test_a_stopping_worker_sends_the_flower_events_it_still_holds(
+    redis_url: str, deployments: dict[str, Any], tmp_path: Path
+) -> None:
+    """Events wait a moment in the worker before they go out; stopped at once after its
+    last job, a worker still sends them all."""
+    d, stack = own_sentiment_stack("sentiment-stopping", redis_url, deployments, tmp_path)
     try:
         assert stack.wait_ready(timeout_s=120) == {d.name: "ready"}
         with Client(redis_url) as client, flower_view(client) as (events, until):
@@ -248,17 +257,9 @@ def test_a_worker_answers_flowers_stats_inspection_without_its_transport_options
 ) -> None:
     """Flower's worker page asks `inspect stats`; the reply failed (a hook in the
     transport options is not JSON), and would carry a Sentinel password once it did not.
-    A worker of its own: in two CI runs the session's sentiment worker, late in the suite,
-    answered no broadcast for 60 s (cause not found; alone, the same test passes)."""
-    d = dataclasses.replace(deployments["sentiment-analysis"], name="sentiment-inspected")
-    stack = Stack(
-        {d.name: d},
-        str(write_config({d.name: d}, tmp_path / "inspected.toml")),
-        redis_url=redis_url,
-        flower_port=None,
-        exporter_port=None,
-    )
-    stack.start()
+    A worker of its own (`test_the_worker_consumer_runs_celerys_connection_step_once`
+    has why the reply failed in one worker in three or four)."""
+    d, stack = own_sentiment_stack("sentiment-inspected", redis_url, deployments, tmp_path)
     try:
         assert stack.wait_ready(timeout_s=120) == {d.name: "ready"}
         with Client(redis_url) as client:
@@ -279,3 +280,15 @@ def test_a_worker_answers_flowers_stats_inspection_without_its_transport_options
     assert stats["broker"]["transport"]  # the broker part is there,
     assert "transport_options" not in stats["broker"]  # without hooks or secrets
     assert "pool" in stats and "total" in stats
+
+
+def test_the_worker_consumer_runs_celerys_connection_step_once() -> None:
+    """pipeq's subclass of the Connection step ran beside Celery's own (other steps
+    require it by name), in an order that varied per process: when Celery's came last,
+    `inspect stats` carried the worker's hooks and the reply failed."""
+    from pipeq.worker.main import Consumer
+
+    blueprint = Consumer.Blueprint()
+    steps = blueprint.steps = blueprint.claim_steps()
+    order = blueprint._finalize_steps(steps)
+    assert [s for s in order if issubclass(s, CeleryConnection)] == [CeleryConnection]

@@ -22,7 +22,6 @@ from typing import Any
 import redis
 from celery import signals
 from celery.worker.consumer import Consumer as CeleryConsumer
-from celery.worker.consumer.connection import Connection as CeleryConnectionStep
 
 from pipeq import _app
 from pipeq._config import Deployment
@@ -66,18 +65,6 @@ def pin_device(deployment: Deployment, gpu: int | None) -> Deployment:
     return deployment
 
 
-class ConnectionStep(CeleryConnectionStep):  # type: ignore[misc]
-    """Celery's connection step, whose `inspect stats` reply (Flower's worker page) leaves
-    out the transport options: they hold the worker's hooks (not JSON: the reply failed)
-    and, on Sentinel, the sentinels' password (Celery drops only the broker's)."""
-
-    def info(self, c: Any) -> dict[str, Any]:
-        info: dict[str, Any] = super().info(c)
-        if isinstance(info.get("broker"), dict):
-            info["broker"].pop("transport_options", None)
-        return info
-
-
 class Consumer(CeleryConsumer):  # type: ignore[misc]
     """Celery's consumer, publishing buffered task events a moment later, not at once.
 
@@ -89,10 +76,18 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
     """
 
     class Blueprint(CeleryConsumer.Blueprint):  # type: ignore[misc]
-        default_steps = tuple(
-            f"{__name__}:ConnectionStep" if s.endswith("connection:Connection") else s
-            for s in CeleryConsumer.Blueprint.default_steps
-        )
+        def info(self, parent: Any) -> dict[str, Any]:
+            """Every step's part of the `inspect stats` reply (Flower's worker page),
+            without the broker's transport options: they hold the worker's hooks (not
+            JSON: the reply failed) and, on Sentinel, the sentinels' password (Celery
+            drops only the broker's). Taken out after the steps merged their parts: a
+            subclass of the Connection step ran beside Celery's own (other steps require
+            it by name), in an order that varied per process, and when Celery's came last
+            the hooks went out and the reply failed (a worker in three or four)."""
+            info: dict[str, Any] = super().info(parent)
+            if isinstance(info.get("broker"), dict):
+                info["broker"].pop("transport_options", None)
+            return info
 
     _flush_due = False
     #: where the worker's own task events (started, revoked) find this consumer
