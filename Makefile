@@ -27,8 +27,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/pipeq demo
 
+# the suite in TEST_PROCESSES processes, each with its own redis-server and ports; the
+# tests on the shared ten-worker stack keep to one of them (tests/conftest.py)
+TEST_PROCESSES ?= 3
 test: $(STAMP) lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadgroup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check client workers tests bench

@@ -123,3 +123,13 @@ def paused(client: Client, deployment: str) -> Iterator[None]:
         yield
     finally:
         client.app.control.add_consumer(queue, destination=workers, reply=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`--dist loadgroup`), every test on the session's shared stack
+    runs in one test process, so the ten-worker stack starts once per run (about 30 s
+    of both cores) rather than once per process; the tests that start a cluster of their
+    own spread over the other processes."""
+    for item in items:
+        if "stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("stack"))

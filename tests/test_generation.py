@@ -127,7 +127,7 @@ def test_cancel_stops_a_running_generation_within_a_step_and_the_next_job_runs(
     assert pieces[-1:] and entries(client, job.id)[-1] == {"end": "cancelled"}
     assert "".join(so_far) == "".join(e["t"] for e in pieces)
     assert len(pieces) - at_cancel <= 2, (len(pieces), at_cancel)
-    assert len(pieces) < 100  # far from 900: it stopped
+    assert len(pieces) < 900  # it stopped (at most a step after the cancel, above)
     after = client.submit(GEN, "And then", max_new_tokens=5, do_sample=False)
     assert after.result(timeout=30)[0]["generated_text"].startswith("And then")
 
