@@ -8,6 +8,7 @@ test prints what it measured (recovery time, attempts, runs) for the record.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import threading
@@ -265,6 +266,10 @@ def test_sigterm_hands_unstarted_jobs_back_at_once_and_submits_wait_for_the_next
         f"SIGTERM; the {started} started finished; exit {exited}"
     )
     assert exited == 0
+    # one line says it, not a warning and a traceback per job handed back
+    log = (cluster.tmp / "worker-0.log").read_text(errors="replace")
+    assert len(re.findall(r"stopping: handed \d+ waiting item", log)) == 1, log[-3000:]
+    assert "Traceback" not in log and "reject requeue" not in log, log[-3000:]
 
 
 def test_a_job_delivered_again_after_it_succeeded_is_dropped_before_compute(
