@@ -187,7 +187,7 @@ def route_revokes_through_cancel() -> None:
         return
 
     class Revoke(ControlHandler):  # type: ignore[misc]
-        @web.authenticated  # type: ignore[untyped-decorator]
+        @web.authenticated
         async def post(self, taskid: str) -> None:
             if self.application.options.read_only:
                 raise web.HTTPError(403, "Read only mode is enabled")

@@ -224,7 +224,7 @@ class RedisTarget:
             socket = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
             # redis-py retries each sentinel 3 times, a second and more apart: pipeq's
             # callers retry for their own bounded time (Client.broker_timeout_s)
-            once = Retry(NoBackoff(), 0)  # type: ignore[no-untyped-call]
+            once = Retry(NoBackoff(), 0)
             manager = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
                 list(self.hosts), sentinel_kwargs=self.sentinel_kwargs(**socket, retry=once)
             )

@@ -135,7 +135,7 @@ class Registry:
     def supervised(self, name: str, record: dict[str, Any]) -> None:
         """Record how a supervisor restarted (or gave up on) the deployment's worker,
         stamped with Redis' clock (`at`, unix seconds)."""
-        seconds, _ = self.redis.time()  # type: ignore[misc]
+        seconds, _ = self.redis.time()
         self.redis.hset(_SUPERVISED, name, json.dumps({**record, "at": int(seconds)}))
 
     def supervised_over(self, names: list[str]) -> None:

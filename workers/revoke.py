@@ -62,4 +62,5 @@ def revoke(
             said[job_id] = _SAID.get(outcome, f"not revoked: it has {outcome}")
     log.info("revoke: %s", "; ".join(f"{i}: {w}" for i, w in said.items()))
     reply = ", ".join(f"{i}: {w}" for i, w in said.items())
-    return ok(reply) if all(w == "revoked" for w in said.values()) else nok(reply)
+    done = all(w == "revoked" for w in said.values())
+    return dict(ok(reply) if done else nok(reply))
