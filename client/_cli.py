@@ -169,8 +169,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     start (a port taken, Flower exposed without a password, Redis not answering)."""
     import redis
 
-    from pipeq._client import masked
     from pipeq._config import load_deployments
+    from pipeq._redis import masked, scrub
     from pipeq._stack import FLOWER_AUTH_ENV, MAX_RESTARTS, FlowerUnprotected, Stack
 
     if _missing_worker_extra("up"):
@@ -230,7 +230,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"pipeq up: {e}", file=sys.stderr)
         return 2
     except redis.RedisError as e:
-        print(f"pipeq up: Redis at {masked(stack.url)} does not answer: {e}", file=sys.stderr)
+        why = scrub(str(e), stack.url)  # a server may echo what it was sent
+        print(f"pipeq up: Redis at {masked(stack.url)} does not answer: {why}", file=sys.stderr)
         return 2
     finally:
         with contextlib.suppress(OSError):  # stdout closed (`pipeq up | head`): stop anyway

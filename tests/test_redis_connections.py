@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,7 +40,8 @@ pytestmark = pytest.mark.timeout(120)
 
 PW = "Pw-0f-redis-7c1e"  # distinctive: grepped for in logs, pages and command lines
 SENTINEL_PW = "Sentinel-pw-93ab"
-ACL_PW = "Acl-pw-5d2f"
+#: every character a URL reserves, between pieces none of which may show anywhere
+ACL_PW = "Acl-pw;5d2f#Qz7k@Vk3q/xJ9w?zW8j&Kq5x:Wj4z%"
 #: what the ACL test grants pipeq's user (docs/redis.md): everything but the dangerous
 #: commands, save INFO, which the heartbeat's script reads Redis' uptime with
 ACL_RULE = ("pipeq", "on", f">{ACL_PW}", "~*", "&*", "+@all", "-@dangerous", "+info")
@@ -65,7 +67,8 @@ def _cmdlines() -> str:
 
 
 def _secrets_nowhere(*texts: str) -> None:
-    for secret in (PW, SENTINEL_PW, ACL_PW):
+    pieces = [p for p in re.split(r"[@:/;?&#%]", ACL_PW) if len(p) >= 4]
+    for secret in (PW, SENTINEL_PW, ACL_PW, quote(ACL_PW, safe=""), *pieces):
         for text in texts:
             assert secret not in text, f"a password shows: ...{text[:300]}"
 
@@ -179,7 +182,7 @@ def test_password_and_acl_user_everywhere(tmp_path: Path, sentiment: Deployment)
         extra=("--requirepass", PW, "--user", *ACL_RULE),
         client=redis.Redis(port=port, password=PW, socket_connect_timeout=0.2),
     )
-    acl_url = f"redis://pipeq:{ACL_PW}@127.0.0.1:{port}/0"
+    acl_url = f"redis://pipeq:{quote(ACL_PW, safe='')}@127.0.0.1:{port}/0"
     pw_url = f"redis://:{PW}@127.0.0.1:{port}/0"
     worker = Worker(tmp_path, sentiment, acl_url)
     try:
