@@ -249,6 +249,15 @@ def _port(parts: Any, default: int, hint: str) -> int:
     return int(port) if port is not None else default
 
 
+def _split(url: str, hint: str) -> Any:
+    """urlsplit, whose errors quote the URL's pieces (a bracketed host that is no IPv6
+    address: maybe a password's '[')."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        raise ValueError(f"not a URL pipeq can read{hint}") from None
+
+
 def _misread(parts: Any) -> bool:
     """Whether a URL's part reads as no Redis URL is written: an '@' after the host, or
     an option that is not key=value. That is what a password with an unencoded '/', '?'
@@ -264,6 +273,14 @@ def _misread(parts: Any) -> bool:
     return False
 
 
+def _not_options(keys: Any, where: str, secret_option: bool) -> str:
+    """The message for options `where` does not take, naming them unless a password is
+    among the options: its unencoded '&' or '=' would make a piece of it one."""
+    if secret_option:
+        return f"options that are not options of {where}; {_ENCODE}"
+    return f"{', '.join(keys)}: not an option of {where}"
+
+
 def parse(url: str) -> RedisTarget:
     """The URL taken apart; ValueError when it cannot be used, whose message never
     quotes a part of the URL that could hold a password."""
@@ -275,7 +292,7 @@ def parse(url: str) -> RedisTarget:
     if "#" in url:
         raise ValueError(f"a Redis URL has no '#' part{hint or '; percent-encode it: %23'}")
     if scheme == "unix":
-        if _misread(urlsplit(url)):
+        if _misread(_split(url, hint)):
             raise ValueError(f"not a unix://[[user]:password@]/path?db=N URL{hint}")
         return RedisTarget(url=url, scheme=scheme)
     chunks = url.split(";")
@@ -285,8 +302,9 @@ def parse(url: str) -> RedisTarget:
     username = password = None
     db: int | None = None
     query: dict[str, str] = {}
+    named: list[str] = []  # every option's name, a blank one's too
     for chunk in chunks:
-        parts = urlsplit(chunk.strip())
+        parts = _split(chunk.strip(), hint)
         if parts.scheme.lower() != scheme:
             raise ValueError(f"every host of the URL must be {scheme}://{hint}")
         if _misread(parts):
@@ -306,8 +324,11 @@ def parse(url: str) -> RedisTarget:
             try:
                 db = int(path)
             except ValueError:
-                raise ValueError(f"the database must be a number, not {path!r}") from None
+                # (not quoted: a password's unencoded '/' or ';' may have made it)
+                raise ValueError(f"the database (the URL's path) must be a number{hint}") from None
         query.update(dict(parse_qsl(parts.query)))
+        named += [k for k, _ in parse_qsl(parts.query, keep_blank_values=True)]
+    secret_option = any("password" in k.lower() for k in named)
     if "db" in query and db is None:
         if not query["db"].isdigit():
             raise ValueError("the database (db=) must be a number")
@@ -325,12 +346,12 @@ def parse(url: str) -> RedisTarget:
         if not extra.get("master_name"):
             raise ValueError("a sentinel:// URL needs ?master_name=<the master's name>")
         if query:
-            raise ValueError(f"{', '.join(query)}: not an option of a sentinel:// URL")
+            raise ValueError(_not_options(query, "a sentinel:// URL", secret_option))
     elif extra:
         raise ValueError(f"{', '.join(extra)}: for sentinel:// URLs only")
     unknown = sorted(set(query) - _OPTIONS)
     if unknown:
-        raise ValueError(f"{', '.join(unknown)}: not an option of a Redis URL")
+        raise ValueError(_not_options(unknown, "a Redis URL", secret_option))
     return RedisTarget(
         url=url,
         scheme=scheme,

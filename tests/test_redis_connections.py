@@ -481,20 +481,48 @@ passwords = st.lists(
 ).filter(lambda parts: any(p in TOKENS for p in parts))
 
 
-def _urls(password: str, port: int) -> list[str]:
+def _urls(password: str, port: int, user: str = "", host: str = "127.0.0.1") -> list[str]:
     """The URL forms a password goes into, as a user writes it (unencoded) and as the
     docs ask (percent-encoded)."""
     out = []
     for pw in (password, quote(password, safe="")):
         out += [
-            f"redis://:{pw}@127.0.0.1:{port}/0",
-            f"redis://pipeq:{pw}@127.0.0.1:{port}/0",
-            f"rediss://:{pw}@127.0.0.1:{port}/0?ssl_cert_reqs=none",
-            f"sentinel://:{pw}@127.0.0.1:{port};sentinel://127.0.0.1:{port}/0"
-            f"?master_name=m&sentinel_password={pw}",
-            f"unix://:{pw}@/nonexistent/redis.sock?db=0",
+            f"redis://{user}:{pw}@{host}:{port}/0",
+            f"rediss://{user}:{pw}@{host}:{port}/0?ssl_cert_reqs=none",
+            f"sentinel://{user}:{pw}@{host}:{port};sentinel://{user}:{pw}@{host}:{port}"
+            f";sentinel://{host}:{port}/0?master_name=m&sentinel_password={pw}",
+            f"sentinel://:{pw}@{host}:{port};sentinel://{host}:{port}/0"
+            f"?sentinel_password={pw}&master_name=m",
+            f"unix://{user}:{pw}@/nonexistent/redis.sock?db=0",
+            f"unix:///nonexistent/redis.sock?db=0&password={pw}",
         ]
     return out
+
+
+def _shown(password: str, message: str) -> list[str]:
+    return [t for t in TOKENS if t in password and t in message]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    parts=passwords,
+    user=st.sampled_from(["", "pipeq"]),
+    host=st.sampled_from(["127.0.0.1", "redis.example", "[::1]"]),
+)
+def test_no_part_of_a_password_shows_in_a_masked_url_or_a_url_error(
+    parts: list[str], user: str, host: str
+) -> None:
+    """`masked()` and `parse()`'s errors, over many passwords: a bracket, a ';' or a '/'
+    in a password made urllib or parse quote a piece of it."""
+    password = "".join(parts)
+    for url in _urls(password, 6379, user, host):
+        said = [masked(url)]
+        try:
+            parse(url)
+        except ValueError as e:
+            said.append(str(e))
+        for message in said:
+            assert not _shown(password, message), f"{url!r} -> {message!r}"
 
 
 def _messages(url: str) -> list[str]:
@@ -502,7 +530,6 @@ def _messages(url: str) -> list[str]:
     (InvalidRequest at once; BrokerUnavailable for an unreachable Redis), a worker's
     one-line exit (`_redis_failed`, `run_worker`'s first ping)."""
     from pipeq import _app
-    from pipeq._redis import parse
     from pipeq.worker.main import _redis_failed
 
     said = [masked(url)]
@@ -535,10 +562,9 @@ def test_no_part_of_a_password_shows_in_any_message(parts: list[str]) -> None:
     passwords of URL-special characters, unencoded and encoded, in every URL form;
     nothing listens on the port (BrokerUnavailable, a worker's exit line)."""
     password = "".join(parts)
-    for url in _urls(password, CLOSED_PORT):
+    for url in _urls(password, CLOSED_PORT, "pipeq"):
         for message in _messages(url):
-            shown = [t for t in TOKENS if t in password and t in message]
-            assert not shown, f"{url!r} -> {message!r}"
+            assert not _shown(password, message), f"{url!r} -> {message!r}"
 
 
 # -- every entry point meets an unusable Redis with a typed error ------------------------
