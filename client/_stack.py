@@ -398,7 +398,8 @@ class Stack:
         if self._registry is None:
             from pipeq._app import redis_client
 
-            self._registry = Registry(redis_client(self.url))
+            # a Redis that hangs must not hang the supervision loop
+            self._registry = Registry(redis_client(self.url, socket_timeout=5))
         return self._registry
 
     def _serves(self, name: str, proc: subprocess.Popen[bytes]) -> bool:
