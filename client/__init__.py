@@ -25,6 +25,7 @@ from pipeq.errors import (
     PipeqError,
     StreamRestarted,
     UnknownDeployment,
+    UnknownJob,
 )
 
 __version__ = "0.1.0"
@@ -51,6 +52,7 @@ __all__ = [
     "PipeqError",
     "RemotePipeline",
     "UnknownDeployment",
+    "UnknownJob",
     "load_deployments",
     "pipeline",
 ]

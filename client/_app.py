@@ -16,11 +16,11 @@ from typing import Any
 
 from celery import Celery, states
 from celery.backends.redis import RedisBackend, SentinelBackend
-from celery.exceptions import BackendStoreError
+from celery.exceptions import BackendStoreError, TaskRevokedError
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
-from pipeq._ledger import Ledger, queue_for
+from pipeq._ledger import Ledger, meta_json, queue_for
 from pipeq._redis import RedisTarget, parse
 from pipeq.errors import Overloaded
 
@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_REDIS_URL",
     "RESULT_TTL_S",
     "RUN_TASK",
+    "cancel_job",
     "make_app",
     "queue_for",
     "redis_client",
@@ -83,6 +84,21 @@ def outcome_of(state: str, result: Any) -> str:
         kind = result.get("exc_type") if isinstance(result, dict) else type(result).__name__
         return {"JobLost": "lost", "JobExpired": "expired"}.get(str(kind), "failed")
     return ""
+
+
+def cancel_job(app: Celery, job_id: str, why: str, ledger: Ledger | None = None) -> str:
+    """Cancel a job the one way pipeq does (`_ledger` cancel), for `Job.cancel()`, a
+    Celery revoke a worker receives and Flower's revoke: a job not started never runs,
+    a continuous-batching generation stops at its next step; stored REVOKED with `why`.
+    Returns 'cancelled', 'running' (its forward pass cannot be stopped), 'finished' or
+    'unknown'. `ledger`: on the caller's own client (default: the result backend's)."""
+    revoked = meta_json(
+        job_id,
+        states.REVOKED,
+        app.backend.prepare_exception(TaskRevokedError(why)),
+        done=True,
+    )
+    return (ledger or app.backend.ledger).cancel(job_id, revoked, RESULT_TTL_S)
 
 
 class _ResultConsumer(RedisBackend.ResultConsumer):  # type: ignore[misc]

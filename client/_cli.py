@@ -169,9 +169,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     start (a port taken, Flower exposed without a password, Redis not answering)."""
     import redis
 
-    from pipeq._client import masked
     from pipeq._config import load_deployments
-    from pipeq._stack import FLOWER_AUTH_ENV, FlowerUnprotected, Stack
+    from pipeq._redis import masked, scrub
+    from pipeq._stack import FLOWER_AUTH_ENV, MAX_RESTARTS, FlowerUnprotected, Stack
 
     if _missing_worker_extra("up"):
         return 2
@@ -191,12 +191,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         flower_address=args.flower_address,
         flower_auth=os.environ.get(FLOWER_AUTH_ENV) or None,
         exporter_port=None if args.no_exporter else args.exporter_port,
+        max_restarts=args.max_restarts or MAX_RESTARTS,
     )
-    try:
-        stack.check()  # before anything starts: nothing to stop
-    except FlowerUnprotected as e:
-        print(f"pipeq up: {e}", file=sys.stderr)
-        return 2
     try:
         stack.check()  # before anything starts: nothing to stop
     except FlowerUnprotected as e:
@@ -218,17 +214,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not _serving(stack, args, stopping):
             return 0 if stopping.is_set() else 1
         print("pipeq is up; Ctrl-C stops it", flush=True)
-        reported = {n for n in stack.failed() if n in stack.workers}  # said by _serving
-        while not stopping.wait(1.0):
-            for name, code in stack.failed().items():
-                if name not in reported:
+        told = {n for n in stack.failed() if n in stack.workers}  # said by _serving
+        reported = set(told)
+        while True:
+            for line in stack.supervise(told):  # restarts the workers that exited
+                print(line, flush=True)
+            told = set()
+            for name, code in stack.failed().items():  # Flower, the exporter
+                if name not in reported and name not in stack.workers:
                     reported.add(name)
                     print(f"{name} exited ({code}): {stack.log_tail(name)}", flush=True)
+            if stopping.wait(1.0):
+                break
     except RuntimeError as e:  # a port taken, no redis-server
         print(f"pipeq up: {e}", file=sys.stderr)
         return 2
     except redis.RedisError as e:
-        print(f"pipeq up: Redis at {masked(stack.url)} does not answer: {e}", file=sys.stderr)
+        why = scrub(str(e), stack.url)  # a server may echo what it was sent
+        print(f"pipeq up: Redis at {masked(stack.url)} does not answer: {why}", file=sys.stderr)
         return 2
     finally:
         with contextlib.suppress(OSError):  # stdout closed (`pipeq up | head`): stop anyway
@@ -326,14 +329,19 @@ def _status_once(client: Any, args: argparse.Namespace, declared: dict[str, Any]
 
 def cmd_exporter(args: argparse.Namespace) -> int:
     from pipeq import _app, _status
+    from pipeq._redis import masked
 
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
+    url = _app.redis_url(args.redis_url)
     try:
-        server, _ = _status.serve_exporter(_app.redis_url(args.redis_url), args.port, args.address)
+        server, _ = _status.serve_exporter(url, args.port, args.address)
     except OSError as e:
         print(f"pipeq exporter: cannot listen on {args.address}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # not a Redis URL of `_redis`'s forms
+        print(f"pipeq exporter: invalid Redis URL {masked(url)}: {e}", file=sys.stderr)
         return 2
     host = f"[{args.address}]" if ":" in args.address else args.address  # IPv6
     print(f"metrics: http://{host}:{args.port}/metrics", flush=True)
@@ -475,6 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.add_argument("--no-exporter", action="store_true")
     u.add_argument("--ready-timeout", type=float, default=300.0)
+    u.add_argument(
+        "--max-restarts",
+        type=_count,
+        help="a worker that exits on its own is restarted (after 1, 2, 4 ... s); after this "
+        "many restarts in a row, each within a minute of its start, pipeq up gives up on "
+        "it (default 5). Exit 2 and 3 (config, model) are not restarted",
+    )
 
     for name, func, help in (
         ("run", cmd_run, "submit one request, wait, print the result as JSON"),

@@ -20,8 +20,8 @@ from kombu.exceptions import OperationalError
 from tqdm import tqdm
 
 from pipeq import _app, _tasks
-from pipeq._ledger import Depth, Ledger, meta_json, stream_key
-from pipeq._redis import masked
+from pipeq._ledger import Depth, Ledger, stream_key
+from pipeq._redis import masked, scrub
 from pipeq._registry import NO_WORKER_GRACE_S, Announced, Registry
 from pipeq.errors import (
     BrokerUnavailable,
@@ -34,6 +34,7 @@ from pipeq.errors import (
     Overloaded,
     PipeqError,
     StreamRestarted,
+    UnknownJob,
     from_wire,
 )
 
@@ -57,6 +58,23 @@ MAX_CONNECTIONS = 10_000
 #: `Job.result` reads the stored result at least this often while it waits
 RESULT_RECHECK_S = 1.0
 _BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, OperationalError, OSError)
+
+
+def _cause(e: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """`e`, or the exception it was raised from (kombu and Celery wrap redis-py's), if
+    it is a `kind`."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, kind):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def _said(e: BaseException, url: str) -> str:
+    """An error's type and message on one line, without any password of `url` (a
+    server may echo what it was sent)."""
+    return scrub(" ".join(f"{type(e).__name__}: {e}".split()), url)
 
 
 def drop_result_channels(app: Any) -> None:
@@ -108,7 +126,8 @@ def _expires(expires: float | datetime.datetime | None) -> float | datetime.date
 
 class JobState(enum.StrEnum):
     """Where a job is: QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED | EXPIRED;
-    UNKNOWN for an id pipeq never accepted (or whose record expired with its result)."""
+    UNKNOWN for an id pipeq never accepted, whose record expired with its result (after
+    `RESULT_TTL_S`), or that was forgotten (`Job.forget()`)."""
 
     QUEUED = "queued"
     RUNNING = "running"
@@ -163,6 +182,7 @@ class Job:
         self.deployment = deployment
         self._client = client
         self._async: AsyncResult = client.app.AsyncResult(job_id)
+        self._forgotten = False
 
     def __repr__(self) -> str:
         return f"<Job {self.id} deployment={self.deployment}>"
@@ -187,6 +207,7 @@ class Job:
         subscribes (1 to 3 jobs in 128 streamed at once, `pipeq bench` on text-generation),
         so the wait goes in slices of at most `RESULT_RECHECK_S` and reads the stored
         result between them."""
+        self._check_forgotten(ask=False)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -195,8 +216,11 @@ class Job:
                 self._client.call(self._async.get, timeout=step, propagate=False, interval=0.05)
                 break
             except CeleryTimeout:
-                if self._client.call(lambda: self._async.state) in states.READY_STATES:
+                state = self._client.call(lambda: self._async.state)
+                if state in states.READY_STATES:
                     break  # stored, its message missed
+                if state == states.PENDING:
+                    self._check_forgotten()
                 if left is not None and left <= step:
                     raise JobTimeout(
                         f"no result within {timeout} s (the job goes on; ask again later)",
@@ -222,7 +246,7 @@ class Job:
         before it stopped. If the job's worker died, the job runs again and the stream
         goes on where it was (`.restarts` counts it); StreamRestarted if the new attempt
         makes different text. InvalidRequest for a deployment that does not generate."""
-        announced = self._client.registry.deployments().get(self.deployment or "")
+        announced = self._client.deployments().get(self.deployment) if self.deployment else None
         if announced is not None and _tasks.canonical_task(announced.task) != "text-generation":
             raise InvalidRequest(
                 f"{announced.name} serves {announced.task}: only text-generation streams",
@@ -231,6 +255,7 @@ class Job:
             )
         if isinstance(item, bool) or not isinstance(item, int) or item < 0:
             raise InvalidRequest(f"stream(item=) takes a prompt's index, got {item!r}")
+        self._check_forgotten(ask=False)
         return TextStream(self, item, timeout)
 
     def cancel(self) -> bool:
@@ -240,20 +265,39 @@ class Job:
         if it could not be cancelled: another kind of job whose forward pass has begun
         (it will finish), a finished job, or one pipeq never accepted (`status()` tells
         which)."""
-        revoked = meta_json(
+        outcome = self._client.call(
+            _app.cancel_job,
+            self._client.app,
             self.id,
-            states.REVOKED,
-            self._client.app.backend.prepare_exception(
-                TaskRevokedError("cancelled by the producer")
-            ),
-            done=True,
+            "cancelled by the producer",
+            self._client.ledger,
         )
-        outcome = self._client.call(self._client.ledger.cancel, self.id, revoked, _app.RESULT_TTL_S)
         return outcome == "cancelled"
 
-    def forget(self) -> None:
-        """Delete the stored result now rather than when it expires."""
-        self._client.call(self._async.forget)
+    def forget(self) -> bool:
+        """Delete a finished job's result, record and stream now rather than when they
+        expire (`RESULT_TTL_S`). Afterwards, from any handle, `status()` is UNKNOWN and
+        `result()` and `stream()` raise UnknownJob at once; a copy of its message still in
+        Redis (a retried send) is dropped before compute. True if it was forgotten; False
+        for a job not finished (nothing is done: it would store its result later; cancel
+        it first, or forget it once it is done) or unknown."""
+        outcome = self._client.call(self._client.ledger.forget, self.id, _app.RESULT_TTL_S)
+        if outcome == "forgotten":
+            self._forgotten = True
+            self._async = self._client.app.AsyncResult(self.id)  # Celery's cached result
+        return outcome == "forgotten"
+
+    def _check_forgotten(self, *, ask: bool = True) -> None:
+        """UnknownJob if the job was forgotten: by this handle, or (`ask`, one Redis round
+        trip) by any."""
+        if not self._forgotten and ask:
+            self._forgotten = self._client.call(self._client.ledger.forgotten, self.id)
+        if self._forgotten:
+            raise UnknownJob(
+                "the job was forgotten (Job.forget()): its result is gone",
+                job_id=self.id,
+                deployment=self.deployment,
+            )
 
 
 def _text_of(result: Any, item: int) -> str:
@@ -331,7 +375,10 @@ class TextStream(Iterator[str]):
                 continue
             if draining:  # the job was done before the last read: nothing more comes
                 break
-            draining = self.job.status().done  # over, with no end sent (never ran here)?
+            state = self.job.status()
+            if state is JobState.UNKNOWN:
+                self.job._check_forgotten()
+            draining = state.done  # over, with no end sent (never ran here)?
             if self._deadline is not None and time.monotonic() > self._deadline:
                 raise JobTimeout(
                     "the stream did not end within the timeout (the job goes on)",
@@ -412,7 +459,13 @@ class Client:
         while True:
             try:
                 return fn(*args, **kwargs)
-            except (*_BROKER_ERRORS, RuntimeError) as e:
+            except (*_BROKER_ERRORS, RuntimeError, redis.exceptions.InvalidResponse) as e:
+                garbled = _cause(e, redis.exceptions.InvalidResponse)
+                if garbled is not None:  # no Redis there: waiting will not make one
+                    raise BrokerUnavailable(
+                        f"the server at {masked(self.redis_url)} does not speak Redis "
+                        f"({_said(garbled, self.redis_url)}): is it Redis' host and port?"
+                    ) from None
                 # Celery's result consumer wraps a lost connection in a RuntimeError
                 if isinstance(e, RuntimeError) and not isinstance(e.__cause__, _BROKER_ERRORS):
                     raise
@@ -421,7 +474,7 @@ class Client:
                 if now >= deadline:
                     raise BrokerUnavailable(
                         f"Redis at {masked(self.redis_url)} did not answer for "
-                        f"{self.broker_timeout_s:g} s ({type(e).__name__}: {e})"
+                        f"{self.broker_timeout_s:g} s ({_said(e, self.redis_url)})"
                     ) from None
                 time.sleep(min(0.25, deadline - now))
 

@@ -17,6 +17,8 @@ What Flower needs beyond that:
   why, which `send-task` answers as its state (FAILURE) and `/api/task/result/<id>`
   shows. Flower turns an exception raised by a send into a bare 500, so a refusal is
   told through the job instead. A deployment's `max_queue_length` holds as for `submit`.
+- Revoke, Terminate and abort (`/api/task/revoke/<id>`, `/api/task/abort/<id>`) do what
+  `Job.cancel()` does, or answer 409/404 saying why not (`route_revokes_through_cancel`).
 - The deployments' queues are the app's `task_queues`, which Flower's Broker page and
   `/api/queues/length` list until Flower has inspected a worker (Flower inspects once, at
   its start, before `pipeq up`'s workers have loaded their models). The names come from
@@ -41,7 +43,7 @@ from pipeq._registry import Announced, Registry
 from pipeq._stack import FLOWER_DEPLOYMENTS_ENV, is_loopback
 from pipeq.errors import InvalidRequest, PipeqError, UnknownDeployment
 
-__all__ = ["FlowerApp", "app", "make_app"]
+__all__ = ["FlowerApp", "app", "make_app", "route_revokes_through_cancel"]
 
 
 class FlowerApp(Celery):  # type: ignore[misc]
@@ -160,6 +162,51 @@ def _never_here(*args: Any, **kwargs: Any) -> None:
     raise RuntimeError(f"{_app.RUN_TASK} runs on pipeq workers only")
 
 
+#: Flower's answer to a revoke pipeq could not do, by `_app.cancel_job`'s outcome
+_NOT_REVOKED = {
+    "running": (409, "its forward pass has begun and cannot be stopped; it will finish"),
+    "finished": (409, "it has finished"),
+    "unknown": (404, "pipeq never accepted this job (or its record expired)"),
+}
+
+
+def route_revokes_through_cancel() -> None:
+    """Flower's revoke (`/api/task/revoke/<id>`, with or without `?terminate=true`: its
+    Revoke and Terminate buttons) and abort (`/api/task/abort/<id>`) do what
+    `Job.cancel()` does: a job not started never runs, a continuous-batching generation
+    stops at its next step. Flower answered 200 "Revoked" to any of them and broadcast
+    Celery's revoke, whose terminate the workers' threads pool cannot do: the job ran on
+    to SUCCESS. A job that cannot be stopped is refused: 409 (running, finished) or 404
+    (unknown), with why. Flower builds its routes from `flower.urls.handlers` when it
+    starts, after importing this app, so the two routes are replaced there."""
+    try:
+        from flower import urls
+        from flower.api.control import ControlHandler
+        from tornado import web
+    except ImportError:  # not Flower's process (pipeq[stack] not installed)
+        return
+
+    class Revoke(ControlHandler):  # type: ignore[misc]
+        @web.authenticated
+        async def post(self, taskid: str) -> None:
+            if self.application.options.read_only:
+                raise web.HTTPError(403, "Read only mode is enabled")
+            outcome = await self.run_blocking(
+                "task.revoke", taskid, _app.cancel_job, self.capp, taskid, "revoked in Flower"
+            )
+            if outcome == "cancelled":
+                self.write({"message": f"Revoked '{taskid}'"})
+                return
+            status, why = _NOT_REVOKED.get(outcome, (409, outcome))
+            self.set_status(status)
+            self.write({"message": f"Not revoked '{taskid}': {why}"})
+
+    routes = ("/api/task/revoke/(.+)", "/api/task/abort/(.+)")
+    urls.handlers[:] = [
+        (h[0], Revoke) if isinstance(h, tuple) and h[0] in routes else h for h in urls.handlers
+    ]
+
+
 def guard_exposure(argv: list[str], env: MutableMapping[str, str]) -> None:
     """Flower shows every job's input and result on its pages, and its own default is
     every interface: without a password (FLOWER_BASIC_AUTH, or OAuth's FLOWER_AUTH) it
@@ -183,4 +230,5 @@ def guard_exposure(argv: list[str], env: MutableMapping[str, str]) -> None:
 
 
 guard_exposure(sys.argv, os.environ)
+route_revokes_through_cancel()
 app = make_app()

@@ -7,7 +7,7 @@
     pipeq:workers:<deployment>    zset    worker -> its last heartbeat
     pipeq:dead-after:<deployment> hash    worker -> the silence after which it counts as dead
     pipeq:job:<id>                string  the deployment of a job pipeq accepted
-    pipeq:cancel:<id>             string  the producer cancelled the job
+    pipeq:cancel:<id>             string  the job must not run: cancelled, or forgotten
     pipeq:stream:<id>             stream  a generation's text as it is made (`Job.stream`)
     pipeq:attempts:<id>           string  how many times the job's worker died while running it
     celery-task-meta-<id>         string  Celery's result record (status, result, ...), JSON
@@ -23,6 +23,7 @@ killed between two commands can neither lose a job nor hold it twice:
 - `cancel` (producer): a job that has not started, or a generation its worker marked
   stoppable (continuous batching stops it at its next step); any other started one
   says so;
+- `forget` (producer): a finished job's records go, and it may never run again;
 - `admit` (worker, before a forward pass): drop cancelled, expired and finished jobs,
   set redelivered suspects apart, mark the rest STARTED and running;
 - `store` (worker): a result is stored once; a finished job leaves waiting and running;
@@ -183,6 +184,23 @@ if deployment then
 end
 count_outcome(deployment, 'cancelled')
 return 'cancelled'
+"""
+)
+
+_FORGET = (
+    _CLOCK
+    + """
+-- KEYS: meta, job, cancel, stream, attempts ; ARGV: ttl
+local status = status_of(redis.call('GET', KEYS[1]))
+if not ready(status) then
+  if status or redis.call('EXISTS', KEYS[2]) == 1 then return 'unfinished' end
+  return 'unknown'
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[4], KEYS[5])
+-- a copy of its message left in Redis (a retried send, a dead worker's list) is dropped
+-- before compute, as a cancelled job's is: a forgotten job never comes back
+redis.call('SET', KEYS[3], 'forgotten', 'EX', ARGV[1])
+return 'forgotten'
 """
 )
 
@@ -401,6 +419,7 @@ class Ledger:
             for name, text in (
                 ("enqueue", _ENQUEUE),
                 ("cancel", _CANCEL),
+                ("forget", _FORGET),
                 ("store", _STORE),
                 ("admit", _ADMIT),
                 ("beat", _BEAT),
@@ -437,6 +456,27 @@ class Ledger:
         keys = [META_PREFIX + job_id, cancel_key(job_id), job_key(job_id)]
         out = self.script("cancel")(keys, [revoked_meta, ttl_s, job_id])
         return out.decode() if isinstance(out, bytes) else str(out)
+
+    def forget(self, job_id: str, ttl_s: int) -> str:
+        """'forgotten' (a finished job's result, record and stream are deleted; it never
+        runs again), 'unfinished' (nothing done) or 'unknown'."""
+        keys = [
+            META_PREFIX + job_id,
+            job_key(job_id),
+            cancel_key(job_id),
+            stream_key(job_id),
+            f"pipeq:attempts:{job_id}",
+        ]
+        out = self.script("forget")(keys, [ttl_s])
+        return out.decode() if isinstance(out, bytes) else str(out)
+
+    def forgotten(self, job_id: str) -> bool:
+        """The job was forgotten (`forget`): no result, no record, marked never to run."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(cancel_key(job_id))
+        pipe.exists(META_PREFIX + job_id, job_key(job_id))
+        mark, records = pipe.execute()
+        return mark == b"forgotten" and not records
 
     def depth(self, deployment: str) -> Depth:
         waiting, age, running = self.script("depth")(

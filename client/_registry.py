@@ -4,6 +4,7 @@
     pipeq:workers:<name>       zset  worker -> last heartbeat (Redis' clock; `_ledger`)
     pipeq:load-errors          hash  name -> why the last worker failed to load its model
     pipeq:stats:<name>         hash  worker -> JSON batching statistics
+    pipeq:supervised           hash  name -> JSON: how `pipeq up` restarted its worker
 
 A worker is live while its heartbeat is younger than its deployment's `dead_after_s`
 (announced; 10 s by default). Producers never need the TOML file: the deployments that
@@ -40,6 +41,7 @@ LIVE_FOR_S = 10.0
 NO_WORKER_GRACE_S = 120.0
 DEPLOYMENTS_KEY = "pipeq:deployments"
 _LOAD_ERRORS = "pipeq:load-errors"
+_SUPERVISED = "pipeq:supervised"
 
 
 def stats_key(name: str) -> str:
@@ -129,6 +131,23 @@ class Registry:
     def loaded(self, name: str) -> None:
         self.redis.hdel(_LOAD_ERRORS, name)
 
+    # -- a supervisor's side (`pipeq up`) ---------------------------------------------
+    def supervised(self, name: str, record: dict[str, Any]) -> None:
+        """Record how a supervisor restarted (or gave up on) the deployment's worker,
+        stamped with Redis' clock (`at`, unix seconds)."""
+        seconds, _ = self.redis.time()
+        self.redis.hset(_SUPERVISED, name, json.dumps({**record, "at": int(seconds)}))
+
+    def supervised_over(self, names: list[str]) -> None:
+        """The supervisor stopped: its records of these deployments are over."""
+        if names:
+            self.redis.hdel(_SUPERVISED, *names)
+
+    def supervision(self) -> dict[str, dict[str, Any]]:
+        """Deployment -> the last record a supervisor made of its worker's restarts."""
+        raw: dict[bytes, bytes] = self.redis.hgetall(_SUPERVISED)  # type: ignore[assignment]
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
     # -- producer side -------------------------------------------------------------
     def deployments(self) -> dict[str, Announced]:
         raw: dict[bytes, bytes] = self.redis.hgetall(DEPLOYMENTS_KEY)  # type: ignore[assignment]
@@ -162,6 +181,7 @@ class Registry:
         pipe = self.redis.pipeline()
         pipe.hdel(DEPLOYMENTS_KEY, name)
         pipe.hdel(_LOAD_ERRORS, name)
+        pipe.hdel(_SUPERVISED, name)
         pipe.delete(workers_key(name), dead_after_key(name), stats_key(name))
         pipe.execute()
 

@@ -4,6 +4,15 @@ The stack's children run in their own sessions, so Ctrl-C reaches only `pipeq up
 which then stops them in order: workers (warm shutdown), Flower, Redis. Worker
 output goes to one log file per deployment, whose tail is shown when a worker fails.
 
+`pipeq up` supervises its workers (`Stack.supervise`), as compose's `restart:` and a
+Kubernetes Deployment do theirs: a worker that exits without being asked to starts
+again after 1, 2, 4, ... s (at most `MAX_BACKOFF_S`). Not one that exits 3 (its model
+cannot be loaded) or 2 (its command line or config is wrong): starting it again would
+fail the same way. A crash loop (`max_restarts` restarts in a row, each run ended within
+`STABLE_AFTER_S`) gives up, with the last exit status and log lines. Each restart and
+give-up is printed and recorded in Redis (`Registry.supervised`), where `pipeq status`
+shows it.
+
 Flower runs pipeq's own Celery app (`pipeq._flower`), told the Redis URL and its
 password through its environment, never its command line (`ps` shows that). On a
 loopback address its API is open, for local development; anywhere else it asks for
@@ -22,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +50,24 @@ __all__ = [
 ]
 
 STOP_GRACE_S = 20.0
+#: a worker that exits on its own starts again after 1, 2, 4, ... s, at most this long
+MAX_BACKOFF_S = 30.0
+#: restarts in a row, each run ending within STABLE_AFTER_S, after which `pipeq up` gives
+#: up on a worker (Kubernetes' CrashLoopBackOff never gives up; a laptop's fan should)
+MAX_RESTARTS = 5
+#: a run this long was no crash loop: the next exit starts the count and backoff afresh
+STABLE_AFTER_S = 60.0
+#: exit statuses a restart cannot mend (`pipeq worker`'s; see docs/operations.md)
+NOT_RESTARTED = {
+    2: "its command line or config is wrong",
+    3: "its model cannot be loaded",
+}
+#: what a worker's other exit statuses mean
+EXIT_MEANINGS = {
+    0: "it stopped cleanly: something other than pipeq up sent it SIGTERM",
+    1: "it stopped on an error (Redis unreachable?)",
+    70: "it could no longer run jobs (its batcher stopped or hung)",
+}
 #: `user:password` (several: comma-separated) that Flower asks for
 FLOWER_AUTH_ENV = "PIPEQ_FLOWER_AUTH"
 #: the deployments whose queues Flower lists from its start (comma-separated)
@@ -192,6 +220,34 @@ def stop_process(proc: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -
         proc.wait()
 
 
+def exit_meaning(code: int) -> str:
+    """A `pipeq worker` exit status in words."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return NOT_RESTARTED.get(code) or EXIT_MEANINGS.get(code) or "it failed"
+
+
+@dataclass
+class Supervised:
+    """What `pipeq up` knows of one deployment's worker across its restarts."""
+
+    started_at: float
+    #: restarts in a row whose run ended within STABLE_AFTER_S
+    in_a_row: int = 0
+    restarts: int = 0
+    #: when the next start is due (None: running, or given up)
+    restart_at: float | None = None
+    #: why `pipeq up` stopped restarting it
+    gave_up: str | None = None
+    #: a restarted worker's first heartbeat has been seen
+    ready: bool = True
+    #: where its current run's output begins in its log file
+    log_from: int = 0
+
+
 @dataclass
 class Stack:
     """Processes of a local pipeq stack, started and stopped together."""
@@ -211,6 +267,11 @@ class Stack:
     #: port of `pipeq exporter` on 127.0.0.1 (None: no exporter)
     exporter_port: int | None = 9808
     exporter_proc: subprocess.Popen[bytes] | None = None
+    #: restarts in a row after which `supervise` gives up on a worker
+    max_restarts: int = MAX_RESTARTS
+    supervised: dict[str, Supervised] = field(default_factory=dict)
+    _env: dict[str, str] = field(default_factory=dict, repr=False)
+    _registry: Registry | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -252,15 +313,9 @@ class Stack:
             self.redis_proc = start_redis(self.redis_port, self.log_dir)
         env = {**os.environ, "PIPEQ_REDIS_URL": self.url}
         env.pop(FLOWER_AUTH_ENV, None)  # Flower's password is Flower's alone
+        self._env = env
         for name in self.deployments:
-            # the URL (and its password) reaches the worker as $PIPEQ_REDIS_URL: `ps` shows argv
-            cmd = [sys.executable, "-m", "pipeq", "worker", name]
-            if self.config_path:
-                cmd += ["--config", str(self.config_path)]
-            with open(self.log_path(name), "wb") as log:
-                self.workers[name] = subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-                )
+            self._start_worker(name)
         if self.flower_port:
             self.flower_proc = self._start_flower(env)
         if self.exporter_port:
@@ -273,6 +328,105 @@ class Stack:
                     env=env,
                     start_new_session=True,
                 )
+
+    def _start_worker(self, name: str) -> None:
+        # the URL (and its password) reaches the worker as $PIPEQ_REDIS_URL: `ps` shows argv
+        cmd = [sys.executable, "-m", "pipeq", "worker", name]
+        if self.config_path:
+            cmd += ["--config", str(self.config_path)]
+        with open(self.log_path(name), "ab") as log:  # a restart's output follows the last
+            supervised = self.supervised.setdefault(name, Supervised(time.monotonic()))
+            supervised.started_at, supervised.log_from = time.monotonic(), log.tell()
+            self.workers[name] = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env, start_new_session=True
+            )
+
+    def supervise(self, told: Iterable[str] = ()) -> list[str]:
+        """Restart the workers that exited on their own, after their backoff (call it
+        every second or so); the lines to print about what was done. A worker that
+        exits 2 or 3 is not restarted; one in a crash loop is given up after
+        `max_restarts` restarts in a row. Each is recorded for `pipeq status`. `told`:
+        workers whose exit (and log) was printed already (`wait_ready`)."""
+        lines = []
+        now = time.monotonic()
+        for name, proc in self.workers.items():
+            s = self.supervised.setdefault(name, Supervised(now))
+            code = proc.poll()
+            if s.gave_up:
+                continue
+            if code is None:
+                if not s.ready and self._serves_quietly(name, proc):
+                    s.ready = True
+                    lines.append(f"worker {name}: ready again (restart {s.restarts})")
+                continue
+            if s.restart_at is None:  # the exit is new
+                said = f"worker {name} exited ({code}: {exit_meaning(code)}): "
+                lines += [] if name in told else [said + self.log_tail(name)]
+                lines.append(f"worker {name}: {self._after_exit(name, s, code, now)}")
+            elif now >= s.restart_at:
+                s.restart_at, s.ready = None, False
+                s.restarts += 1
+                self._start_worker(name)
+                lines.append(
+                    f"worker {name}: restarted (pid {self.workers[name].pid}, restart {s.restarts})"
+                )
+                self._record(name, s, code)
+        return lines
+
+    def _after_exit(self, name: str, s: Supervised, code: int, now: float) -> str:
+        """Decide what follows a worker's exit (a restart after its backoff, or none),
+        and say it."""
+        if now - s.started_at >= STABLE_AFTER_S:
+            s.in_a_row = 0
+        if code in NOT_RESTARTED:
+            s.gave_up = f"not restarted: exit {code}, {exit_meaning(code)}"
+        elif s.in_a_row >= self.max_restarts:
+            s.gave_up = (
+                f"gave up after {s.in_a_row} restarts in a row, each run ended within "
+                f"{STABLE_AFTER_S:.0f} s; last exit {code}, {exit_meaning(code)}"
+            )
+        if s.gave_up:
+            self._record(name, s, code)
+            return s.gave_up
+        backoff = min(MAX_BACKOFF_S, 2.0**s.in_a_row)
+        s.in_a_row += 1
+        s.restart_at = now + backoff
+        return f"restarting in {backoff:g} s ({s.in_a_row} of at most {self.max_restarts} in a row)"
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            from pipeq._app import redis_client
+
+            # a Redis that hangs must not hang the supervision loop
+            self._registry = Registry(redis_client(self.url, socket_timeout=5))
+        return self._registry
+
+    def _serves(self, name: str, proc: subprocess.Popen[bytes]) -> bool:
+        """This process's worker of the deployment beats (another process's on a shared
+        Redis does not count). Raises redis.RedisError when Redis does not answer."""
+        ours = f"pipeq.{name}.{proc.pid}-"  # workers/main.py's hostname
+        return any(w.startswith(ours) for w in self.registry.live_workers(name))
+
+    def _serves_quietly(self, name: str, proc: subprocess.Popen[bytes]) -> bool:
+        try:
+            return self._serves(name, proc)
+        except redis.RedisError:
+            return False
+
+    def _record(self, name: str, s: Supervised, code: int) -> None:
+        """Tell `pipeq status` (through Redis); a Redis away now misses one record."""
+        record = {
+            "supervisor": "pipeq up",
+            "restarts": s.restarts,
+            "last_exit": code,
+            "last_exit_meaning": exit_meaning(code),
+            "gave_up": s.gave_up,
+        }
+        try:
+            self.registry.supervised(name, record)
+        except redis.RedisError:
+            pass
 
     def _start_flower(self, env: dict[str, str]) -> subprocess.Popen[bytes] | None:
         try:
@@ -307,9 +461,6 @@ class Stack:
         """Wait until every worker this stack started serves or has failed (or `stopping`
         is set): name -> 'ready' or why not. Another process's worker of the same
         deployment (on a shared Redis) does not count."""
-        from pipeq._app import redis_client
-
-        registry = Registry(redis_client(self.url))
         status: dict[str, str] = {}
         deadline = time.monotonic() + timeout_s
         while len(status) < len(self.workers) and time.monotonic() < deadline:
@@ -318,20 +469,22 @@ class Stack:
             for name, proc in self.workers.items():
                 if name in status:
                     continue
-                ours = f"pipeq.{name}.{proc.pid}-"  # workers/main.py's hostname
                 if proc.poll() is not None:
                     status[name] = f"failed (exit {proc.returncode}): {self.log_tail(name)}"
-                elif any(w.startswith(ours) for w in registry.live_workers(name)):
+                elif self._serves(name, proc):
                     status[name] = "ready"
             time.sleep(0.2)
         for name in self.workers:
             status.setdefault(name, f"not ready after {timeout_s:.0f} s")
-        registry.redis.close()
         return status
 
     def log_tail(self, name: str, lines: int = 5) -> str:
-        text = self.log_path(name).read_text(errors="replace").strip().splitlines()
-        return " | ".join(text[-lines:])
+        """The last lines a process wrote (a worker: in its current run), on one line."""
+        with open(self.log_path(name), "rb") as log:
+            supervised = self.supervised.get(name)
+            log.seek(supervised.log_from if supervised and name in self.workers else 0)
+            text = log.read().decode(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:]) or "(no output)"
 
     def failed(self) -> dict[str, int]:
         """Workers (and Flower, the exporter) that have exited, with their exit status."""
@@ -339,6 +492,13 @@ class Stack:
         return {n: p.returncode for n, p in procs.items() if p and p.poll() is not None}
 
     def stop(self) -> None:
+        if self._registry is not None:
+            try:  # what this stack recorded is over (a shared Redis outlives it)
+                told = [n for n, s in self.supervised.items() if s.restarts or s.gave_up]
+                self._registry.supervised_over(told)
+            except redis.RedisError:
+                pass
+            self._registry.redis.close()
         for proc in self.workers.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -55,6 +55,9 @@ class DeploymentStatus:
     worker_stats: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     #: the deployment's `pipeq:metrics:` hash (`_metrics`), decoded
     counters: dict[str, str] = field(default_factory=dict, repr=False)
+    #: how `pipeq up` restarted its worker, or gave up (`Registry.supervised`, with
+    #: `age_s`), if it did
+    supervised: dict[str, Any] | None = None
 
     @property
     def down(self) -> bool:
@@ -92,6 +95,11 @@ def cluster_status(
     registry = Registry(client)
     announced = registry.deployments()
     names = sorted(set(announced) | set(declared or {}))
+    supervised = registry.supervision()
+    if supervised:
+        now = _redis_now(client)
+        for record in supervised.values():
+            record["age_s"] = round(max(0.0, now - float(record.get("at") or now)), 1)
     slots = range(0)
     if recent:
         now = int(_redis_now(client)) // RECENT_SLOT_S
@@ -126,6 +134,7 @@ def cluster_status(
                 scale_to_zero=bool(info.get("scale_to_zero")),
                 worker_stats=stats,
                 counters=counters,
+                supervised=supervised.get(name),
             )
         )
     return out
@@ -219,6 +228,7 @@ def serve_exporter(url: str, port: int, address: str) -> tuple[Any, threading.Th
 
 def status_lines(deployments: Iterable[DeploymentStatus]) -> list[str]:
     """`pipeq status`'s table: one line per deployment under a header."""
+    deployments = list(deployments)
     rows = [("DEPLOYMENT", "WORKERS", "WAITING", "OLDEST", "RUNNING", "OK/5m", "FAILED/5m")]
     for d in deployments:
         failed = d.recent["failed"] + d.recent["lost"]
@@ -240,7 +250,19 @@ def status_lines(deployments: Iterable[DeploymentStatus]) -> list[str]:
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    table = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return table + [supervision_line(d.name, d.supervised) for d in deployments if d.supervised]
+
+
+def supervision_line(name: str, record: dict[str, Any]) -> str:
+    """What `pipeq up` did about a deployment's worker, in one line."""
+    ago = f"{record.get('age_s', 0):.0f} s ago"
+    if record.get("gave_up"):
+        return f"{name}: {record['gave_up']} (pipeq up, {ago})"
+    return (
+        f"{name}: restarted {record.get('restarts', 0)} time(s) by pipeq up; last exit "
+        f"{record.get('last_exit')}: {record.get('last_exit_meaning')} ({ago})"
+    )
 
 
 def status_json(deployments: list[DeploymentStatus], missing: list[str]) -> str:

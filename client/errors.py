@@ -3,6 +3,7 @@
     PipeqError
     ├── InvalidRequest          bad inputs or parameters (found at submit, or by the worker)
     ├── UnknownDeployment       no deployment has that name, task or model
+    ├── UnknownJob              no job has that id now: forgotten (`Job.forget()`)
     ├── NoLiveWorker            the deployment exists but no worker is serving it now
     ├── Overloaded              the deployment's queue is over its limit
     ├── ModelLoadError          a worker could not load its model
@@ -41,6 +42,7 @@ __all__ = [
     "PipeqError",
     "StreamRestarted",
     "UnknownDeployment",
+    "UnknownJob",
 ]
 
 
@@ -77,6 +79,11 @@ class InvalidRequest(PipeqError, ValueError):
 
 class UnknownDeployment(PipeqError, LookupError):
     """No deployment matches the name, task or model asked for."""
+
+
+class UnknownJob(PipeqError, LookupError):
+    """The job's records are gone: it was forgotten (`Job.forget()`); its result will
+    never come."""
 
 
 class NoLiveWorker(PipeqError):

@@ -26,9 +26,11 @@ from pipeq import (
     JobTimeout,
     NoLiveWorker,
     UnknownDeployment,
+    UnknownJob,
     pipeline,
 )
 from pipeq._app import RESULT_TTL_S
+from pipeq._ledger import queue_for
 from pipeq._registry import NO_WORKER_GRACE_S
 from pipeq._stack import Stack, start_redis, stop_process
 
@@ -464,3 +466,55 @@ def test_a_setting_with_a_trailing_newline_is_refused(field: str, value: str) ->
     settings = {"name": "d", "task": "ner", "model": "m", field: value}
     with pytest.raises((InvalidRequest, UnknownDeployment)):  # an unknown task: the latter
         Deployment(**settings)
+
+
+def test_a_forgotten_job_is_unknown_at_once_and_a_copy_of_it_never_runs(client: Client) -> None:
+    """`Job.forget()` of a finished job deletes its result, record and stream: `status()`
+    is UNKNOWN and `result()` / `stream()` raise UnknownJob at once, from that handle or
+    any other; a copy of its message left in Redis (a retried send) is dropped before
+    compute. It sent the job back to QUEUED with a result() that never came, and the same
+    handle then raised a raw AttributeError. A job not finished is not forgotten."""
+    deployment = "sentiment-analysis"
+    queue = queue_for(deployment)
+    copy = None
+    for _ in range(3):  # a worker just started may take a job before it pauses
+        with paused(client, deployment):
+            job = client.submit(deployment, "forget me once I am done")
+            assert job.forget() is False  # not finished: it runs and stores its result
+            deadline = time.monotonic() + 5  # a take already under way hands it back
+            while not client.redis.llen(queue) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            copy = next(iter(client.redis.lrange(queue, 0, 0)), None)
+        if copy is not None:
+            break
+    assert copy is not None, "the paused deployment's queue never held the job"
+    assert job.result(timeout=30)[0]["label"] in ("POSITIVE", "NEGATIVE")
+    assert job.forget() is True
+    assert job.status() is JobState.UNKNOWN
+    with pytest.raises(UnknownJob):
+        job.result()
+    other = client.job(job.id)  # a handle of another producer, waiting with no timeout
+    assert other.status() is JobState.UNKNOWN
+    with pytest.raises(UnknownJob):
+        other.result()
+    assert other.cancel() is False and other.forget() is False
+
+    client.redis.lpush(queue, copy)  # the same message again, as a retried send leaves it
+
+    def taken() -> bool:
+        held = sum(client.redis.llen(k) for k in client.redis.keys("pipeq:inflight:*"))
+        return not client.redis.llen(queue) and not held
+
+    deadline = time.monotonic() + 30
+    while not taken() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert taken(), "the worker did not take the copy"
+    assert not client.redis.exists(f"celery-task-meta-{job.id}"), "the forgotten job ran again"
+    assert job.status() is JobState.UNKNOWN
+
+    generation = client.submit("distilgpt2", "Forget", max_new_tokens=3, do_sample=False)
+    generation.result(timeout=30)
+    assert generation.forget() is True
+    for handle in (generation, client.job(generation.id)):
+        with pytest.raises(UnknownJob):
+            list(handle.stream())

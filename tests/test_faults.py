@@ -8,6 +8,7 @@ test prints what it measured (recovery time, attempts, runs) for the record.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import threading
@@ -265,6 +266,26 @@ def test_sigterm_hands_unstarted_jobs_back_at_once_and_submits_wait_for_the_next
         f"SIGTERM; the {started} started finished; exit {exited}"
     )
     assert exited == 0
+    # one line says it, not a warning and a traceback per job handed back
+    log = (cluster.tmp / "worker-0.log").read_text(errors="replace")
+    assert len(re.findall(r"stopping: handed \d+ waiting item", log)) == 1, log[-3000:]
+    assert "Traceback" not in log and "reject requeue" not in log, log[-3000:]
+
+
+def test_a_generation_worker_stopped_by_sigterm_exits_0_however_slow_its_stop(
+    cluster_of: Any, deployments: dict[str, Any]
+) -> None:
+    """A continuous-batching worker's manager stops after Celery has; a heartbeat in that
+    moment found the engine dead and exited 70, as if its batcher had stopped on its own
+    (seen about once in two SIGTERMs of a busy generator). A stop of 1.5 s, beats every
+    0.25 s: exit 0, every time."""
+    gen = renamed(deployments["distilgpt2"], "gen")
+    env = {"PIPEQ_FAULTS_STOP_S": "1.5", "PIPEQ_HEARTBEAT_S": "0.25", "PIPEQ_DEAD_AFTER_S": "2"}
+    cluster = cluster_of([gen], worker_env=env)
+    worker = cluster.start_worker("gen")
+    cluster.hostname(worker, "gen")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0, cluster.logs()
 
 
 def test_a_job_delivered_again_after_it_succeeded_is_dropped_before_compute(

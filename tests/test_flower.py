@@ -20,11 +20,12 @@ from typing import Any
 import pytest
 import redis
 
-from pipeq import Client, JobState
+from pipeq import Client, Job, JobCancelled, JobState
 from pipeq._stack import is_loopback, port_free
 from pipeq.errors import InvalidRequest, UnknownDeployment
 from pipeq.worker.demo import write_config
 
+from .cluster import wait_until
 from .conftest import free_port, paused
 
 AUTH = "alice:s3cret-pw"
@@ -131,15 +132,17 @@ def stacks(
     deployments: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Up]]:
     """Two stacks, started together: `open` (loopback, no auth, two deployments) and
-    `authed` (every address, PIPEQ_FLOWER_AUTH, one deployment)."""
+    `authed` (every address, PIPEQ_FLOWER_AUTH, a classifier and a generator)."""
     tmp = tmp_path_factory.mktemp("flower")
     two = write_config(
         {k: deployments[k] for k in ("sentiment-analysis", "feature-extraction")}, tmp / "two.toml"
     )
-    one = write_config({"sentiment-analysis": deployments["sentiment-analysis"]}, tmp / "one.toml")
+    authed = write_config(
+        {k: deployments[k] for k in ("sentiment-analysis", "distilgpt2")}, tmp / "authed.toml"
+    )
     ups = {
         "open": _start(two),
-        "authed": _start(one, "--flower-address", "0.0.0.0", auth=AUTH),
+        "authed": _start(authed, "--flower-address", "0.0.0.0", auth=AUTH),
     }
     try:
         for up in ups.values():
@@ -290,7 +293,8 @@ def test_the_api_asks_for_the_password_when_auth_is_configured(stacks: dict[str,
     assert up.call("POST", "/api/task/send-task/pipeq.run", JOB, auth=None)[0] == 401
     status, lengths = up.call("GET", "/api/queues/length")
     assert status == 200, lengths
-    assert [q["name"] for q in lengths["active_queues"]] == ["pipeq.sentiment-analysis"]
+    queues = sorted(q["name"] for q in lengths["active_queues"])
+    assert queues == ["pipeq.distilgpt2", "pipeq.sentiment-analysis"]
     status, sent = up.call(
         "POST", "/api/task/send-task/pipeq.run", {**JOB, "queue": "pipeq.sentiment-analysis"}
     )
@@ -410,3 +414,62 @@ def test_flower_run_by_hand_never_shows_jobs_beyond_this_host_without_a_password
     env = dict(env)
     guard_exposure(["celery", "flower", *argv], env)
     assert env.get("FLOWER_ADDRESS") == outcome
+
+
+def test_revoke_and_terminate_do_what_cancel_does_or_say_why_not(stacks: dict[str, Up]) -> None:
+    """Flower's Revoke and Terminate (`/api/task/revoke/<id>[?terminate=true]`), its abort,
+    and Celery's `revoke(terminate=True)` that `celery control revoke` sends: a job not
+    started never runs, a continuous-batching generation stops at its next step, and a
+    job whose forward pass cannot be stopped is refused with why. Flower answered 200
+    "Revoked" to anything; the worker logged NotImplementedError (the threads pool cannot
+    terminate) and the job ran on to SUCCESS."""
+    up = stacks["authed"]
+    gen = "distilgpt2"
+    with Client(up.redis_url) as client:
+        with paused(client, "sentiment-analysis"):
+            queued = client.submit("sentiment-analysis", "never to run")
+            status, body = up.call("POST", f"/api/task/revoke/{queued.id}")
+            assert (status, body) == (200, {"message": f"Revoked '{queued.id}'"})
+        with pytest.raises(JobCancelled):
+            queued.result(timeout=30)
+
+        def generating(tokens: int = 900) -> tuple[Job, Iterator[str]]:
+            job = client.submit(gen, "Once upon a time", max_new_tokens=tokens, do_sample=False)
+            stream = job.stream(timeout=120)
+            for _ in range(3):  # the prompt and two steps: it runs
+                next(stream)
+            return job, stream
+
+        for stop in (
+            lambda job: up.call("POST", f"/api/task/revoke/{job.id}?terminate=true"),
+            lambda job: up.call("POST", f"/api/task/abort/{job.id}"),
+            lambda job: client.app.control.revoke(job.id, terminate=True, reply=True, timeout=5),
+        ):
+            job, stream = generating()
+            said = stop(job)
+            rest = list(stream)  # it ends: the generation stopped
+            assert job.status() is JobState.CANCELLED, said
+            assert len(rest) < 800, (said, len(rest))
+            if isinstance(said, tuple):
+                assert said == (200, {"message": f"Revoked '{job.id}'"})
+            else:  # one reply from each worker, each saying the job is revoked
+                assert said and all(
+                    reply == {"ok": f"{job.id}: revoked"} for r in said for reply in r.values()
+                ), said
+
+        # min_new_tokens: the dynamic batcher's forward pass, which nothing interrupts
+        beam = client.submit(gen, "Once", max_new_tokens=900, min_new_tokens=900, do_sample=False)
+        wait_until(lambda: beam.status() is JobState.RUNNING, 60, "the generation runs")
+        status, body = up.call("POST", f"/api/task/revoke/{beam.id}?terminate=true")
+        assert status == 409 and "cannot be stopped; it will finish" in body["message"], body
+        replies = client.app.control.revoke(beam.id, terminate=True, reply=True, timeout=5)
+        assert replies and all("error" in reply for r in replies for reply in r.values())
+        assert beam.result(timeout=120)[0]["generated_text"].startswith("Once")
+        status, body = up.call("POST", f"/api/task/abort/{beam.id}")
+        assert status == 409 and "finished" in body["message"], body
+        status, body = up.call("POST", "/api/task/revoke/no-such-job")
+        assert status == 404 and "never accepted" in body["message"], body
+        assert up.call("POST", f"/api/task/revoke/{beam.id}", auth=None)[0] == 401
+    logs = next(line.split()[-1] for line in up.lines if line.startswith("logs:"))
+    worker_log = (Path(logs) / f"{gen}.log").read_text(errors="replace")
+    assert "NotImplementedError" not in worker_log and "Traceback" not in worker_log

@@ -8,19 +8,26 @@ password on any command line, in any log or page.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pipeq import BrokerUnavailable, Client, JobState, pipeline
+from pipeq import BrokerUnavailable, Client, Job, JobState, PipeqError, pipeline
 from pipeq._config import Deployment
 from pipeq._redis import masked, parse
 from pipeq._stack import find_redis_server, start_redis, stop_process
@@ -33,10 +40,13 @@ pytestmark = pytest.mark.timeout(120)
 
 PW = "Pw-0f-redis-7c1e"  # distinctive: grepped for in logs, pages and command lines
 SENTINEL_PW = "Sentinel-pw-93ab"
-ACL_PW = "Acl-pw-5d2f"
+#: every character a URL reserves, between pieces none of which may show anywhere
+ACL_PW = "Acl-pw;5d2f#Qz7k@Vk3q/xJ9w?zW8j&Kq5x:Wj4z%"
 #: what the ACL test grants pipeq's user (docs/redis.md): everything but the dangerous
 #: commands, save INFO, which the heartbeat's script reads Redis' uptime with
 ACL_RULE = ("pipeq", "on", f">{ACL_PW}", "~*", "&*", "+@all", "-@dangerous", "+info")
+#: a port nothing listens on
+CLOSED_PORT = free_port()
 
 
 @pytest.fixture
@@ -57,7 +67,8 @@ def _cmdlines() -> str:
 
 
 def _secrets_nowhere(*texts: str) -> None:
-    for secret in (PW, SENTINEL_PW, ACL_PW):
+    pieces = [p for p in re.split(r"[@:/;?&#%]", ACL_PW) if len(p) >= 4]
+    for secret in (PW, SENTINEL_PW, ACL_PW, quote(ACL_PW, safe=""), *pieces):
         for text in texts:
             assert secret not in text, f"a password shows: ...{text[:300]}"
 
@@ -171,7 +182,7 @@ def test_password_and_acl_user_everywhere(tmp_path: Path, sentiment: Deployment)
         extra=("--requirepass", PW, "--user", *ACL_RULE),
         client=redis.Redis(port=port, password=PW, socket_connect_timeout=0.2),
     )
-    acl_url = f"redis://pipeq:{ACL_PW}@127.0.0.1:{port}/0"
+    acl_url = f"redis://pipeq:{quote(ACL_PW, safe='')}@127.0.0.1:{port}/0"
     pw_url = f"redis://:{PW}@127.0.0.1:{port}/0"
     worker = Worker(tmp_path, sentiment, acl_url)
     try:
@@ -457,3 +468,200 @@ def test_masked_hides_every_password() -> None:
         parse("redis://h:1/0?ssl_ca_certs=/x")
     with pytest.raises(ValueError, match="required, optional or none"):
         parse("rediss://h:1/0?ssl_cert_reqs=maybe")
+
+
+# -- no part of a password in any message ----------------------------------------------
+#: distinctive pieces of generated passwords: none of them is found in pipeq's or
+#: redis-py's own words, so finding one in a message is finding the password
+TOKENS = ("Qz7k", "xJ9w", "Vk3q", "zW8j", "Kq5x", "jX2v")
+#: every character a URL reserves, and a few it merely dislikes
+SPECIALS = tuple("@:/;?&#%+=[] !$'()*,")
+passwords = st.lists(
+    st.sampled_from(TOKENS) | st.sampled_from(SPECIALS), min_size=1, max_size=8
+).filter(lambda parts: any(p in TOKENS for p in parts))
+
+
+def _urls(password: str, port: int, user: str = "", host: str = "127.0.0.1") -> list[str]:
+    """The URL forms a password goes into, as a user writes it (unencoded) and as the
+    docs ask (percent-encoded)."""
+    out = []
+    for pw in (password, quote(password, safe="")):
+        out += [
+            f"redis://{user}:{pw}@{host}:{port}/0",
+            f"rediss://{user}:{pw}@{host}:{port}/0?ssl_cert_reqs=none",
+            f"sentinel://{user}:{pw}@{host}:{port};sentinel://{user}:{pw}@{host}:{port}"
+            f";sentinel://{host}:{port}/0?master_name=m&sentinel_password={pw}",
+            f"sentinel://:{pw}@{host}:{port};sentinel://{host}:{port}/0"
+            f"?sentinel_password={pw}&master_name=m",
+            f"unix://{user}:{pw}@/nonexistent/redis.sock?db=0",
+            f"unix:///nonexistent/redis.sock?db=0&password={pw}",
+        ]
+    return out
+
+
+def _shown(password: str, message: str) -> list[str]:
+    return [t for t in TOKENS if t in password and t in message]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    parts=passwords,
+    user=st.sampled_from(["", "pipeq"]),
+    host=st.sampled_from(["127.0.0.1", "redis.example", "[::1]"]),
+)
+def test_no_part_of_a_password_shows_in_a_masked_url_or_a_url_error(
+    parts: list[str], user: str, host: str
+) -> None:
+    """`masked()` and `parse()`'s errors, over many passwords: a bracket, a ';' or a '/'
+    in a password made urllib or parse quote a piece of it."""
+    password = "".join(parts)
+    for url in _urls(password, 6379, user, host):
+        said = [masked(url)]
+        try:
+            parse(url)
+        except ValueError as e:
+            said.append(str(e))
+        for message in said:
+            assert not _shown(password, message), f"{url!r} -> {message!r}"
+
+
+def _messages(url: str) -> list[str]:
+    """Every message pipeq makes of this URL: masked, a parse error, a Client's errors
+    (InvalidRequest at once; BrokerUnavailable for an unreachable Redis), a worker's
+    one-line exit (`_redis_failed`, `run_worker`'s first ping)."""
+    from pipeq import _app
+    from pipeq.worker.main import _redis_failed
+
+    said = [masked(url)]
+    try:
+        parse(url)
+    except ValueError as e:
+        said.append(str(e))
+    try:
+        # (a unix:// URL is not one Celery's Redis backend reads: not through a Client)
+        with Client(url if not url.startswith("unix") else "x", broker_timeout_s=0.01) as c:
+            c.deployments()
+    except PipeqError as e:
+        said.append(str(e))
+    try:
+        _app.redis_client(url, socket_timeout=0.5).ping()
+    except ValueError:
+        pass  # the worker says so with `masked` and parse's message, both above
+    except redis.RedisError as e:
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            _redis_failed("w", url, e)
+        said.append(err.getvalue())
+    return said
+
+
+@settings(max_examples=40, deadline=None)
+@given(parts=passwords)
+def test_no_part_of_a_password_shows_in_any_message(parts: list[str]) -> None:
+    """Found by a review: a password with an unencoded ';' or '#' came out in part
+    (`redis://***;cd@host`, `Port could not be cast to integer value as 'ab'`). Random
+    passwords of URL-special characters, unencoded and encoded, in every URL form;
+    nothing listens on the port (BrokerUnavailable, a worker's exit line)."""
+    password = "".join(parts)
+    for url in _urls(password, CLOSED_PORT, "pipeq"):
+        for message in _messages(url):
+            assert not _shown(password, message), f"{url!r} -> {message!r}"
+
+
+# -- every entry point meets an unusable Redis with a typed error ------------------------
+class _Answering:
+    """A TCP server on a free port that answers every connection with `reply` (then
+    closes it): a port that is not Redis'."""
+
+    def __init__(self, reply: bytes) -> None:
+        import socketserver
+        import threading
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                self.request.recv(4096)
+                self.request.sendall(reply)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _entry_points(client: Client) -> dict[str, Any]:
+    """Every public call of Client, Job, TextStream and pipeline that reads Redis."""
+    job = client.job("a-job-id")
+    named = Job(client, "a-job-id", "ner")
+    return {
+        "Client.deployments": client.deployments,
+        "Client.depth": lambda: client.depth("ner"),
+        "Client.resolve": lambda: client.resolve("ner"),
+        "Client.submit": lambda: client.submit("ner", "text"),
+        "Client.map": lambda: client.map("ner", ["a", "b"]),
+        "Client.imap": lambda: next(client.imap("ner", iter(["a"]))),
+        "Job.status": job.status,
+        "Job.result": lambda: job.result(timeout=60),
+        "Job.cancel": job.cancel,
+        "Job.forget": job.forget,
+        "Job.stream": lambda: next(job.stream(timeout=60)),
+        "Job.stream (a submitted job)": named.stream,
+        "pipeline": lambda: pipeline("ner", client=client),
+    }
+
+
+def test_every_producer_entry_point_gives_broker_unavailable_naming_the_url(
+    tmp_path: Path,
+) -> None:
+    """Redis down: `BrokerUnavailable` after `broker_timeout_s`, from every entry point
+    (`Job.stream()` raised redis' own ConnectionError at once). A port that answers
+    something else than Redis (an HTTP server, garbage): `BrokerUnavailable` at once,
+    naming the URL and what the server said (redis-py's InvalidResponse, raw, before);
+    the CLI says it in one line, exit 2. Never the password."""
+    http = _Answering(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    garbage = _Answering(b"\x16\x03\x01 not redis at all\r\n")
+    try:
+        for port, waits, says in (
+            (free_port(), True, "did not answer for 0.3 s"),
+            (http.port, False, "does not speak Redis (InvalidResponse: Protocol Error: b'HTTP/1.1"),
+            (garbage.port, False, "does not speak Redis (InvalidResponse"),
+        ):
+            url = f"redis://:{PW}@127.0.0.1:{port}/0"
+            with Client(url, broker_timeout_s=0.3 if waits else 60) as client:
+                for name, call in _entry_points(client).items():
+                    started = time.monotonic()
+                    with pytest.raises(BrokerUnavailable) as e:
+                        call()
+                    message = str(e.value)
+                    assert masked(url) in message and says in message, (name, message)
+                    _secrets_nowhere(message)
+                    if not waits:  # nothing to wait for: a server that is not Redis
+                        assert time.monotonic() - started < 30, (name, message)
+        url = f"redis://:{PW}@127.0.0.1:{http.port}/0"
+        commands = [
+            ["status"],
+            ["status", "a-job-id"],
+            ["run", "ner", "text"],
+            ["submit", "ner", "text"],
+            ["result", "a-job-id"],
+            ["cancel", "a-job-id"],
+            ["deployments"],
+        ]
+        env = {**os.environ, "PIPEQ_REDIS_URL": url}
+        clis = [
+            subprocess.Popen(
+                [sys.executable, "-m", "pipeq", *c], env=env, stdout=PIPE, stderr=PIPE, text=True
+            )
+            for c in commands
+        ]
+        for command, cli in zip(commands, clis, strict=True):
+            out, err = cli.communicate(timeout=120)
+            assert cli.returncode == 2, (command, out, err)
+            assert err.count("\n") == 1 and "BrokerUnavailable" in err, (command, err)
+            assert masked(url) in err and "Traceback" not in err, (command, err)
+            _secrets_nowhere(out, err)
+    finally:
+        http.close()
+        garbage.close()

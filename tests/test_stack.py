@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -187,9 +188,12 @@ def test_pipeq_up_says_which_workers_failed_and_serves_the_others(
         assert "1 of 2 workers failed (broken); serving the others\n" in lines, lines
         with Client(f"redis://127.0.0.1:{redis_port}/0") as client:
             assert client.submit("ner", "Ada lives in Paris").result(timeout=60) is not None
+        out = _Output(up)  # a model that cannot load is not loaded again and again
+        out.until("worker broken: not restarted: exit 3, its model cannot be loaded")
+        assert not [line for line in out.during(3) if "restart" in line], out.lines
     finally:
         up.send_signal(signal.SIGTERM)
-        up.communicate(timeout=60)
+        up.wait(timeout=60)
     assert up.returncode == 0
 
 
@@ -336,3 +340,125 @@ def test_a_health_file_that_cannot_be_written_is_one_line_before_the_model_loads
     )
     assert out.returncode == 2 and "--health-file" in out.stderr, out
     assert "Traceback" not in out.stderr
+
+
+class _Output:
+    """A process's output lines, read in a thread, waited for with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen[str], lines: list[str] | None = None) -> None:
+        import queue
+        import threading
+
+        self.lines = list(lines or [])
+        self._new: queue.Queue[str | None] = queue.Queue()
+        assert proc.stdout is not None
+        stdout = proc.stdout
+
+        def read() -> None:
+            for line in stdout:
+                self._new.put(line)
+            self._new.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def until(self, text: str, timeout_s: float = 120) -> str:
+        """The first line from now on holding `text`; AssertionError after `timeout_s`."""
+        import queue
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self._new.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                raise AssertionError(f"no {text!r} within {timeout_s} s:\n{''.join(self.lines)}")
+            self.lines.append(line)
+            if text in line:
+                return line
+
+    def during(self, seconds: float) -> list[str]:
+        """The lines written in the next `seconds`."""
+        import queue
+
+        deadline, got = time.monotonic() + seconds, []
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._new.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            got.append(line)
+        self.lines += got
+        return got
+
+
+def _kill_worker(line_or_pid: str | int) -> int:
+    pid = (
+        int(line_or_pid)
+        if isinstance(line_or_pid, int)
+        else int(
+            re.search(r"pid (\d+)", line_or_pid).group(1)  # type: ignore[union-attr]
+        )
+    )
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_pipeq_up_restarts_a_worker_that_dies_and_gives_up_on_a_crash_loop(
+    deployments: dict[str, Any], tmp_path: Path
+) -> None:
+    """A worker SIGKILLed under `pipeq up` is started again (1 s later), says so, and
+    serves the job submitted while it was down; `pipeq status` shows the restart. Killed
+    at each start after that, it is given up after --max-restarts restarts in a row,
+    with the reason. Before, nothing restarted it: the next job waited for ever."""
+    config = write_config({"ner": deployments["ner"]}, tmp_path / "one.toml")
+    redis_port = free_port()
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    up, lines = _up_until_serving(
+        config, *QUIET, "--redis-port", str(redis_port), "--max-restarts", "2"
+    )
+    out = _Output(up, lines)
+    try:
+        assert "pipeq is up" in out.lines[-1], "".join(out.lines)
+        with Client(url) as client:
+            (worker,) = client.registry.live_workers("ner")
+            _kill_worker(int(worker.split(".")[2].split("-")[0]))  # pipeq.ner.<pid>-...
+            killed_at = time.monotonic()
+            job = client.submit("ner", "Ada lives in Paris")  # waits for the restart
+            out.until("worker ner exited (-9: killed by SIGKILL)")
+            out.until("worker ner: restarting in 1 s (1 of at most 2 in a row)")
+            restarted = out.until("worker ner: restarted (pid ")
+            out.until("worker ner: ready again (restart 1)")
+            assert job.result(timeout=60) is not None
+            print(
+                f"\nworker SIGKILLed under pipeq up: the job submitted meanwhile answered "
+                f"{time.monotonic() - killed_at:.1f} s after the kill"
+            )
+        status = subprocess.run(
+            [sys.executable, "-m", "pipeq", "status", "--redis-url", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "ner: restarted 1 time(s) by pipeq up; last exit -9: killed by SIGKILL" in (
+            status.stdout
+        ), status
+
+        _kill_worker(restarted)  # within a minute of its start: a crash loop begins
+        out.until("worker ner: restarting in 2 s (2 of at most 2 in a row)")
+        _kill_worker(out.until("worker ner: restarted (pid "))
+        gave_up = out.until("worker ner: gave up after 2 restarts in a row")
+        assert "each run ended within 60 s; last exit -9, killed by SIGKILL" in gave_up
+        assert not [line for line in out.during(3) if "restart" in line]
+        with Client(url) as client:
+            from pipeq._status import cluster_status
+
+            (ner,) = client.call(cluster_status, client.redis)
+            assert ner.supervised and ner.supervised["gave_up"].startswith("gave up after 2")
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=60)
+    assert up.returncode == 0, "".join(out.lines)
+    assert _processes_mentioning(str(config)) == []

@@ -21,15 +21,17 @@ from typing import Any
 
 import redis
 from celery import signals
+from celery.exceptions import Reject
 from celery.worker.consumer import Consumer as CeleryConsumer
 
 from pipeq import _app
 from pipeq._config import Deployment
 from pipeq._ledger import inflight_key, queue_for
 from pipeq._metrics import Observations
-from pipeq._redis import masked
+from pipeq._redis import masked, scrub
 from pipeq._registry import Registry
 from pipeq.errors import InvalidRequest, JobLost, ModelLoadError
+from pipeq.worker import revoke  # noqa: F401  (Celery's revoke, as Job.cancel() does it)
 from pipeq.worker.gate import Malformed
 from pipeq.worker.jobs import Admission, Events, register_task
 from pipeq.worker.liveness import Heartbeat, LivenessSettings
@@ -152,9 +154,26 @@ HELD_BATCHES = 4
 
 def _redis_failed(name: str, url: str, e: Exception) -> int:
     """One line on stderr saying why Redis cannot be used; the exit status."""
-    why = " ".join(f"{type(e).__name__}: {e}".split())
+    why = scrub(" ".join(f"{type(e).__name__}: {e}".split()), url)  # a server may echo it
     print(f"pipeq worker {name}: Redis at {masked(url)} did not answer ({why})", file=sys.stderr)
     return EXIT_FATAL
+
+
+def _handed_back(record: logging.LogRecord) -> bool:
+    """Celery's warning, with a traceback, for each job a stopping worker hands back
+    (`Reject(requeue=True)`): the worker says it once, with the count."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(exc, Reject) and exc.requeue)
+
+
+def _set_up_logging(loglevel: str) -> None:
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # one line per job received and done, with the result's repr, costs more than a small
+    # model's forward pass; Flower shows every job, and --loglevel DEBUG brings them back
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+        logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
+    logging.getLogger("celery.app.trace").addFilter(_handed_back)
 
 
 def run_worker(
@@ -170,12 +189,7 @@ def run_worker(
 
     Returns the exit status: 0 after a requested stop (SIGTERM, SIGINT), 3 when the
     model could not be loaded, non-zero when the worker stopped on an error."""
-    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # one line per job received and done, with the result's repr, costs more than a small
-    # model's forward pass; Flower shows every job, and --loglevel DEBUG brings them back
-    if logging.getLogger().level > logging.DEBUG:
-        logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
-        logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
+    _set_up_logging(loglevel)
     liveness = liveness or LivenessSettings()
     deployment = pin_device(deployment, gpu)
     # torch's OpenMP threads otherwise spin for a while after each forward pass, taking the
@@ -294,6 +308,7 @@ def run_worker(
         "heartbeat_s": liveness.heartbeat_s,
         "dead_after_s": liveness.dead_after_s,
     }
+    engine_stopped = threading.Event()  # by this function: not a failure to exit 70 for
     heartbeat = Heartbeat(
         registry.redis,
         deployment.name,
@@ -304,7 +319,10 @@ def run_worker(
         observations=observations,
         # a forward pass past twice the job timeout (generation stops at it) is hung:
         # stop beating for the jobs held, so that the other workers take them
-        healthy=lambda: engine.alive and not engine.stuck(2 * deployment.job_timeout_s + 5),
+        healthy=lambda: (
+            engine_stopped.is_set()
+            or (engine.alive and not engine.stuck(2 * deployment.job_timeout_s + 5))
+        ),
         on_lost=on_lost,
         result_ttl_s=_app.RESULT_TTL_S,
     )
@@ -342,6 +360,7 @@ def run_worker(
             ]
         )
     finally:
+        engine_stopped.set()
         engine.stop()  # the continuous batcher stops its fallback too
         heartbeat.stop()
     if isinstance(status, int) and status != 0:

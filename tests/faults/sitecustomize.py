@@ -8,7 +8,8 @@ over an input containing:
     pipeq-fault:sleep=<s>   sleeps that long first (a long job)
 
 and every forward pass sleeps $PIPEQ_FAULTS_FORWARD_S first (a slow model), every
-continuous-batching decoding step $PIPEQ_FAULTS_STEP_S (a slow generator). With
+continuous-batching decoding step $PIPEQ_FAULTS_STEP_S (a slow generator), and a
+continuous-batching manager's stop $PIPEQ_FAULTS_STOP_S after it stopped (a slow stop). With
 $PIPEQ_FAULTS_LOG, each forward appends one line per input: "<pid>\t<input>".
 """
 
@@ -50,3 +51,11 @@ if os.environ.get("PIPEQ_FAULTS"):
         return _step(self)
 
     continuous_api.ContinuousBatchingManager._generation_step = _slow_step
+
+    _stop = continuous_api.ContinuousBatchingManager.stop
+
+    def _slow_stop(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        _stop(self, *args, **kwargs)
+        time.sleep(float(os.environ.get("PIPEQ_FAULTS_STOP_S") or 0))
+
+    continuous_api.ContinuousBatchingManager.stop = _slow_stop
