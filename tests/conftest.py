@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -117,8 +118,19 @@ def paused(client: Client, deployment: str) -> Iterator[None]:
     from pipeq._app import queue_for
 
     workers = client.registry.live_workers(deployment)
+    assert workers, f"no live worker of {deployment} to pause"
     queue = queue_for(deployment)
-    client.app.control.cancel_consumer(queue, destination=workers, reply=True)
+    # a worker that has just started may not listen to broadcasts yet: ask until every
+    # one of them has answered that it stopped consuming
+    deadline = time.monotonic() + 30
+    while True:
+        replies = client.app.control.cancel_consumer(
+            queue, destination=workers, reply=True, timeout=2
+        )
+        answered = {name for reply in replies or [] for name in reply}
+        if answered >= set(workers):
+            break
+        assert time.monotonic() < deadline, f"not paused: only {answered} of {workers} answered"
     try:
         yield
     finally:
