@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,14 @@ def paused(client: Client, deployment: str) -> Iterator[None]:
 
     workers = client.registry.live_workers(deployment)
     queue = queue_for(deployment)
-    client.app.control.cancel_consumer(queue, destination=workers, reply=True)
+    # a worker that has just announced itself may not answer control commands yet: ask
+    # again until every one of them says it stopped consuming
+    deadline = time.monotonic() + 30
+    while True:
+        replies = client.app.control.cancel_consumer(queue, destination=workers, reply=True)
+        if {name for reply in replies or [] for name in reply} >= set(workers):
+            break
+        assert time.monotonic() < deadline, f"{deployment}: {workers} did not pause: {replies}"
     try:
         yield
     finally:

@@ -385,22 +385,24 @@ def test_a_body_a_worker_would_set_aside_fails_at_once_and_enqueues_nothing(
 
 
 @pytest.mark.parametrize(
-    ("argv", "env", "outcome"),
+    ("argv", "env", "outcome", "api_open"),
     [
-        ([], {}, "127.0.0.1"),  # no password: this host only, whatever Flower's default
-        (["--address=0.0.0.0"], {}, "refused"),
-        (["--address", "10.0.0.5"], {}, "refused"),
-        (["--address=127.0.0.1"], {}, None),
-        (["--address=0.0.0.0"], {"FLOWER_BASIC_AUTH": "a:b"}, None),
-        (["--address=0.0.0.0"], {"FLOWER_BASIC_AUTH": " "}, "refused"),
-        ([], {"FLOWER_ADDRESS": "0.0.0.0"}, "refused"),
+        ([], {}, "127.0.0.1", True),  # no password: this host only, whatever Flower's default
+        (["--address=0.0.0.0"], {}, "refused", False),
+        (["--address", "10.0.0.5"], {}, "refused", False),
+        (["--address=127.0.0.1"], {}, None, True),
+        (["--address=0.0.0.0"], {"FLOWER_BASIC_AUTH": "a:b"}, None, False),
+        (["--address=0.0.0.0"], {"FLOWER_BASIC_AUTH": " "}, "refused", False),
+        ([], {"FLOWER_ADDRESS": "0.0.0.0"}, "refused", False),
+        ([], {"FLOWER_UNAUTHENTICATED_API": "false"}, "127.0.0.1", False),  # as asked
     ],
 )
 def test_flower_run_by_hand_never_shows_jobs_beyond_this_host_without_a_password(
-    argv: list[str], env: dict[str, str], outcome: str | None
+    argv: list[str], env: dict[str, str], outcome: str | None, api_open: bool
 ) -> None:
     """`celery -A pipeq._flower flower` (the docs' command outside `pipeq up`): Flower's
-    UI pages show every job's input and bound every interface by default."""
+    UI pages show every job's input and bound every interface by default. On this host
+    alone its API is open, as under `pipeq up`."""
     from pipeq._flower import guard_exposure
 
     if outcome == "refused":
@@ -410,3 +412,135 @@ def test_flower_run_by_hand_never_shows_jobs_beyond_this_host_without_a_password
     env = dict(env)
     guard_exposure(["celery", "flower", *argv], env)
     assert env.get("FLOWER_ADDRESS") == outcome
+    assert (env.get("FLOWER_UNAUTHENTICATED_API") == "true") is api_open
+
+
+def _wait_ok(what: str, check: Any, timeout_s: float = 60) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(0.2)
+
+
+def test_flower_run_by_hand_answers_its_api_on_loopback(
+    stacks: dict[str, Up], tmp_path: Path
+) -> None:
+    """The README's `celery -A pipeq._flower flower` does what `pipeq up`'s does: on this
+    host its API answers without a password (it answered 401)."""
+    up = stacks["open"]
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWER_", "PIPEQ_FLOWER_"))}
+    env["PIPEQ_REDIS_URL"] = up.redis_url
+    with open(tmp_path / "flower.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "pipeq._flower", "flower", f"--port={port}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    by_hand = Up(proc, up.redis_port, port)  # type: ignore[arg-type]
+    try:
+
+        def answers() -> bool:
+            try:
+                return by_hand.call("GET", "/healthcheck")[0] == 200
+            except urllib.error.URLError:
+                assert proc.poll() is None, (tmp_path / "flower.log").read_text()
+                return False
+
+        _wait_ok("Flower answers", answers)
+        status, lengths = by_hand.call("GET", "/api/queues/length")
+        assert status == 200, lengths
+        names = {q["name"] for q in lengths["active_queues"]}
+        assert names == {"pipeq.sentiment-analysis", "pipeq.feature-extraction"}, lengths
+        status, sent = by_hand.call(
+            "POST", "/api/task/send-task/pipeq.run", {**JOB, "queue": "pipeq.sentiment-analysis"}
+        )
+        assert status == 200, sent
+        assert _is_sentiment(_result(by_hand, sent["task-id"])["result"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def _task_info(up: Up, job_id: str) -> dict[str, Any] | None:
+    status, body = up.call("GET", f"/api/task/info/{job_id}")
+    assert status in (200, 404), body
+    return body if status == 200 else None
+
+
+def test_a_waiting_job_has_its_flower_row_from_submit(stacks: dict[str, Up]) -> None:
+    """Flower learns of a job from Celery's task-sent event, which pipeq's enqueue
+    publishes: a job still in the queue is PENDING there (it was a 404 until a worker
+    took it), sent by pipeq's client or through Flower itself."""
+    up = stacks["open"]
+    with Client(up.redis_url) as client:
+        with paused(client, "sentiment-analysis"):
+            job = client.submit("sentiment-analysis", TEXT, top_k=2)
+            status, sent = up.call(
+                "POST",
+                "/api/task/send-task/pipeq.run",
+                {**JOB, "queue": "pipeq.sentiment-analysis"},
+            )
+            assert status == 200, sent
+            for job_id in (job.id, sent["task-id"]):
+                row = _wait_ok("the queued job's row", lambda i=job_id: _task_info(up, i), 10)
+                assert row["state"] == "PENDING", row
+                assert row["name"] == "pipeq.run[sentiment-analysis]", row
+                assert row["routing_key"] == "pipeq.sentiment-analysis", row
+                assert row["client"], row  # the producer that sent it
+            assert client.job(job.id).status() is JobState.QUEUED  # no worker has it yet
+            assert "'top_k': 2" in (_task_info(up, job.id) or {})["kwargs"]
+        assert len(job.result(timeout=30)[0]) == 2
+        done = _wait_ok(
+            "the row's outcome",
+            lambda: (lambda r: r if r and r["state"] == "SUCCESS" else None)(
+                _task_info(up, job.id)
+            ),
+            30,
+        )
+        assert done["worker"].startswith("pipeq.sentiment-analysis."), done
+
+
+def test_a_deployment_announced_after_flower_started_is_listed_with_its_waiting_jobs(
+    stacks: dict[str, Up], deployments: dict[str, Any], tmp_path: Path
+) -> None:
+    """Flower listed the queues of the workers it had inspected (at its start, or at a
+    refresh), and nothing else: a deployment that came later was missing from its
+    Broker page and /api/queues/length, whatever waited in its queue."""
+    up = stacks["open"]
+    # a refresh, as Flower's UI does: Flower now lists the queues of these two workers
+    _wait_ok(
+        "Flower inspects the two workers",
+        lambda: len(up.call("GET", "/api/workers?refresh=1")[1]) == 2,
+    )
+    config = write_config({"fill-mask": deployments["fill-mask"]}, tmp_path / "later.toml")
+    env = {**os.environ, "PIPEQ_REDIS_URL": up.redis_url}
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pipeq", "worker", "fill-mask", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    with Client(up.redis_url) as client:
+        try:
+            _wait_ok("the new worker beats", lambda: client.registry.live_workers("fill-mask"), 120)
+            with paused(client, "fill-mask"):
+                jobs = [client.submit("fill-mask", "Paris is the <mask> of France.") for _ in "abc"]
+                status, lengths = up.call("GET", "/api/queues/length")
+                assert status == 200, lengths
+                assert {"name": "pipeq.fill-mask", "messages": 3} in lengths["active_queues"]
+                assert "pipeq.sentiment-analysis" in str(lengths)  # the others stay listed
+                status, page = up.call("GET", "/broker")
+                assert status == 200 and "pipeq.fill-mask" in page
+            assert all(len(job.result(timeout=30)) == 5 for job in jobs)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(60)
+            client.registry.forget("fill-mask")  # the module's other tests know two
