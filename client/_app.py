@@ -7,6 +7,8 @@ setting that must agree on both sides (serializer, acks, result TTL) is here.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -198,6 +200,7 @@ class _Channel(kombu_redis.Channel):
         moment it is accepted. Celery's own (`task_send_sent_event`) costs a second round
         trip and most of a send's CPU; this one travels with the enqueue script, which
         publishes it once the job is accepted (bench/sent_event_cost.py)."""
+        pid = os.getpid()
         event = {
             "type": "task-sent",
             "uuid": headers["id"],
@@ -210,25 +213,30 @@ class _Channel(kombu_redis.Channel):
             "root_id": headers.get("root_id"),
             "parent_id": headers.get("parent_id"),
             "queue": queue,
-            "exchange": "",
             "routing_key": queue,
-            "hostname": anon_nodename(),  # the producer, as Celery names it
-            "pid": os.getpid(),
+            "hostname": _producer_name(pid),
+            "pid": pid,
             "utcoffset": utcoffset(),
             "timestamp": time.time(),
         }
-        return dumps(  # type: ignore[no-any-return,no-untyped-call]
-            {
-                "body": dumps(event),  # type: ignore[no-untyped-call]
-                "content-encoding": "utf-8",
-                "content-type": "application/json",
-                "headers": {},
-                "properties": {
-                    "delivery_tag": headers["id"],
-                    "delivery_info": {"exchange": EVENT_EXCHANGE_NAME, "routing_key": "task.sent"},
-                },
-            }
-        )
+        message = {
+            "body": json.dumps(event, default=str),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {},
+            "properties": {"delivery_tag": headers["id"], "delivery_info": _SENT_DELIVERY},
+        }
+        return json.dumps(message)
+
+
+#: where a task-sent event goes: Celery's event exchange, as kombu routes it on Redis
+_SENT_DELIVERY = {"exchange": EVENT_EXCHANGE_NAME, "routing_key": "task.sent"}
+
+
+@functools.cache
+def _producer_name(pid: int) -> str:
+    """Process `pid` (this one) as Celery names a producer: `gen<pid>@<host>`."""
+    return str(anon_nodename())
 
 
 class Transport(kombu_redis.Transport):
