@@ -99,7 +99,7 @@ def test_every_code_block_is_marked() -> None:
 # --- illustrative: parse ----------------------------------------------------------------
 
 
-def _python(code: str) -> None:
+def _python(code: str, tmp: Path) -> None:
     ast.parse(code)
 
 
@@ -111,11 +111,11 @@ def _toml(code: str, tmp: Path) -> None:
     assert load_deployments(path)
 
 
-def _yaml(code: str) -> None:
+def _yaml(code: str, tmp: Path) -> None:
     list(yaml.safe_load_all(code))
 
 
-def _shell(code: str) -> None:
+def _shell(code: str, tmp: Path) -> None:
     out = subprocess.run(["bash", "-n"], input=code, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 
@@ -142,16 +142,20 @@ def _promql(code: str, tmp: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-PARSERS: dict[str, Callable[..., None]] = {
+def _text(code: str, tmp: Path) -> None:
+    """A diagram, a synopsis, sample output: nothing to parse."""
+
+
+PARSERS: dict[str, Callable[[str, Path], object]] = {
     "python": _python,
     "toml": _toml,
     "yaml": _yaml,
     "sh": _shell,
     "bash": _shell,
-    "json": json.loads,
+    "json": lambda code, tmp: json.loads(code),
     "promql": _promql,
-    "": lambda code: None,  # text: a diagram, a synopsis, sample output
-    "text": lambda code: None,
+    "": _text,
+    "text": _text,
 }
 
 
@@ -162,10 +166,7 @@ def test_an_illustrative_block_parses(block: Block, tmp_path: Path) -> None:
         f"{block.where}: no parser for {block.lang!r}; known: {sorted(PARSERS)} "
         "(`text` for anything else)"
     )
-    if parse.__code__.co_argcount == 2:
-        parse(block.code, tmp_path)
-    else:
-        parse(block.code)
+    parse(block.code, tmp_path)
 
 
 # --- runs: against the session's stack -------------------------------------------------
@@ -235,3 +236,23 @@ def test_a_runnable_block_runs_as_written(
         timeout=RUN_TIMEOUT_S,
     )
     assert out.returncode == 0, f"{block.where}: exit {out.returncode}\n{out.stdout}\n{out.stderr}"
+
+
+def test_a_mark_is_the_comment_right_before_a_block_and_illustrative_says_why(
+    tmp_path: Path,
+) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "text\n\n<!-- runs -->\n```python\nprint(1)\n```\n\n"
+        "<!-- illustrative: needs a GPU -->\n```sh\nnvidia-smi\n```\n\n"
+        "<!-- illustrative -->\n```sh\nno reason given\n```\n\n"
+        "<!-- runs -->\n\nA paragraph between.\n\n```sh\nunmarked\n```\n\n"
+        "- in a list:\n\n  <!-- runs -->\n  ```sh\n  pipeq status\n  ```\n"
+    )
+    assert [(b.line, b.lang, b.mark) for b in blocks_of(page)] == [
+        (4, "python", "runs"),
+        (9, "sh", "illustrative"),
+        (14, "sh", None),
+        (22, "sh", None),
+        (29, "sh", "runs"),
+    ]
