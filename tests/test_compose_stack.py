@@ -40,7 +40,8 @@ import pytest
 from pipeq import Client, pipeline
 from pipeq._app import queue_for
 
-from .conftest import ROOT, free_port
+from .cluster import wait_until
+from .conftest import ROOT, free_port, is_sentiment
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -240,6 +241,7 @@ def installed_in_image() -> dict[str, Any]:
 
 
 def http_get(url: str, auth: str | None = None) -> tuple[int, str]:
+    """(status, body); (0, why) while nothing answers there."""
     request = urllib.request.Request(url)
     if auth:
         request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
@@ -248,28 +250,8 @@ def http_get(url: str, auth: str | None = None) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode(errors="replace")
-
-
-def wait_for(what: str, check: Any, timeout_s: float = 300) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            got = check()
-        except (OSError, urllib.error.URLError):
-            got = None
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
-        time.sleep(0.5)
-
-
-def _is_sentiment(result: Any) -> bool:
-    return (
-        isinstance(result, list)
-        and len(result) == 1
-        and set(result[0]) == {"label", "score"}
-        and result[0]["label"] in ("POSITIVE", "NEGATIVE")
-    )
+    except (urllib.error.URLError, ConnectionError) as e:
+        return 0, str(e)
 
 
 def test_the_tiny_compose_stack_serves_a_producer_on_this_host_scales_and_leaves_nothing(
@@ -338,8 +320,8 @@ def _serve_and_scale(run_compose: Any, ports: dict[str, int], auth: str, stages:
     url = f"redis://127.0.0.1:{ports['REDIS']}/0"
     flower = f"http://127.0.0.1:{ports['FLOWER']}"
     with Client(url) as client:
-        [first] = wait_for(
-            "the sentiment worker beats", lambda: client.registry.live_workers(DEPLOYMENT)
+        [first] = wait_until(
+            lambda: client.registry.live_workers(DEPLOYMENT), 300, "the sentiment worker beats"
         )
         stages.done("worker ready")
         # a producer on this host, as the README's: pipeline() over the published port
@@ -348,25 +330,26 @@ def _serve_and_scale(run_compose: Any, ports: dict[str, int], auth: str, stages:
         assert len(results) == len(TEXTS) and all(
             r["label"] in ("POSITIVE", "NEGATIVE") for r in results
         ), results
-        assert _is_sentiment(client.submit(DEPLOYMENT, TEXTS[0]).result(timeout=60))
+        assert is_sentiment(client.submit(DEPLOYMENT, TEXTS[0]).result(timeout=60))
 
         # Flower behind its password, and the exporter, on their host ports
         def queues() -> str | None:
             status, body = http_get(f"{flower}/api/queues/length", auth)
             return body if status == 200 else None
 
-        assert queue_for(DEPLOYMENT) in wait_for("Flower answers", queues)
+        assert queue_for(DEPLOYMENT) in wait_until(queues, 120, "Flower answers")
         assert http_get(f"{flower}/api/queues/length")[0] == 401
         metrics = http_get(f"http://127.0.0.1:{ports['EXPORTER']}/metrics")[1]
         assert f'pipeq_workers{{deployment="{DEPLOYMENT}"}} 1.0' in metrics, metrics
         stages.done("jobs, Flower, exporter")
 
         run_compose("up", "-d", "--no-build", "--scale", "sentiment=2")
-        both = wait_for(
-            "a second sentiment worker beats",
+        both = wait_until(
             lambda: (lambda w: w if len(w) == 2 else None)(
                 client.registry.live_workers(DEPLOYMENT)
             ),
+            300,
+            "a second sentiment worker beats",
         )
         [added] = set(both) - {first}
         # the first worker stops taking jobs: what is answered now, the added worker ran
@@ -374,7 +357,7 @@ def _serve_and_scale(run_compose: Any, ports: dict[str, int], auth: str, stages:
         client.app.control.cancel_consumer(queue, destination=[first], reply=True)
         try:
             jobs = [client.submit(DEPLOYMENT, text) for text in TEXTS]
-            assert all(_is_sentiment(job.result(timeout=60)) for job in jobs)
+            assert all(is_sentiment(job.result(timeout=60)) for job in jobs)
         finally:
             client.app.control.add_consumer(queue, destination=[first], reply=True)
 
@@ -382,6 +365,6 @@ def _serve_and_scale(run_compose: Any, ports: dict[str, int], auth: str, stages:
             status, body = http_get(f"{flower}/api/task/info/{job_id}", auth)
             return json.loads(body).get("worker") if status == 200 else None
 
-        ran_on = wait_for("Flower names the worker of a job", lambda: worker_of(jobs[0].id))
+        ran_on = wait_until(lambda: worker_of(jobs[0].id), 60, "Flower names the job's worker")
         assert ran_on == added, (ran_on, added, first)
         stages.done("scale to 2")

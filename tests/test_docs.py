@@ -24,13 +24,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import tomllib
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +38,7 @@ from markdown_it import MarkdownIt
 from pipeq._config import load_deployments
 from pipeq._stack import Stack
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT, flower_by_hand
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARK = re.compile(r"^<!--\s*(runs|illustrative:\s*(?P<why>\S.*?))\s*-->\s*$")
@@ -175,32 +171,8 @@ def test_an_illustrative_block_parses(block: Block, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def doc_flower(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """Flower as the README starts it by hand, on the stack's Redis; its port."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("doc-flower") / "flower.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWER_", "PIPEQ_FLOWER"))}
-    env["PIPEQ_REDIS_URL"] = stack.url
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "pipeq._flower", "flower", f"--port={port}"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=5):
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "Flower did not answer within 60 s"
-                time.sleep(0.2)
+    with flower_by_hand(stack.url, tmp_path_factory.mktemp("doc-flower") / "flower.log") as port:
         yield port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
 
 
 RUNNERS = {

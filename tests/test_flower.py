@@ -25,7 +25,8 @@ from pipeq._stack import is_loopback, port_free
 from pipeq.errors import InvalidRequest, UnknownDeployment
 from pipeq.worker.demo import write_config
 
-from .conftest import free_port, paused
+from .cluster import wait_until
+from .conftest import flower_by_hand, free_port, is_sentiment, paused
 
 AUTH = "alice:s3cret-pw"
 TEXT = "I've been waiting for a HuggingFace course my whole life."
@@ -174,15 +175,6 @@ def _result(up: Up, job_id: str) -> dict[str, Any]:
         time.sleep(0.1)
 
 
-def _is_sentiment(result: Any) -> bool:
-    return (
-        isinstance(result, list)
-        and len(result) == 1
-        and set(result[0]) == {"label", "score"}
-        and result[0]["label"] in ("POSITIVE", "NEGATIVE")
-    )
-
-
 def test_send_task_with_a_queue_runs_the_job_and_flower_reads_its_result(
     stacks: dict[str, Up],
 ) -> None:
@@ -193,7 +185,7 @@ def test_send_task_with_a_queue_runs_the_job_and_flower_reads_its_result(
     assert status == 200, sent
     body = _result(up, sent["task-id"])
     assert body["state"] == "SUCCESS", body
-    assert _is_sentiment(body["result"]), body
+    assert is_sentiment(body["result"]), body
     with Client(up.redis_url) as client:  # the same job, to pipeq's own client
         assert client.job(sent["task-id"]).result(timeout=5) == body["result"]
 
@@ -269,7 +261,7 @@ def test_a_job_sent_through_flower_counts_in_the_depth_and_the_queue_length(
             assert client.depth("sentiment-analysis").waiting == 1
             status, lengths = up.call("GET", "/api/queues/length")
             assert {"name": "pipeq.sentiment-analysis", "messages": 1} in lengths["active_queues"]
-        assert _is_sentiment(client.job(sent["task-id"]).result(timeout=30))
+        assert is_sentiment(client.job(sent["task-id"]).result(timeout=30))
 
 
 def test_the_broker_page_lists_the_deployments_queues_from_the_start(
@@ -295,7 +287,7 @@ def test_the_api_asks_for_the_password_when_auth_is_configured(stacks: dict[str,
         "POST", "/api/task/send-task/pipeq.run", {**JOB, "queue": "pipeq.sentiment-analysis"}
     )
     assert status == 200, sent
-    assert _is_sentiment(_result(up, sent["task-id"])["result"])
+    assert is_sentiment(_result(up, sent["task-id"])["result"])
 
 
 def test_the_api_is_open_on_loopback_without_auth(stacks: dict[str, Up]) -> None:
@@ -415,44 +407,14 @@ def test_flower_run_by_hand_never_shows_jobs_beyond_this_host_without_a_password
     assert (env.get("FLOWER_UNAUTHENTICATED_API") == "true") is api_open
 
 
-def _wait_ok(what: str, check: Any, timeout_s: float = 60) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
-        time.sleep(0.2)
-
-
 def test_flower_run_by_hand_answers_its_api_on_loopback(
     stacks: dict[str, Up], tmp_path: Path
 ) -> None:
     """The README's `celery -A pipeq._flower flower` does what `pipeq up`'s does: on this
     host its API answers without a password (it answered 401)."""
     up = stacks["open"]
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWER_", "PIPEQ_FLOWER_"))}
-    env["PIPEQ_REDIS_URL"] = up.redis_url
-    with open(tmp_path / "flower.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "pipeq._flower", "flower", f"--port={port}"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    by_hand = Up(proc, up.redis_port, port)  # type: ignore[arg-type]
-    try:
-
-        def answers() -> bool:
-            try:
-                return by_hand.call("GET", "/healthcheck")[0] == 200
-            except urllib.error.URLError:
-                assert proc.poll() is None, (tmp_path / "flower.log").read_text()
-                return False
-
-        _wait_ok("Flower answers", answers)
+    with flower_by_hand(up.redis_url, tmp_path / "flower.log") as port:
+        by_hand = Up(up.proc, up.redis_port, port)
         status, lengths = by_hand.call("GET", "/api/queues/length")
         assert status == 200, lengths
         names = {q["name"] for q in lengths["active_queues"]}
@@ -461,10 +423,7 @@ def test_flower_run_by_hand_answers_its_api_on_loopback(
             "POST", "/api/task/send-task/pipeq.run", {**JOB, "queue": "pipeq.sentiment-analysis"}
         )
         assert status == 200, sent
-        assert _is_sentiment(_result(by_hand, sent["task-id"])["result"])
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        assert is_sentiment(_result(by_hand, sent["task-id"])["result"])
 
 
 def _task_info(up: Up, job_id: str) -> dict[str, Any] | None:
@@ -488,7 +447,7 @@ def test_a_waiting_job_has_its_flower_row_from_submit(stacks: dict[str, Up]) -> 
             )
             assert status == 200, sent
             for job_id in (job.id, sent["task-id"]):
-                row = _wait_ok("the queued job's row", lambda i=job_id: _task_info(up, i), 10)
+                row = wait_until(lambda i=job_id: _task_info(up, i), 10, "the queued job's row")
                 assert row["state"] == "PENDING", row
                 assert row["name"] == "pipeq.run[sentiment-analysis]", row
                 assert row["routing_key"] == "pipeq.sentiment-analysis", row
@@ -496,12 +455,12 @@ def test_a_waiting_job_has_its_flower_row_from_submit(stacks: dict[str, Up]) -> 
             assert client.job(job.id).status() is JobState.QUEUED  # no worker has it yet
             assert "'top_k': 2" in (_task_info(up, job.id) or {})["kwargs"]
         assert len(job.result(timeout=30)[0]) == 2
-        done = _wait_ok(
-            "the row's outcome",
+        done = wait_until(
             lambda: (lambda r: r if r and r["state"] == "SUCCESS" else None)(
                 _task_info(up, job.id)
             ),
             30,
+            "the row's outcome",
         )
         assert done["worker"].startswith("pipeq.sentiment-analysis."), done
 
@@ -514,9 +473,10 @@ def test_a_deployment_announced_after_flower_started_is_listed_with_its_waiting_
     Broker page and /api/queues/length, whatever waited in its queue."""
     up = stacks["open"]
     # a refresh, as Flower's UI does: Flower now lists the queues of these two workers
-    _wait_ok(
-        "Flower inspects the two workers",
+    wait_until(
         lambda: len(up.call("GET", "/api/workers?refresh=1")[1]) == 2,
+        60,
+        "Flower inspects the two workers",
     )
     config = write_config({"fill-mask": deployments["fill-mask"]}, tmp_path / "later.toml")
     env = {**os.environ, "PIPEQ_REDIS_URL": up.redis_url}
@@ -530,7 +490,7 @@ def test_a_deployment_announced_after_flower_started_is_listed_with_its_waiting_
         )
     with Client(up.redis_url) as client:
         try:
-            _wait_ok("the new worker beats", lambda: client.registry.live_workers("fill-mask"), 120)
+            wait_until(lambda: client.registry.live_workers("fill-mask"), 120, "a new worker")
             with paused(client, "fill-mask"):
                 jobs = [client.submit("fill-mask", "Paris is the <mask> of France.") for _ in "abc"]
                 status, lengths = up.call("GET", "/api/queues/length")
