@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from pipeq import Client, JobState
-from pipeq._stack import is_loopback, port_free
+from pipeq._stack import is_loopback, port_free, stop_process
 from pipeq.errors import InvalidRequest, UnknownDeployment
 from pipeq.worker.demo import write_config
 
@@ -501,6 +501,8 @@ def test_a_deployment_announced_after_flower_started_is_listed_with_its_waiting_
                 assert status == 200 and "pipeq.fill-mask" in page
             assert all(len(job.result(timeout=30)) == 5 for job in jobs)
         finally:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(60)
-            client.registry.forget("fill-mask")  # the module's other tests know two
+            stop_process(worker, grace_s=120)  # SIGTERM; SIGKILL if it outlasts the grace
+            # the module's other tests know two deployments (a killed worker counts as
+            # live until its dead_after_s has passed)
+            wait_until(lambda: not client.registry.live_workers("fill-mask"), 60, "no worker")
+            client.registry.forget("fill-mask")
