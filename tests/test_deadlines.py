@@ -162,5 +162,5 @@ def test_flower_shows_a_job_started_only_when_its_forward_pass_begins_and_revoke
             held.result(timeout=30)
             until(lambda: kinds(held.id)[-1:] == ["task-succeeded"])
             until(lambda: "task-revoked" in kinds(doomed.id))
-    assert kinds(held.id) == ["task-received", "task-started", "task-succeeded"]
+    assert kinds(held.id) == ["task-sent", "task-received", "task-started", "task-succeeded"]
     assert "task-started" not in kinds(doomed.id)

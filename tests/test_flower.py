@@ -21,12 +21,12 @@ import pytest
 import redis
 
 from pipeq import Client, Job, JobCancelled, JobState
-from pipeq._stack import is_loopback, port_free
+from pipeq._stack import is_loopback, port_free, stop_process
 from pipeq.errors import InvalidRequest, UnknownDeployment
 from pipeq.worker.demo import write_config
 
 from .cluster import wait_until
-from .conftest import free_port, paused
+from .conftest import flower_by_hand, free_port, is_sentiment, paused
 
 AUTH = "alice:s3cret-pw"
 TEXT = "I've been waiting for a HuggingFace course my whole life."
@@ -177,15 +177,6 @@ def _result(up: Up, job_id: str) -> dict[str, Any]:
         time.sleep(0.1)
 
 
-def _is_sentiment(result: Any) -> bool:
-    return (
-        isinstance(result, list)
-        and len(result) == 1
-        and set(result[0]) == {"label", "score"}
-        and result[0]["label"] in ("POSITIVE", "NEGATIVE")
-    )
-
-
 def test_send_task_with_a_queue_runs_the_job_and_flower_reads_its_result(
     stacks: dict[str, Up],
 ) -> None:
@@ -196,7 +187,7 @@ def test_send_task_with_a_queue_runs_the_job_and_flower_reads_its_result(
     assert status == 200, sent
     body = _result(up, sent["task-id"])
     assert body["state"] == "SUCCESS", body
-    assert _is_sentiment(body["result"]), body
+    assert is_sentiment(body["result"]), body
     with Client(up.redis_url) as client:  # the same job, to pipeq's own client
         assert client.job(sent["task-id"]).result(timeout=5) == body["result"]
 
@@ -272,7 +263,7 @@ def test_a_job_sent_through_flower_counts_in_the_depth_and_the_queue_length(
             assert client.depth("sentiment-analysis").waiting == 1
             status, lengths = up.call("GET", "/api/queues/length")
             assert {"name": "pipeq.sentiment-analysis", "messages": 1} in lengths["active_queues"]
-        assert _is_sentiment(client.job(sent["task-id"]).result(timeout=30))
+        assert is_sentiment(client.job(sent["task-id"]).result(timeout=30))
 
 
 def test_the_broker_page_lists_the_deployments_queues_from_the_start(
@@ -299,7 +290,7 @@ def test_the_api_asks_for_the_password_when_auth_is_configured(stacks: dict[str,
         "POST", "/api/task/send-task/pipeq.run", {**JOB, "queue": "pipeq.sentiment-analysis"}
     )
     assert status == 200, sent
-    assert _is_sentiment(_result(up, sent["task-id"])["result"])
+    assert is_sentiment(_result(up, sent["task-id"])["result"])
 
 
 def test_the_api_is_open_on_loopback_without_auth(stacks: dict[str, Up]) -> None:
@@ -389,22 +380,24 @@ def test_a_body_a_worker_would_set_aside_fails_at_once_and_enqueues_nothing(
 
 
 @pytest.mark.parametrize(
-    ("argv", "env", "outcome"),
+    ("argv", "env", "outcome", "api_open"),
     [
-        ([], {}, "127.0.0.1"),  # no password: this host only, whatever Flower's default
-        (["--address=0.0.0.0"], {}, "refused"),
-        (["--address", "10.0.0.5"], {}, "refused"),
-        (["--address=127.0.0.1"], {}, None),
-        (["--address=0.0.0.0"], {"FLOWER_BASIC_AUTH": "a:b"}, None),
-        (["--address=0.0.0.0"], {"FLOWER_BASIC_AUTH": " "}, "refused"),
-        ([], {"FLOWER_ADDRESS": "0.0.0.0"}, "refused"),
+        ([], {}, "127.0.0.1", True),  # no password: this host only, whatever Flower's default
+        (["--address=0.0.0.0"], {}, "refused", False),
+        (["--address", "10.0.0.5"], {}, "refused", False),
+        (["--address=127.0.0.1"], {}, None, True),
+        (["--address=0.0.0.0"], {"FLOWER_BASIC_AUTH": "a:b"}, None, False),
+        (["--address=0.0.0.0"], {"FLOWER_BASIC_AUTH": " "}, "refused", False),
+        ([], {"FLOWER_ADDRESS": "0.0.0.0"}, "refused", False),
+        ([], {"FLOWER_UNAUTHENTICATED_API": "false"}, "127.0.0.1", False),  # as asked
     ],
 )
 def test_flower_run_by_hand_never_shows_jobs_beyond_this_host_without_a_password(
-    argv: list[str], env: dict[str, str], outcome: str | None
+    argv: list[str], env: dict[str, str], outcome: str | None, api_open: bool
 ) -> None:
     """`celery -A pipeq._flower flower` (the docs' command outside `pipeq up`): Flower's
-    UI pages show every job's input and bound every interface by default."""
+    UI pages show every job's input and bound every interface by default. On this host
+    alone its API is open, as under `pipeq up`."""
     from pipeq._flower import guard_exposure
 
     if outcome == "refused":
@@ -414,6 +407,7 @@ def test_flower_run_by_hand_never_shows_jobs_beyond_this_host_without_a_password
     env = dict(env)
     guard_exposure(["celery", "flower", *argv], env)
     assert env.get("FLOWER_ADDRESS") == outcome
+    assert (env.get("FLOWER_UNAUTHENTICATED_API") == "true") is api_open
 
 
 def test_revoke_and_terminate_do_what_cancel_does_or_say_why_not(stacks: dict[str, Up]) -> None:
@@ -473,3 +467,104 @@ def test_revoke_and_terminate_do_what_cancel_does_or_say_why_not(stacks: dict[st
     logs = next(line.split()[-1] for line in up.lines if line.startswith("logs:"))
     worker_log = (Path(logs) / f"{gen}.log").read_text(errors="replace")
     assert "NotImplementedError" not in worker_log and "Traceback" not in worker_log
+
+
+def test_flower_run_by_hand_answers_its_api_on_loopback(
+    stacks: dict[str, Up], tmp_path: Path
+) -> None:
+    """The README's `celery -A pipeq._flower flower` does what `pipeq up`'s does: on this
+    host its API answers without a password (it answered 401)."""
+    up = stacks["open"]
+    with flower_by_hand(up.redis_url, tmp_path / "flower.log") as port:
+        by_hand = Up(up.proc, up.redis_port, port)
+        status, lengths = by_hand.call("GET", "/api/queues/length")
+        assert status == 200, lengths
+        names = {q["name"] for q in lengths["active_queues"]}
+        assert names == {"pipeq.sentiment-analysis", "pipeq.feature-extraction"}, lengths
+        status, sent = by_hand.call(
+            "POST", "/api/task/send-task/pipeq.run", {**JOB, "queue": "pipeq.sentiment-analysis"}
+        )
+        assert status == 200, sent
+        assert is_sentiment(_result(by_hand, sent["task-id"])["result"])
+
+
+def _task_info(up: Up, job_id: str) -> dict[str, Any] | None:
+    status, body = up.call("GET", f"/api/task/info/{job_id}")
+    assert status in (200, 404), body
+    return body if status == 200 else None
+
+
+def test_a_waiting_job_has_its_flower_row_from_submit(stacks: dict[str, Up]) -> None:
+    """Flower learns of a job from Celery's task-sent event, which pipeq's enqueue
+    publishes: a job still in the queue is PENDING there (it was a 404 until a worker
+    took it), sent by pipeq's client or through Flower itself."""
+    up = stacks["open"]
+    with Client(up.redis_url) as client:
+        with paused(client, "sentiment-analysis"):
+            job = client.submit("sentiment-analysis", TEXT, top_k=2)
+            status, sent = up.call(
+                "POST",
+                "/api/task/send-task/pipeq.run",
+                {**JOB, "queue": "pipeq.sentiment-analysis"},
+            )
+            assert status == 200, sent
+            for job_id in (job.id, sent["task-id"]):
+                row = wait_until(lambda i=job_id: _task_info(up, i), 10, "the queued job's row")
+                assert row["state"] == "PENDING", row
+                assert row["name"] == "pipeq.run[sentiment-analysis]", row
+                assert row["routing_key"] == "pipeq.sentiment-analysis", row
+                assert row["client"], row  # the producer that sent it
+            assert client.job(job.id).status() is JobState.QUEUED  # no worker has it yet
+            assert "'top_k': 2" in (_task_info(up, job.id) or {})["kwargs"]
+        assert len(job.result(timeout=30)[0]) == 2
+        done = wait_until(
+            lambda: (lambda r: r if r and r["state"] == "SUCCESS" else None)(
+                _task_info(up, job.id)
+            ),
+            30,
+            "the row's outcome",
+        )
+        assert done["worker"].startswith("pipeq.sentiment-analysis."), done
+
+
+def test_a_deployment_announced_after_flower_started_is_listed_with_its_waiting_jobs(
+    stacks: dict[str, Up], deployments: dict[str, Any], tmp_path: Path
+) -> None:
+    """Flower listed the queues of the workers it had inspected (at its start, or at a
+    refresh), and nothing else: a deployment that came later was missing from its
+    Broker page and /api/queues/length, whatever waited in its queue."""
+    up = stacks["open"]
+    # a refresh, as Flower's UI does: Flower now lists the queues of these two workers
+    wait_until(
+        lambda: len(up.call("GET", "/api/workers?refresh=1")[1]) == 2,
+        60,
+        "Flower inspects the two workers",
+    )
+    config = write_config({"fill-mask": deployments["fill-mask"]}, tmp_path / "later.toml")
+    env = {**os.environ, "PIPEQ_REDIS_URL": up.redis_url}
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pipeq", "worker", "fill-mask", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    with Client(up.redis_url) as client:
+        try:
+            wait_until(lambda: client.registry.live_workers("fill-mask"), 120, "a new worker")
+            with paused(client, "fill-mask"):
+                jobs = [client.submit("fill-mask", "Paris is the <mask> of France.") for _ in "abc"]
+                status, lengths = up.call("GET", "/api/queues/length")
+                assert status == 200, lengths
+                assert {"name": "pipeq.fill-mask", "messages": 3} in lengths["active_queues"]
+                assert "pipeq.sentiment-analysis" in str(lengths)  # the others stay listed
+                status, page = up.call("GET", "/broker")
+                assert status == 200 and "pipeq.fill-mask" in page
+            assert all(len(job.result(timeout=30)) == 5 for job in jobs)
+        finally:
+            stop_process(worker, grace_s=120)  # SIGTERM; SIGKILL if it outlasts the grace
+            # the module's other tests know two deployments (a killed worker counts as
+            # live until its dead_after_s has passed)
+            wait_until(lambda: not client.registry.live_workers("fill-mask"), 60, "no worker")
+            client.registry.forget("fill-mask")

@@ -175,7 +175,8 @@ def test_every_job_reaches_flower_as_received_started_then_succeeded_or_failed(
     client: Client,
 ) -> None:
     """Workers publish task events a moment after they happen, many jobs to a message;
-    each job still gets its own row, in order, with the time each step happened."""
+    each job still gets its own row, in order, with the time each step happened, from
+    the task-sent event its enqueue published (Flower shows a queued job)."""
     with flower_view(client) as (events, until):
         good = client.submit("sentiment-analysis", "You clever monster!")
         many = client.submit("sentiment-analysis", ["You clever monster!"] * 60)
@@ -194,10 +195,10 @@ def test_every_job_reaches_flower_as_received_started_then_succeeded_or_failed(
         with pytest.raises(InvalidRequest, match="malformed message"):
             malformed.result(timeout=30)
         want = {
-            good.id: ["task-received", "task-started", "task-succeeded"],
-            many.id: ["task-received", "task-started", "task-succeeded"],
-            bad.id: ["task-received", "task-started", "task-failed"],
-            malformed.id: ["task-received", "task-failed"],
+            good.id: ["task-sent", "task-received", "task-started", "task-succeeded"],
+            many.id: ["task-sent", "task-received", "task-started", "task-succeeded"],
+            bad.id: ["task-sent", "task-received", "task-started", "task-failed"],
+            malformed.id: ["task-sent", "task-received", "task-failed"],
         }
 
         def seen(job_id: str) -> Events:
@@ -207,12 +208,14 @@ def test_every_job_reaches_flower_as_received_started_then_succeeded_or_failed(
     for job_id in want:
         stamps = [e["timestamp"] for e in seen(job_id)]
         assert stamps == sorted(stamps)
-    assert seen(malformed.id)[0]["name"] == f"{RUN_TASK}[sentiment-analysis]"
-    received = seen(good.id)[0]
-    assert received["name"] == f"{RUN_TASK}[sentiment-analysis]"
-    assert received["args"] == "()"
-    assert received["kwargs"] == repr({"inputs": "You clever monster!", "params": {}})
-    shown = seen(many.id)[0]["kwargs"]  # cut to 1 kB, as Celery cuts them
+    assert seen(malformed.id)[1]["name"] == f"{RUN_TASK}[sentiment-analysis]"
+    sent, received = seen(good.id)[:2]
+    for event in (sent, received):  # the same row, before and after a worker took it
+        assert event["name"] == f"{RUN_TASK}[sentiment-analysis]"
+        assert event["args"] == "()"
+        assert event["kwargs"] == repr({"inputs": "You clever monster!", "params": {}})
+    assert sent["routing_key"] == "pipeq.sentiment-analysis"
+    shown = seen(many.id)[1]["kwargs"]  # cut to 1 kB, as Celery cuts them
     assert len(shown) == 1024 and shown.endswith("...")
     assert shown.startswith(repr({"inputs": ["You clever monster!"] * 60})[:1021])
 
