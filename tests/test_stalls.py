@@ -1,0 +1,302 @@
+"""A worker declared dead that comes back, and a Redis that refuses writes.
+
+A frozen process (SIGSTOP, a paused VM) or a stalled Redis makes a live worker look
+dead: its peers put its jobs back in the queue. When it comes back it must learn that it
+was reclaimed and drop what it no longer owns, never store, acknowledge, set aside or
+stream for it, and never move a job out of reach (`docs/guarantees.md`, "A worker that
+comes back"). A Redis refusing writes (full under `maxmemory`, a read-only replica) is a
+pause: workers wait, producers get `BrokerRefusesWrites` at once, and everything resumes
+by itself. Each test prints its counts: accepted, answered once, answered twice, lost.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from pipeq import Client, JobState
+from pipeq._config import Deployment
+from pipeq._ledger import stream_key
+
+from .cluster import Cluster, wait_until
+from .test_faults import QUICK, cluster_of, expected, sentiment, texts  # noqa: F401
+
+pytestmark = pytest.mark.timeout(240)
+
+GEN = "distilgpt2"
+FINAL = ("task-succeeded", "task-failed", "task-revoked")
+
+
+class FinalEvents:
+    """Celery's final task events per job, as Flower receives them."""
+
+    def __init__(self, client: Client) -> None:
+        self.counts: Counter[str] = Counter()
+        self._conn = client.app.connection_for_read()
+        self._receiver = client.app.events.Receiver(self._conn, handlers={"*": self._on})
+        self._thread = threading.Thread(target=self._receiver.capture, daemon=True)
+        self._thread.start()
+        time.sleep(0.5)  # subscribed before the first job is sent
+
+    def _on(self, event: dict[str, Any]) -> None:
+        if event.get("type") in FINAL:
+            self.counts[event["uuid"]] += 1
+
+    def close(self) -> None:
+        self._receiver.should_stop = True
+        self._thread.join(timeout=5)
+        self._conn.release()
+
+
+@pytest.fixture
+def final_events() -> Iterator[Any]:
+    made: list[FinalEvents] = []
+
+    def make(client: Client) -> FinalEvents:
+        made.append(FinalEvents(client))
+        return made[-1]
+
+    yield make
+    for f in made:
+        f.close()
+
+
+def settle(jobs: list[Any], quiet_s: float, limit_s: float = 150) -> None:
+    """Wait until every job is done, or none finished for `quiet_s` (the rest are lost)."""
+    deadline = time.monotonic() + limit_s
+    done, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now_done = sum(j.status().done for j in jobs)
+        if now_done == len(jobs):
+            return
+        if now_done != done:
+            done, since = now_done, time.monotonic()
+        elif time.monotonic() - since > quiet_s:
+            return
+        time.sleep(0.25)
+
+
+def counts(jobs: list[Any], events: FinalEvents) -> dict[str, int]:
+    time.sleep(1.0)  # the last events are flushed (EVENT_FLUSH_S) and received
+    finals = [events.counts[j.id] for j in jobs]
+    answered = [j.status().done for j in jobs]
+    return {
+        "accepted": len(jobs),
+        "answered once": sum(a and f <= 1 for a, f in zip(answered, finals, strict=True)),
+        "answered twice": sum(f >= 2 for f in finals),
+        "lost": sum(not a for a in answered),
+    }
+
+
+def stop(proc: Any) -> None:
+    os.kill(proc.pid, signal.SIGSTOP)
+
+
+def cont(proc: Any) -> None:
+    os.kill(proc.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("kill_after_s", [0.2, 1.5])
+def test_a_frozen_worker_that_comes_back_after_its_jobs_were_reclaimed_loses_none(
+    cluster_of: Any,  # noqa: F811
+    sentiment: Deployment,  # noqa: F811
+    final_events: Any,
+    kill_after_s: float,
+) -> None:
+    """Two workers, 300 jobs. A is SIGSTOPped until B has put A's in-flight jobs back in
+    the queue, then SIGCONTed, then SIGKILLed `kill_after_s` later. Every accepted job is
+    answered, once (one final event for Flower), with its correct result; A learns it was
+    reclaimed and exits 70 without storing, acknowledging or setting aside anything."""
+    cluster = cluster_of([sentiment], worker_env={**QUICK, "PIPEQ_FAULTS_FORWARD_S": "0.3"})
+    inputs = texts(300, "stall ")
+    with cluster.client() as client:
+        a, b = cluster.start_worker("sentiment"), cluster.start_worker("sentiment")
+        ha, _ = cluster.hostname(a, "sentiment"), cluster.hostname(b, "sentiment")
+        events = final_events(client)
+        jobs = [client.submit("sentiment", t) for t in inputs]
+        wait_until(lambda: cluster.inflight(ha) >= 16, 60, "A holds jobs")
+        stop(a)
+        wait_until(lambda: cluster.inflight(ha) == 0, 30, "B put A's jobs back")
+        cont(a)
+        time.sleep(kill_after_s)
+        a_exit = a.poll()
+        cluster.kill(a)
+        settle(jobs, quiet_s=20)
+        got = counts(jobs, events)
+        print(f"\nfrozen worker, killed {kill_after_s} s after SIGCONT: {got}; A exit {a_exit}")
+        dead_letter = cluster.redis().lrange("pipeq:dead-letter", 0, -1)
+        assert got == {"accepted": 300, "answered once": 300, "answered twice": 0, "lost": 0}
+        assert not dead_letter, dead_letter[:3]
+        for text, job in zip(inputs, jobs, strict=True):
+            assert job.result(timeout=5) == expected(sentiment.model, text)
+    assert b.poll() is None, "the survivor runs on"
+
+
+def test_a_redis_stall_longer_than_dead_after_s_fences_no_live_worker(
+    cluster_of: Any,  # noqa: F811
+    sentiment: Deployment,  # noqa: F811
+    final_events: Any,
+) -> None:
+    """Redis frozen (SIGSTOP) for longer than dead_after_s while two workers hold jobs:
+    every worker was silent, so none judges another dead when Redis is back; both run
+    on, and every job is answered once. Then a worker SIGKILLed: nothing lost."""
+    cluster = cluster_of([sentiment], worker_env={**QUICK, "PIPEQ_FAULTS_FORWARD_S": "0.3"})
+    inputs = texts(300, "redis stall ")
+    with cluster.client() as client:
+        a, b = cluster.start_worker("sentiment"), cluster.start_worker("sentiment")
+        ha, hb = cluster.hostname(a, "sentiment"), cluster.hostname(b, "sentiment")
+        events = final_events(client)
+        jobs = [client.submit("sentiment", t) for t in inputs]
+        wait_until(lambda: cluster.inflight(ha) >= 16 and cluster.inflight(hb) >= 16, 60, "held")
+        assert cluster.redis_proc is not None
+        stop(cluster.redis_proc)
+        time.sleep(4.0)  # dead_after_s is 2.5
+        cont(cluster.redis_proc)
+        time.sleep(1.5)
+        alive = (a.poll(), b.poll())
+        cluster.kill(a)
+        settle(jobs, quiet_s=20)
+        got = counts(jobs, events)
+        print(f"\nRedis stalled 4 s, then a worker SIGKILLed: {got}; exits before kill {alive}")
+        assert got == {"accepted": 300, "answered once": 300, "answered twice": 0, "lost": 0}
+        assert alive == (None, None), "a stall of Redis fenced a live worker"
+    assert b.poll() is None
+
+
+def stream_entries(r: redis.Redis, job_id: str) -> list[dict[str, str]]:
+    return [
+        {k.decode(): v.decode() for k, v in fields.items()}
+        for _, fields in r.xrange(stream_key(job_id))
+    ]
+
+
+def test_a_frozen_generation_worker_that_comes_back_writes_nothing_into_its_old_streams(
+    cluster_of: Any,  # noqa: F811
+    deployments: dict[str, Any],
+    final_events: Any,
+) -> None:
+    """Continuous batching: A is frozen mid-generation until B has reclaimed and restarted
+    its jobs, then resumed, then SIGKILLed. Each stream holds whole attempts only: after
+    its last `start`, exactly the result's text, then one `end`, the last entry; a reader
+    gets the text without StreamRestarted; each job answered once."""
+    d = deployments[GEN]
+    cluster = cluster_of([d], worker_env={**QUICK, "PIPEQ_FAULTS_STEP_S": "0.05"})
+    prompts = [f"story {i}: the model and the queue" for i in range(8)]
+    with cluster.client() as client:
+        a, b = cluster.start_worker(GEN), cluster.start_worker(GEN)
+        ha, _ = cluster.hostname(a, GEN), cluster.hostname(b, GEN)
+        events = final_events(client)
+        jobs = [client.submit(GEN, p, max_new_tokens=120, do_sample=False) for p in prompts]
+        r = cluster.redis()
+        wait_until(
+            lambda: any(
+                sum("t" in e for e in stream_entries(r, j.id)) > 5
+                and stream_entries(r, j.id)[0].get("start") == ha
+                for j in jobs
+            ),
+            60,
+            "A streams",
+        )
+        stop(a)
+        wait_until(lambda: cluster.inflight(ha) == 0, 30, "B put A's jobs back")
+        time.sleep(1.5)  # B restarts them
+        cont(a)
+        time.sleep(1.0)
+        cluster.kill(a)
+        settle(jobs, quiet_s=30)
+        got = counts(jobs, events)
+        mixed, restarted = 0, 0
+        for job, prompt in zip(jobs, prompts, strict=True):
+            entries = stream_entries(r, job.id)
+            last = max(n for n, e in enumerate(entries) if "start" in e)
+            text = "".join(e["t"] for e in entries[last:] if "t" in e)
+            ends = [n for n, e in enumerate(entries) if "end" in e]
+            result = job.result(timeout=5)[0]["generated_text"]
+            if text != result or ends != [len(entries) - 1]:
+                mixed += 1
+            try:
+                assert "".join(job.stream(timeout=10)) == result
+            except Exception:
+                restarted += 1
+            want = expected_generation(d.model, prompt)
+            assert result == want
+        print(f"\nfrozen generation worker: {got}; streams mixed {mixed}, readers failed {restarted}")
+        assert got == {"accepted": 8, "answered once": 8, "answered twice": 0, "lost": 0}
+        assert (mixed, restarted) == (0, 0)
+
+
+def expected_generation(model: str, prompt: str) -> str:
+    from .test_generation import _local
+
+    return str(_local(model)(prompt, max_new_tokens=120, do_sample=False)[0]["generated_text"])
+
+
+def _fill(r: redis.Redis) -> int:
+    """Write 1 MB values until Redis refuses (maxmemory, noeviction); the number written."""
+    n = 0
+    while True:
+        try:
+            r.set(f"filler:{n}", b"x" * 2**20)
+        except redis.exceptions.OutOfMemoryError:
+            return n
+        n += 1
+
+
+def test_a_full_redis_is_a_pause_and_every_accepted_job_is_answered_once(
+    tmp_path: Any,
+    sentiment: Deployment,  # noqa: F811
+    final_events: Any,
+) -> None:
+    """maxmemory 20 MB, noeviction: Redis fills while two workers hold 40 jobs. Workers
+    stay up, fail nothing; a producer gets BrokerRefusesWrites ("full") at once; `pipeq
+    status` says Redis refuses writes; once memory is freed every accepted job is answered
+    once, and new jobs run."""
+    from pipeq import BrokerRefusesWrites
+    from pipeq._status import redis_refuses_writes
+
+    cluster = Cluster(
+        tmp_path,
+        {"sentiment": sentiment},
+        redis_args=("--maxmemory", "20mb", "--maxmemory-policy", "noeviction"),
+        worker_env={**QUICK, "PIPEQ_FAULTS_FORWARD_S": "0.3"},
+    )
+    try:
+        with cluster.client(broker_timeout_s=10) as client:
+            a, b = cluster.start_worker("sentiment"), cluster.start_worker("sentiment")
+            cluster.hostname(a, "sentiment"), cluster.hostname(b, "sentiment")
+            events = final_events(client)
+            jobs = [client.submit("sentiment", t) for t in texts(40, "full ")]
+            r = cluster.redis()
+            filled = _fill(r)
+            t0 = time.monotonic()
+            with pytest.raises(BrokerRefusesWrites, match="full") as refused:
+                client.submit("sentiment", "one more")
+            refused_after_s = time.monotonic() - t0
+            assert refused.value.reason == "full"
+            assert redis_refuses_writes(r) == "full"
+            time.sleep(6.0)  # longer than dead_after_s (2.5)
+            alive = (a.poll(), b.poll())
+            r.delete(*[f"filler:{n}" for n in range(filled)])
+            settle(jobs, quiet_s=30)
+            got = counts(jobs, events)
+            failed = sum(j.status() not in (JobState.SUCCEEDED, JobState.QUEUED, JobState.RUNNING) for j in jobs)
+            print(
+                f"\nfull Redis ({filled} MB filled): {got}; failed {failed}; producer refused "
+                f"after {refused_after_s:.2f} s; worker exits while full {alive}"
+            )
+            assert alive == (None, None), cluster.logs()
+            assert got == {"accepted": 40, "answered once": 40, "answered twice": 0, "lost": 0}
+            assert failed == 0
+            assert refused_after_s < 1.0
+            assert redis_refuses_writes(r) is None
+            assert client.submit("sentiment", "after").result(timeout=30)
+    finally:
+        cluster.close()
