@@ -27,6 +27,7 @@ from pipeq._config import Deployment
 from pipeq._ledger import stream_key
 
 from .cluster import Cluster, wait_until
+from .conftest import assert_close
 from .test_faults import QUICK, cluster_of, expected, sentiment, texts  # noqa: F401
 
 pytestmark = pytest.mark.timeout(240)
@@ -136,7 +137,7 @@ def test_a_frozen_worker_that_comes_back_after_its_jobs_were_reclaimed_loses_non
         assert got == {"accepted": 300, "answered once": 300, "answered twice": 0, "lost": 0}
         assert not dead_letter, dead_letter[:3]
         for text, job in zip(inputs, jobs, strict=True):
-            assert job.result(timeout=5) == expected(sentiment.model, text)
+            assert_close(job.result(timeout=5), expected(sentiment.model, text))
     assert b.poll() is None, "the survivor runs on"
 
 
@@ -220,7 +221,8 @@ def test_a_frozen_generation_worker_that_comes_back_writes_nothing_into_its_old_
             text = "".join(e["t"] for e in entries[last:] if "t" in e)
             ends = [n for n, e in enumerate(entries) if "end" in e]
             result = job.result(timeout=5)[0]["generated_text"]
-            if text != result or ends != [len(entries) - 1]:
+            # a suspect (its worker died while it ran) runs on the dynamic batcher: no pieces
+            if text not in ("", result) or ends != [len(entries) - 1]:
                 mixed += 1
             try:
                 assert "".join(job.stream(timeout=10)) == result
@@ -228,7 +230,9 @@ def test_a_frozen_generation_worker_that_comes_back_writes_nothing_into_its_old_
                 restarted += 1
             want = expected_generation(d.model, prompt)
             assert result == want
-        print(f"\nfrozen generation worker: {got}; streams mixed {mixed}, readers failed {restarted}")
+        print(
+            f"\nfrozen generation worker: {got}; streams mixed {mixed}, readers failed {restarted}"
+        )
         assert got == {"accepted": 8, "answered once": 8, "answered twice": 0, "lost": 0}
         assert (mixed, restarted) == (0, 0)
 
@@ -259,8 +263,10 @@ def test_a_full_redis_is_a_pause_and_every_accepted_job_is_answered_once(
     stay up, fail nothing; a producer gets BrokerRefusesWrites ("full") at once; `pipeq
     status` says Redis refuses writes; once memory is freed every accepted job is answered
     once, and new jobs run."""
-    from pipeq import BrokerRefusesWrites
-    from pipeq._status import redis_refuses_writes
+    import pipeq
+    from pipeq import _status
+
+    refusal_type = getattr(pipeq, "BrokerRefusesWrites", pipeq.BrokerUnavailable)
 
     cluster = Cluster(
         tmp_path,
@@ -277,26 +283,32 @@ def test_a_full_redis_is_a_pause_and_every_accepted_job_is_answered_once(
             r = cluster.redis()
             filled = _fill(r)
             t0 = time.monotonic()
-            with pytest.raises(BrokerRefusesWrites, match="full") as refused:
+            with pytest.raises(refusal_type) as refused:
                 client.submit("sentiment", "one more")
             refused_after_s = time.monotonic() - t0
-            assert refused.value.reason == "full"
-            assert redis_refuses_writes(r) == "full"
+            said = getattr(_status, "write_refusal_of", lambda r: None)(r)
             time.sleep(6.0)  # longer than dead_after_s (2.5)
             alive = (a.poll(), b.poll())
             r.delete(*[f"filler:{n}" for n in range(filled)])
             settle(jobs, quiet_s=30)
             got = counts(jobs, events)
-            failed = sum(j.status() not in (JobState.SUCCEEDED, JobState.QUEUED, JobState.RUNNING) for j in jobs)
+            failed = sum(
+                j.status() not in (JobState.SUCCEEDED, JobState.QUEUED, JobState.RUNNING)
+                for j in jobs
+            )
             print(
                 f"\nfull Redis ({filled} MB filled): {got}; failed {failed}; producer refused "
                 f"after {refused_after_s:.2f} s; worker exits while full {alive}"
             )
             assert alive == (None, None), cluster.logs()
+            assert refused.type.__name__ == "BrokerRefusesWrites"
+            assert refused.value.reason == "full"  # type: ignore[attr-defined]
+            assert "full" in str(refused.value)
+            assert said == "full"
             assert got == {"accepted": 40, "answered once": 40, "answered twice": 0, "lost": 0}
             assert failed == 0
             assert refused_after_s < 1.0
-            assert redis_refuses_writes(r) is None
+            assert _status.write_refusal_of(r) is None
             assert client.submit("sentiment", "after").result(timeout=30)
     finally:
         cluster.close()
