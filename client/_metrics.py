@@ -124,8 +124,8 @@ METRICS: dict[str, Metric] = {
             "pipeq_redis_writes_refused",
             "gauge",
             ("reason",),
-            "1 for the reason Redis refuses writes now (full, read-only, not persisting), "
-            "else 0: producers get BrokerRefusesWrites, workers wait.",
+            "1 for the reason Redis refuses writes now (full, read-only, not persisting, "
+            "too few replicas), else 0: producers get BrokerRefusesWrites, workers wait.",
         ),
         Metric(
             "pipeq_redis_up",

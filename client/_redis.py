@@ -46,12 +46,16 @@ WRITE_REFUSALS = {
     "full": "memory is freed or maxmemory raised (maxmemory reached, noeviction)",
     "read-only": "the URL names the primary again (this server is a replica: a failover?)",
     "not persisting": "a save to disk succeeds again (MISCONF: a failed save stops writes)",
+    "too few replicas": "enough replicas acknowledge writes again (min-replicas-to-write)",
 }
 # the error codes and words Redis answers a refused write with, inside a script's error too
 _REFUSAL_WORDS = (
     ("OOM command not allowed", "full"),
     ("READONLY", "read-only"),
+    # a blocked take (BLMOVE) when a failover turns the primary into a replica (Redis 7)
+    ("UNBLOCKED force unblock from blocking operation, instance state changed", "read-only"),
     ("MISCONF", "not persisting"),
+    ("NOREPLICAS", "too few replicas"),
 )
 
 

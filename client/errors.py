@@ -107,10 +107,11 @@ class BrokerUnavailable(PipeqError, ConnectionError):
 
 class BrokerRefusesWrites(BrokerUnavailable):
     """Redis answers but refuses writes, raised at once: `reason` is "full" (maxmemory
-    reached under noeviction), "read-only" (a replica) or "not persisting" (MISCONF).
+    reached under noeviction), "read-only" (a replica), "not persisting" (MISCONF) or
+    "too few replicas" (NOREPLICAS, `min-replicas-to-write`).
     Accepted jobs are kept; everything resumes by itself once Redis takes writes again."""
 
-    #: "full", "read-only" or "not persisting" ('' when it came back over the wire)
+    #: a key of `pipeq._redis.WRITE_REFUSALS` ('' when it came back over the wire)
     reason: str = ""
 
     def __init__(

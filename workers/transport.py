@@ -57,19 +57,21 @@ BACKOFF = ExponentialBackoff(cap=1.0, base=0.05)
 
 
 def retrying(fn: Callable[..., T], *args: Any, retry_for_s: float = RETRY_FOR_S) -> T:
-    """`fn(*args)`, tried again while Redis is unreachable or refuses writes (full,
-    read-only, not persisting), up to `retry_for_s`, backing off up to 1 s."""
+    """`fn(*args)`, tried again while Redis is unreachable (up to `retry_for_s`) or
+    refuses writes (full, read-only, not persisting: for as long as it does, since
+    nothing this worker could do instead would be stored either), backing off up to 1 s."""
     deadline = time.monotonic() + retry_for_s
     failures = 0
     while True:
         try:
             return fn(*args)
         except redis.RedisError as e:
-            retry = isinstance(e, (redis.ConnectionError, redis.TimeoutError))
-            if not (retry or write_refusal(e)) or time.monotonic() > deadline:
+            refusal = write_refusal(e)
+            unreachable = isinstance(e, (redis.ConnectionError, redis.TimeoutError))
+            if refusal is None and not (unreachable and time.monotonic() < deadline):
                 raise
-            if failures == 0 and not retry:
-                log.warning("Redis refuses writes (%s): waiting for it", write_refusal(e))
+            if refusal is not None and failures % 60 == 0:
+                log.warning("Redis refuses writes (%s): waiting for it", refusal)
             failures += 1
             time.sleep(BACKOFF.compute(failures))
 
