@@ -193,20 +193,21 @@ def test_a_frozen_generation_worker_that_comes_back_writes_nothing_into_its_old_
     cluster = cluster_of([d], worker_env={**QUICK, "PIPEQ_FAULTS_STEP_S": "0.05"})
     prompts = [f"story {i}: the model and the queue" for i in range(8)]
     with cluster.client() as client:
-        a, b = cluster.start_worker(GEN), cluster.start_worker(GEN)
-        ha, _ = cluster.hostname(a, GEN), cluster.hostname(b, GEN)
+        workers = [cluster.start_worker(GEN), cluster.start_worker(GEN)]
+        hosts = {cluster.hostname(w, GEN): w for w in workers}
         events = final_events(client)
         jobs = [client.submit(GEN, p, max_new_tokens=120, do_sample=False) for p in prompts]
         r = cluster.redis()
-        wait_until(
-            lambda: any(
-                sum("t" in e for e in stream_entries(r, j.id)) > 5
-                and stream_entries(r, j.id)[0].get("start") == ha
-                for j in jobs
-            ),
-            60,
-            "A streams",
-        )
+
+        def streaming() -> str | None:  # the worker of a stream well under way: A
+            for j in jobs:
+                entries = stream_entries(r, j.id)
+                if sum("t" in e for e in entries) > 5 and entries[0].get("start") in hosts:
+                    return entries[0]["start"]
+            return None
+
+        ha = wait_until(streaming, 90, "a worker streams")
+        a = hosts[ha]
         stop(a)
         wait_until(lambda: cluster.inflight(ha) == 0, 30, "B put A's jobs back")
         time.sleep(1.5)  # B restarts them
@@ -283,6 +284,8 @@ def test_a_full_redis_is_a_pause_and_every_accepted_job_is_answered_once(
             jobs = [client.submit("sentiment", t) for t in texts(40, "full ")]
             r = cluster.redis()
             filled = _fill(r)
+            # full for good (a job's acknowledgement frees a little: not enough to matter)
+            r.config_set("maxmemory", int(r.info("memory")["used_memory"]) - 2**21)
             t0 = time.monotonic()
             with pytest.raises(refusal_type) as refused:
                 client.submit("sentiment", "one more")
@@ -291,6 +294,7 @@ def test_a_full_redis_is_a_pause_and_every_accepted_job_is_answered_once(
             time.sleep(6.0)  # longer than dead_after_s (2.5)
             alive = (a.poll(), b.poll())
             r.delete(*[f"filler:{n}" for n in range(filled)])
+            r.config_set("maxmemory", "20mb")
             settle(jobs, quiet_s=30)
             got = counts(jobs, events)
             failed = sum(

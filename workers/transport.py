@@ -158,6 +158,11 @@ class WorkerChannel(_Channel):
         keys = [self.pipeq_inflight, queue, self._fence]
         self._owned(retrying(self.ledger.script("requeue"), keys, [raw]), "handing a job back")
 
+    def _queue_bind(self, *args: Any) -> None:
+        """kombu's binding (a SADD, when the consumer starts or restarts), waiting while
+        Redis refuses writes rather than stopping the worker."""
+        retrying(super()._queue_bind, *args)
+
     def _brpop_start(self, timeout: float | None = None) -> None:
         queues = list(self._active_queues)
         if not self.pipeq_inflight or len(queues) != 1:
