@@ -191,25 +191,29 @@ def test_a_frozen_generation_worker_that_comes_back_writes_nothing_into_its_old_
     gets the text without StreamRestarted; each job answered once."""
     d = deployments[GEN]
     cluster = cluster_of([d], worker_env={**QUICK, "PIPEQ_FAULTS_STEP_S": "0.05"})
-    prompts = [f"story {i}: the model and the queue" for i in range(8)]
+    prompts = [(f"story {i}: the model and the queue", 120 if i >= 4 else 200) for i in range(8)]
     with cluster.client() as client:
-        workers = [cluster.start_worker(GEN), cluster.start_worker(GEN)]
-        hosts = {cluster.hostname(w, GEN): w for w in workers}
-        events = final_events(client)
-        jobs = [client.submit(GEN, p, max_new_tokens=120, do_sample=False) for p in prompts]
         r = cluster.redis()
 
-        def streaming() -> str | None:  # the worker of a stream well under way: A
+        def streams_of(host: str, jobs: list[Any]) -> bool:  # a stream of `host` under way
             for j in jobs:
                 entries = stream_entries(r, j.id)
-                if sum("t" in e for e in entries) > 5 and entries[0].get("start") in hosts:
-                    return entries[0]["start"]
-            return None
+                if sum("t" in e for e in entries) > 5 and entries[0].get("start") == host:
+                    return True
+            return False
 
-        ha = wait_until(streaming, 90, "a worker streams")
-        a = hosts[ha]
+        # A streams its jobs and is frozen; B, started then, runs jobs of its own while it
+        # takes A's back
+        a = cluster.start_worker(GEN)
+        ha = cluster.hostname(a, GEN)
+        events = final_events(client)
+        jobs = [client.submit(GEN, p, max_new_tokens=n, do_sample=False) for p, n in prompts[:4]]
+        wait_until(lambda: streams_of(ha, jobs), 90, "A streams")
         stop(a)
-        wait_until(lambda: cluster.inflight(ha) == 0, 30, "B put A's jobs back")
+        jobs += [client.submit(GEN, p, max_new_tokens=n, do_sample=False) for p, n in prompts[4:]]
+        b = cluster.start_worker(GEN)
+        cluster.hostname(b, GEN)
+        wait_until(lambda: cluster.inflight(ha) == 0, 60, "B put A's jobs back")
         time.sleep(1.5)  # B restarts them
         cont(a)
         time.sleep(1.0)
@@ -217,7 +221,7 @@ def test_a_frozen_generation_worker_that_comes_back_writes_nothing_into_its_old_
         settle(jobs, quiet_s=30)
         got = counts(jobs, events)
         mixed, restarted = 0, 0
-        for job, prompt in zip(jobs, prompts, strict=True):
+        for job, (prompt, n) in zip(jobs, prompts, strict=True):
             entries = stream_entries(r, job.id)
             last = max(n for n, e in enumerate(entries) if "start" in e)
             text = "".join(e["t"] for e in entries[last:] if "t" in e)
@@ -230,7 +234,7 @@ def test_a_frozen_generation_worker_that_comes_back_writes_nothing_into_its_old_
                 assert "".join(job.stream(timeout=10)) == result
             except Exception:
                 restarted += 1
-            want = expected_generation(d.model, prompt)
+            want = expected_generation(d.model, prompt, n)
             assert result == want
         print(
             f"\nfrozen generation worker: {got}; streams mixed {mixed}, readers failed {restarted}"
@@ -239,10 +243,11 @@ def test_a_frozen_generation_worker_that_comes_back_writes_nothing_into_its_old_
         assert (mixed, restarted) == (0, 0)
 
 
-def expected_generation(model: str, prompt: str) -> str:
+def expected_generation(model: str, prompt: str, max_new_tokens: int) -> str:
     from .test_generation import _local
 
-    return str(_local(model)(prompt, max_new_tokens=120, do_sample=False)[0]["generated_text"])
+    out = _local(model)(prompt, max_new_tokens=max_new_tokens, do_sample=False)
+    return str(out[0]["generated_text"])
 
 
 def _fill(r: redis.Redis) -> int:
