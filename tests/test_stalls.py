@@ -218,7 +218,7 @@ def test_a_frozen_generation_worker_that_comes_back_writes_nothing_into_its_old_
         cont(a)
         time.sleep(1.0)
         cluster.kill(a)
-        settle(jobs, quiet_s=30)
+        settle(jobs, quiet_s=60)  # suspects run one at a time, after B's own jobs
         got = counts(jobs, events)
         mixed, restarted = 0, 0
         for job, (prompt, n) in zip(jobs, prompts, strict=True):
