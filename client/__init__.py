@@ -10,6 +10,7 @@ from pipeq._config import Deployment, load_deployments
 from pipeq._ledger import Depth
 from pipeq._pipeline import RemotePipeline, pipeline
 from pipeq.errors import (
+    BrokerRefusesWrites,
     BrokerUnavailable,
     InvalidRequest,
     ItemsFailed,
@@ -31,6 +32,7 @@ from pipeq.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BrokerRefusesWrites",
     "BrokerUnavailable",
     "Client",
     "Deployment",

@@ -26,8 +26,8 @@ from celery.utils.time import utcoffset
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
-from pipeq._ledger import Ledger, meta_json, queue_for
-from pipeq._redis import RedisTarget, parse
+from pipeq._ledger import FENCED, Ledger, meta_json, queue_for
+from pipeq._redis import RedisTarget, parse, write_refusal
 from pipeq.errors import Overloaded
 
 __all__ = [
@@ -150,8 +150,18 @@ class Backend(RedisBackend):  # type: ignore[misc]
         is_ready = int(state in states.READY_STATES)
         args = [value, int(ttl or 0), task_id, is_ready, outcome_of(state, result)]
         args.append(self.app.conf.get("pipeq_deployment") or "")
-        self.ensure(self.ledger.script("store"), ([self.get_key_for_task(task_id)], args))
+        lease = self.app.conf.get("pipeq_lease")  # a worker's (`pipeq.worker.liveness.Lease`)
+        args.append(lease.worker if lease is not None else "")
+        stored = self.ensure(self.ledger.script("store"), ([self.get_key_for_task(task_id)], args))
+        if lease is not None and stored == FENCED:
+            lease.lost(f"storing the result of job {task_id}")
         return result
+
+    def exception_safe_to_retry(self, exc: Exception) -> bool:
+        """Celery's `result_backend_always_retry` (workers) retries a result's store
+        while Redis is unreachable, and while it refuses writes (full, read-only, not
+        persisting): a refusal is a pause, and the job's result is kept until it ends."""
+        return bool(super().exception_safe_to_retry(exc)) or write_refusal(exc) is not None
 
     @cached_property
     def ledger(self) -> Ledger:

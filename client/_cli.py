@@ -283,7 +283,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _cluster_status(args: argparse.Namespace) -> int:
     """One line per deployment; exit 1 when one of them needs a live worker and has none
-    (or none is known), 2 when Redis cannot be read (BrokerUnavailable). With --watch,
+    (or none is known), or Redis refuses writes (said in a last line), 2 when Redis cannot
+    be read (BrokerUnavailable). With --watch,
     until Ctrl-C, through Redis outages."""
     import time
 
@@ -319,12 +320,18 @@ def _status_once(client: Any, args: argparse.Namespace, declared: dict[str, Any]
     else:
         missing = [] if found else ["(none announced on this Redis)"]
     down = [d.name for d in found if d.down]
-    lines = [_status.status_json(found, missing)] if args.json else _status.status_lines(found)
+    refusal = client.call(_status.write_refusal_of, client.redis)
+    if args.json:
+        lines = [_status.status_json(found, missing, refusal)]
+    else:
+        lines = _status.status_lines(found)
+        if refusal is not None:
+            lines.append(_status.refusal_line(refusal))
     print("\n".join(lines))
     for what, names in (("no live worker", down), ("no such deployment", missing)):
         if names:
             print(f"{what}: {', '.join(names)}", file=sys.stderr)
-    return 1 if down or missing else 0
+    return 1 if down or missing or refusal else 0
 
 
 def cmd_exporter(args: argparse.Namespace) -> int:

@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from pipeq import _app, _tasks
 from pipeq._ledger import Depth, Ledger, stream_key
-from pipeq._redis import masked, scrub
+from pipeq._redis import WRITE_REFUSALS, masked, scrub, write_refusal
 from pipeq._registry import NO_WORKER_GRACE_S, Announced, Registry
 from pipeq.errors import (
+    BrokerRefusesWrites,
     BrokerUnavailable,
     InvalidRequest,
     ItemsFailed,
@@ -459,7 +460,19 @@ class Client:
         while True:
             try:
                 return fn(*args, **kwargs)
-            except (*_BROKER_ERRORS, RuntimeError, redis.exceptions.InvalidResponse) as e:
+            except Exception as e:
+                reason = write_refusal(e)
+                if reason is not None:  # Redis answers: waiting would not help, say why now
+                    raise BrokerRefusesWrites(
+                        f"Redis at {masked(self.redis_url)} refuses writes: {reason}; accepted "
+                        f"jobs are kept, and it takes new ones once {WRITE_REFUSALS[reason]} "
+                        f"({_said(e, self.redis_url)})",
+                        reason=reason,
+                    ) from None
+                if not isinstance(
+                    e, (*_BROKER_ERRORS, RuntimeError, redis.exceptions.InvalidResponse)
+                ):
+                    raise
                 garbled = _cause(e, redis.exceptions.InvalidResponse)
                 if garbled is not None:  # no Redis there: waiting will not make one
                     raise BrokerUnavailable(

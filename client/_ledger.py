@@ -2,6 +2,8 @@
 
     pipeq.<deployment>            list    messages waiting (LPUSH in, BLMOVE out from the right)
     pipeq:inflight:<worker>       list    messages a worker took and has not acknowledged yet
+    pipeq:fenced:<worker>         string  the worker was declared dead and its list put back:
+                                          it owns nothing any more (see "Fencing" below)
     pipeq:waiting:<deployment>    zset    job id -> accepted at: accepted, not yet running
     pipeq:running:<deployment>    zset    job id -> accepted at: forward pass begun, no result yet
     pipeq:workers:<deployment>    zset    worker -> its last heartbeat
@@ -34,6 +36,17 @@ killed between two commands can neither lose a job nor hold it twice:
   Redis has not heard from live workers yet). A job whose worker died while running it
   counts an attempt; at `max_attempts` it fails with JobLost instead.
 
+Fencing. A worker's in-flight list is its own while it beats; a worker silent for
+`dead_after_s` (frozen by SIGSTOP, a paused VM, a long stall) may still be alive. When
+`beat` puts back the jobs of a silent worker it fences that worker (`pipeq:fenced:<worker>`),
+and every script a worker runs for what it holds checks its fence in the same step:
+`admit`, `store`, `ack`, `requeue`, `set_aside`, `append` (stream pieces) and its own
+`beat` answer FENCED instead of writing. A worker that gets FENCED owns nothing: it stores,
+acknowledges and writes nothing more and exits (`pipeq.worker.liveness.Lease`), so its
+jobs run once more elsewhere and never twice from two owners. A judge that was itself
+silent for `dead_after_s` (Redis stalled, or its own process) judges no one on that beat:
+after a Redis stall every worker looks silent, and none is dead.
+
 Redis Cluster is not supported (Celery's Redis transport does not support it either):
 these scripts touch keys they derive from job ids.
 """
@@ -53,7 +66,9 @@ __all__ = [
     "META_PREFIX",
     "Depth",
     "Ledger",
+    "FENCED",
     "cancel_key",
+    "fence_key",
     "inflight_key",
     "job_key",
     "meta_json",
@@ -67,6 +82,8 @@ DEAD_LETTER = "pipeq:dead-letter"
 #: entries kept in the dead-letter list (oldest dropped first)
 DEAD_LETTER_KEEP = 1000
 READY = ("SUCCESS", "FAILURE", "REVOKED")  # celery.states.READY_STATES
+#: what a worker's script answers, writing nothing, once the worker was fenced
+FENCED = -1
 
 
 def queue_for(deployment: str) -> str:
@@ -91,6 +108,10 @@ def dead_after_key(deployment: str) -> str:
 
 def inflight_key(worker: str) -> str:
     return f"pipeq:inflight:{worker}"
+
+
+def fence_key(worker: str) -> str:
+    return f"pipeq:fenced:{worker}"
 
 
 def job_key(job_id: str) -> str:
@@ -209,7 +230,11 @@ return 'forgotten'
 _STORE = (
     _CLOCK
     + """
--- KEYS: meta ; ARGV: value, ttl, id, is_ready, outcome ('' for none), the worker's deployment
+-- KEYS: meta ; ARGV: value, ttl, id, is_ready, outcome ('' for none), the worker's deployment,
+-- the worker ('' for none)
+if ARGV[7] and ARGV[7] ~= '' and redis.call('EXISTS', 'pipeq:fenced:' .. ARGV[7]) == 1 then
+  return -1
+end
 if ready(status_of(redis.call('GET', KEYS[1]))) then return 0 end
 if tonumber(ARGV[2]) > 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
@@ -234,7 +259,9 @@ _ADMIT = (
     + """
 -- KEYS: waiting, running ; ARGV: ttl, worker, pid, alone, n, ids[n], expires[n] ('' = none),
 -- stoppable ('1': the worker stops the job at its next step when it is cancelled)
--- returns the verdicts, and for each job leaving `waiting` now the seconds it waited
+-- returns the verdicts, and for each job leaving `waiting` now the seconds it waited;
+-- -1 (nothing done) if the worker was fenced
+if redis.call('EXISTS', 'pipeq:fenced:' .. ARGV[2]) == 1 then return -1 end
 local n = tonumber(ARGV[5])
 local stoppable = ARGV[6 + 2 * n] == '1' and ', "stoppable": true' or ''
 local out, waited = {}, {}
@@ -281,6 +308,12 @@ _BEAT = (
     + """
 -- KEYS: workers, deployments, queue, waiting, running, dead-after (hash), stats (hash)
 -- ARGV: me, name, info, dead_after, forget_after, (unused), max_attempts, ttl, date_done
+-- returns {jobs put back, ids failed JobLost}, or -1 (nothing done) if `me` was fenced
+if redis.call('EXISTS', 'pipeq:fenced:' .. ARGV[1]) == 1 then return -1 end
+-- a judge silent itself for dead_after_s (Redis stalled, or this process) judges no one now:
+-- the others were silent for the same reason
+local last_beat = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or now)
+local judge = last_beat >= now - tonumber(ARGV[4])
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('HSET', KEYS[6], ARGV[1], ARGV[4])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
@@ -293,8 +326,10 @@ for d = 1, #silent, 2 do
   -- each worker is judged by the dead_after_s it beats for, not by the judge's own
   local dead_after = tonumber(redis.call('HGET', KEYS[6], owner) or ARGV[4])
   local inflight = 'pipeq:inflight:' .. owner
-  if owner ~= ARGV[1] and seen < now - dead_after and uptime >= dead_after then
+  if judge and owner ~= ARGV[1] and seen < now - dead_after and uptime >= dead_after then
     local items = redis.call('LRANGE', inflight, 0, -1)
+    -- it may be frozen, not dead: if it comes back, it owns none of these any more
+    if #items > 0 then redis.call('SET', 'pipeq:fenced:' .. owner, 1, 'EX', ARGV[8]) end
     -- newest first: pushing each to the right puts the oldest at the front of the queue
     for i = 1, #items do
       local item = items[i]
@@ -359,8 +394,9 @@ return 1
 )
 
 _REQUEUE = """
--- KEYS: inflight, queue ; ARGV: message. Only a message still held: one reclaimed
+-- KEYS: inflight, queue, fence ; ARGV: message. Only a message still held: one reclaimed
 -- meanwhile is in the queue already.
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
   redis.call('RPUSH', KEYS[2], ARGV[1])
   return 1
@@ -369,11 +405,39 @@ return 0
 """
 
 _SET_ASIDE = """
--- KEYS: inflight, dead-letter ; ARGV: message, entry, keep
+-- KEYS: inflight, dead-letter, fence ; ARGV: message, entry, keep
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 redis.call('LREM', KEYS[1], 1, ARGV[1])
 redis.call('LPUSH', KEYS[2], ARGV[2])
 redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
 return 1
+"""
+
+_ACK = """
+-- KEYS: inflight, fence ; ARGV: message. Acknowledged: out of the worker's list.
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+return redis.call('LREM', KEYS[1], 1, ARGV[1])
+"""
+
+_APPEND = """
+-- KEYS: fence ; ARGV: maxlen, ttl, n, n entries (JSON [job id, field, value, ...]), job ids
+-- returns the cancel marks of the job ids (false: not cancelled); -1 if fenced
+if redis.replicate_commands then redis.replicate_commands() end
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+local n = tonumber(ARGV[3])
+for i = 1, n do
+  local entry = cjson.decode(ARGV[3 + i])
+  local key = 'pipeq:stream:' .. entry[1]
+  local args = {'XADD', key, 'MAXLEN', '~', ARGV[1], '*'}
+  for k = 2, #entry do args[#args + 1] = entry[k] end
+  redis.call(unpack(args))
+  redis.call('EXPIRE', key, ARGV[2])
+end
+local marks = {}
+for i = 4 + n, #ARGV do
+  marks[#marks + 1] = redis.call('EXISTS', 'pipeq:cancel:' .. ARGV[i])
+end
+return marks
 """
 
 _LIVE = """
@@ -428,6 +492,8 @@ class Ledger:
                 ("withdraw", _WITHDRAW),
                 ("requeue", _REQUEUE),
                 ("set_aside", _SET_ASIDE),
+                ("ack", _ACK),
+                ("append", _APPEND),
                 ("live", _LIVE),
                 ("depth", _DEPTH),
             )

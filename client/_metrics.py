@@ -121,6 +121,13 @@ METRICS: dict[str, Metric] = {
             "1 if the deployment takes jobs with no worker running (scale_to_zero), else 0.",
         ),
         Metric(
+            "pipeq_redis_writes_refused",
+            "gauge",
+            ("reason",),
+            "1 for the reason Redis refuses writes now (full, read-only, not persisting, "
+            "too few replicas), else 0: producers get BrokerRefusesWrites, workers wait.",
+        ),
+        Metric(
             "pipeq_redis_up",
             "gauge",
             (),

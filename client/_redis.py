@@ -29,7 +29,7 @@ from redis.backoff import NoBackoff
 from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.retry import Retry
 
-__all__ = ["RedisTarget", "masked", "parse", "scrub"]
+__all__ = ["WRITE_REFUSALS", "RedisTarget", "masked", "parse", "scrub", "write_refusal"]
 
 SSL_KEYS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 SENTINEL_KEYS = ("master_name", "sentinel_password", "sentinel_username")
@@ -39,6 +39,43 @@ _CERT_REQS = {
     "optional": ssl.CERT_OPTIONAL,
     "none": ssl.CERT_NONE,
 }
+
+
+#: why Redis refuses writes (the reason `write_refusal` gives) -> what ends the refusal
+WRITE_REFUSALS = {
+    "full": "memory is freed or maxmemory raised (maxmemory reached, noeviction)",
+    "read-only": "the URL names the primary again (this server is a replica: a failover?)",
+    "not persisting": "a save to disk succeeds again (MISCONF: a failed save stops writes)",
+    "too few replicas": "enough replicas acknowledge writes again (min-replicas-to-write)",
+}
+# the error codes and words Redis answers a refused write with, inside a script's error too
+_REFUSAL_WORDS = (
+    ("OOM command not allowed", "full"),
+    ("READONLY", "read-only"),
+    # a blocked take (BLMOVE) when a failover turns the primary into a replica (Redis 7)
+    ("UNBLOCKED force unblock from blocking operation, instance state changed", "read-only"),
+    ("MISCONF", "not persisting"),
+    ("NOREPLICAS", "too few replicas"),
+)
+
+
+def write_refusal(e: BaseException | None) -> str | None:
+    """Why Redis refused a write, if `e` (or an exception it was raised from: kombu and
+    Celery wrap redis-py's) is such a refusal: a key of WRITE_REFUSALS; None for any
+    other error. Redis answers reads meanwhile, and takes writes again by itself."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, redis.exceptions.OutOfMemoryError):
+            return "full"
+        if isinstance(e, redis.exceptions.ReadOnlyError):
+            return "read-only"
+        if isinstance(e, redis.exceptions.ResponseError):
+            said = str(e)
+            for words, reason in _REFUSAL_WORDS:
+                if words in said:
+                    return reason
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def cert_reqs(value: str) -> ssl.VerifyMode:

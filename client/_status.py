@@ -26,9 +26,20 @@ from pipeq._metrics import (
     recent_key,
     sum_recent,
 )
+from pipeq._redis import WRITE_REFUSALS, write_refusal
 from pipeq._registry import Registry
 
-__all__ = ["RECENT_S", "Collector", "DeploymentStatus", "cluster_status", "serve_exporter"]
+__all__ = [
+    "RECENT_S",
+    "Collector",
+    "DeploymentStatus",
+    "cluster_status",
+    "serve_exporter",
+    "write_refusal_of",
+]
+
+#: a key written (and expiring at once) to learn whether Redis takes writes
+PROBE_KEY = "pipeq:write-probe"
 
 #: `pipeq status`'s window for recent outcomes, in seconds (to within one 10 s slot)
 RECENT_S = 300
@@ -80,6 +91,28 @@ def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
 def _redis_now(client: redis.Redis) -> float:
     seconds, micros = client.time()
     return float(seconds) + float(micros) / 1e6
+
+
+def write_refusal_of(client: redis.Redis) -> str | None:
+    """Why Redis refuses writes now ("full", "read-only", "not persisting": a key of
+    `_redis.WRITE_REFUSALS`), by trying one (a key that expires within a second); None
+    when it takes them. Raises redis.RedisError when Redis cannot be reached."""
+    try:
+        client.set(PROBE_KEY, 1, px=1000)
+    except redis.ResponseError as e:
+        reason = write_refusal(e)
+        if reason is None:
+            raise
+        return reason
+    return None
+
+
+def refusal_line(reason: str) -> str:
+    """`pipeq status`'s line for a Redis that refuses writes."""
+    return (
+        f"Redis refuses writes ({reason}): producers get BrokerRefusesWrites, workers wait "
+        f"and lose nothing; it resumes by itself once {WRITE_REFUSALS[reason]}"
+    )
 
 
 def cluster_status(
@@ -176,6 +209,14 @@ class Collector:
             return
         up.add_metric([], 1)
         yield up
+        refused = family("pipeq_redis_writes_refused")
+        try:
+            reason = write_refusal_of(self.client)
+        except redis.RedisError:
+            reason = None
+        for r in WRITE_REFUSALS:
+            refused.add_metric([r], int(r == reason))
+        yield refused
         gauges = {
             name: family(name)
             for name in (
@@ -265,12 +306,16 @@ def supervision_line(name: str, record: dict[str, Any]) -> str:
     )
 
 
-def status_json(deployments: list[DeploymentStatus], missing: list[str]) -> str:
-    """`pipeq status --json`; `healthy` is exactly when the command exits 0."""
+def status_json(
+    deployments: list[DeploymentStatus], missing: list[str], refusal: str | None = None
+) -> str:
+    """`pipeq status --json`; `healthy` is exactly when the command exits 0.
+    `redis_refuses_writes`: why Redis refuses writes now (`write_refusal_of`), or null."""
     return json.dumps(
         {
-            "healthy": not missing and not any(d.down for d in deployments),
+            "healthy": not missing and not any(d.down for d in deployments) and not refusal,
             "missing": missing,
+            "redis_refuses_writes": refusal,
             "recent_window_s": RECENT_S,
             "deployments": [d.as_dict() for d in deployments],
         },

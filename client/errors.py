@@ -8,6 +8,7 @@
     ├── Overloaded              the deployment's queue is over its limit
     ├── ModelLoadError          a worker could not load its model
     ├── BrokerUnavailable       Redis did not answer within the client's broker_timeout_s
+    │   └── BrokerRefusesWrites Redis answers but refuses writes: full, read-only, not persisting
     └── JobError                a submitted job did not produce a result
         ├── JobFailed           the pipeline raised while running the job
         ├── JobTimeout          no result within the time asked for
@@ -27,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "BrokerRefusesWrites",
     "BrokerUnavailable",
     "InvalidRequest",
     "ItemsFailed",
@@ -101,6 +103,27 @@ class ModelLoadError(PipeqError):
 class BrokerUnavailable(PipeqError, ConnectionError):
     """Redis could not be reached within the client's `broker_timeout_s` (the URL is named,
     its password masked)."""
+
+
+class BrokerRefusesWrites(BrokerUnavailable):
+    """Redis answers but refuses writes, raised at once: `reason` is "full" (maxmemory
+    reached under noeviction), "read-only" (a replica), "not persisting" (MISCONF) or
+    "too few replicas" (NOREPLICAS, `min-replicas-to-write`).
+    Accepted jobs are kept; everything resumes by itself once Redis takes writes again."""
+
+    #: a key of `pipeq._redis.WRITE_REFUSALS` ('' when it came back over the wire)
+    reason: str = ""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str = "",
+        job_id: str | None = None,
+        deployment: str | None = None,
+    ) -> None:
+        super().__init__(message, job_id=job_id, deployment=deployment)
+        self.reason = reason
 
 
 class JobError(PipeqError):

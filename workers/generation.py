@@ -33,10 +33,11 @@ A stream's entries (`Job.stream` reads them):
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -44,9 +45,11 @@ from typing import Any, TypeVar
 import redis
 
 from pipeq import _app
-from pipeq._ledger import stream_key
+from pipeq._ledger import Ledger
 from pipeq.errors import JobCancelled, JobFailed, JobTimeout
 from pipeq.worker.batcher import Batcher, BatchStats, HandBack, Quarantine, Submission, _resolve
+from pipeq.worker.liveness import Lease
+from pipeq.worker.transport import retrying
 
 __all__ = [
     "CONTINUOUS_PARAMS",
@@ -99,13 +102,27 @@ def settled_text(text: str) -> str:
     return text[:-1] if text.endswith("\ufffd") else text
 
 
-def write_end(client: Any, job_id: str, outcome: str) -> None:
+def append(
+    ledger: Ledger,
+    lease: Lease,
+    writes: list[tuple[str, dict[str, Any]]],
+    jobs: Sequence[str] = (),
+) -> list[int]:
+    """Append entries to their jobs' streams, if this worker still owns its jobs (`_ledger`
+    append: else `Lease.lost`), and read the cancel marks of `jobs`, in one round trip.
+    Waits while Redis is unreachable or refuses writes."""
+    entries = [
+        json.dumps([job_id, *(str(x) for kv in fields.items() for x in kv)])
+        for job_id, fields in writes
+    ]
+    args = [STREAM_MAXLEN, _app.RESULT_TTL_S, len(entries), *entries, *jobs]
+    reply = retrying(ledger.script("append"), [lease.key], args)
+    return list(lease.check(reply, "writing stream pieces"))
+
+
+def write_end(ledger: Ledger, job_id: str, outcome: str, lease: Lease) -> None:
     """Append the `end` entry to a job's stream (the task does, whatever the outcome)."""
-    key = stream_key(job_id)
-    pipe = client.pipeline(transaction=False)
-    pipe.xadd(key, {"end": outcome}, maxlen=STREAM_MAXLEN, approximate=True)
-    pipe.expire(key, _app.RESULT_TTL_S)
-    pipe.execute()
+    append(ledger, lease, [(job_id, {"end": outcome})])
 
 
 @dataclass
@@ -185,6 +202,7 @@ class ContinuousBatcher:
         client: redis.Redis,
         *,
         admit: Callable[..., dict[str, BaseException]],
+        lease: Lease,
         hostname: str = "",
         time_limit_s: float | None = None,
         observe: Callable[[str, float], None] = lambda name, value: None,
@@ -193,7 +211,8 @@ class ContinuousBatcher:
         self.tokenizer = pipe.tokenizer
         self.manager = manager
         self.fallback = fallback
-        self.redis = client
+        self.ledger = Ledger(client)
+        self.lease = lease
         self._admit = admit
         self.hostname = hostname
         self.time_limit_s = time_limit_s
@@ -441,17 +460,8 @@ class ContinuousBatcher:
         jobs = sorted({r.job.job_id for r in self._active.values()})
         if not writes and not jobs:
             return set()
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id, fields in writes:
-            key = stream_key(job_id)
-            pipe.xadd(key, fields, maxlen=STREAM_MAXLEN, approximate=True)
-            pipe.expire(key, _app.RESULT_TTL_S)
-        if jobs:
-            pipe.mget([f"pipeq:cancel:{j}" for j in jobs])
-        replies = pipe.execute()
-        if not jobs:
-            return set()
-        return {j for j, flag in zip(jobs, replies[-1], strict=True) if flag is not None}
+        marks = append(self.ledger, self.lease, writes, jobs)
+        return {j for j, mark in zip(jobs, marks, strict=True) if mark}
 
     def _cancel(self, cancelled: set[str]) -> None:
         """Take out of the batch the requests of cancelled jobs and of jobs past

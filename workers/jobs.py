@@ -35,6 +35,7 @@ from pipeq._ledger import Ledger, running_key, waiting_key
 from pipeq.errors import JobCancelled, JobExpired, JobFailed, JobTimeout, PipeqError
 from pipeq.worker.batcher import Batcher, HandBack, Quarantine, Submission
 from pipeq.worker.generation import ContinuousBatcher, write_end
+from pipeq.worker.liveness import Lease
 from pipeq.worker.transport import retrying
 
 __all__ = ["AlreadyDone", "Admission", "Events", "Request", "register_task"]
@@ -84,9 +85,12 @@ class Admission:
         worker: str,
         events: Events,
         observe: Callable[[str, float], None] = lambda name, value: None,
+        lease: Lease | None = None,
     ) -> None:
         self.ledger = ledger
         self.observe = observe
+        #: the worker's claim on what it holds: a fenced worker admits nothing
+        self.lease = lease or Lease(worker)
         self.keys = [waiting_key(deployment), running_key(deployment)]
         self.worker = worker
         self.events = events
@@ -126,7 +130,8 @@ class Admission:
             *("" if d is None else repr(d) for d in deadlines),
             int(stoppable),
         ]
-        verdicts, waited = retrying(self.ledger.script("admit"), self.keys, args)
+        reply = retrying(self.ledger.script("admit"), self.keys, args)
+        verdicts, waited = self.lease.check(reply, f"admitting jobs {', '.join(job_ids)}")
         for seconds in waited:
             if seconds:  # the job left `waiting` now: accepted to its first forward pass
                 self.observe("queue_wait_seconds", max(0.0, float(seconds)))
@@ -252,7 +257,7 @@ def register_task(
         finally:
             if outcome and streams:
                 try:  # a reader not told stops at the stored result anyway
-                    write_end(app.backend.ledger.redis, job_id, outcome)
+                    write_end(app.backend.ledger, job_id, outcome, admission.lease)
                 except Exception:
                     log.warning("could not end the stream of %s", job_id, exc_info=True)
 

@@ -11,7 +11,17 @@ deployment whose last heartbeat is older than `dead_after_s`. So:
 - nothing is reclaimed until Redis has been up for `dead_after_s`: after a Redis restart
   every live worker has beaten again by then, so a restart makes no live worker look
   dead. A worker cut off from Redis (a network partition) for `dead_after_s` is dead to
-  the others: its jobs run elsewhere, and it may finish one of them a second time.
+  the others: its jobs run elsewhere. If it comes back (SIGCONT, a resumed VM, a
+  healed partition) it was *fenced* when its jobs were put back: the first of its writes
+  that relies on what it held (a heartbeat, an admission, a stored result, an
+  acknowledgement, a hand-back, a set-aside, a stream piece) is refused in the same Redis
+  step, and `Lease.lost` makes it exit at once, having stored and written nothing for
+  them; the others run them, once. A judge that was itself silent for `dead_after_s`
+  judges no one on that beat, so a stalled Redis, after which every worker looks silent,
+  fences no one.
+- Redis refusing writes (full under maxmemory, a read-only replica, MISCONF) is a pause:
+  the heartbeat says so and tries again; the worker keeps its jobs and its health file
+  fresh (restarting it would not help).
 """
 
 from __future__ import annotations
@@ -25,13 +35,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 
 from pipeq._ledger import (
+    FENCED,
     Ledger,
     dead_after_key,
+    fence_key,
     inflight_key,
     queue_for,
     running_key,
@@ -39,9 +51,10 @@ from pipeq._ledger import (
     workers_key,
 )
 from pipeq._metrics import Observations, add_increments
+from pipeq._redis import write_refusal
 from pipeq._registry import DEPLOYMENTS_KEY, stats_key
 
-__all__ = ["EXIT_UNHEALTHY", "Heartbeat", "LivenessSettings"]
+__all__ = ["EXIT_UNHEALTHY", "Heartbeat", "Lease", "LivenessSettings"]
 
 #: exit status of a worker that found it can no longer run jobs
 EXIT_UNHEALTHY = 70
@@ -79,6 +92,44 @@ class LivenessSettings:
             raise ValueError("max_attempts must be at least 1")
 
 
+class Lease:
+    """A worker's claim on the jobs it holds. A peer that puts them back (the worker was
+    silent for `dead_after_s`) fences the worker (`_ledger.fence_key`); each ledger script
+    a worker runs for what it holds checks the fence in the same step and answers FENCED
+    without writing. Whoever gets FENCED calls `lost()`."""
+
+    def __init__(self, worker: str) -> None:
+        self.worker = worker
+        #: the fence's key, `pipeq:fenced:<worker>`
+        self.key = fence_key(worker)
+        #: marks the worker gone (set by its Heartbeat), so that whatever it took since it
+        #: came back is put back by its peers too
+        self.withdraw: Callable[[], None] = lambda: None
+
+    def check(self, reply: Any, where: str) -> Any:
+        """`reply` of a ledger script, unless it is FENCED (then `lost(where)`)."""
+        if isinstance(reply, int) and reply == FENCED:
+            self.lost(where)
+        return reply
+
+    def lost(self, where: str) -> NoReturn:
+        """The worker was declared dead and its jobs run elsewhere: it owns nothing it
+        holds. Store, acknowledge and write nothing more: exit now (EXIT_UNHEALTHY; a
+        supervisor starts a fresh worker, with a name of its own)."""
+        log.critical(
+            "this worker was declared dead (silent for dead_after_s: frozen, paused or cut "
+            "off) and its jobs were put back for the others; found on %s. Exiting without "
+            "storing or writing anything for them",
+            where,
+        )
+        try:
+            self.withdraw()
+        except Exception as e:  # best effort: its peers reclaim it anyway
+            log.warning("could not withdraw: %s", e)
+        logging.shutdown()
+        os._exit(EXIT_UNHEALTHY)
+
+
 class Heartbeat:
     """Beats for one worker of one deployment, in a thread of its own or by `beat()`."""
 
@@ -95,8 +146,13 @@ class Heartbeat:
         healthy: Callable[[], bool] = lambda: True,
         on_lost: Callable[[list[str]], None] = lambda ids: None,
         result_ttl_s: int,
+        lease: Lease | None = None,
     ) -> None:
         self.ledger = Ledger(client)
+        self.lease = lease or Lease(worker)
+        self.lease.withdraw = self._withdraw
+        #: why Redis refuses writes now ('full', 'read-only', ...), None while it takes them
+        self.refusal: str | None = None
         self.deployment = deployment
         self.worker = worker
         self.info = json.dumps(info, sort_keys=True)
@@ -142,10 +198,12 @@ class Heartbeat:
         increments = self.observations.take()
         add_increments(pipe, self.deployment, increments)
         try:
-            (moved, lost), *_ = pipe.execute()
+            reply, *_ = pipe.execute()
         except Exception:
             self.observations.give_back(increments)  # the next beat adds them
             raise
+        self.lease.check(reply, "its heartbeat")
+        moved, lost = reply
         lost_ids = [i.decode() if isinstance(i, bytes) else str(i) for i in lost]
         if moved or lost_ids:
             log.warning(
@@ -177,7 +235,18 @@ class Heartbeat:
                 os._exit(EXIT_UNHEALTHY)
             try:
                 self.beat()
+                if self.refusal is not None:
+                    log.warning("Redis takes writes again (it refused them: %s)", self.refusal)
+                    self.refusal = None
             except redis.RedisError as e:  # Redis away for a while: try again next beat
+                reason = write_refusal(e)
+                if reason is not None:  # a pause: the worker is fine, and keeps its jobs
+                    if self.refusal is None:
+                        log.warning("Redis refuses writes (%s): waiting for it: %s", reason, e)
+                    self.refusal = reason
+                    if self.settings.health_file:
+                        Path(self.settings.health_file).touch()
+                    continue
                 log.warning("heartbeat failed: %s", e)
             except Exception:  # never let the heartbeat die: the worker's jobs need it
                 log.exception("heartbeat failed")
@@ -190,10 +259,13 @@ class Heartbeat:
         if self.settings.health_file:
             Path(self.settings.health_file).unlink(missing_ok=True)
         try:
-            pipe = self.ledger.redis.pipeline(transaction=False)
-            add_increments(pipe, self.deployment, self.observations.take())
-            keys, args = [workers_key(self.deployment)], [self.worker, self.settings.dead_after_s]
-            self.ledger.script("withdraw")(keys, args, client=pipe)
-            pipe.execute()
+            self._withdraw()
         except redis.RedisError as e:
             log.warning("could not withdraw from %s: %s", self.deployment, e)
+
+    def _withdraw(self) -> None:
+        pipe = self.ledger.redis.pipeline(transaction=False)
+        add_increments(pipe, self.deployment, self.observations.take())
+        keys, args = [workers_key(self.deployment)], [self.worker, self.settings.dead_after_s]
+        self.ledger.script("withdraw")(keys, args, client=pipe)
+        pipe.execute()

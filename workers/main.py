@@ -34,7 +34,7 @@ from pipeq.errors import InvalidRequest, JobLost, ModelLoadError
 from pipeq.worker import revoke  # noqa: F401  (Celery's revoke, as Job.cancel() does it)
 from pipeq.worker.gate import Malformed
 from pipeq.worker.jobs import Admission, Events, register_task
-from pipeq.worker.liveness import Heartbeat, LivenessSettings
+from pipeq.worker.liveness import Heartbeat, Lease, LivenessSettings
 
 log = logging.getLogger("pipeq.worker")
 
@@ -241,6 +241,9 @@ def run_worker(
         return 0
 
     events = Events()
+    # what this worker holds is its own until a peer finds it silent and fences it; every
+    # write that relies on it checks the fence (a frozen worker that comes back exits)
+    lease = Lease(hostname)
 
     def on_malformed(raw: bytes, why: Malformed) -> None:
         if why.job_id is not None:
@@ -264,16 +267,23 @@ def run_worker(
             "pipeq_inflight": inflight_key(hostname),
             "pipeq_max_message_bytes": _max_message_bytes(deployment),
             "pipeq_on_malformed": on_malformed,
+            "pipeq_lease": lease,
         },
         # a result waits for Redis (up to ~10 minutes) rather than being lost
         result_backend_always_retry=True,
         result_backend_max_retries=60,
         pipeq_deployment=deployment.name,  # outcomes of jobs sent around the ledger count here
+        pipeq_lease=lease,  # a result is stored only while this worker owns its job
     )
     Consumer.events = events
     observations = Observations()
     admission = Admission(
-        app.backend.ledger, deployment.name, hostname, events, observe=observations.observe
+        app.backend.ledger,
+        deployment.name,
+        hostname,
+        events,
+        observe=observations.observe,
+        lease=lease,
     )
     run: Callable[..., Any] = partial(handler.run, time_limit_s=deployment.job_timeout_s)
     manager = None
@@ -298,6 +308,7 @@ def run_worker(
             batcher,
             app.backend.ledger.redis,
             admit=admission,
+            lease=lease,
             hostname=hostname,
             time_limit_s=deployment.job_timeout_s,
             observe=observations.observe,
@@ -325,6 +336,7 @@ def run_worker(
         ),
         on_lost=on_lost,
         result_ttl_s=_app.RESULT_TTL_S,
+        lease=lease,
     )
     try:
         heartbeat.start()  # owns its in-flight list before it takes a job

@@ -13,6 +13,11 @@ other workers of the deployment put the messages back only once the heartbeat st
 (`_ledger` beat), however long a job runs. Each message passes the gate (`gate`) before
 kombu sees it; one that fails is set aside in the dead-letter list.
 
+Acknowledging, handing back and setting aside each check the worker's fence in the same
+script (`liveness.Lease`): a worker whose jobs were put back while it was frozen never
+removes a message it no longer owns. A Redis refusing writes (full, read-only, MISCONF)
+is waited out: taking the next message and every write here try again with backoff.
+
 Narrow overrides of kombu's own Channel and QoS, for the worker's one task queue only;
 every other use (Celery's control replies, events) goes through kombu unchanged.
 """
@@ -30,10 +35,13 @@ from typing import Any, TypeVar
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from redis.backoff import ExponentialBackoff
 
 from pipeq._app import _Channel
 from pipeq._ledger import DEAD_LETTER, DEAD_LETTER_KEEP
+from pipeq._redis import write_refusal
 from pipeq.worker.gate import Malformed, check_message
+from pipeq.worker.liveness import Lease
 
 __all__ = ["RETRY_FOR_S", "Transport", "retrying"]
 
@@ -44,18 +52,28 @@ T = TypeVar("T")
 RETRY_FOR_S = 300.0
 
 
+#: how long to wait before trying a refused or failed Redis call again (redis-py's)
+BACKOFF = ExponentialBackoff(cap=1.0, base=0.05)
+
+
 def retrying(fn: Callable[..., T], *args: Any, retry_for_s: float = RETRY_FOR_S) -> T:
-    """`fn(*args)`, tried again while Redis is unreachable, up to `retry_for_s`."""
+    """`fn(*args)`, tried again while Redis is unreachable (up to `retry_for_s`) or
+    refuses writes (full, read-only, not persisting: for as long as it does, since
+    nothing this worker could do instead would be stored either), backing off up to 1 s."""
     deadline = time.monotonic() + retry_for_s
-    delay = 0.05
+    failures = 0
     while True:
         try:
             return fn(*args)
-        except (redis.ConnectionError, redis.TimeoutError):
-            if time.monotonic() > deadline:
+        except redis.RedisError as e:
+            refusal = write_refusal(e)
+            unreachable = isinstance(e, (redis.ConnectionError, redis.TimeoutError))
+            if refusal is None and not (unreachable and time.monotonic() < deadline):
                 raise
-            time.sleep(delay)
-            delay = min(1.0, delay * 2)
+            if refusal is not None and failures % 60 == 0:
+                log.warning("Redis refuses writes (%s): waiting for it", refusal)
+            failures += 1
+            time.sleep(BACKOFF.compute(failures))
 
 
 class InflightQoS(kombu_redis.QoS):
@@ -76,7 +94,7 @@ class InflightQoS(kombu_redis.QoS):
         held = self.channel.held.pop(delivery_tag, None)
         if held is None:
             return super().ack(delivery_tag)  # type: ignore[no-any-return]
-        retrying(self.channel.ledger.redis.lrem, self.channel.pipeq_inflight, 1, held[0])
+        self.channel.ack_held(held[0], f"acknowledging job {held[2]}")
         virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
@@ -105,22 +123,45 @@ class WorkerChannel(_Channel):
     pipeq_max_message_bytes: int = 64 * 2**20
     #: called with (raw message, Malformed) before a message is set aside
     pipeq_on_malformed: Callable[[bytes, Malformed], None] | None = None
+    #: the worker's claim on its in-flight list (its fence), with `pipeq_inflight`
+    pipeq_lease: Lease | None = None
     from_transport_options = (  # type: ignore[assignment]
         *_Channel.from_transport_options,
         "pipeq_inflight",
         "pipeq_max_message_bytes",
         "pipeq_on_malformed",
+        "pipeq_lease",
     )
     _blmove_queue: str | None = None
+    #: consecutive refused takes (Redis refusing writes), for the backoff
+    _refused = 0
 
     @cached_property
     def held(self) -> dict[str, tuple[bytes, str, str]]:
         """delivery tag -> (the message as Redis holds it, its queue, its job id)"""
         return {}
 
+    @property
+    def _fence(self) -> str:
+        return self.pipeq_lease.key if self.pipeq_lease is not None else ""
+
+    def _owned(self, reply: Any, where: str) -> Any:
+        return reply if self.pipeq_lease is None else self.pipeq_lease.check(reply, where)
+
+    def ack_held(self, raw: bytes, where: str) -> None:
+        """Out of this worker's list (acknowledged, or a copy dropped), if it owns it."""
+        reply = retrying(self.ledger.script("ack"), [self.pipeq_inflight, self._fence], [raw])
+        self._owned(reply, where)
+
     def requeue(self, raw: bytes, queue: str) -> None:
         """Back to the front of its queue, if it is still in this worker's list."""
-        retrying(self.ledger.script("requeue"), [self.pipeq_inflight, queue], [raw])
+        keys = [self.pipeq_inflight, queue, self._fence]
+        self._owned(retrying(self.ledger.script("requeue"), keys, [raw]), "handing a job back")
+
+    def _queue_bind(self, *args: Any) -> None:
+        """kombu's binding (a SADD, when the consumer starts or restarts), waiting while
+        Redis refuses writes rather than stopping the worker."""
+        retrying(super()._queue_bind, *args)
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         queues = list(self._active_queues)
@@ -144,6 +185,22 @@ class WorkerChannel(_Channel):
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
+            except redis.ResponseError as e:
+                reason = write_refusal(e)
+                if reason is None:
+                    raise
+                # Redis refuses writes: no message taken; wait, then try again (a pause,
+                # not a crash: the consumer goes on, the jobs held keep waiting)
+                if self._refused == 0:
+                    log.warning(
+                        "Redis refuses writes (%s): taking no job until it takes them", reason
+                    )
+                self._refused += 1
+                time.sleep(BACKOFF.compute(self._refused))
+                raise Empty() from None
+            if self._refused:
+                log.warning("Redis takes writes again: taking jobs")
+                self._refused = 0
             if raw is None:
                 raise Empty()
             self._take(raw, queue)
@@ -163,8 +220,9 @@ class WorkerChannel(_Channel):
             self.requeue(raw, queue)
             raise Empty()
         tag, job_id = envelope["properties"]["delivery_tag"], envelope["headers"]["id"]
-        if tag in self.held:  # a copy of a message held already: one is enough
-            self.set_aside(raw, queue, Malformed("a copy of a message this worker holds"))
+        if tag in self.held:  # a copy of a message held already (a retried send): one is enough
+            log.warning("dropped a second copy of job %s's message, held already", job_id)
+            self.ack_held(raw, f"dropping a copy of job {job_id}'s message")
             raise Empty()
         self.held[tag] = (raw, queue, job_id)
         try:
@@ -192,11 +250,12 @@ class WorkerChannel(_Channel):
                 "message": raw[:65536].decode("utf-8", "replace"),
             }
         )
-        retrying(
+        reply = retrying(
             self.ledger.script("set_aside"),
-            [self.pipeq_inflight, DEAD_LETTER],
+            [self.pipeq_inflight, DEAD_LETTER, self._fence],
             [raw, entry, DEAD_LETTER_KEEP],
         )
+        self._owned(reply, "setting a message aside")
 
 
 class Transport(kombu_redis.Transport):
