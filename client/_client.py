@@ -510,7 +510,9 @@ class Client:
         """Validate and enqueue one request; returns at once with its Job.
 
         `expires`: seconds from now, or a datetime, by which the job must have started;
-        past it the job is dropped before any compute and ends with JobExpired.
+        past it the job is dropped before any compute and ends with JobExpired. Both are
+        judged on Redis' clock (seconds count from when Redis accepts the job), never on
+        this machine's.
         Raises InvalidRequest, UnknownDeployment, NoLiveWorker, Overloaded (when
         `max_queue_length` jobs of the deployment wait already), BrokerUnavailable.
         """
@@ -532,6 +534,12 @@ class Client:
         if per_item:
             kwargs["per_item"] = True
         limit = _app.enqueue_limit.set(int(target.info.get("max_queue_length") or 0))
+        # the deadline goes in pipeq's headers, not Celery's `expires`: Redis counts it on
+        # its own clock (`_ledger` enqueue), so a producer's skewed clock cannot move it
+        if isinstance(expires, datetime.datetime):
+            headers = {_app.EXPIRES_AT_HEADER: expires.timestamp()}
+        else:
+            headers = {} if expires is None else {_app.EXPIRES_IN_HEADER: float(expires)}
         try:
             # sending subscribes to nothing (_app.Backend.on_task_call): the Job's handle
             # reads the stored result first and subscribes only while it waits. With 512
@@ -544,7 +552,7 @@ class Client:
                 queue=_app.queue_for(target.name),
                 task_id=job_id,
                 shadow=f"{_app.RUN_TASK}[{target.name}]",
-                expires=expires,
+                headers=headers,
                 # Flower's view of the arguments: Celery's pure-Python saferepr, and
                 # declaring the queue at every send (Redis needs none: the default exchange
                 # routes by queue name, and the worker declares its own), were a quarter
