@@ -19,7 +19,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from tqdm import tqdm
 
-from pipeq import _app, _tasks
+from pipeq import _app, _floats, _tasks
 from pipeq._ledger import Depth, Ledger, stream_key
 from pipeq._redis import masked, scrub
 from pipeq._registry import NO_WORKER_GRACE_S, Announced, Registry
@@ -228,7 +228,7 @@ class Job:
                         deployment=self.deployment,
                     ) from None
         if self._async.state == states.SUCCESS:
-            return self._async.result
+            return _floats.unpack(self._async.result)
         raise to_pipeq_error(self._async.result, self.id, self.deployment)
 
     def stream(self, *, item: int = 0, timeout: float | None = None) -> TextStream:
@@ -533,6 +533,8 @@ class Client:
         kwargs = {"inputs": inputs, "params": params}
         if per_item:
             kwargs["per_item"] = True
+        if target.info.get("packs_floats"):
+            kwargs["packed"] = True  # arrays of floats as float32 (`_floats`), not lists
         limit = _app.enqueue_limit.set(int(target.info.get("max_queue_length") or 0))
         # the deadline goes in pipeq's headers, not Celery's `expires`: Redis counts it on
         # its own clock (`_ledger` enqueue), so a producer's skewed clock cannot move it
