@@ -43,7 +43,9 @@ def as_json(outs: list[torch.Tensor]) -> str:
 
 
 def as_packed(outs: list[torch.Tensor]) -> str:
-    return str(dumps([pack_float32(o.numpy().astype("<f4").tobytes(), list(o.shape)) for o in outs]))
+    return str(
+        dumps([pack_float32(o.numpy().astype("<f4").tobytes(), list(o.shape)) for o in outs])
+    )
 
 
 def timed(fn: Any, *args: Any) -> tuple[float, Any]:
@@ -61,7 +63,9 @@ def main() -> None:
     outs = hidden_states(args.items, args.tokens)
     want = [o.tolist() for o in outs]
     values = sum(o.numel() for o in outs)
-    print(f"{args.items} items x {outs[0].shape[1]} tokens x {outs[0].shape[2]} = {values:,} values")
+    print(
+        f"{args.items} items x {outs[0].shape[1]} tokens x {outs[0].shape[2]} = {values:,} values"
+    )
     print(f"{'form':8} {'bytes':>13} {'B/value':>8} {'encode ms':>10} {'decode ms':>10} identical")
     for name, encode, decode in (
         ("json", as_json, loads),
