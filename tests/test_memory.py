@@ -102,21 +102,23 @@ def test_a_worker_holds_a_large_allowed_result_packed_so_its_memory_does_not_fol
     the 64 MB limit). Before, the worker held each result as lists (32 bytes a value)
     and then as JSON (21.5 more): its peak RSS grew by ~3.4 MB an item (+464 MB for
     120 items, +872 MB for 240, bench/result_memory.py). Packed, the 40 more items add
-    about what their packed result takes (~7 MB); the rest of the peak is the forward
-    pass's own, the same for any job."""
+    a few copies of their packed result (~7 MB) as it is encoded and stored; the rest of
+    the peak is the forward pass's own, the same for any job."""
     name = client.registry.live_workers("feature-extraction")[0]
     pid = int(re.search(r"\.(\d+)-", name).group(1))  # type: ignore[union-attr]
 
     def peak_growth_mb(items: int) -> tuple[float, int]:
+        """The job's peak RSS over the worker's RSS before the first of them (memory a
+        job freed but the allocator kept counts for the next: it is not given back)."""
         texts = [text_of(400, i) for i in range(items)]
         _peak_rss_reset(pid)
-        before = _rss_kb(pid, "VmRSS")
         result = client.submit("feature-extraction", texts).result(timeout=300)
         assert len(result) == items and all(len(r[0][0]) == 384 for r in result)
         values = sum(len(row) for r in result for row in r[0])
-        return (_rss_kb(pid, "VmHWM") - before) / 1024, values
+        return (_rss_kb(pid, "VmHWM") - base) / 1024, values
 
     client.submit("feature-extraction", [text_of(400, i) for i in range(8)]).result(timeout=120)
+    base = _rss_kb(pid, "VmRSS")
     small, small_values = peak_growth_mb(40)
     large, large_values = peak_growth_mb(80)
     extra_as_lists_mb = (large_values - small_values) * 32 / 2**20
@@ -124,7 +126,10 @@ def test_a_worker_holds_a_large_allowed_result_packed_so_its_memory_does_not_fol
         f"\nworker peak RSS: +{small:.0f} MB for 40 texts, +{large:.0f} MB for 80; "
         f"the 40 more as lists alone would take {extra_as_lists_mb:.0f} MB"
     )
-    assert large - small < extra_as_lists_mb, "the worker's memory follows its result"
+    # before: +133 MB and +365 MB (the 40 more items: 232 MB, six times their lists);
+    # packed: +73 MB and +104 MB (31 MB: a few copies of the 6.7 MB packed, as it is
+    # encoded and sent to Redis)
+    assert large - small < 2 * extra_as_lists_mb, "the worker's memory follows its result"
 
 
 def test_a_result_through_the_queue_is_exactly_what_pipeline_returns(
