@@ -86,6 +86,18 @@ def test_a_job_whose_result_cannot_be_stored_is_refused_before_any_compute(
     assert client.submit("feature-extraction", "still serving").result(timeout=60)
 
 
+def test_a_fill_mask_job_asking_for_every_word_of_long_texts_is_refused_before_compute(
+    client: Client,
+) -> None:
+    """fill-mask's records each repeat their text: 300 texts of 400 characters with
+    top_k = the whole vocabulary (652 words) would make ~100 MB; refused with the numbers.
+    The same texts with the default top_k run."""
+    texts = [text_of(400, i) + " <mask>." for i in range(300)]
+    with pytest.raises(InvalidRequest, match=r"top_k=652 a mask.*limits\.result_bytes"):
+        client.submit("fill-mask", texts, top_k=652).result(timeout=60)
+    assert len(client.submit("fill-mask", texts[:4], top_k=5).result(timeout=60)) == 4
+
+
 def _peak_rss_reset(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # the high-water mark := RSS now
 

@@ -148,16 +148,49 @@ class Handler:
 
     def result_bytes(self, items: list[Any], params: dict[str, Any], packed: bool) -> int:
         """The size of the stored result of `items` (bytes of JSON), estimated before the
-        forward pass from what the model makes: for feature-extraction each item's tokens
-        x `feature_width` values, 5.3 bytes each packed, 22 as JSON lists; 0 for tasks
-        whose results are bounded by the request's other limits."""
-        width = self.feature_width
-        if width is None:
-            return 0
-        per_value = _PACKED_BYTES if packed else _JSON_BYTES
-        return sum(
-            int(self._tokens_made(item, params) * width * per_value) + _ITEM_BYTES for item in items
-        )
+        forward pass from what the model will make (`_made`)."""
+        return self._made(items, params, packed)[0]
+
+    def _made(self, items: list[Any], params: dict[str, Any], packed: bool) -> tuple[int, str]:
+        """(bytes, what makes them) of the result of `items`, for the tasks whose result
+        grows with more than the request: feature-extraction (tokens x `feature_width`
+        floats, 5.3 bytes each packed, 22 as JSON lists), fill-mask (masks x top_k
+        records, each repeating its text), token-classification (a record a token at
+        most) and question-answering (top_k answers); (0, "") for the others, whose
+        results the request's other limits bound."""
+        n = len(items)
+        if self.feature_width is not None:
+            tokens = sum(self._tokens_made(item, params) for item in items)
+            per_value = _PACKED_BYTES if packed else _JSON_BYTES
+            size = int(tokens * self.feature_width * per_value) + n * _ITEM_BYTES
+            form = "packed float32" if packed else "JSON"
+            return (
+                size,
+                f"{n} items, {tokens:,} tokens x {self.feature_width} values each, as {form}",
+            )
+        if self.task == "fill-mask":
+            mask = getattr(getattr(self.pipe, "tokenizer", None), "mask_token", None) or "\0"
+            targets = params.get("targets")
+            k = len([targets] if isinstance(targets, str) else targets) if targets else None
+            k = k or int(params.get("top_k") or 5)
+            tokenizer = getattr(self.pipe, "tokenizer", None)
+            k = min(k, len(tokenizer)) if tokenizer is not None else k  # no more than its words
+            records = [max(1, str(i).count(mask)) * k for i in items]
+            size = sum(
+                r * (len(str(i)) + _RECORD_BYTES) for r, i in zip(records, items, strict=True)
+            )
+            return size, f"{sum(records):,} records (top_k={k} a mask), each with its text"
+        if self.task == "token-classification":
+            strided = params.get("stride") is not None
+            tokens = sum(
+                self._tokens_made(i, {} if strided else {"truncation": True}) for i in items
+            )
+            return tokens * _RECORD_BYTES, f"{tokens:,} tokens, up to a record each"
+        if self.task == "question-answering":
+            k = int(params.get("top_k") or 1)
+            longest = int(params.get("max_answer_len") or 15) * 8
+            return n * k * (_RECORD_BYTES + longest), f"{n} items x top_k={k} answers"
+        return 0, ""
 
     def check_result(
         self, items: list[Any], params: dict[str, Any], packed: bool, where: str
@@ -166,20 +199,19 @@ class Handler:
         before any compute, where it is larger than the deployment's
         `limits.result_bytes`: it says the estimate, what makes it and the limit."""
         limit = self.deployment.limits.get("result_bytes", DEFAULT_LIMITS["result_bytes"])
-        size = self.result_bytes(items, params, packed)
+        size, what = self._made(items, params, packed)
         if size <= limit:
             return size
-        tokens = sum(self._tokens_made(item, params) for item in items)
-        form = "packed float32" if packed else "JSON"
         raise InvalidRequest(
-            f"{where}: the result would be about {size:,} bytes ({len(items)} items, "
-            f"{tokens:,} tokens x {self.feature_width} values each, as {form}); this "
-            f"deployment stores at most {limit:,} a job (limits.result_bytes): send fewer "
-            "or shorter texts a job, or use Client.map, which sizes its messages to fit"
+            f"{where}: the result would be about {size:,} bytes ({what}); this deployment "
+            f"stores at most {limit:,} a job (limits.result_bytes): ask for less a job "
+            "(fewer or shorter inputs, a smaller top_k), or use Client.map, which sends "
+            "a message for a few inputs"
         )
 
     def _tokens_made(self, item: Any, params: dict[str, Any]) -> int:
-        """How many token vectors feature-extraction returns for `item`."""
+        """How many tokens the model sees of `item` (feature-extraction returns a vector
+        each), truncated when `params` ask."""
         if isinstance(item, str):
             text, pair = item, None
         elif isinstance(item, dict) and isinstance(item.get("text"), str):
@@ -249,6 +281,8 @@ class Handler:
 _PACKED_BYTES = 16 / 3
 _JSON_BYTES = 22.0
 _ITEM_BYTES = 64
+#: a record of fill-mask, ner or question-answering without its text (keys, a score)
+_RECORD_BYTES = 120
 
 _LENGTH_CHECKED = frozenset(
     {"text-classification", "fill-mask", "feature-extraction", "text-generation"}
