@@ -64,13 +64,19 @@ def _unpack_one(value: dict[str, Any]) -> Any:
 
 
 def unpack(value: Any) -> Any:
-    """`value` with every packed array in it replaced by its nested lists of floats."""
+    """`value` with every packed array in it replaced by its nested lists of floats, in
+    place (a result is walked, not copied: a large result of records costs no second
+    copy)."""
+    if is_packed(value):
+        return _unpack_one(value)
     if isinstance(value, dict):
-        if is_packed(value):
-            return _unpack_one(value)
-        return {k: unpack(v) for k, v in value.items()}
-    if isinstance(value, list):
+        for key, item in value.items():
+            if isinstance(item, dict | list):
+                value[key] = unpack(item)
+    elif isinstance(value, list):
         if value and isinstance(value[0], int | float):
             return value  # numbers (an unpacked array): nothing packed inside
-        return [unpack(v) for v in value]
+        for i, item in enumerate(value):
+            if isinstance(item, dict | list):
+                value[i] = unpack(item)
     return value
