@@ -7,6 +7,7 @@ setting that must agree on both sides (serializer, acks, result TTL) is here.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import os
@@ -174,6 +175,13 @@ class SentinelResultBackend(Backend, SentinelBackend):  # type: ignore[misc]
     that master too."""
 
 
+#: message headers with a job's deadline, which the enqueue step puts in Redis (`_ledger`):
+#: seconds from the moment Redis accepts it (on Redis' clock, not the producer's), or a
+#: time (unix s). pipeq's Client sends these instead of Celery's `expires`, which Celery
+#: computes on the producer's clock and its worker judges on its own.
+EXPIRES_IN_HEADER = "pipeq_expires_in_s"
+EXPIRES_AT_HEADER = "pipeq_expires_at"
+
 #: the `max_queue_length` the current thread's send is held to (0: none); set by
 #: `Client` around `send_task`, read by the channel that pushes the message
 enqueue_limit: ContextVar[int] = ContextVar("pipeq_enqueue_limit", default=0)
@@ -213,6 +221,8 @@ class _Channel(kombu_redis.Channel):
             ttl_s=RESULT_TTL_S,
             event=self._sent_event(queue, headers),
             event_channel=self._get_publish_topic(EVENT_EXCHANGE_NAME, "task.sent"),  # type: ignore[no-untyped-call]
+            expires_in_s=headers.get(EXPIRES_IN_HEADER),
+            expires_at=headers.get(EXPIRES_AT_HEADER),
         ):
             raise Overloaded(
                 f"{limit} jobs wait already (max_queue_length); retry later",
@@ -236,7 +246,7 @@ class _Channel(kombu_redis.Channel):
             "kwargs": headers.get("kwargsrepr"),
             "retries": headers.get("retries") or 0,
             "eta": headers.get("eta"),
-            "expires": headers.get("expires"),
+            "expires": _expires_shown(headers),
             "root_id": headers.get("root_id"),
             "parent_id": headers.get("parent_id"),
             "queue": queue,
@@ -254,6 +264,17 @@ class _Channel(kombu_redis.Channel):
             "properties": {"delivery_tag": headers["id"], "delivery_info": _SENT_DELIVERY},
         }
         return json.dumps(message)
+
+
+def _expires_shown(headers: dict[str, Any]) -> str | None:
+    """The deadline Flower shows: Celery's header, or pipeq's (`EXPIRES_IN_HEADER` by this
+    machine's clock: for the eye only, Redis' clock judges)."""
+    at = headers.get(EXPIRES_AT_HEADER)
+    if at is None and headers.get(EXPIRES_IN_HEADER) is not None:
+        at = time.time() + float(headers[EXPIRES_IN_HEADER])
+    if at is None:
+        return headers.get("expires")
+    return datetime.datetime.fromtimestamp(float(at), datetime.UTC).isoformat()
 
 
 #: where a task-sent event goes: Celery's event exchange, as kombu routes it on Redis

@@ -19,7 +19,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from tqdm import tqdm
 
-from pipeq import _app, _tasks
+from pipeq import _app, _floats, _tasks
 from pipeq._ledger import Depth, Ledger, stream_key
 from pipeq._redis import WRITE_REFUSALS, masked, scrub, write_refusal
 from pipeq._registry import NO_WORKER_GRACE_S, Announced, Registry
@@ -100,6 +100,31 @@ def _about(target: Announced, check: Any, *args: Any) -> Any:
     except InvalidRequest as e:
         e.deployment = target.name
         raise
+
+
+#: `Client.map`'s messages waiting for their results at once (each holds `chunk_size`
+#: inputs): Redis holds this many messages' results of a map at most
+MAP_WINDOW = 64
+#: and the results of `Client.map`'s and `imap`'s messages in flight may take at most
+#: this many times the deployment's `limits.result_bytes` (their upper bound)
+RESULTS_IN_FLIGHT = 4
+
+
+def _result_bound(info: dict[str, Any], item: Any, params: dict[str, Any]) -> int:
+    """The most bytes `item`'s stored result can take, for a deployment that announces
+    what it makes per token (feature-extraction's `feature_width`), else 0: a token is
+    at least one byte of UTF-8 (plus the tokenizer's few special tokens), and no more
+    than `max_tokens` of them pass the worker's length check. The worker's own estimate
+    (its tokenizer's count) is never larger, so a message sized by this fits."""
+    width = info.get("feature_width")
+    if not width or not isinstance(item, str):
+        return 0
+    tokens = len(item.encode("utf-8", "surrogatepass")) + 4
+    cap = info.get("max_tokens")
+    if isinstance(cap, int) and cap > 0:
+        tokens = min(tokens, cap)
+    per_value = 16 / 3 if info.get("packs_floats") else 22.0
+    return int(tokens * int(width) * per_value) + 64
 
 
 #: the furthest `expires` may be: past it, a deadline means nothing (and overflows dates)
@@ -229,7 +254,7 @@ class Job:
                         deployment=self.deployment,
                     ) from None
         if self._async.state == states.SUCCESS:
-            return self._async.result
+            return _floats.unpack(self._async.result)
         raise to_pipeq_error(self._async.result, self.id, self.deployment)
 
     def stream(self, *, item: int = 0, timeout: float | None = None) -> TextStream:
@@ -523,7 +548,9 @@ class Client:
         """Validate and enqueue one request; returns at once with its Job.
 
         `expires`: seconds from now, or a datetime, by which the job must have started;
-        past it the job is dropped before any compute and ends with JobExpired.
+        past it the job is dropped before any compute and ends with JobExpired. Both are
+        judged on Redis' clock (seconds count from when Redis accepts the job), never on
+        this machine's.
         Raises InvalidRequest, UnknownDeployment, NoLiveWorker, Overloaded (when
         `max_queue_length` jobs of the deployment wait already), BrokerUnavailable.
         """
@@ -544,7 +571,15 @@ class Client:
         kwargs = {"inputs": inputs, "params": params}
         if per_item:
             kwargs["per_item"] = True
+        if target.info.get("packs_floats"):
+            kwargs["packed"] = True  # arrays of floats as float32 (`_floats`), not lists
         limit = _app.enqueue_limit.set(int(target.info.get("max_queue_length") or 0))
+        # the deadline goes in pipeq's headers, not Celery's `expires`: Redis counts it on
+        # its own clock (`_ledger` enqueue), so a producer's skewed clock cannot move it
+        if isinstance(expires, datetime.datetime):
+            headers = {_app.EXPIRES_AT_HEADER: expires.timestamp()}
+        else:
+            headers = {} if expires is None else {_app.EXPIRES_IN_HEADER: float(expires)}
         try:
             # sending subscribes to nothing (_app.Backend.on_task_call): the Job's handle
             # reads the stored result first and subscribes only while it waits. With 512
@@ -557,7 +592,7 @@ class Client:
                 queue=_app.queue_for(target.name),
                 task_id=job_id,
                 shadow=f"{_app.RUN_TASK}[{target.name}]",
-                expires=expires,
+                headers=headers,
                 # Flower's view of the arguments: Celery's pure-Python saferepr, and
                 # declaring the queue at every send (Redis needs none: the default exchange
                 # routes by queue name, and the worker declares its own), were a quarter
@@ -612,8 +647,11 @@ class Client:
         """Run many inputs; results in input order, each what `pipe(item)` returns.
 
         Inputs travel `chunk_size` to a message (default: half the deployment's batch
-        size; fewer when the deployment's `limits.request_bytes` asks) and fail one by
-        one: a bad item does not fail its neighbours. The deployment's `max_queue_length`
+        size; fewer when the deployment's `limits.request_bytes` or, for
+        feature-extraction, `limits.result_bytes` asks) and fail one by one: a bad item
+        does not fail its neighbours. At most `MAP_WINDOW` messages wait for their results
+        at once, and each message's stored result is deleted once read, so Redis holds a
+        window of a large map, not all of it. The deployment's `max_queue_length`
         holds: when its queue is full, `map` waits for its own earliest message to
         finish, or for room (at most `timeout`; past it the items not sent fail with
         Overloaded), before sending the next. With `return_exceptions`, failed items hold
@@ -633,7 +671,7 @@ class Client:
         outcomes: list[Any] = []
         with bar:
             for outcome in self._outcomes(
-                target, items, params, chunk_size, timeout, _expires(expires), window=None
+                target, items, params, chunk_size, timeout, _expires(expires), window=MAP_WINDOW
             ):
                 outcomes.append(outcome)
                 bar.update(1)
@@ -685,11 +723,16 @@ class Client:
         window: int | None,
     ) -> Iterator[Any]:
         """Each input's result or PipeqError, in input order. Inputs go `chunk_size` to a
-        message within the deployment's request_bytes; at most `window` messages wait
-        for their results at once (None: no bound)."""
+        message within the deployment's request_bytes and result_bytes; at most `window`
+        messages wait for their results at once (None: no bound). A message's stored
+        result is deleted once read (no one else holds its id)."""
         size = chunk_size or max(1, int(target.info.get("max_batch_size") or 16) // 2)
-        limit = {**_tasks.DEFAULT_LIMITS, **(target.info.get("limits") or {})}["request_bytes"]
+        limits = {**_tasks.DEFAULT_LIMITS, **(target.info.get("limits") or {})}
+        limit = limits["request_bytes"]
         room = limit - _tasks.request_bytes([], params) - 16
+        result_room = limits["result_bytes"]
+        made = 0  # the most the segment's results can take (`_result_bound`)
+        bounds: deque[int] = deque()  # the same, of each message in flight
         in_flight: deque[tuple[list[tuple[Any, PipeqError | None]], Job | None]] = deque()
         segment: list[tuple[Any, PipeqError | None]] = []
         used = 0
@@ -712,6 +755,11 @@ class Client:
                         outs = iter(alone(good))
                 except PipeqError as e:  # the whole message failed (timeout, ...)
                     failed = e
+                if failed is None or not isinstance(failed, JobTimeout):
+                    try:  # its result is in hand now: Redis need not keep it
+                        job.forget()
+                    except PipeqError:
+                        pass
             for _, error in segment:
                 if error is not None or failed is not None:
                     yield error or failed
@@ -750,6 +798,7 @@ class Client:
                     break
                 except Overloaded as e:
                     if in_flight:  # the queue is full: wait for one of ours to finish
+                        bounds.popleft()
                         yield from results_of(*in_flight.popleft())
                     elif give_up is None or time.monotonic() < give_up:
                         time.sleep(pause)  # full of other producers' jobs: wait for room
@@ -758,12 +807,20 @@ class Client:
                         segment = [(item, error or e) for item, error in segment]
                         break
             in_flight.append((segment, job))
-            while window is not None and len(in_flight) > window:
+            bounds.append(made)
+            # at most `window` messages, and results of at most RESULTS_IN_FLIGHT x the
+            # deployment's result_bytes, wait in Redis (always one message at least)
+            while (
+                window is not None
+                and len(in_flight) > 1
+                and (len(in_flight) > window or sum(bounds) > RESULTS_IN_FLIGHT * result_room)
+            ):
+                bounds.popleft()
                 yield from results_of(*in_flight.popleft())
 
         for i, item in enumerate(inputs):
             error: PipeqError | None = None
-            need = 0
+            need = makes = 0
             try:
                 self.check_item(target, item, f"inputs[{i}]")
                 need = _tasks.request_bytes(item, {}) + 1
@@ -773,13 +830,16 @@ class Client:
                         f"{limit} a request (limits.request_bytes)",
                         deployment=target.name,
                     )
+                makes = _result_bound(target.info, item, params)
             except InvalidRequest as e:
                 error, need = e, 0
-            if segment and (len(segment) >= size or used + need > room):
+            full = used + need > room or made + makes > result_room
+            if segment and (len(segment) >= size or full):
                 yield from send(segment)
-                segment, used = [], 0
+                segment, used, made = [], 0, 0
             segment.append((item, error))
             used += need
+            made += makes
         if segment:
             yield from send(segment)
         while in_flight:

@@ -15,6 +15,8 @@ batching = "dynamic"         # optional; "continuous" (text-generation's default
 
 [deployments.sentiment-analysis.limits]   # optional; each bounds what one request may ask
 request_bytes = 2000000      # the JSON of inputs and parameters (TEI's payload limit)
+result_bytes = 64000000      # a job's stored result (at most 500000000): a job whose result
+                             # the worker estimates past it is refused before any compute
 items_per_job = 1024         # inputs in one job (Client.map sends many jobs)
 max_new_tokens = 1024        # also bounds max_length
 num_return_sequences = 16
@@ -125,6 +127,11 @@ class Deployment:
                 raise InvalidRequest(
                     f"deployment {self.name!r}: limits.{key} must be a positive integer"
                 )
+        if self.limits.get("result_bytes", 0) > _tasks.RESULT_BYTES_MAX:
+            raise InvalidRequest(
+                f"deployment {self.name!r}: limits.result_bytes must be at most "
+                f"{_tasks.RESULT_BYTES_MAX} (the largest result Celery's Redis backend stores)"
+            )
         object.__setattr__(self, "limits", {**DEFAULT_LIMITS, **self.limits})
 
     @property

@@ -10,6 +10,7 @@
     pipeq:dead-after:<deployment> hash    worker -> the silence after which it counts as dead
     pipeq:job:<id>                string  the deployment of a job pipeq accepted
     pipeq:cancel:<id>             string  the job must not run: cancelled, or forgotten
+    pipeq:deadline:<id>           string  the job's `expires` deadline, on Redis' clock (unix s)
     pipeq:stream:<id>             stream  a generation's text as it is made (`Job.stream`)
     pipeq:attempts:<id>           string  how many times the job's worker died while running it
     celery-task-meta-<id>         string  Celery's result record (status, result, ...), JSON
@@ -22,7 +23,8 @@ on ages and on who is dead. Each step that moves a job is one Lua script, so a p
 killed between two commands can neither lose a job nor hold it twice:
 
 - `enqueue` (producer): refuse past `max_queue_length`, else record and push, at once
-  (and publish the job's task-sent event, for Flower);
+  (and publish the job's task-sent event, for Flower); a deadline given in seconds
+  (`expires=60`) is counted from Redis' clock there, never from the producer's;
 - `cancel` (producer): a job that has not started, or a generation its worker marked
   stoppable (continuous batching stops it at its next step); any other started one
   says so;
@@ -68,6 +70,7 @@ __all__ = [
     "Ledger",
     "FENCED",
     "cancel_key",
+    "deadline_key",
     "fence_key",
     "inflight_key",
     "job_key",
@@ -122,6 +125,10 @@ def cancel_key(job_id: str) -> str:
     return f"pipeq:cancel:{job_id}"
 
 
+def deadline_key(job_id: str) -> str:
+    return f"pipeq:deadline:{job_id}"
+
+
 def stream_key(job_id: str) -> str:
     return f"pipeq:stream:{job_id}"
 
@@ -174,11 +181,17 @@ end
 _ENQUEUE = (
     _CLOCK
     + """
--- KEYS: queue, waiting, job ; ARGV: message, id, limit, ttl, deployment[, event, channel]
+-- KEYS: queue, waiting, job, deadline ; ARGV: message, id, limit, ttl, deployment, event,
+-- channel, expires in s from now ('' = none), expires at (unix s, '' = none)
 local limit = tonumber(ARGV[3])
 if limit > 0 and redis.call('ZCARD', KEYS[2]) >= limit then return 0 end
 redis.call('ZADD', KEYS[2], 'NX', now, ARGV[2])
 redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[4])
+if ARGV[8] ~= '' then
+  redis.call('SET', KEYS[4], tostring(now + tonumber(ARGV[8])), 'EX', ARGV[4])
+elseif ARGV[9] ~= '' then
+  redis.call('SET', KEYS[4], ARGV[9], 'EX', ARGV[4])
+end
 redis.call('LPUSH', KEYS[1], ARGV[1])
 if ARGV[6] and ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[6]) end
 return 1
@@ -269,12 +282,15 @@ for i = 1, n do
   local id = ARGV[5 + i]
   local expires = ARGV[5 + n + i]
   local key = 'celery-task-meta-' .. id
+  -- pipeq's Client sets the deadline in Redis (`enqueue`); another producer's `expires`
+  -- header comes as an argument
+  local deadline = redis.call('GET', 'pipeq:deadline:' .. id) or expires
   local verdict
   if redis.call('EXISTS', 'pipeq:cancel:' .. id) == 1 then
     verdict = 'cancelled'
   elseif ready(status_of(redis.call('GET', key))) then
     verdict = 'done'
-  elseif expires ~= '' and now > tonumber(expires) then
+  elseif deadline ~= '' and now > tonumber(deadline) then
     verdict = 'expired'
   elseif ARGV[4] == '0' and tonumber(redis.call('GET', 'pipeq:attempts:' .. id) or '0') > 0 then
     verdict = 'quarantine'
@@ -514,12 +530,17 @@ class Ledger:
         client: Any = None,
         event: str = "",
         event_channel: str = "",
+        expires_in_s: float | None = None,
+        expires_at: float | None = None,
     ) -> bool:
         """Push a job's message unless `limit` (> 0) jobs already wait; False if refused.
         An accepted job's `event` (Celery's task-sent, for Flower) is published on
-        `event_channel` in the same step."""
+        `event_channel` in the same step. Its deadline, if any: `expires_in_s` seconds from
+        now on Redis' clock, or `expires_at` (unix s), judged on Redis' clock by `admit`."""
         keys = [queue_for(deployment), waiting_key(deployment), job_key(job_id)]
+        keys.append(deadline_key(job_id))
         args = [message, job_id, limit, ttl_s, deployment, event, event_channel]
+        args += ["" if t is None else repr(float(t)) for t in (expires_in_s, expires_at)]
         return bool(self.script("enqueue")(keys, args, client=client))
 
     def cancel(self, job_id: str, revoked_meta: str, ttl_s: int) -> str:

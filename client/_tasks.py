@@ -21,6 +21,7 @@ from pipeq.errors import InvalidRequest, UnknownDeployment
 __all__ = [
     "DEFAULT_LIMITS",
     "MAX_NESTING",
+    "RESULT_BYTES_MAX",
     "TaskSpec",
     "canonical_task",
     "check_item",
@@ -489,11 +490,18 @@ def validate_params(
 #: distilbert-base-size worker from 0.7 GB to 7.9 GB of memory, never given back.
 DEFAULT_LIMITS: dict[str, int] = {
     "request_bytes": 2_000_000,
+    # a job's stored result (JSON, floats packed): a feature-extraction job of 1,000
+    # texts of 1,900 characters would make 860 MB (161M floats), and took a worker from
+    # 0.4 GB to 7 GB as lists. Celery stores at most 512 MiB (RESULT_BYTES_MAX).
+    "result_bytes": 64_000_000,
     "items_per_job": 1024,
     "max_new_tokens": 1024,
     "num_return_sequences": 16,
     "num_beams": 8,
 }
+#: the most `limits.result_bytes` may be: Celery's result backend refuses a larger value
+#: (`BackendStoreError`), as Redis does past its 512 MB `proto-max-bulk-len`
+RESULT_BYTES_MAX = 500_000_000
 #: lists and mappings nested deeper than this are refused (JSON encoders recurse)
 MAX_NESTING = 32
 _LIMITED_PARAMS = {

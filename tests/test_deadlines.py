@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import subprocess
 import sys
 import time
@@ -51,6 +52,39 @@ def test_a_job_past_its_expires_in_the_queue_never_starts(client: Client) -> Non
     assert shown[-1]["type"] == "task-revoked" and shown[-1]["expired"] is True
     assert job.status() is JobState.EXPIRED
     assert job.cancel() is False
+
+
+def _skew_producer_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """This process's (the producer's) clock runs `seconds` off: `time.time` and the
+    `datetime.now` Celery computes a message's `expires` with. Redis and the workers (other
+    processes) keep the true time."""
+    import celery.app.base
+
+    real_time = time.time
+
+    class Skewed(datetime.datetime):
+        @classmethod
+        def now(cls, tz: datetime.tzinfo | None = None) -> datetime.datetime:  # type: ignore[override]
+            return datetime.datetime.now(tz) + datetime.timedelta(seconds=seconds)
+
+    monkeypatch.setattr(time, "time", lambda: real_time() + seconds)
+    monkeypatch.setattr(celery.app.base, "datetime", Skewed)
+
+
+@pytest.mark.parametrize("skew_s", [-120.0, 120.0])
+def test_expires_is_measured_on_redis_clock_whatever_the_producers_clock(
+    client: Client, monkeypatch: pytest.MonkeyPatch, skew_s: float
+) -> None:
+    """A producer whose clock is 2 minutes behind (or ahead of) Redis': `expires=60` still
+    gives the job 60 s (before: behind, JobExpired at once), and `expires=0.5` on a job
+    that waits 1.5 s still expires it (before: ahead, it ran 2 minutes late)."""
+    _skew_producer_clock(monkeypatch, skew_s)
+    assert client.submit("sentiment-analysis", "in time", expires=60).result(timeout=30)
+    with paused(client, "sentiment-analysis"):
+        late = client.submit("sentiment-analysis", "too late", expires=0.5)
+        time.sleep(1.5)
+    with pytest.raises(JobExpired):
+        late.result(timeout=30)
 
 
 def test_a_job_that_expires_while_its_worker_holds_it_is_dropped_before_compute(

@@ -30,7 +30,7 @@ MAX_ID_CHARS = 255
 # an id a message too large to parse may still show; keys only, as quotes inside JSON
 # strings are escaped
 _ID = re.compile(rb'(?<!\\)"id"\s*:\s*"([^"\\]{1,255})"')
-_BODY_KEYS = {"inputs", "params", "per_item"}
+_BODY_KEYS = {"inputs", "params", "per_item", "packed"}
 
 
 class Malformed(ValueError):
@@ -154,7 +154,8 @@ def _check_body(body: Any) -> None:
     unknown = set(kwargs) - _BODY_KEYS
     if unknown:
         raise Malformed(f"body kwargs have unknown keys {sorted(unknown)}")
-    if not isinstance(kwargs.get("per_item", False), bool):
-        raise Malformed("body kwarg 'per_item' must be true or false")
+    for flag in ("per_item", "packed"):
+        if not isinstance(kwargs.get(flag, False), bool):
+            raise Malformed(f"body kwarg {flag!r} must be true or false")
     if embed.get("callbacks") or embed.get("errbacks") or embed.get("chain") or embed.get("chord"):
         raise Malformed("callbacks, errbacks, chains and chords are not supported")

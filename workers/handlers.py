@@ -13,7 +13,9 @@ from collections.abc import Callable
 from functools import cached_property
 from typing import Any
 
+from pipeq import _floats
 from pipeq._config import Deployment
+from pipeq._tasks import DEFAULT_LIMITS
 from pipeq.errors import InvalidRequest, JobTimeout, ModelLoadError
 from pipeq.worker.batcher import BatchError, length_in_chars
 
@@ -51,12 +53,19 @@ class Handler:
         self.pipe = pipe
         self.native = native  # a transformers pipeline (takes batch_size)
         self._counter = _token_counter(pipe)
+        #: feature-extraction: the width of each token's vector (set by `load_handler`)
+        self.feature_width: int | None = None
 
     def info(self) -> dict[str, Any]:
         """What producers need to know beyond the config (announced in Redis)."""
         tokenizer = getattr(self.pipe, "tokenizer", None)
         info = self.deployment.to_dict()
         info["mask_token"] = getattr(tokenizer, "mask_token", None)
+        if self.feature_width is not None:
+            # producers size Client.map's messages by these, and ask for packed floats
+            info["feature_width"] = self.feature_width
+            info["max_tokens"] = self.max_tokens
+            info["packs_floats"] = True
         return info
 
     def size(self, item: Any) -> int:
@@ -89,6 +98,8 @@ class Handler:
         return outs
 
     def _run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+        if self.task == "feature-extraction" and self.native:
+            return self._features(items, params)
         if len(items) == 1 or not self.native:
             # pipeq's own pipelines run items one at a time anyway, and a call with a list
             # reshapes the results of a list (4.57 flattens one-result lists): each item
@@ -100,9 +111,123 @@ class Handler:
             outs = [[o] if isinstance(i, str) else o for i, o in zip(items, outs, strict=True)]
         if len(outs) != len(items):
             raise RuntimeError(f"pipeline returned {len(outs)} results for {len(items)} items")
-        if self.task == "feature-extraction":
-            outs = self._unpad(items, outs, params)
         return [to_jsonable(o) for o in outs]
+
+    def _features(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+        """feature-extraction's hidden states, each item's in the packed wire form
+        (`pipeq._floats`: 5.3 bytes a value where Python lists take 32 and JSON 21), so
+        that a job's results wait for its last batch, and are encoded, in little memory;
+        `unpack` gives exactly the lists `pipe(item)` returns."""
+        import torch
+
+        outs = self.pipe(items, batch_size=len(items), **{**params, "return_tensors": True})
+        if len(outs) != len(items):
+            raise RuntimeError(f"pipeline returned {len(outs)} results for {len(items)} items")
+        lengths = self._lengths(items, params) if len(items) > 1 else [None]
+        left = getattr(self.pipe.tokenizer, "padding_side", "right") == "left"  # type: ignore[attr-defined]
+        packed = []
+        for out, n in zip(outs, lengths, strict=True):
+            # a batch pads every item to the longest: cut that padding off, so a result
+            # does not depend on its batch-mates
+            if n is not None:
+                out = out[:, -n:] if left else out[:, :n]
+            if out.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                packed.append(to_jsonable(out))  # float64 is not float32: plain lists
+                continue
+            data = out.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4")
+            packed.append(_floats.pack_float32(data.tobytes(), list(out.shape)))
+        return packed
+
+    def _lengths(self, items: list[Any], params: dict[str, Any]) -> list[int]:
+        """Each item's length in tokens as the pipeline tokenizes it (its truncation too)."""
+        tok = self.pipe.tokenizer  # type: ignore[attr-defined]
+        kwargs = dict(params.get("tokenize_kwargs") or {})
+        if "truncation" in params:
+            kwargs["truncation"] = params["truncation"]
+        return [len(ids) for ids in tok(items, **kwargs)["input_ids"]]
+
+    def result_bytes(self, items: list[Any], params: dict[str, Any], packed: bool) -> int:
+        """The size of the stored result of `items` (bytes of JSON), estimated before the
+        forward pass from what the model will make (`_made`)."""
+        return self._made(items, params, packed)[0]
+
+    def _made(self, items: list[Any], params: dict[str, Any], packed: bool) -> tuple[int, str]:
+        """(bytes, what makes them) of the result of `items`, for the tasks whose result
+        grows with more than the request: feature-extraction (tokens x `feature_width`
+        floats, 5.3 bytes each packed, 22 as JSON lists), fill-mask (masks x top_k
+        records, each repeating its text), token-classification (a record a token at
+        most) and question-answering (top_k answers); (0, "") for the others, whose
+        results the request's other limits bound."""
+        n = len(items)
+        if self.feature_width is not None:
+            tokens = sum(self._tokens_made(item, params) for item in items)
+            per_value = _PACKED_BYTES if packed else _JSON_BYTES
+            size = int(tokens * self.feature_width * per_value) + n * _ITEM_BYTES
+            form = "packed float32" if packed else "JSON"
+            return (
+                size,
+                f"{n} items, {tokens:,} tokens x {self.feature_width} values each, as {form}",
+            )
+        if self.task == "fill-mask":
+            mask = getattr(getattr(self.pipe, "tokenizer", None), "mask_token", None) or "\0"
+            targets = params.get("targets")
+            k = len([targets] if isinstance(targets, str) else targets) if targets else None
+            k = k or int(params.get("top_k") or 5)
+            tokenizer = getattr(self.pipe, "tokenizer", None)
+            k = min(k, len(tokenizer)) if tokenizer is not None else k  # no more than its words
+            records = [max(1, str(i).count(mask)) * k for i in items]
+            size = sum(
+                r * (len(str(i)) + _RECORD_BYTES) for r, i in zip(records, items, strict=True)
+            )
+            return size, f"{sum(records):,} records (top_k={k} a mask), each with its text"
+        if self.task == "token-classification":
+            strided = params.get("stride") is not None
+            tokens = sum(
+                self._tokens_made(i, {} if strided else {"truncation": True}) for i in items
+            )
+            return tokens * _RECORD_BYTES, f"{tokens:,} tokens, up to a record each"
+        if self.task == "question-answering":
+            k = int(params.get("top_k") or 1)
+            longest = int(params.get("max_answer_len") or 15) * 8
+            return n * k * (_RECORD_BYTES + longest), f"{n} items x top_k={k} answers"
+        return 0, ""
+
+    def check_result(
+        self, items: list[Any], params: dict[str, Any], packed: bool, where: str
+    ) -> int:
+        """The estimated size of the result of `items` (`result_bytes`); InvalidRequest,
+        before any compute, where it is larger than the deployment's
+        `limits.result_bytes`: it says the estimate, what makes it and the limit."""
+        limit = self.deployment.limits.get("result_bytes", DEFAULT_LIMITS["result_bytes"])
+        size, what = self._made(items, params, packed)
+        if size <= limit:
+            return size
+        raise InvalidRequest(
+            f"{where}: the result would be about {size:,} bytes ({what}); this deployment "
+            f"stores at most {limit:,} a job (limits.result_bytes): ask for less a job "
+            "(fewer or shorter inputs, a smaller top_k), or use Client.map, which sends "
+            "a message for a few inputs"
+        )
+
+    def _tokens_made(self, item: Any, params: dict[str, Any]) -> int:
+        """How many tokens the model sees of `item` (feature-extraction returns a vector
+        each), truncated when `params` ask."""
+        if isinstance(item, str):
+            text, pair = item, None
+        elif isinstance(item, dict) and isinstance(item.get("text"), str):
+            text, pair = item["text"], item.get("text_pair")
+        else:
+            text, pair = str(item), None
+        if self._counter is None:  # a token is at least a character, plus [CLS] [SEP]...
+            tokens = len(text) + len(pair or "") + 4
+        else:
+            tokens = len(self._counter.encode(text, pair).ids)
+        if _truncates(params):
+            nested = params.get("tokenize_kwargs") or {}
+            cap = nested.get("max_length") if isinstance(nested, dict) else None
+            cap = cap if isinstance(cap, int) and cap > 0 else self.max_tokens
+            tokens = min(tokens, cap) if cap else tokens
+        return tokens
 
     def check_input(self, item: Any, params: dict[str, Any], where: str) -> None:
         """InvalidRequest for an input longer than the model takes, where the reference
@@ -149,17 +274,15 @@ class Handler:
                 return value
         return None
 
-    def _unpad(self, items: list[Any], outs: list[Any], params: dict[str, Any]) -> list[Any]:
-        """A batched feature-extraction pads every item to the longest; cut that padding
-        off so a result does not depend on its batch-mates."""
-        tok = self.pipe.tokenizer  # type: ignore[attr-defined]
-        kwargs = dict(params.get("tokenize_kwargs") or {})
-        if "truncation" in params:
-            kwargs["truncation"] = params["truncation"]
-        lengths = [len(ids) for ids in tok(items, **kwargs)["input_ids"]]
-        left = tok.padding_side == "left"
-        return [[o[0][-n:] if left else o[0][:n]] for o, n in zip(outs, lengths, strict=True)]
 
+#: bytes a float takes in a stored result: packed (base64 of float32), and as JSON (its
+#: shortest repr as a double and ", ": 21.5 measured on MiniLM's hidden states,
+#: bench/float_encoding.py); and a packed item's own keys and shape
+_PACKED_BYTES = 16 / 3
+_JSON_BYTES = 22.0
+_ITEM_BYTES = 64
+#: a record of fill-mask, ner or question-answering without its text (keys, a score)
+_RECORD_BYTES = 120
 
 _LENGTH_CHECKED = frozenset(
     {"text-classification", "fill-mask", "feature-extraction", "text-generation"}
@@ -227,4 +350,9 @@ def load_handler(deployment: Deployment) -> Handler:
     if task == "text-generation" and tok is not None and tok.pad_token is None:
         tok.pad_token = tok.eos_token  # batching needs a pad token; decoder-only pads left
         tok.padding_side = "left"
-    return Handler(deployment, pipe, native=True)
+    handler = Handler(deployment, pipe, native=True)
+    if task == "feature-extraction":
+        # the width of what the pipeline returns (a model with a head returns its logits),
+        # measured once: what a job's result size is estimated with
+        handler.feature_width = int(pipe("a", return_tensors=True).shape[-1])
+    return handler

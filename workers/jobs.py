@@ -30,9 +30,16 @@ from celery import Celery, signals
 from celery.exceptions import Ignore, Reject
 from celery.worker.request import Request as CeleryRequest
 
-from pipeq import _app, _tasks
+from pipeq import _app, _floats, _tasks
 from pipeq._ledger import Ledger, running_key, waiting_key
-from pipeq.errors import JobCancelled, JobExpired, JobFailed, JobTimeout, PipeqError
+from pipeq.errors import (
+    InvalidRequest,
+    JobCancelled,
+    JobExpired,
+    JobFailed,
+    JobTimeout,
+    PipeqError,
+)
 from pipeq.worker.batcher import Batcher, HandBack, Quarantine, Submission
 from pipeq.worker.generation import ContinuousBatcher, write_end
 from pipeq.worker.liveness import Lease
@@ -216,10 +223,15 @@ def register_task(
     admission: Admission,
     events: Events,
     check_input: Callable[[Any, dict[str, Any], str], None] = lambda item, params, where: None,
+    check_result: Callable[[list[Any], dict[str, Any], bool, str], int] = (
+        lambda items, params, packed, where: 0
+    ),
 ) -> None:
     """The one task this worker runs: hand the job's items to the batcher, wait.
     `check_input(item, params, where)` raises InvalidRequest for an item the model
-    cannot take (the handler's length check)."""
+    cannot take (the handler's length check); `check_result(items, params, packed,
+    where)` for items whose result would be larger than the deployment stores
+    (`limits.result_bytes`), before any compute; it returns their estimated size."""
     task = deployment.task
     streams = _tasks.canonical_task(task) == "text-generation"  # `Job.stream()` reads
 
@@ -228,15 +240,22 @@ def register_task(
         check_input(item, params, where)
 
     @app.task(name=_app.RUN_TASK, bind=True, Request=f"{__name__}:Request")  # type: ignore[untyped-decorator]
-    def run(self: Any, inputs: Any, params: dict[str, Any], per_item: bool = False) -> Any:
-        """One job. `per_item`: items fail alone, the result is one outcome per item."""
+    def run(
+        self: Any,
+        inputs: Any,
+        params: dict[str, Any],
+        per_item: bool = False,
+        packed: bool = False,
+    ) -> Any:
+        """One job. `per_item`: items fail alone, the result is one outcome per item.
+        `packed`: the producer reads arrays of floats in their packed form (`_floats`)."""
         job_id = self.request.id
         deadline = _deadline(self.request.expires)
         if deadline is not None:
             admission.expires[job_id] = deadline
         outcome = "failed"
         try:
-            result = run_job(job_id, inputs, params, per_item)
+            result = run_job(job_id, inputs, params, per_item, packed)
             outcome = "succeeded"
             return result
         except HandBack:
@@ -265,15 +284,21 @@ def register_task(
     def _stored(task_id: str, **_: Any) -> None:  # after Celery stored the outcome
         admission.forget(task_id)
 
-    def run_job(job_id: str, inputs: Any, params: dict[str, Any], per_item: bool) -> Any:
+    def run_job(
+        job_id: str, inputs: Any, params: dict[str, Any], per_item: bool, packed: bool
+    ) -> Any:
         from pipeq.worker.handlers import to_jsonable
 
+        # results of the batcher hold arrays packed (a fraction of lists' memory), unpacked
+        # for a producer that reads lists, once every item is done
+        shown: Callable[[Any], Any] = _as_sent if packed else _floats.unpack
         params = _tasks.validate_params(task, params)
         _tasks.check_limits(task, deployment.limits, inputs, params)
         if not per_item:
             items, many = _tasks.split_items(task, inputs)
             for i, item in enumerate(items):
                 check_input(item, params, f"inputs[{i}]" if many else "inputs")
+            check_result(items, params, packed, "inputs")
             results = wait_for(batcher.submit(job_id, items, params), deployment.job_timeout_s)
             for r in results:
                 if isinstance(r, _STOPS):
@@ -281,9 +306,18 @@ def register_task(
             for r in results:
                 if isinstance(r, BaseException):
                     raise _as_job_error(r)
+            results = [shown(r) for r in results]
             return to_jsonable(_tasks.combine(task, params, results) if many else results[0])
         items, _ = _tasks.items_of(task, inputs)
         outcomes, good = _tasks.sort_out(items, lambda item, where: check(item, params, where))
+        limit = deployment.limits.get("result_bytes") or _tasks.DEFAULT_LIMITS["result_bytes"]
+        good = _fitting(
+            items,
+            outcomes,
+            good,
+            lambda part, where: check_result(part, params, packed, where),
+            limit,
+        )
         results = wait_for(
             batcher.submit(job_id, [items[i] for i in good], params), deployment.job_timeout_s
         )
@@ -292,4 +326,38 @@ def register_task(
                 raise r
         for i, r in zip(good, results, strict=True):
             outcomes[i] = r
-        return [_outcome(o, to_jsonable) for o in outcomes]
+        return [_outcome(shown(o), to_jsonable) for o in outcomes]
+
+
+def _as_sent(value: Any) -> Any:
+    return value
+
+
+def _fitting(
+    items: list[Any],
+    outcomes: list[Any],
+    good: list[int],
+    check: Callable[[list[Any], str], int],
+    limit: int,
+) -> list[int]:
+    """The good items of a per-item message whose results fit its stored result
+    (`limit` bytes), in order; each item that does not gets its InvalidRequest among
+    `outcomes`: too large for any job (`check` says why), or for this message."""
+    fit: list[int] = []
+    used = 0
+    for i in good:
+        try:
+            size = check([items[i]], f"inputs[{i}]")
+            if used + size > limit:
+                raise InvalidRequest(
+                    f"inputs[{i}]: its result (about {size:,} bytes) does not fit in this "
+                    f"message after the {used:,} bytes of the items before it; this "
+                    f"deployment stores at most {limit:,} a job (limits.result_bytes): "
+                    "send fewer items a message"
+                )
+        except InvalidRequest as e:
+            outcomes[i] = e
+            continue
+        fit.append(i)
+        used += size
+    return fit

@@ -313,7 +313,9 @@ def run_worker(
             time_limit_s=deployment.job_timeout_s,
             observe=observations.observe,
         ).start()
-    register_task(app, deployment, engine, admission, events, handler.check_input)
+    register_task(
+        app, deployment, engine, admission, events, handler.check_input, handler.check_result
+    )
     info = {
         **handler.info(),
         "heartbeat_s": liveness.heartbeat_s,
