@@ -385,3 +385,51 @@ def test_a_real_tokenizer_panic_fails_its_job_alone(
     assert isinstance(beside.result(timeout=120), list)
     assert isinstance(client.submit("ner", "Anna is here.").result(timeout=120), list)
     assert_up(cluster)
+
+
+class PanicException(BaseException):  # pyo3_runtime's name
+    """What pyo3 raises for a Rust panic: not an Exception."""
+
+
+def test_the_batcher_thread_survives_a_panic_and_the_batch_mates_succeed() -> None:
+    """In-process: a `run` that raises a BaseException for one item (in the forward pass,
+    and when measuring it for grouping): that item fails with it, its batch-mates get
+    their results, and the batcher goes on with the next batch."""
+    from pipeq.worker.batcher import Batcher
+
+    def run(items: list[Any], params: dict[str, Any]) -> list[Any]:
+        if "panic" in items:
+            raise PanicException("called `Option::unwrap()` on a `None` value")
+        return [f"ok {i}" for i in items]
+
+    def size(item: Any) -> int:
+        if item == "panic":
+            raise PanicException("in the tokenizer")
+        return len(item)
+
+    batcher = Batcher(run, max_batch_size=4, max_batch_wait_ms=50, size=size).start()
+    try:
+        jobs = [batcher.submit(f"job{i}", [f"a{i}", "panic" if i == 2 else f"b{i}"], {})
+                for i in range(6)]  # fmt: skip
+        outcomes = []
+        for job in jobs:
+            for f in job.futures:
+                outcomes.append(f.exception(timeout=10) or f.result())
+        assert [type(o).__name__ for o in outcomes].count("PanicException") == 1
+        assert isinstance(outcomes[5], PanicException)
+        assert [o for o in outcomes if isinstance(o, str)] == [
+            x for i in range(6) for x in (f"ok a{i}", f"ok b{i}") if x != "ok b2"
+        ]
+        assert batcher.alive
+        later = batcher.submit("later", ["c"], {})
+        assert later.futures[0].result(timeout=10) == "ok c"
+    finally:
+        batcher.stop()
+
+
+def test_the_batcher_lets_shutdown_signals_pass() -> None:
+    """SystemExit and KeyboardInterrupt are not contained; every other BaseException is."""
+    from pipeq.worker.batcher import contained
+
+    assert contained(PanicException("x")) and contained(ValueError("x"))
+    assert not contained(SystemExit(0)) and not contained(KeyboardInterrupt())
