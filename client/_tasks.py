@@ -578,13 +578,14 @@ def check_positions(max_positions: int | None, params: Mapping[str, Any]) -> Non
     if isinstance(new, int) and not isinstance(new, bool):
         if new >= max_positions:
             raise InvalidRequest(
-                f"max_new_tokens={new} leaves no room for the prompt: the model takes at "
-                f"most {max_positions} tokens, the prompt's and the new ones together"
+                f"max_new_tokens={new} leaves no room for the input: the model takes at most "
+                f"{max_positions} tokens in a sequence, its first (the prompt, or the "
+                "decoder's start token) and the new ones together"
             )
     elif isinstance(length, int) and not isinstance(length, bool) and length > max_positions:
         raise InvalidRequest(
             f"max_length={length} is past the model's context: it takes at most "
-            f"{max_positions} tokens, the prompt's and the new ones together"
+            f"{max_positions} tokens in a sequence"
         )
 
 

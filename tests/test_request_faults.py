@@ -89,6 +89,13 @@ def assert_up(cluster: tuple[Cluster, dict[str, subprocess.Popen[bytes]]]) -> No
     assert "no more jobs can run here" not in c.logs()
 
 
+def worker_log(cluster: tuple[Cluster, dict[str, subprocess.Popen[bytes]]], name: str) -> str:
+    """The whole log of the deployment's worker."""
+    c, procs = cluster
+    n = list(procs).index(name)
+    return (c.tmp / f"worker-{n}.log").read_text(errors="replace")
+
+
 @cache
 def _local(task: str, model: str) -> Any:
     if task in ("summarization", "translation"):
@@ -170,9 +177,15 @@ def _seq2seq_rule(pipe: Any, text: str, params: dict[str, Any]) -> tuple[int, in
 
 
 def check_case(
-    cluster: tuple[Cluster, Any], name: str, prompt: str, params: dict[str, Any], got: Any
+    cluster: tuple[Cluster, Any],
+    name: str,
+    prompt: str,
+    params: dict[str, Any],
+    got: Any,
+    at_submit: bool = False,
 ) -> str:
-    """Assert the outcome `got` (a result or an exception) is the rule's; returns which."""
+    """Assert the outcome `got` (a result or an exception) is the rule's; returns which.
+    Refused `at_submit`: no prompt could fit (the producer does not know its tokens)."""
     task, model = _model(cluster, name)
     pipe = _local(task, model)
     if task == "text-generation":
@@ -185,6 +198,12 @@ def check_case(
     else:
         n, total, sampled = _seq2seq_rule(pipe, prompt, params)
         over = n > LIMIT or total > LIMIT
+    if at_submit:  # only where even a one-token prompt could not fit
+        assert isinstance(got, InvalidRequest) and f"at most {LIMIT}" in got.message
+        new, length = params.get("max_new_tokens"), params.get("max_length")
+        assert (new or 0) >= LIMIT if new else (length or 0) > LIMIT, (params, got)
+        assert (f"max_new_tokens={new}" if new else f"max_length={length}") in got.message
+        return "refused at submit"
     if over:
         assert isinstance(got, InvalidRequest), (prompt, params, n, total, got)
         # the prompt's tokens, what was asked, the model's limit
@@ -221,7 +240,8 @@ def run_cases(
                 got = job.result(timeout=120)
             except (InvalidRequest, JobFailed) as e:
                 got = e
-        kinds.append(check_case(cluster, name, prompt, params, got))
+        at_submit = isinstance(job, BaseException)
+        kinds.append(check_case(cluster, name, prompt, params, got, at_submit))
     assert_up(cluster)
     return kinds
 
@@ -299,6 +319,7 @@ def test_a_failed_decoding_step_costs_no_job_and_the_manager_restarts(
     transformers' text (run again on the dynamic batcher); the worker stays up and its
     restarted manager streams the next job a piece a step."""
     name = "gpt2-continuous"
+    restarts = worker_log(cluster, name).count("the continuous batching manager stopped")
     prompts = [f"The course {i} teaches" for i in range(3)]
     jobs = [client.submit(name, p, max_new_tokens=30, do_sample=False) for p in prompts]
     faulty = client.submit(name, f"pipeq-fault:{fault} now", max_new_tokens=30, do_sample=False)
@@ -310,7 +331,8 @@ def test_a_failed_decoding_step_costs_no_job_and_the_manager_restarts(
         assert faulty.result(timeout=120)[0]["generated_text"].startswith("pipeq-fault")
     except JobFailed as e:
         assert fault.split("-")[1] in e.message.lower() or "Panic" in e.message
-    assert "manager" in cluster[0].logs() and "restart" in cluster[0].logs()
+    log = worker_log(cluster, name)
+    assert log.count("the continuous batching manager stopped") == restarts + 1, log[-3000:]
     later = client.submit(name, "And then", max_new_tokens=12, do_sample=False)
     assert later.result(timeout=120) == local_result(
         cluster, name, "And then", max_new_tokens=12, do_sample=False
@@ -344,9 +366,11 @@ PANIC_CASES: dict[str, tuple[str, list[Any], Any, dict[str, Any]]] = {
                     f"le {PANIC}", {}),
     "text-generation": ("gen64-dynamic", ["hello world", "the cat"], f"the {PANIC}",
                         {"max_new_tokens": 5, "do_sample": False}),
-    "text-generation (continuous, beams)": ("gpt2-continuous", ["hello world", "the cat"],
+    # repetition_penalty (1.0: none) sends it to the dynamic batcher beside the manager
+    "text-generation (continuous worker)": ("gpt2-continuous", ["hello world", "the cat"],
                                             f"the {PANIC}",
-                                            {"max_new_tokens": 5, "num_beams": 2}),
+                                            {"max_new_tokens": 5, "do_sample": False,
+                                             "repetition_penalty": 1.0}),
 }  # fmt: skip
 
 

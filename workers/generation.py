@@ -194,9 +194,13 @@ class ManagerSlot:
         self.current: Any | None = start()
 
     def running(self) -> bool:
-        """The manager's loop runs (it ends on an error in a step, or a BaseException)."""
+        """The manager's loop runs and takes requests: false from the moment an error in
+        a step began to end it (before it fails its requests), or a BaseException did."""
         manager = self.current
-        return manager is not None and bool(manager.is_running())
+        if manager is None or not manager.is_running():
+            return False
+        status = getattr(manager, "background_thread_status", None)
+        return status is None or status.can_accept_new_requests() is None
 
     def paused(self, run: Callable[..., T]) -> Callable[..., T]:
         """`run`, called while the manager's loop is paused (its requests and cache kept),
@@ -401,6 +405,8 @@ class ContinuousBatcher:
                     _resolve(r.future, **outcome)
                 done = []
                 self._cancel(cancelled)
+                if not self.slot.running() and self.manager is not None:
+                    self._restart()  # at once, not when the next job comes
             except redis.RedisError as e:  # the pieces wait for the next round trip
                 log.warning("could not write streams (%s); trying again", e)
                 time.sleep(0.2)
