@@ -619,6 +619,7 @@ class Client:
     def check_params(self, target: Announced, params: dict[str, Any]) -> dict[str, Any]:
         params = _about(target, _tasks.validate_params, target.task, params)
         _about(target, _tasks.check_param_limits, target.info.get("limits"), params)
+        _about(target, _tasks.check_positions, target.info.get("max_positions"), params)
         return params
 
     def check_item(self, target: Announced, item: Any, where: str = "inputs") -> None:

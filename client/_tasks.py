@@ -27,6 +27,7 @@ __all__ = [
     "check_item",
     "check_limits",
     "check_param_limits",
+    "check_positions",
     "combine",
     "is_task",
     "items_of",
@@ -571,6 +572,29 @@ def check_param_limits(limits: Mapping[str, int] | None, params: Mapping[str, An
                 f"{name}={value} is over this deployment's limit of {lim[limit_name]} "
                 f"(limits.{limit_name})"
             )
+
+
+def check_positions(max_positions: int | None, params: Mapping[str, Any]) -> None:
+    """InvalidRequest for a generation length that no input can fit in a model of
+    `max_positions` (what its worker announces: the tokens one generated sequence may
+    hold, as `generate`'s max_length counts them). A prompt, or an encoder-decoder's
+    start token, takes at least one, so max_new_tokens must be below it. The worker
+    checks the rest, once it knows the prompt's tokens."""
+    if not isinstance(max_positions, int) or max_positions < 1:
+        return
+    new, length = params.get("max_new_tokens"), params.get("max_length")
+    if isinstance(new, int) and not isinstance(new, bool):
+        if new >= max_positions:
+            raise InvalidRequest(
+                f"max_new_tokens={new} leaves no room for the input: the model takes at most "
+                f"{max_positions} tokens in a sequence, its first (the prompt, or the "
+                "decoder's start token) and the new ones together"
+            )
+    elif isinstance(length, int) and not isinstance(length, bool) and length > max_positions:
+        raise InvalidRequest(
+            f"max_length={length} is past the model's context: it takes at most "
+            f"{max_positions} tokens in a sequence"
+        )
 
 
 def iterated(task: str, params: Mapping[str, Any], result: Any) -> Any:

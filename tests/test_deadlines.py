@@ -123,7 +123,7 @@ def test_job_timeout_counts_from_the_forward_pass_not_from_waiting(
         for job in jobs:
             job.result(timeout=60)
         drained = time.monotonic() - started
-        endless = client.submit("gen", "Once", max_new_tokens=1024, min_new_tokens=1024)
+        endless = client.submit("gen", "Once", max_new_tokens=1000, min_new_tokens=1000)
         with pytest.raises(JobTimeout, match=r"job_timeout_s=1\.0"):
             endless.result(timeout=30)
         timed_out_at = time.monotonic()

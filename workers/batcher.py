@@ -26,8 +26,11 @@ kill the worker, such a job would count an attempt it did not cause).
 started with `HandBack`, so its message goes back to the queue at once; the jobs begun
 (the batch running now, the rest of a long list) finish.
 
-The batcher thread never dies of an error: a job that gave up (its futures cancelled)
-is skipped, and anything unexpected fails the batch it happened in.
+The batcher thread never dies of an error, whatever its class: pipeline and tokenizer
+code can raise BaseExceptions that are not Exceptions (a Rust panic in `tokenizers` is
+`pyo3_runtime.PanicException`), and those fail their item like any error (`contained`).
+Only the shutdown signals (SystemExit, KeyboardInterrupt) pass. A job that gave up (its
+futures cancelled) is skipped, and anything unexpected fails the batch it happened in.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ __all__ = [
     "HandBack",
     "Quarantine",
     "Submission",
+    "contained",
     "length_in_chars",
 ]
 
@@ -146,6 +150,12 @@ def _resolve(future: Future[Any], result: Any = None, error: BaseException | Non
         pass
 
 
+def contained(e: BaseException) -> bool:
+    """An error that fails the item (or batch) it happened in and nothing more: every
+    BaseException but the process's own shutdown signals (SystemExit, KeyboardInterrupt)."""
+    return not isinstance(e, SystemExit | KeyboardInterrupt)
+
+
 def _is_oom(e: BaseException) -> bool:
     return type(e).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError
 
@@ -239,7 +249,9 @@ class Batcher:
                 return
             try:
                 self._execute(batch)
-            except Exception as e:  # never let the thread die: fail this batch instead
+            except BaseException as e:  # never let the thread die: fail this batch instead
+                if not contained(e):
+                    raise
                 log.exception("batch failed unexpectedly")
                 for item in batch:
                     _resolve(item.future, error=e)
@@ -300,7 +312,9 @@ class Batcher:
     def _measure(self, value: Any) -> int:
         try:
             return self._size(value)
-        except Exception:  # a grouping hint only: the forward pass reports a bad input
+        except BaseException as e:  # a grouping hint only: the forward pass reports it
+            if not contained(e):
+                raise
             log.exception("could not measure an input; grouping it as size 0")
             return 0
 
@@ -353,7 +367,9 @@ class Batcher:
             for item in items:
                 _resolve(item.future, error=e)
             return
-        except Exception as e:
+        except BaseException as e:  # a Rust panic too: its item fails, the rest run
+            if not contained(e):
+                raise
             oom = _is_oom(e)
             if oom:
                 self._on_oom()

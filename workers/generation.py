@@ -23,6 +23,15 @@ at the next step and their cache blocks go to the next request. A job's future i
 completed only after its last piece is in Redis, so a stream never lacks what its
 result holds.
 
+transformers' loop does not survive an error in a step: it fails every request it holds
+and stops (a BaseException, such as a Rust panic, ends it without failing them). The
+driver notices (a request's failed output, or the loop gone), runs each request the
+manager held again on the dynamic batcher (the reference pipeline: a request that fails
+there fails alone, the others get the same greedy text, their streams going on where they
+were), and starts a new manager for the next jobs (`ManagerSlot`). Nothing of that stops
+the worker; only a manager that cannot be started again leaves generation to the dynamic
+batcher. A request the tokenizer cannot decode fails alone.
+
 A stream's entries (`Job.stream` reads them):
 
     start  the worker's hostname: an attempt begins (a second one: the job restarted)
@@ -33,6 +42,7 @@ A stream's entries (`Job.stream` reads them):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -47,7 +57,15 @@ import redis
 from pipeq import _app
 from pipeq._ledger import Ledger
 from pipeq.errors import JobCancelled, JobFailed, JobTimeout
-from pipeq.worker.batcher import Batcher, BatchStats, HandBack, Quarantine, Submission, _resolve
+from pipeq.worker.batcher import (
+    Batcher,
+    BatchStats,
+    HandBack,
+    Quarantine,
+    Submission,
+    _resolve,
+    contained,
+)
 from pipeq.worker.liveness import Lease
 from pipeq.worker.transport import retrying
 
@@ -55,7 +73,7 @@ __all__ = [
     "CONTINUOUS_PARAMS",
     "STREAM_MAXLEN",
     "ContinuousBatcher",
-    "pausing",
+    "ManagerSlot",
     "settled_text",
     "start_manager",
     "write_end",
@@ -138,6 +156,7 @@ class _Request:
     arrived: float = field(default_factory=time.monotonic)
     emitted: str = ""  # the new text streamed so far
     tokens: int = 0
+    rerouted: bool = False  # handed to the dynamic batcher
 
     @property
     def rid(self) -> str:
@@ -179,15 +198,73 @@ def start_manager(pipe: Any, max_batch_size: int) -> Any:
     return manager
 
 
-def pausing(manager: Any, run: Callable[..., T]) -> Callable[..., T]:
-    """`run`, called while the manager's loop is paused (its requests and cache kept):
-    one forward pass on the model at a time."""
+class ManagerSlot:
+    """The `ContinuousBatchingManager` running now, and a new one when its loop has ended
+    (`restart`). A forward pass outside it (`paused`) and a restart hold one lock: one
+    thing at a time runs the model."""
 
-    def paused(*args: Any, **kwargs: Any) -> T:
-        with manager.pause():
-            return run(*args, **kwargs)
+    def __init__(self, start: Callable[[], Any]) -> None:
+        self._start = start
+        self._lock = threading.RLock()
+        self.restarts = 0
+        #: the manager running now; None once one could not be started again
+        self.current: Any | None = start()
 
-    return paused
+    def running(self) -> bool:
+        """The manager's loop runs and takes requests: false from the moment an error in
+        a step began to end it (before it fails its requests), or a BaseException did."""
+        manager = self.current
+        if manager is None or not manager.is_running():
+            return False
+        status = getattr(manager, "background_thread_status", None)
+        return status is None or status.can_accept_new_requests() is None
+
+    def paused(self, run: Callable[..., T]) -> Callable[..., T]:
+        """`run`, called while the manager's loop is paused (its requests and cache kept),
+        or alone while no loop runs: one forward pass on the model at a time."""
+
+        def paused_run(*args: Any, **kwargs: Any) -> T:
+            with self._lock, contextlib.ExitStack() as stack:
+                manager = self.current
+                if manager is not None and manager.is_running():
+                    try:
+                        stack.enter_context(manager.pause())
+                    except RuntimeError:  # the loop ended before it could pause: none runs
+                        log.warning("the continuous batching loop ended; running alone")
+                return run(*args, **kwargs)
+
+        return paused_run
+
+    def restart(self) -> bool:
+        """Stop the manager (its loop has ended) and start a new one; False when none
+        could be started (generation then goes to the dynamic batcher)."""
+        with self._lock:
+            old, self.current = self.current, None
+            if old is not None:
+                try:
+                    old.stop(block=True, timeout=10)
+                except Exception:
+                    log.exception("could not stop the continuous batching manager")
+            try:
+                self.current = self._start()
+            except Exception:
+                log.exception(
+                    "could not start a new continuous batching manager: "
+                    "generation goes to the dynamic batcher"
+                )
+                return False
+            self.restarts += 1
+            return True
+
+    def stop(self) -> None:
+        with self._lock:
+            manager = self.current
+            if manager is None:
+                return
+            try:
+                manager.stop(block=True, timeout=10)
+            except Exception:
+                log.exception("could not stop the continuous batching manager")
 
 
 class ContinuousBatcher:
@@ -197,7 +274,7 @@ class ContinuousBatcher:
     def __init__(
         self,
         pipe: Any,
-        manager: Any,
+        slot: ManagerSlot,
         fallback: Batcher,
         client: redis.Redis,
         *,
@@ -209,7 +286,7 @@ class ContinuousBatcher:
     ) -> None:
         self.pipe = pipe
         self.tokenizer = pipe.tokenizer
-        self.manager = manager
+        self.slot = slot
         self.fallback = fallback
         self.ledger = Ledger(client)
         self.lease = lease
@@ -226,6 +303,11 @@ class ContinuousBatcher:
         self.stats: BatchStats = fallback.stats  # one record of what batching did
         self._thread = threading.Thread(target=self._loop, name="pipeq-generation", daemon=True)
 
+    @property
+    def manager(self) -> Any:
+        """transformers' manager running now (None: generation goes to the fallback)."""
+        return self.slot.current
+
     # -- the worker's side ---------------------------------------------------------
     def start(self) -> ContinuousBatcher:
         self._thread.start()
@@ -236,15 +318,13 @@ class ContinuousBatcher:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout=10)
-        try:
-            self.manager.stop(block=True, timeout=10)
-        except Exception:
-            log.exception("could not stop the continuous batching manager")
+        self.slot.stop()
         self.fallback.stop()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.manager.is_running() and self.fallback.alive
+        """The driver and the fallback run (a manager whose loop ended is restarted)."""
+        return self._thread.is_alive() and self.fallback.alive
 
     def stuck(self, limit_s: float) -> bool:
         """Requests run and no token came for `limit_s` (or the fallback's pass hangs)."""
@@ -263,7 +343,7 @@ class ContinuousBatcher:
     def takes(self, items: list[Any], params: dict[str, Any]) -> dict[str, Any] | None:
         """The generation settings for the manager if it serves this job exactly as
         `pipe(item, **params)` would, else None."""
-        if set(params) - CONTINUOUS_PARAMS or not items:
+        if set(params) - CONTINUOUS_PARAMS or not items or self.manager is None:
             return None
         if not all(isinstance(i, str) and i for i in items):
             return None
@@ -333,6 +413,8 @@ class ContinuousBatcher:
                     return
                 new, self._new = self._new, []
             try:
+                if not self.slot.running() and self.manager is not None:
+                    self._restart()
                 if new:
                     self._start(new, writes, done)
                 self._read_outputs(writes, done)
@@ -342,16 +424,47 @@ class ContinuousBatcher:
                     _resolve(r.future, **outcome)
                 done = []
                 self._cancel(cancelled)
+                if not self.slot.running() and self.manager is not None:
+                    self._restart()  # at once, not when the next job comes
             except redis.RedisError as e:  # the pieces wait for the next round trip
                 log.warning("could not write streams (%s); trying again", e)
                 time.sleep(0.2)
-            except Exception as e:  # never let the thread die: fail what it holds
+            except BaseException as e:  # never let the thread die: rerun what it holds
+                if not contained(e):
+                    raise
                 log.exception("continuous batching driver failed")
-                for r in [*new, *self._active.values()]:
-                    self.manager.cancel_request(r.rid)
-                    _resolve(r.future, error=e)
+                for r, outcome in done:  # their outcome is known (a reader gets the result)
+                    _resolve(r.future, **outcome)
+                held = [*new, *self._active.values()]
                 self._active.clear()
                 writes, done = [], []
+                for r in held:
+                    if not r.future.done() and not r.rerouted:
+                        self._cancel_request(r.rid)
+                        self._to_fallback(r)
+
+    def _restart(self) -> None:
+        """The manager's loop has ended: the requests it held run again on the dynamic
+        batcher, a new manager takes the next ones."""
+        manager = self.manager
+        status = getattr(manager, "background_thread_status", None)
+        why = getattr(status, "fatal_error", None) or "its loop ended"
+        held = list(self._active.values())
+        self._active.clear()
+        log.error(
+            "the continuous batching manager stopped (%s): restarting it; %d request(s) "
+            "run again on the dynamic batcher",
+            why,
+            len(held),
+        )
+        for r in held:
+            self._to_fallback(r)
+        self.slot.restart()
+
+    def _cancel_request(self, rid: str) -> None:
+        manager = self.manager
+        if manager is not None:
+            manager.cancel_request(rid)
 
     def _start(
         self,
@@ -383,10 +496,14 @@ class ContinuousBatcher:
                 continue  # its job gave up
             if r.job.started_at is None:
                 r.job.started_at = started
+            manager = self.manager
+            if manager is None:  # none could be started again
+                self._to_fallback(r)
+                continue
             if r.full_text:
                 writes.append((r.job.job_id, {"i": r.index, "t": r.prompt}))
             self._active[r.rid] = r
-            self.manager.add_request(
+            manager.add_request(
                 r.input_ids,
                 request_id=r.rid,
                 max_new_tokens=r.max_new_tokens,
@@ -395,6 +512,8 @@ class ContinuousBatcher:
             )
 
     def _to_fallback(self, r: _Request) -> None:
+        """Run `r` on the dynamic batcher; its future gets the outcome."""
+        r.rerouted = True
         params = {"max_new_tokens": r.max_new_tokens, "do_sample": False}
         if not r.full_text:
             params["return_full_text"] = False
@@ -414,7 +533,10 @@ class ContinuousBatcher:
         self, writes: list[tuple[str, dict[str, Any]]], done: list[tuple[_Request, Any]]
     ) -> None:
         """Take what the manager made (waiting up to 50 ms for the first), as pieces."""
-        router = self.manager.output_router
+        manager = self.manager
+        if manager is None:
+            return
+        router = manager.output_router
         outputs = []
         try:
             outputs.append(router.output_queue.get(timeout=0.05))
@@ -432,11 +554,21 @@ class ContinuousBatcher:
             if r is None:  # cancelled meanwhile
                 continue
             stepped.add(r.rid)
-            if out.error is not None:
+            if out.error is not None:  # the manager failed it: the reference runs it again
                 del self._active[r.rid]
-                done.append((r, {"error": JobFailed(f"generation failed: {out.error}")}))
+                log.warning("continuous batching failed %s (%s): rerunning it", r.rid, out.error)
+                self._to_fallback(r)
                 continue
-            text = self.tokenizer.decode(out.generated_tokens, skip_special_tokens=True)
+            try:
+                text = self.tokenizer.decode(out.generated_tokens, skip_special_tokens=True)
+            except BaseException as e:  # a panic in the tokenizer: this request alone fails
+                if not contained(e):
+                    raise
+                del self._active[r.rid]
+                self._cancel_request(r.rid)
+                error = JobFailed(f"could not decode the tokens: {type(e).__name__}: {e}")
+                done.append((r, {"error": error}))
+                continue
             r.tokens = len(out.generated_tokens)
             finished = out.is_finished()
             stable = text if finished else settled_text(text)
@@ -479,6 +611,6 @@ class ContinuousBatcher:
                 )
             else:
                 continue
-            self.manager.cancel_request(rid)
+            self._cancel_request(rid)
             del self._active[rid]
             _resolve(r.future, error=error)

@@ -66,6 +66,8 @@ class Handler:
             info["feature_width"] = self.feature_width
             info["max_tokens"] = self.max_tokens
             info["packs_floats"] = True
+        # producers refuse a length no prompt can fit at submit (generating tasks)
+        info["max_positions"] = self.max_positions
         return info
 
     def size(self, item: Any) -> int:
@@ -230,12 +232,22 @@ class Handler:
         return tokens
 
     def check_input(self, item: Any, params: dict[str, Any], where: str) -> None:
-        """InvalidRequest for an input longer than the model takes, where the reference
-        pipeline would fail on it with a tensor-shape error (text-classification, fill-mask,
-        feature-extraction, text-generation) and the call asks for no truncation. Tasks
-        whose reference copes with long inputs (zero-shot truncates, ner truncates,
-        question-answering windows) are left to it; summarization and translation check
-        for themselves."""
+        """InvalidRequest for an input the model cannot take, before it reaches the batcher.
+
+        Generating tasks: a prompt plus the tokens asked for past the model's positions
+        (`max_positions`), named with the prompt's tokens, what was asked and the limit;
+        for text-generation also what transformers itself refuses (a prompt not shorter
+        than `max_length`). Other tasks: an input longer than the model takes, where the
+        reference pipeline would fail on it with a tensor-shape error (text-classification,
+        fill-mask, feature-extraction) and the call asks for no truncation. Tasks whose
+        reference copes with long inputs (zero-shot truncates, ner truncates,
+        question-answering windows) are left to it."""
+        if self.task == "text-generation":
+            self._check_generation(item, params, where)
+            return
+        if self.task in ("summarization", "translation"):
+            self._check_seq2seq(item, params, where)
+            return
         limit = self.max_tokens
         if limit is None or self.task not in _LENGTH_CHECKED or _truncates(params):
             return
@@ -244,20 +256,132 @@ class Handler:
         elif isinstance(item, dict) and isinstance(item.get("text"), str):
             text, pair = item["text"], item.get("text_pair")
         else:
-            return  # a chat: its template decides
+            return
         # a token is at least one byte: short texts cannot be over (no counting needed)
         size = len(text.encode("utf-8", "surrogatepass")) + len(str(pair or "").encode())
         if size + 4 <= limit or self._counter is None:
             return
         tokens = len(self._counter.encode(text, pair).ids)
-        new = params.get("max_new_tokens") if self.task == "text-generation" else None
-        total = tokens + (new if isinstance(new, int) else 0)
-        if total > limit:
+        if tokens > limit:
             how = _TRUNCATE_HOW[self.task]
-            asked = f" plus max_new_tokens={new}" if new else ""
             raise InvalidRequest(
-                f"{where} is {tokens} tokens long{asked}; the model takes at most {limit}: {how}"
+                f"{where} is {tokens} tokens long; the model takes at most {limit}: {how}"
             )
+
+    @cached_property
+    def max_positions(self) -> int | None:
+        """The most tokens one generated sequence may hold, as `generate`'s max_length
+        counts them: the prompt and the new tokens (decoder-only models: the smaller of
+        the tokenizer's model_max_length and the model's positions), or the decoder's
+        start token and the new tokens (encoder-decoder models with a table of decoder
+        positions; None for T5's relative ones). None for tasks that do not generate."""
+        if self.task in ("summarization", "translation"):
+            return getattr(self.pipe, "max_output_tokens", None)
+        if self.task != "text-generation":
+            return None
+        limits = [self.max_tokens]
+        config = getattr(getattr(self.pipe, "model", None), "config", None)
+        positions = getattr(config, "max_position_embeddings", None)
+        limits.append(positions if isinstance(positions, int) and positions > 0 else None)
+        known = [n for n in limits if n is not None]
+        return min(known) if known else None
+
+    def _count(self, text: str, *, special: bool = True) -> int:
+        """`text`'s tokens, counted without touching the pipeline's own tokenizer where
+        it has a fast one (any thread may count)."""
+        if self._counter is not None:
+            return len(self._counter.encode(text, add_special_tokens=special).ids)
+        tok = self.pipe.tokenizer  # type: ignore[attr-defined]
+        return len(tok(text, add_special_tokens=special)["input_ids"])
+
+    def _prompt_tokens(self, item: Any, params: dict[str, Any], new: int | None) -> int | None:
+        """The tokens of a text-generation prompt as the pipeline feeds it to `generate`
+        (its prefix, tokenizer arguments, truncation, chat template, `hole`); None when
+        only the pipeline can tell (a chat without a template: it fails there)."""
+        encode = dict(params.get("tokenizer_encode_kwargs") or {})
+        tok = self.pipe.tokenizer  # type: ignore[attr-defined]
+        if isinstance(item, str):
+            text = str(params.get("prefix") or "") + item
+            n = self._count(text, special=bool(encode.get("add_special_tokens", True)))
+        elif getattr(tok, "chat_template", None):
+            final = params.get("continue_final_message")
+            if final is None:
+                final = isinstance(item[-1], dict) and item[-1].get("role") == "assistant"
+            try:
+                text = tok.apply_chat_template(
+                    item,
+                    tokenize=False,
+                    add_generation_prompt=not final,
+                    continue_final_message=final,
+                    tools=params.get("tools"),
+                    documents=params.get("documents"),
+                )
+            except Exception:  # the pipeline says why
+                return None
+            n = self._count(str(text), special=False)
+        else:
+            return None
+        if _truncates({**params, **encode}):
+            cap = encode.get("max_length") or params.get("max_length") or self.max_tokens
+            n = min(n, int(cap)) if cap else n
+        limit = getattr(tok, "model_max_length", None)
+        if params.get("handle_long_generation") == "hole" and new is not None and limit:
+            if n + new > limit:  # transformers keeps the prompt's last tokens that leave room
+                if limit - new <= 0:
+                    raise InvalidRequest(
+                        f"inputs is {n} tokens long; handle_long_generation='hole' cannot "
+                        f"leave room for max_new_tokens={new}: the model takes at most {limit}"
+                    )
+                n = limit - new
+        return n
+
+    def _check_generation(self, item: Any, params: dict[str, Any], where: str) -> None:
+        limit = self.max_positions
+        gen = {k: v for k, v in params.items() if k in _GENERATE_LENGTHS}
+        try:  # the settings `pipe(...)` calls generate() with (the model's, the pipeline's)
+            effective = self.pipe._get_set_generation_params(  # type: ignore[attr-defined]
+                self.pipe._prepare_generate_kwargs(gen)  # type: ignore[attr-defined]
+            )
+        except Exception:  # the pipeline says why
+            return
+        new, max_length = effective.get("max_new_tokens"), effective.get("max_length")
+        if not isinstance(max_length, int):
+            max_length = 20  # GenerationConfig's default
+        if isinstance(new, int):
+            asked = f"max_new_tokens={new}"
+        else:
+            new = None
+            origin = "" if "max_length" in params else " (the model's generation config)"
+            asked = f"max_length={max_length}{origin}"
+        n = self._prompt_tokens(item, params, new if new is not None else None)
+        if n is None:
+            return
+        if new is None and n >= max_length:  # generate() raises ValueError for it
+            raise InvalidRequest(
+                f"{where} is {n} tokens long and {asked} leaves no room for new tokens: "
+                "pass max_new_tokens"
+            )
+        total = n + new if new is not None else max_length
+        if limit is not None and total > limit:
+            raise InvalidRequest(
+                f"{where} is {n} tokens long and asks for {asked}: {total} tokens; the model "
+                f"takes at most {limit}: shorten the prompt or ask for fewer new tokens"
+            )
+
+    def _check_seq2seq(self, item: Any, params: dict[str, Any], where: str) -> None:
+        """The input past the encoder's limit (unless truncated), the output past the
+        decoder's: as the legacy pipeline refuses them in the forward pass, earlier."""
+        check = getattr(self.pipe, "check_output_length", None)
+        if not isinstance(item, str) or check is None:
+            return
+        n = self._count((getattr(self.pipe, "prefix", None) or "") + item)
+        limit = getattr(self.pipe, "max_input_tokens", None)
+        if isinstance(limit, int) and n > limit and not _truncates(params):
+            raise InvalidRequest(
+                f"{where} is {n} tokens long but the model takes at most {limit}; "
+                "pass truncation=True to cut it to that length"
+            )
+        check(self.pipe.generation_config(params), n, where)  # type: ignore[attr-defined]
 
     @cached_property
     def max_tokens(self) -> int | None:
@@ -284,15 +408,16 @@ _ITEM_BYTES = 64
 #: a record of fill-mask, ner or question-answering without its text (keys, a score)
 _RECORD_BYTES = 120
 
-_LENGTH_CHECKED = frozenset(
-    {"text-classification", "fill-mask", "feature-extraction", "text-generation"}
-)
+_LENGTH_CHECKED = frozenset({"text-classification", "fill-mask", "feature-extraction"})
 _TRUNCATE_HOW = {
     "text-classification": "shorten it, or pass truncation=True to cut it to that length",
     "feature-extraction": "shorten it, or pass truncation=True to cut it to that length",
     "fill-mask": "shorten it, or pass tokenizer_kwargs={'truncation': True} to cut it",
-    "text-generation": "shorten the prompt or ask for fewer new tokens",
 }
+#: the generation settings that decide how long a generated sequence may grow
+_GENERATE_LENGTHS = frozenset(
+    {"max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "num_beams"}
+)
 
 
 def _truncates(params: dict[str, Any]) -> bool:

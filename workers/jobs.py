@@ -40,7 +40,7 @@ from pipeq.errors import (
     JobTimeout,
     PipeqError,
 )
-from pipeq.worker.batcher import Batcher, HandBack, Quarantine, Submission
+from pipeq.worker.batcher import Batcher, HandBack, Quarantine, Submission, contained
 from pipeq.worker.generation import ContinuousBatcher, write_end
 from pipeq.worker.liveness import Lease
 from pipeq.worker.transport import retrying
@@ -273,6 +273,10 @@ def register_task(
             app.backend.mark_as_revoked(job_id, "expired")
             events.send("task-revoked", job_id, terminated=False, signum=None, expired=True)
             raise Ignore() from None
+        except BaseException as e:  # Celery's tracer lets a non-Exception escape unanswered
+            if isinstance(e, Exception) or not contained(e):
+                raise
+            raise _as_job_error(e) from e  # a Rust panic while checking the input, say
         finally:
             if outcome and streams:
                 try:  # a reader not told stops at the stored result anyway

@@ -214,7 +214,7 @@ def run_worker(
     from functools import partial
 
     from pipeq.worker.batcher import Batcher
-    from pipeq.worker.generation import ContinuousBatcher, pausing, start_manager
+    from pipeq.worker.generation import ContinuousBatcher, ManagerSlot, start_manager
     from pipeq.worker.handlers import load_handler
 
     try:  # a wrong password, CA or URL is told in one line now, not after the model loads
@@ -286,10 +286,11 @@ def run_worker(
         lease=lease,
     )
     run: Callable[..., Any] = partial(handler.run, time_limit_s=deployment.job_timeout_s)
-    manager = None
+    slot = None
     if deployment.batching == "continuous":
-        manager = start_manager(handler.pipe, deployment.max_batch_size)
-        run = pausing(manager, run)  # one forward pass on the model at a time
+        # restarted when its loop ends on an error: one request never stops the worker
+        slot = ManagerSlot(partial(start_manager, handler.pipe, deployment.max_batch_size))
+        run = slot.paused(run)  # one forward pass on the model at a time
     batcher = Batcher(
         run,
         max_batch_size=deployment.max_batch_size,
@@ -301,10 +302,10 @@ def run_worker(
         observe=observations.observe,
     ).start()
     engine: Batcher | ContinuousBatcher = batcher
-    if manager is not None:
+    if slot is not None:
         engine = ContinuousBatcher(
             handler.pipe,
-            manager,
+            slot,
             batcher,
             app.backend.ledger.redis,
             admit=admission,

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import math
@@ -58,6 +59,14 @@ if TYPE_CHECKING:
 
 BENCH_SENTIMENT = "distilbert-base-sst2-random"
 BENCH_GENERATOR = "distilgpt2-random"
+#: the position limit of the short-context checkpoints (SHORT_CONTEXT)
+SHORT_POSITIONS = 64
+#: task -> a checkpoint like the course's tiny one but with SHORT_POSITIONS positions
+SHORT_CONTEXT = {
+    "text-generation": "gpt2-ctx64",
+    "summarization": "distilbart-cnn-12-6-ctx64",
+    "translation": "opus-mt-fr-en-ctx64",
+}
 
 #: Bump when the produced files change on purpose; a checkpoint with another version is rebuilt.
 BUILD_VERSION = 1
@@ -380,7 +389,7 @@ def _spm_pieces(model: bytes) -> list[str]:
     return [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
 
 
-def _marian_tokenizer(out: pathlib.Path) -> dict[str, int]:
+def _marian_tokenizer(out: pathlib.Path, max_length: int = 512) -> dict[str, int]:
     """Joint fr/en sentencepiece model (as source.spm and target.spm) plus Marian's vocab.json.
 
     Marian maps sentencepiece pieces to ids through vocab.json: </s>=0, <unk>=1, the pieces,
@@ -400,7 +409,7 @@ def _marian_tokenizer(out: pathlib.Path) -> dict[str, int]:
             "source_lang": "fr",
             "target_lang": "en",
             "separate_vocabs": False,
-            "model_max_length": 512,
+            "model_max_length": max_length,
             "sp_model_kwargs": {},
             **_special_tokens_map(eos="</s>", unk="<unk>", pad="<pad>"),
         },
@@ -608,7 +617,7 @@ def _build_roberta_mlm(out: pathlib.Path, seed: int) -> None:
     _save_model(RobertaForMaskedLM(config), out, seed, None)
 
 
-def _bart_config(vocab_size: int, **extra: Any) -> BartConfig:
+def _bart_config(vocab_size: int, positions: int = 1024, **extra: Any) -> BartConfig:
     from transformers import BartConfig
 
     return BartConfig(
@@ -620,7 +629,7 @@ def _bart_config(vocab_size: int, **extra: Any) -> BartConfig:
         decoder_attention_heads=HEADS,
         encoder_ffn_dim=FFN,
         decoder_ffn_dim=FFN,
-        max_position_embeddings=1024,
+        max_position_embeddings=positions,
         bos_token_id=0,
         pad_token_id=1,
         eos_token_id=2,
@@ -637,10 +646,10 @@ def _build_bart_mnli(out: pathlib.Path, seed: int) -> None:
     _save_model(BartForSequenceClassification(config), out, seed, None)
 
 
-def _build_distilbart_cnn(out: pathlib.Path, seed: int) -> None:
+def _build_distilbart_cnn(out: pathlib.Path, seed: int, positions: int = 1024) -> None:
     from transformers import BartForConditionalGeneration
 
-    vocab = _roberta_tokenizer(out, "BartTokenizer", max_length=1024)
+    vocab = _roberta_tokenizer(out, "BartTokenizer", max_length=positions)
     generation = {
         "bos_token_id": 0,
         "pad_token_id": 1,
@@ -655,18 +664,18 @@ def _build_distilbart_cnn(out: pathlib.Path, seed: int) -> None:
         "no_repeat_ngram_size": 3,
         "early_stopping": True,
     }
-    model = BartForConditionalGeneration(_bart_config(len(vocab)))
+    model = BartForConditionalGeneration(_bart_config(len(vocab), positions))
     _save_model(model, out, seed, generation)
 
 
-def _build_gpt2(out: pathlib.Path, seed: int) -> None:
+def _build_gpt2(out: pathlib.Path, seed: int, positions: int = 1024) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    vocab = _gpt2_tokenizer(out, max_length=1024)
+    vocab = _gpt2_tokenizer(out, max_length=positions)
     eos = vocab[GPT2_EOS]
     config = GPT2Config(
         vocab_size=len(vocab),
-        n_positions=1024,
+        n_positions=positions,
         n_embd=HIDDEN,
         n_layer=LAYERS,
         n_head=HEADS,
@@ -693,10 +702,10 @@ def _build_bench_generator(out: pathlib.Path, seed: int) -> None:
     _save_model(GPT2LMHeadModel(config), out, seed, generation)
 
 
-def _build_marian(out: pathlib.Path, seed: int) -> None:
+def _build_marian(out: pathlib.Path, seed: int, positions: int = 512) -> None:
     from transformers import MarianConfig, MarianMTModel
 
-    vocab = _marian_tokenizer(out)
+    vocab = _marian_tokenizer(out, max_length=positions)
     pad = vocab["<pad>"]
     config = MarianConfig(
         vocab_size=len(vocab),
@@ -707,7 +716,7 @@ def _build_marian(out: pathlib.Path, seed: int) -> None:
         decoder_attention_heads=HEADS,
         encoder_ffn_dim=FFN,
         decoder_ffn_dim=FFN,
-        max_position_embeddings=512,
+        max_position_embeddings=positions,
         activation_function="swish",
         scale_embedding=True,
         share_encoder_decoder_embeddings=True,
@@ -788,6 +797,16 @@ _SPECS: dict[str, _Spec] = {
     "distilbert-base-cased": _Spec("feature-extraction", 1011, _build_distilbert_base),
     BENCH_SENTIMENT: _Spec("text-classification", 1012, _build_bench_sentiment),
     BENCH_GENERATOR: _Spec("text-generation", 1013, _build_bench_generator),
+    # a context of 64 tokens: tests of what fits a model's context reach its edge quickly
+    SHORT_CONTEXT["text-generation"]: _Spec(
+        "text-generation", 1014, functools.partial(_build_gpt2, positions=SHORT_POSITIONS)
+    ),
+    SHORT_CONTEXT["summarization"]: _Spec(
+        "summarization", 1015, functools.partial(_build_distilbart_cnn, positions=SHORT_POSITIONS)
+    ),
+    SHORT_CONTEXT["translation"]: _Spec(
+        "translation", 1016, functools.partial(_build_marian, positions=SHORT_POSITIONS)
+    ),
 }
 
 #: Checkpoint name -> the canonical transformers pipeline task it serves.

@@ -6,11 +6,17 @@ over an input containing:
 
     pipeq-fault:kill        SIGKILLs the worker (a job that kills its worker every time)
     pipeq-fault:sleep=<s>   sleeps that long first (a long job)
+    pipeq-fault:panic       raises PanicException, a BaseException as the Rust tokenizer's
+                            (pyo3_runtime.PanicException) is
 
 and every forward pass sleeps $PIPEQ_FAULTS_FORWARD_S first (a slow model), every
 continuous-batching decoding step $PIPEQ_FAULTS_STEP_S (a slow generator), and a
 continuous-batching manager's stop $PIPEQ_FAULTS_STOP_S after it stopped (a slow stop). With
 $PIPEQ_FAULTS_LOG, each forward appends one line per input: "<pid>\t<input>".
+
+A continuous-batching job whose prompt contains `pipeq-fault:step-error` (or
+`pipeq-fault:step-panic`) makes the manager's next decoding step raise IndexError (or
+PanicException) once, as an over-long request did inside transformers' loop.
 """
 
 import os
@@ -25,6 +31,9 @@ if os.environ.get("PIPEQ_FAULTS"):
     _run = handlers.Handler._run
     _SLEEP = re.compile(r"pipeq-fault:sleep=([0-9.]+)")
 
+    class PanicException(BaseException):  # pyo3_runtime's name
+        """What pyo3 raises for a Rust panic: not an Exception."""
+
     def _faulty_run(self, items, params):  # type: ignore[no-untyped-def]
         texts = [str(i) for i in items]
         log = os.environ.get("PIPEQ_FAULTS_LOG")
@@ -33,6 +42,8 @@ if os.environ.get("PIPEQ_FAULTS"):
                 f.writelines(f"{os.getpid()}\t{t}\n" for t in texts)
         if any("pipeq-fault:kill" in t for t in texts):
             os.kill(os.getpid(), signal.SIGKILL)
+        if any("pipeq-fault:panic" in t for t in texts):
+            raise PanicException("called `Option::unwrap()` on a `None` value (injected)")
         time.sleep(float(os.environ.get("PIPEQ_FAULTS_FORWARD_S") or 0))
         for t in texts:
             found = _SLEEP.search(t)
@@ -48,7 +59,25 @@ if os.environ.get("PIPEQ_FAULTS"):
 
     def _slow_step(self):  # type: ignore[no-untyped-def]
         time.sleep(float(os.environ.get("PIPEQ_FAULTS_STEP_S") or 0))
+        fault = getattr(self, "pipeq_fault", None)
+        if fault is not None:
+            self.pipeq_fault = None
+            raise fault
         return _step(self)
+
+    from pipeq.worker import generation
+
+    _start = generation.ContinuousBatcher._start
+
+    def _faulty_start(self, new, writes, done):  # type: ignore[no-untyped-def]
+        prompts = " ".join(r.prompt for r in new)
+        if "pipeq-fault:step-error" in prompts:
+            self.manager.pipeq_fault = IndexError("index out of range in self (injected)")
+        elif "pipeq-fault:step-panic" in prompts:
+            self.manager.pipeq_fault = PanicException("injected panic in a decoding step")
+        return _start(self, new, writes, done)
+
+    generation.ContinuousBatcher._start = _faulty_start
 
     continuous_api.ContinuousBatchingManager._generation_step = _slow_step
 

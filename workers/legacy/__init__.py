@@ -10,12 +10,15 @@ transformers 4.57.6's ``pipelines/question_answering.py``, ``pipelines/text2text
 and ``pipelines/base.py`` (Apache-2.0); ``tests/test_legacy_pipelines.py`` checks it against
 outputs recorded from 4.57.6 itself.
 
-What differs from 4.57, on purpose: one thing.
+What differs from 4.57, on purpose: two things.
 
 * Summarization and translation inputs longer than the model accepts (the smaller of
   ``tokenizer.model_max_length`` and ``config.max_position_embeddings``) raise
   :class:`~pipeq.errors.InvalidRequest` naming the length and the limit unless the caller passes
   ``truncation=True`` (4.57 only logged a warning, then the model failed or misbehaved).
+* A call whose ``max_new_tokens`` (plus the decoder's start token) or ``max_length`` is past the
+  decoder's position embeddings (BART's, Marian's) raises InvalidRequest naming both (4.57
+  warned, then failed with an IndexError once the decoder got there).
 
 Everything 4.57 answered is answered the same way.  What 4.57 did not answer sensibly (a crash, an
 obscure error from deep inside, or a result after a mere log warning) is refused up front with

@@ -54,6 +54,40 @@ class Text2TextPipeline:
         """The longest input the model takes (tokenizer.model_max_length, max positions)."""
         return input_token_limit(self.tokenizer, self.model.config)
 
+    @property
+    def max_output_tokens(self) -> int | None:
+        """The most tokens the decoder takes, as `generate`'s max_length counts them (its
+        start token included): its position embeddings (BART's learned ones, Marian's
+        sinusoids: a position past them is an IndexError). None for a decoder without a
+        table of positions (T5's are relative)."""
+        if getattr(self.model.get_decoder(), "embed_positions", None) is None:
+            return None
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        return positions if isinstance(positions, int) and positions > 0 else None
+
+    def generation_config(self, kwargs: Mapping[str, Any]) -> Any:
+        """The GenerationConfig a call with `kwargs` generates with (its generation
+        settings only; the tokenizer is not used). InvalidRequest for bad settings."""
+        names = generation_setting_names()
+        return self._generation.config_for({k: v for k, v in kwargs.items() if k in names})
+
+    def check_output_length(self, config: Any, input_tokens: int, where: str) -> None:
+        """InvalidRequest when `config` asks the decoder for more tokens than it takes
+        (transformers warns, then fails with an IndexError once it gets there)."""
+        limit = self.max_output_tokens
+        if limit is None:
+            return
+        if config.max_new_tokens is not None:
+            total = 1 + int(config.max_new_tokens)
+            asked = f"max_new_tokens={config.max_new_tokens} (after the decoder's start token)"
+        else:
+            total, asked = int(config.max_length), f"max_length={config.max_length}"
+        if total > limit:
+            raise InvalidRequest(
+                f"{where} is {input_tokens} tokens long and asks for {asked}: {total} decoder "
+                f"tokens; the model's decoder takes at most {limit}: ask for fewer new tokens"
+            )
+
     # -- parameters --------------------------------------------------------------------------
 
     def _split_params(
@@ -135,6 +169,7 @@ class Text2TextPipeline:
                 "pass truncation=True to cut it to that length"
             )
         config = self._generation.config_for(call_settings)
+        self.check_output_length(config, length, where)
         in_b = int(model_inputs["input_ids"].shape[0])
         try:
             with torch.inference_mode():
