@@ -416,6 +416,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     try:
         settings = settings_from(args.redis_url, args.keys, args.max_body_bytes)
+        settings.keepalive_s = args.keepalive_s
         serve(settings, args.address, args.port, args.log_level)
     except (ValueError, Unprotected) as e:
         print(f"pipeq serve: {e}", file=sys.stderr)
@@ -597,6 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_count,
         default=None,
         help="refuse bodies over this (413); default: the largest limits.request_bytes + 64 KiB",
+    )
+    sv.add_argument(
+        "--keepalive-s",
+        type=_seconds,
+        default=15.0,
+        help="an event stream sends a comment this often while nothing else comes (default 15)",
     )
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sv.add_argument(
