@@ -224,7 +224,7 @@ def held(url: str, client: Client, gateway_pid: int, streams: int, waits: int) -
         await asyncio.sleep(3)  # every wait has reached the gateway and registered
         gauges = await asyncio.to_thread(_gauges, url)
         t = time.monotonic()
-        await asyncio.to_thread(_cancel_all, client, gen_jobs + wait_jobs)
+        await asyncio.to_thread(_cancel_all, client, wait_jobs + gen_jobs)
         outcomes_s = await asyncio.gather(*tasks_s, return_exceptions=True)
         outcomes_w = await asyncio.gather(*tasks_w, return_exceptions=True)
         return (
@@ -267,8 +267,10 @@ def _gauges(url: str) -> dict[str, float]:
 
 
 def _cancel_all(client: Client, ids: list[str]) -> None:
-    for job_id in ids:
-        client.job(job_id).cancel()
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda job_id: client.job(job_id).cancel(), ids))
 
 
 def main() -> None:
