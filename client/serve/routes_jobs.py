@@ -103,6 +103,7 @@ async def _submit(
     prefer: str | None,
     job_id: str | None = None,
 ) -> Response:
+    wait = prefer_wait(prefer)
     view, created = await gw.submit(
         who,
         job.deployment or job.task or "",
@@ -112,9 +113,8 @@ async def _submit(
         expires=job.expires,
         job_id=job_id,
         digest=digest,
-        wait_s=prefer_wait(prefer),
+        wait_s=wait,
     )
-    wait = prefer_wait(prefer)
     if wait and not created:  # a repeated PUT: the job may be done by now
         view = await _waiting(gw, view, wait)
     headers = {"Location": view.urls()["self"]}
