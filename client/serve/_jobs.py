@@ -24,11 +24,11 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-import anyio
 import redis
 from celery import states
 
@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("pipeq.serve")
+T = TypeVar("T")
 
 #: a wait re-reads the stored result about this often (a missed message costs this;
 #: spread by up to half, so thousands of waits do not read at once)
@@ -314,7 +315,9 @@ class Gateway:
         self.results = ResultBus(self.aredis)
         self.streams = StreamBus(self.aredis)
         self.rate = self.aredis.register_script(RATE_SCRIPT)
-        self.limiter = anyio.CapacityLimiter(settings.submit_threads)
+        # concurrent.futures' pool: its queue is a SimpleQueue, whose hand-over cost a
+        # tenth of what anyio's Condition-based one did (py-spy --gil, a submit's CPU)
+        self.threads = ThreadPoolExecutor(settings.submit_threads, "pipeq-submit")
         self._body_limit = (0.0, 0)
 
     @property
@@ -325,7 +328,12 @@ class Gateway:
         await self.results.start()
         await self.streams.start()
 
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in one of the submit threads (the sync `Client`'s calls)."""
+        return await asyncio.get_running_loop().run_in_executor(self.threads, fn, *args)
+
     async def close(self) -> None:
+        self.threads.shutdown(wait=False)
         await self.streams.close()
         await self.results.close()
         with contextlib.suppress(Exception):
@@ -371,17 +379,8 @@ class Gateway:
         by another request."""
         job_id = job_id or _new_id()
         with self.results.watch(job_id) as watch:  # before the send: no result missed
-            view, created = await anyio.to_thread.run_sync(
-                self._submit,
-                caller,
-                target,
-                inputs,
-                model,
-                params or {},
-                expires,
-                job_id,
-                digest,
-                limiter=self.limiter,
+            view, created = await self.in_thread(
+                self._submit, caller, target, inputs, model, params or {}, expires, job_id, digest
             )
             if wait_s > 0:
                 self.metrics.waiting.inc()
@@ -525,11 +524,13 @@ class Gateway:
         """'cancelled', 'running' (its forward pass cannot be stopped), 'finished' or
         'unknown' (`_app.cancel_job`)."""
         client = self.client
-        return await anyio.to_thread.run_sync(
-            lambda: client.call(
-                _app.cancel_job, client.app, view.id, "cancelled by the producer", client.ledger
-            ),
-            limiter=self.limiter,
+        return await self.in_thread(
+            client.call,
+            _app.cancel_job,
+            client.app,
+            view.id,
+            "cancelled by the producer",
+            client.ledger,
         )
 
     async def stream_entries(
