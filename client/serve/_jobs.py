@@ -57,6 +57,8 @@ RECHECK_S = 5.0
 #: connections of a gateway process's async Redis pool (reads, waits' re-reads, the
 #: stream reader, rate limits); a request waits for a free one
 ASYNC_CONNECTIONS = 256
+#: what closing waits for a background task or a connection pool at most (s)
+CLOSE_TIMEOUT_S = 2.0
 #: `Retry-After` of a job still queued or running
 POLL_AFTER_S = 1
 #: the JSON of the request around `inputs` and `params` (for the body cap)
@@ -169,18 +171,17 @@ class ResultBus:
         self._aredis = aredis
         self._watches: dict[str, set[_Watch]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="pipeq-result-bus")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        self._closed = True  # redis-py may turn the cancel into a ConnectionError
+        await _stop(self._task)
 
     async def _run(self) -> None:
-        while True:
+        while not self._closed:
             pubsub = self._aredis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.psubscribe(META_PREFIX + "*")
@@ -196,11 +197,13 @@ class ResultBus:
                         watch.data = msg["data"]
                         watch.event.set()
             except (redis.RedisError, OSError) as e:
+                if self._closed:
+                    return
                 log.warning("result subscription lost (%s); waits poll until it is back", e)
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await asyncio.wait_for(pubsub.aclose(), CLOSE_TIMEOUT_S)
 
     @contextlib.contextmanager
     def watch(self, job_id: str, event: asyncio.Event | None = None) -> Iterator[_Watch]:
@@ -243,15 +246,14 @@ class StreamBus:
         self._follows: dict[str, set[_Follow]] = {}
         self._added = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="pipeq-stream-bus")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        self._closed = True  # redis-py may turn the cancel into a ConnectionError
+        await _stop(self._task)
 
     @contextlib.contextmanager
     def follow(self, key: str, cursor: str, event: asyncio.Event) -> Iterator[_Follow]:
@@ -269,7 +271,7 @@ class StreamBus:
                     del self._follows[key]
 
     async def _run(self) -> None:
-        while True:
+        while not self._closed:
             self._added.clear()
             streams = {
                 key: min((f.cursor for f in held), key=_stream_order)
@@ -282,6 +284,8 @@ class StreamBus:
             try:
                 reply = await self._aredis.xread(streams, block=self.BLOCK_MS)
             except (redis.RedisError, OSError) as e:
+                if self._closed:
+                    return
                 log.warning("reading job streams failed (%s); trying again", e)
                 await asyncio.sleep(1.0)
                 continue
@@ -337,7 +341,7 @@ class Gateway:
         await self.streams.close()
         await self.results.close()
         with contextlib.suppress(Exception):
-            await self.aredis.aclose()
+            await asyncio.wait_for(self.aredis.aclose(), CLOSE_TIMEOUT_S)
         self.client.close()
 
     # -- limits -------------------------------------------------------------------------
@@ -561,6 +565,15 @@ class Gateway:
             await check_rate(self.aredis, self.rate, caller)
         except (redis.RedisError, OSError) as e:
             raise _unavailable(e) from None
+
+
+async def _stop(task: asyncio.Task[None] | None) -> None:
+    """Cancel a background task and give it CLOSE_TIMEOUT_S to end: a task cancelled
+    while its Redis connection was being made once held a test's shutdown for minutes."""
+    if task is None:
+        return
+    task.cancel()
+    await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
 
 
 def _new_id() -> str:
