@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -203,7 +204,8 @@ def held(url: str, client: Client, gateway_pid: int, streams: int, waits: int) -
 
     def sample() -> None:
         while not stop.wait(0.1):
-            peak[0] = max(peak[0], proc.memory_info().rss)
+            with contextlib.suppress(psutil.Error):
+                peak[0] = max(peak[0], proc.memory_info().rss)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -260,7 +262,7 @@ def held(url: str, client: Client, gateway_pid: int, streams: int, waits: int) -
 
 
 def _gauges(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=120) as r:
         text = r.read().decode()
     out = {}
     for name, key in (
@@ -326,11 +328,14 @@ def main() -> None:
         )
         with Client(stack.url) as client:
             announce_sinks(client.redis)
-            overhead(url, client, args.jobs, args.rounds)
-            gateway = psutil.Process(stack.gateway_proc.pid)
-            throughput(url, client.redis, gateway, args.seconds, args.connections, tmp)
-            announce_sinks(client.redis)
-            held(url, client, stack.gateway_proc.pid, args.streams, args.waits)
+            if "1" in args.parts:
+                overhead(url, client, args.jobs, args.rounds)
+            if "2" in args.parts:
+                gateway = psutil.Process(stack.gateway_proc.pid)
+                throughput(url, client.redis, gateway, args.seconds, args.connections, tmp)
+            if "3" in args.parts:
+                announce_sinks(client.redis)
+                held(url, client, stack.gateway_proc.pid, args.streams, args.waits)
     finally:
         stack.stop()
 
