@@ -191,6 +191,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         flower_address=args.flower_address,
         flower_auth=os.environ.get(FLOWER_AUTH_ENV) or None,
         exporter_port=None if args.no_exporter else args.exporter_port,
+        gateway_port=None if args.no_gateway else args.gateway_port,
         max_restarts=args.max_restarts or MAX_RESTARTS,
     )
     try:
@@ -210,6 +211,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"flower:  {stack.flower_url}  ({api})", flush=True)
         if stack.exporter_proc:
             print(f"metrics: {stack.metrics_url}", flush=True)
+        if stack.gateway_proc:
+            print(f"gateway: {stack.gateway_url}  (HTTP API, this host only)", flush=True)
         print(f"logs:    {stack.log_dir}", flush=True)
         if not _serving(stack, args, stopping):
             return 0 if stopping.is_set() else 1
@@ -407,6 +410,34 @@ def cmd_deployments(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Exit 2 when it cannot start: no `pipeq[serve]`, keys unusable, a non-loopback
+    address without keys."""
+    try:
+        from pipeq.serve._run import Unprotected, key_stanza, serve, settings_from
+    except ImportError as e:
+        print(
+            f"pipeq serve needs the serve extra (pip install 'pipeq[serve]'): {e}", file=sys.stderr
+        )
+        return 2
+    if args.new_key:
+        key, stanza = key_stanza(args.new_key, args.deployments or [])
+        # the key on stderr, shown once; the entry (its hash only) on stdout, for the file
+        print(
+            f"API key {args.new_key} (give it to its user; it is not kept): {key}", file=sys.stderr
+        )
+        print(stanza, end="")
+        return 0
+    try:
+        settings = settings_from(args.redis_url, args.keys, args.max_body_bytes)
+        settings.keepalive_s = args.keepalive_s
+        serve(settings, args.address, args.port, args.log_level)
+    except (ValueError, Unprotected) as e:
+        print(f"pipeq serve: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeq.worker.demo import main as demo_main
 
@@ -489,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--exporter-port", type=_port, default=9808, help="Prometheus metrics on 127.0.0.1"
     )
     u.add_argument("--no-exporter", action="store_true")
+    u.add_argument(
+        "--gateway-port",
+        type=_port,
+        default=8000,
+        help="the HTTP gateway (pipeq serve) on 127.0.0.1, with pipeq[serve]",
+    )
+    u.add_argument("--no-gateway", action="store_true")
     u.add_argument("--ready-timeout", type=float, default=300.0)
     u.add_argument(
         "--max-restarts",
@@ -561,6 +599,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--forget",
         metavar="NAME",
         help="retire a deployment no worker serves and no job needs (status, exporter, alerts)",
+    )
+    sv = add("serve", "an HTTP gateway: jobs over HTTP, with API keys (docs/http.md)", cmd_serve)
+    sv.add_argument("--port", type=_port, default=8000)
+    sv.add_argument(
+        "--address",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1); any other needs API keys (--keys)",
+    )
+    sv.add_argument(
+        "--keys",
+        default=os.environ.get("PIPEQ_API_KEYS_FILE"),
+        metavar="FILE",
+        help="the API keys, hashed, as TOML ($PIPEQ_API_KEYS_FILE, or the TOML in "
+        "$PIPEQ_API_KEYS); none: loopback only",
+    )
+    sv.add_argument(
+        "--max-body-bytes",
+        type=_count,
+        default=None,
+        help="refuse bodies over this (413); default: the largest limits.request_bytes + 64 KiB",
+    )
+    sv.add_argument(
+        "--keepalive-s",
+        type=_seconds,
+        default=15.0,
+        help="an event stream sends a comment this often while nothing else comes (default 15)",
+    )
+    sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sv.add_argument(
+        "--new-key",
+        metavar="NAME",
+        help="print a new API key and its entry for the keys file, then exit",
+    )
+    sv.add_argument(
+        "--deployments",
+        type=lambda text: [d.strip() for d in text.split(",") if d.strip()],
+        help="with --new-key: the deployments it may use, comma-separated (default: all)",
     )
     d = add(
         "demo", "run the course's chapter 1 on a local stack with tiny offline models", cmd_demo

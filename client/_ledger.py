@@ -9,6 +9,8 @@
     pipeq:workers:<deployment>    zset    worker -> its last heartbeat
     pipeq:dead-after:<deployment> hash    worker -> the silence after which it counts as dead
     pipeq:job:<id>                string  the deployment of a job pipeq accepted
+    pipeq:submitted:<id>          hash    who submitted it through `pipeq serve` (owner,
+                                          deployment, digest, created_at)
     pipeq:cancel:<id>             string  the job must not run: cancelled, or forgotten
     pipeq:deadline:<id>           string  the job's `expires` deadline, on Redis' clock (unix s)
     pipeq:stream:<id>             stream  a generation's text as it is made (`Job.stream`)
@@ -24,7 +26,8 @@ killed between two commands can neither lose a job nor hold it twice:
 
 - `enqueue` (producer): refuse past `max_queue_length`, else record and push, at once
   (and publish the job's task-sent event, for Flower); a deadline given in seconds
-  (`expires=60`) is counted from Redis' clock there, never from the producer's;
+  (`expires=60`) is counted from Redis' clock there, never from the producer's; for
+  `pipeq serve`, also refuse a job id already taken, and record who submitted it;
 - `cancel` (producer): a job that has not started, or a generation its worker marked
   stoppable (continuous batching stops it at its next step); any other started one
   says so;
@@ -77,6 +80,7 @@ __all__ = [
     "meta_json",
     "queue_for",
     "stream_key",
+    "submitted_key",
     "workers_key",
 ]
 
@@ -133,6 +137,10 @@ def stream_key(job_id: str) -> str:
     return f"pipeq:stream:{job_id}"
 
 
+def submitted_key(job_id: str) -> str:
+    return f"pipeq:submitted:{job_id}"
+
+
 def meta_json(job_id: str, status: str, result: Any = None, *, done: bool = False) -> str:
     """A result record as Celery's JSON backend writes it."""
     date_done = datetime.datetime.now(datetime.UTC).isoformat() if done else None
@@ -181,8 +189,14 @@ end
 _ENQUEUE = (
     _CLOCK
     + """
--- KEYS: queue, waiting, job, deadline ; ARGV: message, id, limit, ttl, deployment, event,
--- channel, expires in s from now ('' = none), expires at (unix s, '' = none)
+-- KEYS: queue, waiting, job, deadline[, submitted, meta]
+-- ARGV: message, id, limit, ttl, deployment, event, channel, expires in s from now
+-- ('' = none), expires at (unix s, '' = none)[, owner, digest]
+-- returns 1 (pushed), 0 (the queue is full), 2 (with `submitted`: the id is taken)
+if KEYS[5] and (redis.call('EXISTS', KEYS[5]) == 1 or redis.call('EXISTS', KEYS[3]) == 1
+    or redis.call('EXISTS', KEYS[6]) == 1) then
+  return 2
+end
 local limit = tonumber(ARGV[3])
 if limit > 0 and redis.call('ZCARD', KEYS[2]) >= limit then return 0 end
 redis.call('ZADD', KEYS[2], 'NX', now, ARGV[2])
@@ -191,6 +205,11 @@ if ARGV[8] ~= '' then
   redis.call('SET', KEYS[4], tostring(now + tonumber(ARGV[8])), 'EX', ARGV[4])
 elseif ARGV[9] ~= '' then
   redis.call('SET', KEYS[4], ARGV[9], 'EX', ARGV[4])
+end
+if KEYS[5] then
+  redis.call('HSET', KEYS[5], 'owner', ARGV[10], 'deployment', ARGV[5], 'digest', ARGV[11],
+    'created_at', tostring(now))
+  redis.call('EXPIRE', KEYS[5], ARGV[4])
 end
 redis.call('LPUSH', KEYS[1], ARGV[1])
 if ARGV[6] and ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[6]) end
@@ -532,16 +551,23 @@ class Ledger:
         event_channel: str = "",
         expires_in_s: float | None = None,
         expires_at: float | None = None,
-    ) -> bool:
-        """Push a job's message unless `limit` (> 0) jobs already wait; False if refused.
-        An accepted job's `event` (Celery's task-sent, for Flower) is published on
-        `event_channel` in the same step. Its deadline, if any: `expires_in_s` seconds from
-        now on Redis' clock, or `expires_at` (unix s), judged on Redis' clock by `admit`."""
+        submitted: tuple[str, str] | None = None,
+    ) -> int:
+        """Push a job's message unless `limit` (> 0) jobs already wait: 1 pushed, 0
+        refused. An accepted job's `event` (Celery's task-sent, for Flower) is published
+        on `event_channel` in the same step. Its deadline, if any: `expires_in_s` seconds
+        from now on Redis' clock, or `expires_at` (unix s), judged on Redis' clock by
+        `admit`. `submitted` (owner, digest): `pipeq serve`'s record of the job, written
+        in the same step; 2 (nothing done) if the id is taken (recorded, known, or with a
+        result)."""
         keys = [queue_for(deployment), waiting_key(deployment), job_key(job_id)]
         keys.append(deadline_key(job_id))
         args = [message, job_id, limit, ttl_s, deployment, event, event_channel]
         args += ["" if t is None else repr(float(t)) for t in (expires_in_s, expires_at)]
-        return bool(self.script("enqueue")(keys, args, client=client))
+        if submitted is not None:
+            keys += [submitted_key(job_id), META_PREFIX + job_id]
+            args += list(submitted)
+        return int(self.script("enqueue")(keys, args, client=client))
 
     def cancel(self, job_id: str, revoked_meta: str, ttl_s: int) -> str:
         """'cancelled' (it will not run on, or stops at its next step), 'running',

@@ -277,6 +277,37 @@ class RedisTarget:
             return redis.Redis.from_url(self.url, **kwargs)
         return redis.Redis.from_url(self.celery_url, **kwargs, **(self.ssl or {}))
 
+    def aclient(self, **kwargs: Any) -> Any:
+        """`client`'s asyncio twin (redis.asyncio), for `pipeq serve`'s waits and streams;
+        `kwargs` are its pool's (max_connections=, timeout=: how long a caller waits for
+        a free connection) and connections' (socket_connect_timeout=...)."""
+        import redis.asyncio as aredis
+        from redis.asyncio.retry import Retry as AsyncRetry
+
+        if self.sentinel:
+            socket = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+            once = AsyncRetry(NoBackoff(), 0)
+            manager = aredis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+                list(self.hosts), sentinel_kwargs=self.sentinel_kwargs(**socket, retry=once)
+            )
+            assert self.master_name is not None
+            return manager.master_for(
+                self.master_name,
+                username=self.username,
+                password=self.password,
+                db=self.db,
+                **kwargs,
+            )
+        # a bounded pool that makes callers wait for a free connection (`timeout`, s)
+        # rather than opening one more: thousands of waiting requests share a few
+        if self.scheme not in ("redis", "rediss"):
+            pool = aredis.BlockingConnectionPool.from_url(self.url, **kwargs)
+        else:
+            pool = aredis.BlockingConnectionPool.from_url(
+                self.celery_url, **kwargs, **(self.ssl or {})
+            )
+        return aredis.Redis.from_pool(pool)
+
 
 def _port(parts: Any, default: int, hint: str) -> int:
     try:

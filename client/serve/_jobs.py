@@ -1,0 +1,598 @@
+"""The gateway as a producer: submit through `Client`'s own code, read and wait with
+async Redis. Shared by every router (native jobs, Hugging Face format).
+
+    pipeq:submitted:<id>   hash   owner (the API key's name), deployment, created_at
+                                  (Redis' clock), digest (of the request, for an
+                                  idempotent PUT); written by the enqueue step itself
+                                  (`_ledger`), it expires with the job's result
+
+A submit runs `Client.prepare` and `Client.send` (the very code `Client.submit` runs:
+resolve, validate, the ledger's atomic enqueue) in a worker thread; waits and event
+streams are async: one pattern subscription per gateway process to the result channels
+(`celery-task-meta-*`, where results are published as they are stored) wakes every
+waiting request, and each wait re-reads the stored result at least once a second, so a
+missed message costs time, never a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis
+from celery import states
+
+from pipeq import _app, _tasks
+from pipeq._client import Client, JobState, to_pipeq_error
+from pipeq._ledger import META_PREFIX, job_key, submitted_key
+from pipeq._registry import DEPLOYMENTS_KEY
+from pipeq.errors import InvalidRequest, PipeqError
+from pipeq.serve._auth import LOCAL, RATE_SCRIPT, Caller, Keys
+from pipeq.serve._errors import ApiError
+from pipeq.serve._metrics import Metrics
+
+__all__ = [
+    "Gateway",
+    "JobView",
+    "Settings",
+    "parse_json",
+]
+
+log = logging.getLogger("pipeq.serve")
+T = TypeVar("T")
+
+#: a wait re-reads the stored result about this often (a missed message costs this;
+#: spread by up to half, so thousands of waits do not read at once)
+RECHECK_S = 5.0
+#: connections of a gateway process's async Redis pool (reads, waits' re-reads, the
+#: stream reader, rate limits); a request waits for a free one
+ASYNC_CONNECTIONS = 256
+#: what closing waits for a background task or a connection pool at most (s)
+CLOSE_TIMEOUT_S = 2.0
+#: `Retry-After` of a job still queued or running
+POLL_AFTER_S = 1
+#: the JSON of the request around `inputs` and `params` (for the body cap)
+ENVELOPE_BYTES = 64 * 1024
+#: the longest `Prefer: wait` and `?wait=` (s)
+MAX_WAIT_S = 60.0
+
+
+@dataclass
+class Settings:
+    """What a gateway process is told at start (`pipeq serve` reads it from its options
+    and environment)."""
+
+    redis_url: str | None = None
+    keys: Keys | None = None
+    #: a Redis call that fails is tried again this long, then 503
+    broker_timeout_s: float = 2.0
+    #: bodies over this are refused (413) before they are read whole; None: the largest
+    #: `limits.request_bytes` of the announced deployments, plus ENVELOPE_BYTES
+    max_body_bytes: int | None = None
+    #: an event stream sends a comment this often while nothing else comes
+    keepalive_s: float = 15.0
+    #: submits run in at most this many threads at once
+    submit_threads: int = 8
+
+
+# -- the request body ------------------------------------------------------------------
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as strict JSON (no NaN or Infinity); ApiError 422 otherwise, and
+    415 for a body that is not UTF-8."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(415, "UnsupportedMediaType", "the body must be UTF-8 JSON") from None
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(422, "InvalidRequest", "the body nests too deep") from None
+    except ValueError as e:
+        raise ApiError(422, "InvalidRequest", f"the body is not JSON: {e}") from None
+
+
+def digest_of(body: Any) -> str:
+    """The same request, however its JSON was written (key order, spaces)."""
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# -- a job as the gateway shows it ----------------------------------------------------
+@dataclass
+class JobView:
+    """A job's state and, once done, its result or error."""
+
+    id: str
+    deployment: str | None
+    status: JobState
+    created_at: float | None = None
+    result: Any = None
+    error: PipeqError | None = None
+
+    def urls(self) -> dict[str, str]:
+        base = f"/v1/jobs/{self.id}"
+        return {
+            "self": base,
+            "result": f"{base}/result",
+            "events": f"{base}/events",
+            "cancel": f"{base}/cancel",
+        }
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "deployment": self.deployment,
+            "status": self.status.value,
+            "created_at": _iso(self.created_at),
+        }
+        if self.status is JobState.SUCCEEDED:
+            out["result"] = self.result
+        if self.error is not None:
+            out["error"] = {"type": type(self.error).__name__, "message": self.error.message}
+        out["urls"] = self.urls()
+        return out
+
+
+def _iso(at: float | None) -> str | None:
+    if at is None:
+        return None
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _meta_state(meta: dict[str, Any] | None) -> str | None:
+    return meta.get("status") if isinstance(meta, dict) else None
+
+
+# -- waking waits: one pattern subscription per process -------------------------------
+@dataclass(eq=False)
+class _Watch:
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    data: bytes | None = None
+
+
+class ResultBus:
+    """Wakes the requests waiting for jobs as their states are stored."""
+
+    def __init__(self, aredis: Any) -> None:
+        self._aredis = aredis
+        self._watches: dict[str, set[_Watch]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="pipeq-result-bus")
+
+    async def close(self) -> None:
+        self._closed = True  # redis-py may turn the cancel into a ConnectionError
+        await _stop(self._task)
+
+    async def _run(self) -> None:
+        while not self._closed:
+            pubsub = self._aredis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.psubscribe(META_PREFIX + "*")
+                for held in self._watches.values():  # a result stored while it was down
+                    for watch in held:
+                        watch.event.set()
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if msg is None or msg.get("type") != "pmessage":
+                        continue
+                    job_id = msg["channel"].decode()[len(META_PREFIX) :]
+                    for watch in self._watches.get(job_id, ()):
+                        watch.data = msg["data"]
+                        watch.event.set()
+            except (redis.RedisError, OSError) as e:
+                if self._closed:
+                    return
+                log.warning("result subscription lost (%s); waits poll until it is back", e)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(pubsub.aclose(), CLOSE_TIMEOUT_S)
+
+    @contextlib.contextmanager
+    def watch(self, job_id: str, event: asyncio.Event | None = None) -> Iterator[_Watch]:
+        """Set `event` (a new one by default) whenever the job's state is stored."""
+        watch = _Watch(event or asyncio.Event())
+        self._watches.setdefault(job_id, set()).add(watch)
+        try:
+            yield watch
+        finally:
+            held = self._watches.get(job_id)
+            if held is not None:
+                held.discard(watch)
+                if not held:
+                    del self._watches[job_id]
+
+
+# -- following job streams: one XREAD for every open event stream -------------------------
+def _stream_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(eq=False)
+class _Follow:
+    cursor: str
+    event: asyncio.Event
+    entries: list[tuple[str, dict[bytes, bytes]]] = field(default_factory=list)
+
+
+class StreamBus:
+    """Reads every followed job stream with one blocking XREAD (all keys at once) and
+    hands each follower the entries after its own cursor: 2,000 open event streams are
+    one Redis connection, not 2,000."""
+
+    #: an XREAD waits this long; a stream followed meanwhile joins the next one
+    BLOCK_MS = 250
+
+    def __init__(self, aredis: Any) -> None:
+        self._aredis = aredis
+        self._follows: dict[str, set[_Follow]] = {}
+        self._added = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="pipeq-stream-bus")
+
+    async def close(self) -> None:
+        self._closed = True  # redis-py may turn the cancel into a ConnectionError
+        await _stop(self._task)
+
+    @contextlib.contextmanager
+    def follow(self, key: str, cursor: str, event: asyncio.Event) -> Iterator[_Follow]:
+        """Entries of stream `key` after `cursor` land in `.entries`, and set `event`."""
+        follow = _Follow(cursor, event)
+        self._follows.setdefault(key, set()).add(follow)
+        self._added.set()
+        try:
+            yield follow
+        finally:
+            held = self._follows.get(key)
+            if held is not None:
+                held.discard(follow)
+                if not held:
+                    del self._follows[key]
+
+    async def _run(self) -> None:
+        while not self._closed:
+            self._added.clear()
+            streams = {
+                key: min((f.cursor for f in held), key=_stream_order)
+                for key, held in self._follows.items()
+                if held
+            }
+            if not streams:
+                await self._added.wait()
+                continue
+            try:
+                reply = await self._aredis.xread(streams, block=self.BLOCK_MS)
+            except (redis.RedisError, OSError) as e:
+                if self._closed:
+                    return
+                log.warning("reading job streams failed (%s); trying again", e)
+                await asyncio.sleep(1.0)
+                continue
+            for raw_key, raw_entries in reply or []:
+                key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
+                entries = [(i.decode() if isinstance(i, bytes) else i, f) for i, f in raw_entries]
+                for follow in self._follows.get(key, ()):
+                    after = _stream_order(follow.cursor)
+                    new = [e for e in entries if _stream_order(e[0]) > after]
+                    if new:
+                        follow.entries.extend(new)
+                        follow.cursor = new[-1][0]
+                        follow.event.set()
+
+
+# -- the gateway -----------------------------------------------------------------------
+class Gateway:
+    """What every request of one gateway process shares: a `Client` (submits), an async
+    Redis client (reads, waits, streams), the result bus, the settings. No state of its
+    own outside Redis: any number of them behind a load balancer act as one."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.client = Client(settings.redis_url, broker_timeout_s=settings.broker_timeout_s)
+        self.aredis = _app.redis_target(self.client.redis_url).aclient(
+            max_connections=ASYNC_CONNECTIONS,
+            timeout=settings.broker_timeout_s * 5,
+            socket_connect_timeout=_app.CONNECT_TIMEOUT_S,
+        )
+        self.results = ResultBus(self.aredis)
+        self.streams = StreamBus(self.aredis)
+        self.rate = self.aredis.register_script(RATE_SCRIPT)
+        # concurrent.futures' pool: its queue is a SimpleQueue, whose hand-over cost a
+        # tenth of what anyio's Condition-based one did (py-spy --gil, a submit's CPU)
+        self.threads = ThreadPoolExecutor(settings.submit_threads, "pipeq-submit")
+        self._body_limit = (0.0, 0)
+
+    @property
+    def keys(self) -> Keys | None:
+        return self.settings.keys
+
+    async def start(self) -> None:
+        await self.results.start()
+        await self.streams.start()
+
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in one of the submit threads (the sync `Client`'s calls)."""
+        return await asyncio.get_running_loop().run_in_executor(self.threads, fn, *args)
+
+    async def close(self) -> None:
+        self.threads.shutdown(wait=False)
+        await self.streams.close()
+        await self.results.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.aredis.aclose(), CLOSE_TIMEOUT_S)
+        self.client.close()
+
+    # -- limits -------------------------------------------------------------------------
+    async def body_limit(self) -> int:
+        """Bytes a request body may have (`Settings.max_body_bytes`)."""
+        if self.settings.max_body_bytes is not None:
+            return self.settings.max_body_bytes
+        at, limit = self._body_limit
+        if time.monotonic() - at < 5.0 and limit:
+            return limit
+        largest = _tasks.DEFAULT_LIMITS["request_bytes"]
+        with contextlib.suppress(redis.RedisError, OSError, ValueError):
+            raw = await self.aredis.hvals(DEPLOYMENTS_KEY)
+            for value in raw:
+                limits = json.loads(value).get("limits") or {}
+                largest = max(largest, int(limits.get("request_bytes") or 0))
+        limit = largest + ENVELOPE_BYTES
+        self._body_limit = (time.monotonic(), limit)
+        return limit
+
+    # -- submit ------------------------------------------------------------------------
+    async def submit(
+        self,
+        caller: Caller,
+        target: str,
+        inputs: Any,
+        *,
+        model: str | None = None,
+        params: dict[str, Any] | None = None,
+        expires: float | None = None,
+        job_id: str | None = None,
+        digest: str = "",
+        wait_s: float = 0.0,
+    ) -> tuple[JobView, bool]:
+        """Validate and enqueue through `Client` (in a thread): the job (once done, if
+        it is within `wait_s`), and whether this call created it (False: an idempotent
+        repeat of `job_id` with the same `digest`). Raises what `Client.submit` raises,
+        ApiError 403 for a deployment the caller may not use, 409 for a `job_id` taken
+        by another request."""
+        job_id = job_id or _new_id()
+        with self.results.watch(job_id) as watch:  # before the send: no result missed
+            view, created = await self.in_thread(
+                self._submit, caller, target, inputs, model, params or {}, expires, job_id, digest
+            )
+            if wait_s > 0:
+                self.metrics.waiting.inc()
+                try:
+                    view = await self._wait(watch, view, wait_s)
+                finally:
+                    self.metrics.waiting.dec()
+        return view, created
+
+    def _submit(
+        self,
+        caller: Caller,
+        target: str,
+        inputs: Any,
+        model: str | None,
+        params: dict[str, Any],
+        expires: float | None,
+        job_id: str,
+        digest: str,
+    ) -> tuple[JobView, bool]:
+        client = self.client
+        found = client.resolve(target, model)
+        caller.require(found.name)
+        prepared = client.prepare(found.name, inputs, None, expires, params)
+        # who submitted it is recorded by the enqueue step itself, which refuses an id
+        # already taken: one round trip, and no record of a job that was not sent
+        token = _app.enqueue_submitted.set((caller.name, digest))
+        try:
+            client.send(prepared, job_id)
+        except _app.JobIdTaken:
+            record = client.call(client.redis.hgetall, submitted_key(job_id))
+            owner, was = record.get(b"owner"), record.get(b"digest", b"")
+            # the same request again (a PUT repeated, or a send retried after a lost
+            # connection): the job it made
+            if owner is not None and owner.decode() == caller.name and was.decode() == digest:
+                return self.read_sync(job_id), False
+            raise ApiError(
+                409, "Conflict", "this job id is taken by another request", job_id=job_id
+            ) from None
+        finally:
+            _app.enqueue_submitted.reset(token)
+        return JobView(job_id, found.name, JobState.QUEUED, created_at=time.time()), True
+
+    # -- reading jobs --------------------------------------------------------------------
+    def read_sync(self, job_id: str) -> JobView:
+        pipe = self.client.redis.pipeline(transaction=False)
+        pipe.hgetall(submitted_key(job_id))
+        pipe.get(job_key(job_id))
+        pipe.get(META_PREFIX + job_id)
+        record, deployment, meta = self.client.call(pipe.execute)
+        return self._view(job_id, record, deployment, meta)
+
+    async def read(self, job_id: str, caller: Caller | None = None) -> JobView:
+        """One read of the job (its record, deployment, result); `caller`: ApiError 404
+        unless it may see the job (another key's job answers as an unknown id does)."""
+        try:
+            async with self.aredis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(submitted_key(job_id))
+                pipe.get(job_key(job_id))
+                pipe.get(META_PREFIX + job_id)
+                record, deployment, meta = await pipe.execute()
+        except (redis.RedisError, OSError) as e:
+            raise _unavailable(e) from None
+        if caller is not None:
+            self._check_owner(caller, job_id, record)
+        view = self._view(job_id, record, deployment, meta)
+        if caller is not None and view.status is JobState.UNKNOWN:
+            raise ApiError(404, "NotFound", "no such job", job_id=job_id)
+        return view
+
+    def _check_owner(self, caller: Caller, job_id: str, record: dict[bytes, bytes]) -> None:
+        if self.keys is None and caller.name == LOCAL:
+            return  # an open gateway (loopback only): every job
+        owner = record.get(b"owner") if record else None
+        if owner is None or owner.decode() != caller.name:
+            raise ApiError(404, "NotFound", "no such job", job_id=job_id)
+
+    def _view(self, job_id: str, record: Any, deployment: Any, meta_raw: Any) -> JobView:
+        record = record or {}
+        name = (deployment or record.get(b"deployment") or b"").decode() or None
+        created = record.get(b"created_at")
+        meta = json.loads(meta_raw) if meta_raw else None
+        return self._from_meta(job_id, name, float(created) if created else None, meta, record)
+
+    def _from_meta(
+        self,
+        job_id: str,
+        deployment: str | None,
+        created_at: float | None,
+        meta: dict[str, Any] | None,
+        record: Any = None,
+    ) -> JobView:
+        state = _meta_state(meta)
+        view = JobView(job_id, deployment, JobState.QUEUED, created_at)
+        if state is None:
+            if deployment is None and not record:
+                view.status = JobState.UNKNOWN
+            return view
+        assert meta is not None
+        if state == states.SUCCESS:
+            view.status, view.result = JobState.SUCCEEDED, meta.get("result")
+        elif state in (states.FAILURE, states.REVOKED):
+            exc = self.client.app.backend.exception_to_python(meta.get("result"))
+            view.error = to_pipeq_error(exc, job_id, deployment)
+            view.status = {
+                "JobExpired": JobState.EXPIRED,
+                "JobCancelled": JobState.CANCELLED,
+            }.get(type(view.error).__name__, JobState.FAILED)
+        elif state == states.STARTED:
+            view.status = JobState.RUNNING
+        return view
+
+    async def wait(self, view: JobView, timeout_s: float) -> JobView:
+        """The job once done, or as it is after `timeout_s`."""
+        if view.status.done or timeout_s <= 0:
+            return view
+        with self.results.watch(view.id) as watch:
+            # read after watching: a result stored meanwhile is seen either way
+            return await self._wait(watch, await self.read(view.id), timeout_s)
+
+    async def _wait(self, watch: _Watch, view: JobView, timeout_s: float) -> JobView:
+        deadline = time.monotonic() + timeout_s
+        while not view.status.done:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    watch.event.wait(), min(left, RECHECK_S * (0.5 + random.random()))
+                )
+            data, watch.data = watch.data, None
+            watch.event.clear()
+            if data is not None:  # the state just stored
+                meta = json.loads(data)
+                view = self._from_meta(view.id, view.deployment, view.created_at, meta, True)
+            else:  # a re-read: no message (or the subscription came back)
+                view = await self.read(view.id)
+        return view
+
+    async def cancel(self, view: JobView) -> str:
+        """'cancelled', 'running' (its forward pass cannot be stopped), 'finished' or
+        'unknown' (`_app.cancel_job`)."""
+        client = self.client
+        return await self.in_thread(
+            client.call,
+            _app.cancel_job,
+            client.app,
+            view.id,
+            "cancelled by the producer",
+            client.ledger,
+        )
+
+    async def stream_entries(
+        self, key: str, after: str, block_ms: int | None
+    ) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Entries of a job's stream after `after`, waiting up to `block_ms` for one
+        (None: not at all)."""
+        try:
+            reply = await self.aredis.xread({key: after}, block=block_ms)
+        except (redis.RedisError, OSError) as e:
+            raise _unavailable(e) from None
+        entries = reply[0][1] if reply else []
+        return [(i.decode() if isinstance(i, bytes) else i, f) for i, f in entries]
+
+    async def attempts_before(self, key: str, last: str) -> int:
+        """How many attempts began in a job's stream up to entry `last` (a resumed
+        reader's count, so its next start is a restart)."""
+        try:
+            entries = await self.aredis.xrange(key, "-", last)
+        except (redis.RedisError, OSError) as e:
+            raise _unavailable(e) from None
+        return sum(1 for _, fields in entries if b"start" in fields)
+
+    async def check_rate(self, caller: Caller) -> None:
+        from pipeq.serve._auth import check_rate
+
+        try:
+            await check_rate(self.aredis, self.rate, caller)
+        except (redis.RedisError, OSError) as e:
+            raise _unavailable(e) from None
+
+
+async def _stop(task: asyncio.Task[None] | None) -> None:
+    """Cancel a background task and give it CLOSE_TIMEOUT_S to end: a task cancelled
+    while its Redis connection was being made once held a test's shutdown for minutes."""
+    if task is None:
+        return
+    task.cancel()
+    await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+
+
+def _new_id() -> str:
+    import uuid
+
+    return str(uuid.uuid4())
+
+
+def _unavailable(e: BaseException) -> ApiError:
+    return ApiError(
+        503, "BrokerUnavailable", f"Redis did not answer ({type(e).__name__})", retry_after_s=5
+    )
+
+
+def valid_job_id(job_id: str) -> str:
+    """A client-chosen job id: 1 to 128 of letters, digits, '-', '_', '.', ':'."""
+    ok = 0 < len(job_id) <= 128 and all(
+        c.isascii() and (c.isalnum() or c in "-_.:") for c in job_id
+    )
+    if not ok:
+        raise InvalidRequest("a job id is 1 to 128 letters, digits, '-', '_', '.' or ':'")
+    return job_id
