@@ -3,6 +3,11 @@ then Hugging Face's own clients against a real stack and gateway."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +24,8 @@ from pipeq.serve._hf import (
     tgi_error,
     to_hf,
 )
+
+from .conftest import assert_close
 
 TASKS = [
     "text-classification",
@@ -214,3 +221,232 @@ def test_errors_carry_tgi_error_types_and_pipeq_s_own() -> None:
     }
     assert tgi_error(Overloaded("full"))["error_type"] == "overloaded"
     assert tgi_error(JobFailed("boom", job_id="j"))["error_type"] == "generation"
+
+
+def test_a_job_that_failed_answers_424_and_bad_input_422_with_tgi_s_body() -> None:
+    from pipeq.serve.routes_hf import hf_error
+
+    failed = hf_error(JobFailed("boom", job_id="j", deployment="gen"))
+    assert failed.status_code == 424
+    assert json.loads(bytes(failed.body)) == {
+        "error": "boom",
+        "error_type": "generation",
+        "type": "JobFailed",
+        "job_id": "j",
+        "deployment": "gen",
+    }
+    assert hf_error(InvalidRequest("bad")).status_code == 422
+    busy = hf_error(Overloaded("full"))
+    assert busy.status_code == 429 and busy.headers["retry-after"]
+
+
+# -- Hugging Face's clients against a real stack and gateway ------------------------------
+TEXT = "I've been waiting for a HuggingFace course my whole life."
+CONTEXT = "My name is Sylvain and I work at Hugging Face in Brooklyn"
+
+
+@pytest.fixture(scope="module")
+def hf(gateway: Any) -> Any:
+    """huggingface_hub's InferenceClient for a deployment of the session's gateway."""
+    from huggingface_hub import InferenceClient
+
+    def client(deployment: str, key: str = "alice") -> InferenceClient:
+        return InferenceClient(
+            model=f"{gateway.url}/models/{deployment}", api_key=gateway.keys[key]
+        )
+
+    return client
+
+
+@pytest.fixture(scope="module")
+def pipe(stack: Any) -> Any:
+    """`pipeq.pipeline` for a deployment of the session's stack (the reference)."""
+    from pipeq import Client, pipeline
+
+    client = Client(stack.url)
+    yield lambda task, deployment: pipeline(task, model=deployment, client=client, timeout=60)
+    client.close()
+
+
+def _plain(value: Any) -> Any:
+    """huggingface_hub's output dataclasses (dicts holding None for the fields a task
+    does not fill) as plain JSON values."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def test_inference_client_classifies_text_as_the_pipeline_does(hf: Any, pipe: Any) -> None:
+    got = hf("sentiment-analysis").text_classification(TEXT)
+    assert_close(_plain(got), pipe("sentiment-analysis", "sentiment-analysis")(TEXT))
+    got = hf("sentiment-analysis").text_classification(TEXT, top_k=2)
+    assert_close(_plain(got), pipe("sentiment-analysis", "sentiment-analysis")(TEXT, top_k=2))
+
+
+def test_inference_client_zero_shot_token_classification_and_fill_mask(hf: Any, pipe: Any) -> None:
+    labels = ["education", "politics", "business"]
+    got = hf("zero-shot-classification").zero_shot_classification(TEXT, candidate_labels=labels)
+    want = pipe("zero-shot-classification", "zero-shot-classification")(
+        TEXT, candidate_labels=labels
+    )
+    assert_close(
+        _plain(got),
+        [
+            {"label": name, "score": s}
+            for name, s in zip(want["labels"], want["scores"], strict=True)
+        ],
+    )
+    got = hf("ner").token_classification(CONTEXT)
+    want = pipe("ner", "ner")(CONTEXT, aggregation_strategy="simple")
+    assert_close(_plain(got), want)
+    assert all(e.entity_group for e in got)
+    mask = "This course will teach you all about <mask> models."
+    got = hf("fill-mask").fill_mask(mask, top_k=2)
+    assert_close(_plain(got), pipe("fill-mask", "fill-mask")(mask, top_k=2))
+
+
+def test_inference_client_answers_questions_summarizes_translates_and_extracts_features(
+    hf: Any, pipe: Any
+) -> None:
+    import numpy as np
+
+    got = hf("question-answering").question_answering(question="Where do I work?", context=CONTEXT)
+    want = pipe("question-answering", "question-answering")(
+        question="Where do I work?", context=CONTEXT
+    )
+    assert_close(_plain(got), want)
+    gen = {"max_new_tokens": 6}
+    got = hf("summarization").summarization(TEXT, generate_parameters=gen)
+    assert _plain(got) == pipe("summarization", "summarization")(TEXT, max_new_tokens=6)[0]
+    french = "Ce cours est produit par Hugging Face."
+    got = hf("translation").translation(french, generate_parameters=gen)
+    assert _plain(got) == pipe("translation", "translation")(french, max_new_tokens=6)[0]
+    got = hf("feature-extraction").feature_extraction(TEXT)
+    want = np.array(pipe("feature-extraction", "feature-extraction")(TEXT), dtype="float32")
+    assert got.shape == want.shape and got.shape[0] == 1  # 1 x tokens x hidden
+    assert np.allclose(got, want, atol=1e-5)
+
+
+def test_inference_client_generates_text_as_from_tgi(hf: Any, pipe: Any) -> None:
+    prompt = "In this course, we will teach you how to"
+    reference = pipe("text-generation", "text-generation")
+    want = reference(prompt, max_new_tokens=8, return_full_text=False)[0]["generated_text"]
+    client = hf("text-generation")
+    assert client.text_generation(prompt, max_new_tokens=8) == want
+    full = client.text_generation(prompt, max_new_tokens=8, return_full_text=True)
+    assert full == prompt + want
+    detailed = client.text_generation(prompt, max_new_tokens=8, details=True)
+    assert detailed.generated_text == want and detailed.details is not None
+    assert "".join(t.text for t in detailed.details.tokens) == want
+
+
+def test_inference_client_streams_tokens_with_details_as_from_tgi(hf: Any, pipe: Any) -> None:
+    prompt = "In this course, we will teach you how to"
+    reference = pipe("text-generation", "text-generation")
+    want = reference(prompt, max_new_tokens=12, return_full_text=False)[0]["generated_text"]
+    client = hf("text-generation")
+    events = list(client.text_generation(prompt, max_new_tokens=12, stream=True, details=True))
+    assert len(events) > 1  # token by token, not the text at once
+    assert "".join(e.token.text for e in events) == want
+    assert all(e.generated_text is None for e in events[:-1])
+    assert events[-1].generated_text == want and events[-1].details is not None
+    assert [e.index for e in events] == list(range(len(events)))
+    pieces = list(client.text_generation(prompt, max_new_tokens=12, stream=True))
+    assert "".join(pieces) == want and all(isinstance(p, str) for p in pieces)
+
+
+def test_a_bad_parameter_is_tgi_s_validation_error_and_streaming_still_works_after(
+    hf: Any,
+) -> None:
+    from huggingface_hub.errors import ValidationError
+
+    client = hf("text-generation")
+    with pytest.raises(ValidationError, match="seed"):
+        client.text_generation("Hello", max_new_tokens=2, seed=3)
+    with pytest.raises(ValidationError, match="max_new_tokens"):
+        client.text_generation("Hello", max_new_tokens=0)
+    # a 400 would have made the client drop these parameters and refuse to stream
+    assert "".join(client.text_generation("Hello", max_new_tokens=3, stream=True))
+
+
+def test_a_model_is_found_by_the_hub_id_its_deployment_serves(gateway: Any, hf: Any) -> None:
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
+    by_id = hf("distilbert/distilbert-base-uncased-finetuned-sst-2-english")
+    assert by_id.text_classification(TEXT)[0].label
+    assert hf("distilgpt2").text_generation("Hi", max_new_tokens=2)  # a deployment's name
+    with pytest.raises(HfHubHTTPError, match="no deployment is named 'nobody/nothing'") as e:
+        hf("nobody/nothing").text_classification(TEXT)
+    assert e.value.response.status_code == 404
+    # a key allowed only sentiment-analysis
+    with pytest.raises(HfHubHTTPError) as e:
+        hf("fill-mask", key="bob").fill_mask("a <mask> b")
+    assert e.value.response.status_code == 403
+    reply = httpx.post(
+        f"{gateway.url}/models/feature-extraction/pipeline/feature-extraction",
+        json={"inputs": "x"},
+        headers=gateway.headers("alice"),
+    )
+    assert reply.status_code == 200 and len(reply.json()[0][0]) == 384
+    reply = httpx.post(
+        f"{gateway.url}/models/fill-mask",
+        content=b'{"inputs": "a <mask> b", "parameters": {"top_k": NaN}}',
+        headers=gateway.headers("alice"),
+    )
+    assert reply.status_code == 422 and reply.json()["error_type"] == "validation"
+
+
+JS_DIR = Path(__file__).parent / "js"
+
+
+def test_the_javascript_client_runs_three_tasks_as_the_pipeline_does(
+    gateway: Any, pipe: Any
+) -> None:
+    if not (JS_DIR / "node_modules" / "@huggingface" / "inference").is_dir():
+        reason = "tests/js has no node_modules: run `npm ci` in tests/js (.ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    node = shutil.which("node")
+    assert node, "node is not installed"
+    labels = ["education", "politics", "business"]
+    calls = [
+        {"fn": "textClassification", "deployment": "sentiment-analysis", "args": {"inputs": TEXT}},
+        {
+            "fn": "zeroShotClassification",
+            "deployment": "zero-shot-classification",
+            "args": {"inputs": TEXT, "parameters": {"candidate_labels": labels}},
+        },
+        {
+            "fn": "questionAnswering",
+            "deployment": "question-answering",
+            "args": {"inputs": {"question": "Where do I work?", "context": CONTEXT}},
+        },
+        {"fn": "fillMask", "deployment": "nobody", "args": {"inputs": "a <mask>"}},
+    ]
+    for call in calls:
+        call["url"] = f"{gateway.url}/models/{call.pop('deployment')}"
+    ran = subprocess.run(
+        [node, str(JS_DIR / "hf_client.mjs")],
+        input=json.dumps(calls).encode(),
+        capture_output=True,
+        timeout=60,
+        cwd=JS_DIR,
+        env={**os.environ, "PIPEQ_KEY": gateway.keys["alice"]},
+    )
+    assert ran.returncode == 0, ran.stderr.decode()
+    sentiment, zero_shot, qa, unknown = json.loads(ran.stdout)
+    assert_close(sentiment["result"], pipe("sentiment-analysis", "sentiment-analysis")(TEXT))
+    want = pipe("zero-shot-classification", "zero-shot-classification")(
+        TEXT, candidate_labels=labels
+    )
+    pairs = zip(want["labels"], want["scores"], strict=True)
+    assert_close(zero_shot["result"], [{"label": name, "score": s} for name, s in pairs])
+    want = pipe("question-answering", "question-answering")(
+        question="Where do I work?", context=CONTEXT
+    )
+    assert_close(qa["result"], want)
+    assert unknown["status"] == 404 and "no deployment is named 'nobody'" in unknown["error"]

@@ -1,0 +1,236 @@
+"""Hugging Face's inference format: `POST /models/{m}` (what `InferenceClient` and
+`@huggingface/inference` send to an endpoint URL), text-generation as TGI answers it.
+
+    POST /models/{m}                      {"inputs", "parameters"} -> the task's result
+    POST /models/{m}/pipeline/{task}      the same (the Inference API's feature-extraction
+                                          route); `task` must be the deployment's
+    text-generation with "stream": true   TGI's server-sent token events
+
+`{m}` is a deployment's name, or a model one deployment serves exactly (a Hub id, its
+legacy org-less name, the `hub_id` a local checkpoint declares). The answer waits for
+the job (up to `SYNC_WAIT_S`, then 504; the job goes on). Errors are TGI's body
+(`_hf.tgi_error`) with pipeq's status table, but a job that ran and failed is 424 as in
+TGI, and a bad request is always 422: a 400 makes `InferenceClient` stop sending its
+text-generation parameters to that URL (and refuse `stream=True`) for the rest of the
+process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from pipeq import _tasks
+from pipeq._client import JobState
+from pipeq._ledger import stream_key
+from pipeq._registry import DEPLOYMENTS_KEY, Announced
+from pipeq.errors import JobTimeout, PipeqError, StreamRestarted
+from pipeq.serve import _hf
+from pipeq.serve._app import CallerDep, GatewayDep
+from pipeq.serve._auth import Caller
+from pipeq.serve._errors import HF_STATUS, ApiError, error_response, status_of
+from pipeq.serve._jobs import Gateway, JobView, parse_json
+
+__all__ = ["SYNC_WAIT_S", "router"]
+
+router = APIRouter(tags=["hugging face"])
+
+#: the longest a `/models/{m}` request waits for its job before 504 (the job goes on)
+SYNC_WAIT_S = 300.0
+#: TGI's `error_type` of the gateway's own errors
+_API_ERROR_TYPES = {422: "validation", 429: "overloaded", 503: "unavailable"}
+
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "inputs": {"description": "what the task's pipeline takes"},
+                        "parameters": {"type": "object"},
+                        "stream": {"type": "boolean", "description": "text-generation"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def hf_error(exc: BaseException) -> Response:
+    """An error as TGI answers it: `{"error": message, "error_type": kind, "type", ...}`
+    with pipeq's status (424 for a job that failed) and `Retry-After` where it applies."""
+    if isinstance(exc, PipeqError):
+        status = status_of(exc, HF_STATUS)
+        body = _hf.tgi_error(exc)
+    elif isinstance(exc, ApiError):
+        status = exc.status
+        body = {"error": exc.message, "error_type": _API_ERROR_TYPES.get(status, "unknown")}
+        body["type"] = exc.type
+        if exc.job_id:
+            body["job_id"] = exc.job_id
+    else:
+        return error_response(exc)  # logged, no detail: 500
+    headers = dict(error_response(exc, HF_STATUS).headers)  # its Retry-After
+    retry = {k: v for k, v in headers.items() if k.lower() == "retry-after"}
+    return JSONResponse(body, status_code=status, headers=retry)
+
+
+async def _deployments(gw: Gateway) -> dict[str, Announced]:
+    try:
+        raw = await gw.aredis.hgetall(DEPLOYMENTS_KEY)
+    except Exception as e:  # redis.RedisError, OSError: Redis is away
+        raise ApiError(
+            503, "BrokerUnavailable", f"Redis did not answer ({type(e).__name__})", retry_after_s=5
+        ) from None
+    out = {}
+    for k, v in raw.items():
+        info = json.loads(v)
+        out[k.decode()] = Announced(k.decode(), info["task"], info["model"], info)
+    return out
+
+
+async def _answer(gw: Gateway, who: Caller, m: str, request: Request, task: str | None) -> Response:
+    target = _hf.find_deployment(await _deployments(gw), m)
+    if task is not None and _tasks.canonical_task(task) != target.canonical_task:
+        raise ApiError(
+            422,
+            "InvalidRequest",
+            f"{target.name} serves {target.task}, not {task}",
+        )
+    hf = _hf.split_request(target.task, parse_json(await request.body()))
+    view, _ = await gw.submit(who, target.name, hf.inputs, params=hf.params)
+    if hf.stream:
+        prompt = hf.inputs if isinstance(hf.inputs, str) else ""
+        return StreamingResponse(
+            _tgi_events(gw, view, hf, prompt),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    gw.metrics.waiting.inc()
+    try:
+        view = await gw.wait(view, SYNC_WAIT_S)
+    finally:
+        gw.metrics.waiting.dec()
+    if view.error is not None:
+        raise view.error
+    if view.status is not JobState.SUCCEEDED:
+        raise JobTimeout(
+            f"no result within {SYNC_WAIT_S:g} s (the job goes on)",
+            job_id=view.id,
+            deployment=view.deployment,
+        )
+    return JSONResponse(_hf.to_hf(target.task, hf, view.result))
+
+
+@router.post(
+    "/models/{m:path}",
+    summary="Run a deployment in Hugging Face's inference format",
+    openapi_extra=_BODY,
+    responses={
+        200: {"description": "the task's result, as Hugging Face's clients read it"},
+        422: {"description": "not a request for this task (TGI's error body)"},
+        424: {"description": "the job ran and failed (TGI's error body)"},
+    },
+)
+async def run_model(
+    m: str, request: Request, who: Caller = CallerDep, gw: Gateway = GatewayDep
+) -> Response:
+    task = None
+    head, sep, tail = m.rpartition("/pipeline/")
+    if sep and _tasks.is_task(tail):  # /models/{m}/pipeline/{task}
+        m, task = head, tail
+    try:
+        return await _answer(gw, who, m, request, task)
+    except (PipeqError, ApiError) as e:
+        return hf_error(e)
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def _tgi_events(
+    gw: Gateway, view: JobView, hf: _hf.HFRequest, prompt: str
+) -> AsyncIterator[bytes]:
+    """TGI's `/generate_stream` events from the job's Redis Stream: one event a piece of
+    text as the worker streams it (held back one, so that the last carries
+    `generated_text` and `details`); a job the dynamic batcher runs comes as one piece
+    when done. An error after the stream began is TGI's `{"error", "error_type"}` event.
+    A keep-alive comment every `keepalive_s` while nothing else is sent; a client that
+    goes away ends only this generator: the job runs on."""
+    key = stream_key(view.id)
+    keepalive = gw.settings.keepalive_s
+    cursor, attempts = "0-0", 0
+    attempt = said = ""  # this attempt's text; the text sent as tokens
+    held: str | None = None  # the newest piece, not sent yet
+    index = 0
+    sent_at = time.monotonic()
+    gw.metrics.open_streams.inc()
+    try:
+        while True:
+            entries = await gw.stream_entries(key, cursor, int(min(keepalive, 1.0) * 1000))
+            ended = False
+            for entry_id, fields in entries:
+                cursor = entry_id
+                if b"start" in fields:
+                    attempts += 1
+                    attempt = ""
+                elif b"end" in fields:
+                    ended = True
+                elif int(fields.get(b"i", b"0")) == 0 and b"t" in fields:
+                    attempt += fields[b"t"].decode()
+                    sofar = said + (held or "")
+                    if not (attempt.startswith(sofar) or sofar.startswith(attempt)):
+                        raise StreamRestarted(
+                            "the job restarted on another worker and made other text",
+                            job_id=view.id,
+                            deployment=view.deployment,
+                        )
+                    if len(attempt) > len(sofar):
+                        if held is not None:
+                            yield _sse(_hf.stream_event(hf, index, held))
+                            index, said = index + 1, said + held
+                            sent_at = time.monotonic()
+                        held = attempt[len(said) :]
+            view = await gw.read(view.id)
+            if ended or view.status.done:
+                view = await gw.wait(view, SYNC_WAIT_S)
+                break
+            if time.monotonic() - sent_at >= keepalive:
+                yield b": keep-alive\n\n"
+                sent_at = time.monotonic()
+        if view.error is not None:
+            raise view.error
+        if view.status is JobState.CANCELLED or view.result is None:
+            text = said + (held or "")  # what was made before it stopped
+        else:
+            text = _generated_text(view.result)
+        if not text.startswith(said):
+            raise StreamRestarted(
+                "the job restarted on another worker and made other text",
+                job_id=view.id,
+                deployment=view.deployment,
+            )
+        last = text[len(said) :]
+        yield _sse(_hf.stream_event(hf, index, last, final_text=text, prompt=prompt))
+    except PipeqError as e:
+        body = _hf.tgi_error(e)
+        yield _sse(body)
+    finally:
+        gw.metrics.open_streams.dec()
+
+
+def _generated_text(result: Any) -> str:
+    """One prompt's text: [{"generated_text": ...}, ...] -> the first sequence's."""
+    record = result[0] if isinstance(result, list) and result else result
+    text = record.get("generated_text", "") if isinstance(record, dict) else ""
+    return text if isinstance(text, str) else ""
