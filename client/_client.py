@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import enum
 import time
@@ -43,6 +44,7 @@ __all__ = [
     "Client",
     "Job",
     "JobState",
+    "Prepared",
     "TextStream",
     "drop_result_channels",
     "masked",
@@ -409,6 +411,16 @@ class TextStream(Iterator[str]):
         return text[len(yielded) :]
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A request checked for its deployment and ready to send (`Client.prepare`)."""
+
+    target: Announced
+    inputs: Any
+    params: dict[str, Any]
+    expires: float | datetime.datetime | None
+
+
 class Client:
     """Submits pipeline requests to the deployments workers announce in Redis.
 
@@ -514,9 +526,33 @@ class Client:
         Raises InvalidRequest, UnknownDeployment, NoLiveWorker, Overloaded (when
         `max_queue_length` jobs of the deployment wait already), BrokerUnavailable.
         """
+        return self.send(self.prepare(deployment_or_task, inputs, model, expires, params))
+
+    def prepare(
+        self,
+        deployment_or_task: str,
+        inputs: Any,
+        model: str | None = None,
+        expires: float | datetime.datetime | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> Prepared:
+        """`submit`'s first half, for producers that enqueue in steps (`pipeq serve`):
+        the deployment found (live) and the request validated; raises what `submit` does
+        before anything is sent."""
         target = self.resolve(deployment_or_task, model)
-        inputs, params = self.check(target, inputs, params)
-        return self._send(target, inputs, params, expires=_expires(expires))
+        inputs, params = self.check(target, inputs, params or {})
+        return Prepared(target, inputs, params, _expires(expires))
+
+    def send(self, prepared: Prepared, job_id: str | None = None) -> Job:
+        """`submit`'s second half: enqueue a prepared request as job `job_id` (a new
+        UUID4 by default). Raises Overloaded, BrokerUnavailable."""
+        return self._send(
+            prepared.target,
+            prepared.inputs,
+            prepared.params,
+            expires=prepared.expires,
+            job_id=job_id,
+        )
 
     def _send(
         self,
@@ -526,8 +562,9 @@ class Client:
         *,
         per_item: bool = False,
         expires: float | datetime.datetime | None = None,
+        job_id: str | None = None,
     ) -> Job:
-        job_id = str(uuid.uuid4())
+        job_id = job_id or str(uuid.uuid4())
         kwargs = {"inputs": inputs, "params": params}
         if per_item:
             kwargs["per_item"] = True

@@ -240,6 +240,29 @@ class RedisTarget:
             return redis.Redis.from_url(self.url, **kwargs)
         return redis.Redis.from_url(self.celery_url, **kwargs, **(self.ssl or {}))
 
+    def aclient(self, **kwargs: Any) -> Any:
+        """`client`'s asyncio twin (redis.asyncio), for `pipeq serve`'s waits and streams."""
+        import redis.asyncio as aredis
+        from redis.asyncio.retry import Retry as AsyncRetry
+
+        if self.sentinel:
+            socket = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+            once = AsyncRetry(NoBackoff(), 0)
+            manager = aredis.sentinel.Sentinel(
+                list(self.hosts), sentinel_kwargs=self.sentinel_kwargs(**socket, retry=once)
+            )
+            assert self.master_name is not None
+            return manager.master_for(
+                self.master_name,
+                username=self.username,
+                password=self.password,
+                db=self.db,
+                **kwargs,
+            )
+        if self.scheme not in ("redis", "rediss"):
+            return aredis.Redis.from_url(self.url, **kwargs)
+        return aredis.Redis.from_url(self.celery_url, **kwargs, **(self.ssl or {}))
+
 
 def _port(parts: Any, default: int, hint: str) -> int:
     try:

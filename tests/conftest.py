@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import os
 import signal
@@ -84,6 +86,80 @@ def stack(redis_url: str, deployments: dict[str, Any], config_file: Path) -> Ite
 def client(stack: Stack) -> Iterator[Client]:
     with Client(stack.url) as c:
         yield c
+
+
+@dataclasses.dataclass
+class Gateway:
+    """A `pipeq serve` process on the session's stack: its base URL and API keys by name
+    (alice: every deployment; bob: sentiment-analysis only; slow: 1 request/s, burst 2)."""
+
+    url: str
+    keys: dict[str, str]
+    keys_file: Path
+    log: Path
+    proc: subprocess.Popen[bytes]
+
+    def headers(self, name: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[name]}"}
+
+
+GATEWAY_KEYS = {
+    "alice": {"deployments": ["*"]},
+    "bob": {"deployments": ["sentiment-analysis"]},
+    "slow": {"deployments": ["*"], "rate_per_s": 1, "burst": 2},
+}
+
+
+def start_gateway(
+    redis_url: str, tmp: Path, keys_file: Path | None, *extra: str
+) -> tuple[str, subprocess.Popen[bytes], Path]:
+    """`pipeq serve` on a free loopback port of `redis_url`; (base URL, process, log)
+    once /health answers."""
+    port = free_port()
+    log = tmp / f"gateway-{port}.log"
+    env = {**os.environ, "PIPEQ_REDIS_URL": redis_url}
+    env.pop("PIPEQ_API_KEYS_FILE", None)
+    env.pop("PIPEQ_API_KEYS", None)
+    cmd = [sys.executable, "-m", "pipeq", "serve", "--port", str(port), *extra]
+    if keys_file is not None:
+        cmd += ["--keys", str(keys_file)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5):
+                break
+        except (urllib.error.URLError, ConnectionError):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the gateway did not answer within 60 s"
+            time.sleep(0.1)
+    return url, proc, log
+
+
+@pytest.fixture(scope="session")
+def gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One `pipeq serve` process with API keys (GATEWAY_KEYS) on the session's stack."""
+    from pipeq.serve import hash_key, new_key
+
+    tmp = tmp_path_factory.mktemp("gateway")
+    keys = {name: new_key() for name in GATEWAY_KEYS}
+    lines = []
+    for name, entry in GATEWAY_KEYS.items():
+        lines.append(f"[keys.{name}]")
+        lines.append(f'sha256 = "{hash_key(keys[name])}"')
+        for field, value in entry.items():
+            lines.append(f"{field} = {json.dumps(value)}")
+    keys_file = tmp / "keys.toml"
+    keys_file.write_text("\n".join(lines) + "\n")
+    url, proc, log = start_gateway(stack.url, tmp, keys_file)
+    try:
+        yield Gateway(url, keys, keys_file, log, proc)
+    finally:
+        stop_process(proc)
 
 
 def assert_close(got: Any, want: Any, tol: float = 1e-5, path: str = "result") -> None:

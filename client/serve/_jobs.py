@@ -1,0 +1,507 @@
+"""The gateway as a producer: submit through `Client`'s own code, read and wait with
+async Redis. Shared by every router (native jobs, Hugging Face format).
+
+    pipeq:gw:<id>   hash   owner (the API key's name), deployment, created_at (Redis'
+                           clock), digest (of the request, for idempotent PUT); expires
+                           with the job's result (RESULT_TTL_S)
+
+A submit runs `Client.prepare` and `Client.send` (the very code `Client.submit` runs:
+resolve, validate, the ledger's atomic enqueue) in a worker thread; waits and event
+streams are async: one pattern subscription per gateway process to the result channels
+(`celery-task-meta-*`, where results are published as they are stored) wakes every
+waiting request, and each wait re-reads the stored result at least once a second, so a
+missed message costs time, never a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import redis
+from celery import states
+
+from pipeq import _app, _tasks
+from pipeq._client import Client, JobState, to_pipeq_error
+from pipeq._ledger import META_PREFIX, job_key
+from pipeq._registry import DEPLOYMENTS_KEY
+from pipeq.errors import InvalidRequest, PipeqError
+from pipeq.serve._auth import LOCAL, RATE_SCRIPT, Caller, Keys
+from pipeq.serve._errors import ApiError
+from pipeq.serve._metrics import Metrics
+
+__all__ = [
+    "Gateway",
+    "JobView",
+    "Settings",
+    "parse_json",
+]
+
+log = logging.getLogger("pipeq.serve")
+
+#: a wait re-reads the stored result at least this often (a missed message costs this)
+RECHECK_S = 1.0
+#: `Retry-After` of a job still queued or running
+POLL_AFTER_S = 1
+#: the JSON of the request around `inputs` and `params` (for the body cap)
+ENVELOPE_BYTES = 64 * 1024
+#: the longest `Prefer: wait` and `?wait=` (s)
+MAX_WAIT_S = 60.0
+
+
+@dataclass
+class Settings:
+    """What a gateway process is told at start (`pipeq serve` reads it from its options
+    and environment)."""
+
+    redis_url: str | None = None
+    keys: Keys | None = None
+    #: a Redis call that fails is tried again this long, then 503
+    broker_timeout_s: float = 2.0
+    #: bodies over this are refused (413) before they are read whole; None: the largest
+    #: `limits.request_bytes` of the announced deployments, plus ENVELOPE_BYTES
+    max_body_bytes: int | None = None
+    #: an event stream sends a comment this often while nothing else comes
+    keepalive_s: float = 15.0
+    #: submits run in at most this many threads at once
+    submit_threads: int = 32
+
+
+# -- the request body ------------------------------------------------------------------
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as strict JSON (no NaN or Infinity); ApiError 422 otherwise, and
+    415 for a body that is not UTF-8."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(415, "UnsupportedMediaType", "the body must be UTF-8 JSON") from None
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(422, "InvalidRequest", "the body nests too deep") from None
+    except ValueError as e:
+        raise ApiError(422, "InvalidRequest", f"the body is not JSON: {e}") from None
+
+
+def digest_of(body: Any) -> str:
+    """The same request, however its JSON was written (key order, spaces)."""
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# -- a job as the gateway shows it ----------------------------------------------------
+@dataclass
+class JobView:
+    """A job's state and, once done, its result or error."""
+
+    id: str
+    deployment: str | None
+    status: JobState
+    created_at: float | None = None
+    result: Any = None
+    error: PipeqError | None = None
+
+    def urls(self) -> dict[str, str]:
+        base = f"/v1/jobs/{self.id}"
+        return {
+            "self": base,
+            "result": f"{base}/result",
+            "events": f"{base}/events",
+            "cancel": f"{base}/cancel",
+        }
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "deployment": self.deployment,
+            "status": self.status.value,
+            "created_at": _iso(self.created_at),
+        }
+        if self.status is JobState.SUCCEEDED:
+            out["result"] = self.result
+        if self.error is not None:
+            out["error"] = {"type": type(self.error).__name__, "message": self.error.message}
+        out["urls"] = self.urls()
+        return out
+
+
+def _iso(at: float | None) -> str | None:
+    if at is None:
+        return None
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _meta_state(meta: dict[str, Any] | None) -> str | None:
+    return meta.get("status") if isinstance(meta, dict) else None
+
+
+# -- Redis scripts of the gateway's own ---------------------------------------------------
+CLAIM_SCRIPT = """
+if redis.replicate_commands then redis.replicate_commands() end
+-- KEYS: record, job, meta ; ARGV: owner, deployment, digest, ttl
+-- A job id is taken once: returns {} when this request took it, else the record's
+-- owner and digest ('' for a job pipeq knows that the gateway did not submit)
+local had = redis.call('HMGET', KEYS[1], 'owner', 'digest')
+if had[1] then return {had[1], had[2] or ''} end
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
+  return {'', ''}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'deployment', ARGV[2], 'digest', ARGV[3],
+  'created_at', tostring(now))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return {}
+"""
+
+
+def record_key(job_id: str) -> str:
+    return f"pipeq:gw:{job_id}"
+
+
+# -- waking waits: one pattern subscription per process -------------------------------
+@dataclass(eq=False)
+class _Watch:
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    data: bytes | None = None
+
+
+class ResultBus:
+    """Wakes the requests waiting for jobs as their states are stored."""
+
+    def __init__(self, aredis: Any) -> None:
+        self._aredis = aredis
+        self._watches: dict[str, set[_Watch]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="pipeq-result-bus")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            pubsub = self._aredis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.psubscribe(META_PREFIX + "*")
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if msg is None or msg.get("type") != "pmessage":
+                        continue
+                    job_id = msg["channel"].decode()[len(META_PREFIX) :]
+                    for watch in self._watches.get(job_id, ()):
+                        watch.data = msg["data"]
+                        watch.event.set()
+            except (redis.RedisError, OSError) as e:
+                log.warning("result subscription lost (%s); waits poll until it is back", e)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    @contextlib.contextmanager
+    def watch(self, job_id: str) -> Iterator[_Watch]:
+        watch = _Watch()
+        self._watches.setdefault(job_id, set()).add(watch)
+        try:
+            yield watch
+        finally:
+            held = self._watches.get(job_id)
+            if held is not None:
+                held.discard(watch)
+                if not held:
+                    del self._watches[job_id]
+
+
+# -- the gateway -----------------------------------------------------------------------
+class Gateway:
+    """What every request of one gateway process shares: a `Client` (submits), an async
+    Redis client (reads, waits, streams), the result bus, the settings. No state of its
+    own outside Redis: any number of them behind a load balancer act as one."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.client = Client(settings.redis_url, broker_timeout_s=settings.broker_timeout_s)
+        self.aredis = _app.redis_target(self.client.redis_url).aclient(
+            max_connections=100_000,
+            socket_connect_timeout=_app.CONNECT_TIMEOUT_S,
+        )
+        self.results = ResultBus(self.aredis)
+        self.claim = self.client.redis.register_script(CLAIM_SCRIPT)
+        self.rate = self.aredis.register_script(RATE_SCRIPT)
+        self.limiter = anyio.CapacityLimiter(settings.submit_threads)
+        self._body_limit = (0.0, 0)
+
+    @property
+    def keys(self) -> Keys | None:
+        return self.settings.keys
+
+    async def start(self) -> None:
+        await self.results.start()
+
+    async def close(self) -> None:
+        await self.results.close()
+        with contextlib.suppress(Exception):
+            await self.aredis.aclose()
+        self.client.close()
+
+    # -- limits -------------------------------------------------------------------------
+    async def body_limit(self) -> int:
+        """Bytes a request body may have (`Settings.max_body_bytes`)."""
+        if self.settings.max_body_bytes is not None:
+            return self.settings.max_body_bytes
+        at, limit = self._body_limit
+        if time.monotonic() - at < 5.0 and limit:
+            return limit
+        largest = _tasks.DEFAULT_LIMITS["request_bytes"]
+        with contextlib.suppress(redis.RedisError, OSError, ValueError):
+            raw = await self.aredis.hvals(DEPLOYMENTS_KEY)
+            for value in raw:
+                limits = json.loads(value).get("limits") or {}
+                largest = max(largest, int(limits.get("request_bytes") or 0))
+        limit = largest + ENVELOPE_BYTES
+        self._body_limit = (time.monotonic(), limit)
+        return limit
+
+    # -- submit ------------------------------------------------------------------------
+    async def submit(
+        self,
+        caller: Caller,
+        target: str,
+        inputs: Any,
+        *,
+        model: str | None = None,
+        params: dict[str, Any] | None = None,
+        expires: float | None = None,
+        job_id: str | None = None,
+        digest: str = "",
+    ) -> tuple[JobView, bool]:
+        """Validate and enqueue through `Client` (in a thread): the job, and whether this
+        call created it (False: an idempotent repeat of `job_id` with the same
+        `digest`). Raises what `Client.submit` raises, ApiError 403 for a deployment the
+        caller may not use, 409 for a `job_id` taken by another request."""
+        return await anyio.to_thread.run_sync(
+            self._submit,
+            caller,
+            target,
+            inputs,
+            model,
+            params or {},
+            expires,
+            job_id,
+            digest,
+            limiter=self.limiter,
+        )
+
+    def _submit(
+        self,
+        caller: Caller,
+        target: str,
+        inputs: Any,
+        model: str | None,
+        params: dict[str, Any],
+        expires: float | None,
+        job_id: str | None,
+        digest: str,
+    ) -> tuple[JobView, bool]:
+        client = self.client
+        found = client.resolve(target, model)
+        caller.require(found.name)
+        prepared = client.prepare(found.name, inputs, None, expires, params)
+        job_id = job_id or _new_id()
+        keys = [record_key(job_id), job_key(job_id), META_PREFIX + job_id]
+        args = [caller.name, found.name, digest, _app.RESULT_TTL_S]
+        had = client.call(self.claim, keys, args)
+        if had:
+            owner, was = (v.decode() if isinstance(v, bytes) else str(v) for v in had)
+            if owner == caller.name and digest and was == digest:
+                return self.read_sync(job_id), False
+            raise ApiError(
+                409, "Conflict", "this job id is taken by another request", job_id=job_id
+            )
+        try:
+            client.send(prepared, job_id)
+        except BaseException:
+            client.call(client.redis.delete, record_key(job_id))  # the id may be used again
+            raise
+        return JobView(job_id, found.name, JobState.QUEUED, created_at=time.time()), True
+
+    # -- reading jobs --------------------------------------------------------------------
+    def read_sync(self, job_id: str) -> JobView:
+        pipe = self.client.redis.pipeline(transaction=False)
+        pipe.hgetall(record_key(job_id))
+        pipe.get(job_key(job_id))
+        pipe.get(META_PREFIX + job_id)
+        record, deployment, meta = self.client.call(pipe.execute)
+        return self._view(job_id, record, deployment, meta)
+
+    async def read(self, job_id: str, caller: Caller | None = None) -> JobView:
+        """One read of the job (its record, deployment, result); `caller`: ApiError 404
+        unless it may see the job (another key's job answers as an unknown id does)."""
+        try:
+            async with self.aredis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(record_key(job_id))
+                pipe.get(job_key(job_id))
+                pipe.get(META_PREFIX + job_id)
+                record, deployment, meta = await pipe.execute()
+        except (redis.RedisError, OSError) as e:
+            raise _unavailable(e) from None
+        if caller is not None:
+            self._check_owner(caller, job_id, record)
+        view = self._view(job_id, record, deployment, meta)
+        if caller is not None and view.status is JobState.UNKNOWN:
+            raise ApiError(404, "NotFound", "no such job", job_id=job_id)
+        return view
+
+    def _check_owner(self, caller: Caller, job_id: str, record: dict[bytes, bytes]) -> None:
+        if self.keys is None and caller.name == LOCAL:
+            return  # an open gateway (loopback only): every job
+        owner = record.get(b"owner") if record else None
+        if owner is None or owner.decode() != caller.name:
+            raise ApiError(404, "NotFound", "no such job", job_id=job_id)
+
+    def _view(self, job_id: str, record: Any, deployment: Any, meta_raw: Any) -> JobView:
+        record = record or {}
+        name = (deployment or record.get(b"deployment") or b"").decode() or None
+        created = record.get(b"created_at")
+        meta = json.loads(meta_raw) if meta_raw else None
+        return self._from_meta(job_id, name, float(created) if created else None, meta, record)
+
+    def _from_meta(
+        self,
+        job_id: str,
+        deployment: str | None,
+        created_at: float | None,
+        meta: dict[str, Any] | None,
+        record: Any = None,
+    ) -> JobView:
+        state = _meta_state(meta)
+        view = JobView(job_id, deployment, JobState.QUEUED, created_at)
+        if state is None:
+            if deployment is None and not record:
+                view.status = JobState.UNKNOWN
+            return view
+        assert meta is not None
+        if state == states.SUCCESS:
+            view.status, view.result = JobState.SUCCEEDED, meta.get("result")
+        elif state in (states.FAILURE, states.REVOKED):
+            exc = self.client.app.backend.exception_to_python(meta.get("result"))
+            view.error = to_pipeq_error(exc, job_id, deployment)
+            view.status = {
+                "JobExpired": JobState.EXPIRED,
+                "JobCancelled": JobState.CANCELLED,
+            }.get(type(view.error).__name__, JobState.FAILED)
+        elif state == states.STARTED:
+            view.status = JobState.RUNNING
+        return view
+
+    async def wait(self, view: JobView, timeout_s: float) -> JobView:
+        """The job once done, or as it is after `timeout_s`."""
+        if view.status.done or timeout_s <= 0:
+            return view
+        deadline = time.monotonic() + timeout_s
+        with self.results.watch(view.id) as watch:
+            view = await self.read(view.id)  # after watching: a result stored now is seen
+            while not view.status.done:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(watch.event.wait(), min(left, RECHECK_S))
+                if watch.event.is_set() and watch.data is not None:
+                    watch.event.clear()
+                    meta = json.loads(watch.data)
+                    view = self._from_meta(view.id, view.deployment, view.created_at, meta, True)
+                else:
+                    view = await self.read(view.id)
+        return view
+
+    async def cancel(self, view: JobView) -> str:
+        """'cancelled', 'running' (its forward pass cannot be stopped), 'finished' or
+        'unknown' (`_app.cancel_job`)."""
+        client = self.client
+        return await anyio.to_thread.run_sync(
+            lambda: client.call(
+                _app.cancel_job, client.app, view.id, "cancelled by the producer", client.ledger
+            ),
+            limiter=self.limiter,
+        )
+
+    async def stream_entries(
+        self, key: str, after: str, block_ms: int | None
+    ) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Entries of a job's stream after `after`, waiting up to `block_ms` for one
+        (None: not at all)."""
+        try:
+            reply = await self.aredis.xread({key: after}, block=block_ms)
+        except (redis.RedisError, OSError) as e:
+            raise _unavailable(e) from None
+        entries = reply[0][1] if reply else []
+        return [(i.decode() if isinstance(i, bytes) else i, f) for i, f in entries]
+
+    async def attempts_before(self, key: str, last: str) -> int:
+        """How many attempts began in a job's stream up to entry `last` (a resumed
+        reader's count, so its next start is a restart)."""
+        try:
+            entries = await self.aredis.xrange(key, "-", last)
+        except (redis.RedisError, OSError) as e:
+            raise _unavailable(e) from None
+        return sum(1 for _, fields in entries if b"start" in fields)
+
+    async def task_of(self, deployment: str | None) -> str | None:
+        """The task a deployment announced (None if unknown)."""
+        if not deployment:
+            return None
+        try:
+            raw = await self.aredis.hget(DEPLOYMENTS_KEY, deployment)
+        except (redis.RedisError, OSError) as e:
+            raise _unavailable(e) from None
+        return str(json.loads(raw).get("task")) if raw else None
+
+    async def check_rate(self, caller: Caller) -> None:
+        from pipeq.serve._auth import check_rate
+
+        try:
+            await check_rate(self.aredis, self.rate, caller)
+        except (redis.RedisError, OSError) as e:
+            raise _unavailable(e) from None
+
+
+def _new_id() -> str:
+    import uuid
+
+    return str(uuid.uuid4())
+
+
+def _unavailable(e: BaseException) -> ApiError:
+    return ApiError(
+        503, "BrokerUnavailable", f"Redis did not answer ({type(e).__name__})", retry_after_s=5
+    )
+
+
+def valid_job_id(job_id: str) -> str:
+    """A client-chosen job id: 1 to 128 of letters, digits, '-', '_', '.', ':'."""
+    ok = 0 < len(job_id) <= 128 and all(
+        c.isascii() and (c.isalnum() or c in "-_.:") for c in job_id
+    )
+    if not ok:
+        raise InvalidRequest("a job id is 1 to 128 letters, digits, '-', '_', '.' or ':'")
+    return job_id
