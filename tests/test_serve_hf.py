@@ -196,9 +196,17 @@ def test_results_take_the_shapes_the_hugging_face_clients_parse() -> None:
     assert to_hf("ner", one, ungrouped)[0]["entity_group"] == "B-PER"
     gen = [{"generated_text": "Hello world"}]
     assert to_hf("text-generation", one, gen) == gen
-    detailed = to_hf("text-generation", HFRequest("x", details=True), gen)
+    detailed = to_hf("text-generation", HFRequest("x", details=True), gen, {0: ["Hello", " w"]})
     assert detailed[0]["generated_text"] == "Hello world"
     assert set(detailed[0]["details"]) >= {"finish_reason", "generated_tokens", "tokens", "prefill"}
+    # the streamed pieces, then what the result holds beyond them
+    assert [t["text"] for t in detailed[0]["details"]["tokens"]] == ["Hello", " w", "orld"]
+    full = HFRequest("Say", details=True, full_text=True)
+    detailed = to_hf(
+        "text-generation", full, [{"generated_text": "Say hi"}], {0: ["Sa", "y h", "i"]}
+    )
+    assert detailed[0]["generated_text"] == "Say hi"  # the prompt leads the text, not the tokens
+    assert [t["text"] for t in detailed[0]["details"]["tokens"]] == [" h", "i"]
     assert to_hf("summarization", one, [{"summary_text": "s"}]) == [{"summary_text": "s"}]
 
 
@@ -247,15 +255,19 @@ CONTEXT = "My name is Sylvain and I work at Hugging Face in Brooklyn"
 
 @pytest.fixture(scope="module")
 def hf(gateway: Any) -> Any:
-    """huggingface_hub's InferenceClient for a deployment of the session's gateway."""
-    from huggingface_hub import InferenceClient
+    """huggingface_hub's InferenceClient for a deployment of the session's gateway. The
+    session is offline for the Hub (HF_HUB_OFFLINE=1), which huggingface_hub applies to
+    every URL, a gateway on loopback too: it is lifted for these calls only."""
+    from huggingface_hub import InferenceClient, constants
 
     def client(deployment: str, key: str = "alice") -> InferenceClient:
         return InferenceClient(
             model=f"{gateway.url}/models/{deployment}", api_key=gateway.keys[key]
         )
 
-    return client
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_OFFLINE", False)
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -332,12 +344,14 @@ def test_inference_client_answers_questions_summarizes_translates_and_extracts_f
 def test_inference_client_generates_text_as_from_tgi(hf: Any, pipe: Any) -> None:
     prompt = "In this course, we will teach you how to"
     reference = pipe("text-generation", "text-generation")
-    want = reference(prompt, max_new_tokens=8, return_full_text=False)[0]["generated_text"]
+    # greedy: gpt2's config asks for sampling, which no two runs share
+    greedy = {"max_new_tokens": 8, "do_sample": False}
+    want = reference(prompt, return_full_text=False, **greedy)[0]["generated_text"]
     client = hf("text-generation")
-    assert client.text_generation(prompt, max_new_tokens=8) == want
-    full = client.text_generation(prompt, max_new_tokens=8, return_full_text=True)
+    assert client.text_generation(prompt, **greedy) == want
+    full = client.text_generation(prompt, return_full_text=True, **greedy)
     assert full == prompt + want
-    detailed = client.text_generation(prompt, max_new_tokens=8, details=True)
+    detailed = client.text_generation(prompt, details=True, **greedy)
     assert detailed.generated_text == want and detailed.details is not None
     assert "".join(t.text for t in detailed.details.tokens) == want
 
@@ -345,15 +359,16 @@ def test_inference_client_generates_text_as_from_tgi(hf: Any, pipe: Any) -> None
 def test_inference_client_streams_tokens_with_details_as_from_tgi(hf: Any, pipe: Any) -> None:
     prompt = "In this course, we will teach you how to"
     reference = pipe("text-generation", "text-generation")
-    want = reference(prompt, max_new_tokens=12, return_full_text=False)[0]["generated_text"]
+    greedy = {"max_new_tokens": 12, "do_sample": False}
+    want = reference(prompt, return_full_text=False, **greedy)[0]["generated_text"]
     client = hf("text-generation")
-    events = list(client.text_generation(prompt, max_new_tokens=12, stream=True, details=True))
+    events = list(client.text_generation(prompt, stream=True, details=True, **greedy))
     assert len(events) > 1  # token by token, not the text at once
     assert "".join(e.token.text for e in events) == want
     assert all(e.generated_text is None for e in events[:-1])
     assert events[-1].generated_text == want and events[-1].details is not None
     assert [e.index for e in events] == list(range(len(events)))
-    pieces = list(client.text_generation(prompt, max_new_tokens=12, stream=True))
+    pieces = list(client.text_generation(prompt, stream=True, **greedy))
     assert "".join(pieces) == want and all(isinstance(p, str) for p in pieces)
 
 

@@ -292,9 +292,13 @@ def _grouped(entities: Any) -> Any:
     return entities
 
 
-def to_hf(task: str, request: HFRequest, result: Any) -> Any:
+def to_hf(
+    task: str, request: HFRequest, result: Any, pieces: Mapping[int, list[str]] | None = None
+) -> Any:
     """A job's result (the transformers pipeline's shape for `request.inputs`) -> the
-    body the Hugging Face clients parse for the task (see the module's table)."""
+    body the Hugging Face clients parse for the task (see the module's table).
+    `pieces`: text-generation with `details`, each prompt's text as its job's stream
+    had it (prompt index -> pieces)."""
     task = _tasks.canonical_task(task)
     per_item = result if request.many else [result]
     if task == "text-classification":
@@ -306,25 +310,39 @@ def to_hf(task: str, request: HFRequest, result: Any) -> Any:
         out = [_grouped(r) for r in per_item]
         return out if request.many else out[0]
     if task == "text-generation":
-        return (
-            [_tgi_generated(request, r) for r in per_item]
-            if request.many
-            else _tgi_generated(request, result)
-        )
+        prompts = request.inputs if request.many else [request.inputs]
+        out = [
+            _tgi_generated(request, r, p, (pieces or {}).get(i, []))
+            for i, (r, p) in enumerate(zip(per_item, prompts, strict=False))
+        ]
+        return out if request.many else out[0]
     return result
 
 
-def _tgi_generated(request: HFRequest, result: Any) -> Any:
+def _tgi_generated(request: HFRequest, result: Any, prompt: Any, pieces: list[str]) -> Any:
     """One prompt's [{generated_text}, ...] with TGI's `details` on the first sequence."""
     if not request.details or not isinstance(result, list) or not result:
         return result
     first = result[0]
-    if not isinstance(first, dict):
+    text = first.get("generated_text") if isinstance(first, dict) else None
+    if not isinstance(text, str):
         return result
-    return [
-        {**first, "details": generation_details(request, first.get("generated_text"))},
-        *result[1:],
-    ]
+    if request.full_text and isinstance(prompt, str) and text.startswith(prompt):
+        text = text[len(prompt) :]
+        pieces = _after(pieces, len(prompt))  # the stream has the prompt first
+    return [{**first, "details": generation_details(request, text, pieces)}, *result[1:]]
+
+
+def _after(pieces: list[str], skip: int) -> list[str]:
+    """The pieces less their first `skip` characters."""
+    out = []
+    for piece in pieces:
+        if skip >= len(piece):
+            skip -= len(piece)
+            continue
+        out.append(piece[skip:])
+        skip = 0
+    return out
 
 
 def finish_reason(request: HFRequest, text: Any) -> str | None:
@@ -337,19 +355,29 @@ def finish_reason(request: HFRequest, text: Any) -> str | None:
     return None
 
 
-def generation_details(
-    request: HFRequest, text: Any, pieces: list[str] | None = None
-) -> dict[str, Any]:
-    """TGI's `details` with what pipeq knows: the text pieces as the worker streamed
-    them (`tokens`: about one per decoding step; one piece for a job the dynamic batcher
-    ran) and a finish reason where the text shows it. pipeq's results carry no token
-    ids, log-probabilities, token counts or seeds: those are null, never made up."""
+def as_pieces(text: str, streamed: list[str]) -> list[str]:
+    """The new text as the stream endpoint sends it: the pieces the worker streamed, and
+    what the result holds beyond them as one more (a job the dynamic batcher ran streams
+    nothing: its text is one piece); the text as one piece if they disagree."""
+    joined = "".join(streamed)
+    if not text.startswith(joined):
+        return [text] if text else []
+    rest = text[len(joined) :]
+    return [p for p in streamed if p] + ([rest] if rest else [])
+
+
+def generation_details(request: HFRequest, text: str, streamed: list[str]) -> dict[str, Any]:
+    """TGI's `details` with what pipeq knows: `tokens` are the pieces of the new text as
+    the stream endpoint sends them (`as_pieces`: about one a decoding step under
+    continuous batching), and a finish reason where the text shows it. pipeq's results
+    carry no token ids, log-probabilities, token counts or seeds: those are null, never
+    made up."""
     return {
         "finish_reason": finish_reason(request, text),
         "generated_tokens": None,
         "seed": None,
         "prefill": [],
-        "tokens": [_token(p) for p in pieces or []],
+        "tokens": [_token(p) for p in as_pieces(text, streamed)],
     }
 
 

@@ -33,7 +33,7 @@ from pipeq.errors import JobTimeout, PipeqError, StreamRestarted
 from pipeq.serve import _hf
 from pipeq.serve._app import CallerDep, GatewayDep
 from pipeq.serve._auth import Caller
-from pipeq.serve._errors import HF_STATUS, ApiError, error_response, status_of
+from pipeq.serve._errors import HF_STATUS, ApiError, error_response
 from pipeq.serve._jobs import Gateway, JobView, parse_json
 
 __all__ = ["SYNC_WAIT_S", "router"]
@@ -67,21 +67,20 @@ _BODY = {
 
 def hf_error(exc: BaseException) -> Response:
     """An error as TGI answers it: `{"error": message, "error_type": kind, "type", ...}`
-    with pipeq's status (424 for a job that failed) and `Retry-After` where it applies."""
+    with pipeq's status (424 for a job that failed) and `Retry-After` where it applies;
+    anything else as the gateway answers it (500, logged, no detail)."""
+    response: Response = error_response(exc, HF_STATUS)
     if isinstance(exc, PipeqError):
-        status = status_of(exc, HF_STATUS)
         body = _hf.tgi_error(exc)
     elif isinstance(exc, ApiError):
-        status = exc.status
-        body = {"error": exc.message, "error_type": _API_ERROR_TYPES.get(status, "unknown")}
+        body = {"error": exc.message, "error_type": _API_ERROR_TYPES.get(exc.status, "unknown")}
         body["type"] = exc.type
         if exc.job_id:
             body["job_id"] = exc.job_id
     else:
-        return error_response(exc)  # logged, no detail: 500
-    headers = dict(error_response(exc, HF_STATUS).headers)  # its Retry-After
-    retry = {k: v for k, v in headers.items() if k.lower() == "retry-after"}
-    return JSONResponse(body, status_code=status, headers=retry)
+        return response
+    retry = {k: v for k, v in response.headers.items() if k.lower() == "retry-after"}
+    return JSONResponse(body, status_code=response.status_code, headers=retry)
 
 
 async def _deployments(gw: Gateway) -> dict[str, Announced]:
@@ -128,7 +127,20 @@ async def _answer(gw: Gateway, who: Caller, m: str, request: Request, task: str 
             job_id=view.id,
             deployment=view.deployment,
         )
-    return JSONResponse(_hf.to_hf(target.task, hf, view.result))
+    pieces = await _streamed(gw, view.id) if hf.details else None
+    return JSONResponse(_hf.to_hf(target.task, hf, view.result, pieces))
+
+
+async def _streamed(gw: Gateway, job_id: str) -> dict[int, list[str]]:
+    """The pieces of text a done text-generation job's stream holds, by prompt index,
+    of its last attempt."""
+    pieces: dict[int, list[str]] = {}
+    for _, fields in await gw.stream_entries(stream_key(job_id), "0-0", None):
+        if b"start" in fields:
+            pieces = {}
+        elif b"t" in fields:
+            pieces.setdefault(int(fields.get(b"i", b"0")), []).append(fields[b"t"].decode())
+    return pieces
 
 
 @router.post(
