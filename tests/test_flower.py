@@ -93,6 +93,7 @@ def _start(config: Path, *args: str, auth: str | None = None) -> Up:
             str(flower_port),
             "--exporter-port",
             str(free_port()),
+            "--no-gateway",
             *args,
         ],
         stdout=subprocess.PIPE,

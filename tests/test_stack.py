@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -52,10 +53,11 @@ def test_pipeq_up_serves_the_course_call_and_stops_every_child(
         tmp_path / "up.toml",
     )
     redis_port, flower_port, exporter_port = free_port(), free_port(), free_port()
+    gateway_port = free_port()
     up, lines = _up_until_serving(
         config,
         *("--redis-port", str(redis_port), "--flower-port", str(flower_port)),
-        *("--exporter-port", str(exporter_port)),
+        *("--exporter-port", str(exporter_port), "--gateway-port", str(gateway_port)),
     )
     try:
         assert "pipeq is up" in lines[-1], "".join(lines)
@@ -73,6 +75,9 @@ def test_pipeq_up_serves_the_course_call_and_stops_every_child(
             scrape = r.read().decode()
         assert 'pipeq_workers{deployment="sentiment-analysis"} 1.0' in scrape
         assert 'pipeq_jobs_total{deployment="sentiment-analysis",outcome="succeeded"} 1.0' in scrape
+        gateway_url = f"http://127.0.0.1:{gateway_port}"
+        assert f"gateway: {gateway_url}  (HTTP API, this host only)\n" in lines
+        assert _gateway_answers(gateway_url)
         assert _processes_mentioning(url) == []  # children get it in their environment
         workers = [p for p in _processes_mentioning(str(config)) if " pipeq worker " in p]
         assert len(workers) == 2, workers
@@ -85,7 +90,24 @@ def test_pipeq_up_serves_the_course_call_and_stops_every_child(
     assert _processes_mentioning(str(config)) == []  # the workers
     assert _processes_mentioning(f"--port={flower_port}") == []
     assert _processes_mentioning(f"--port {exporter_port}") == []
-    assert port_free(redis_port) and port_free(flower_port)
+    assert _processes_mentioning(f"--port {gateway_port}") == []
+    assert port_free(redis_port) and port_free(flower_port) and port_free(gateway_port)
+
+
+def _gateway_answers(url: str) -> bool:
+    """`pipeq up`'s gateway takes a job over HTTP and answers its result."""
+    body = json.dumps({"task": "sentiment-analysis", "inputs": "great"}).encode()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            request = urllib.request.Request(
+                f"{url}/v1/jobs", data=body, headers={"Prefer": "wait=20"}, method="POST"
+            )
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return json.loads(r.read())["status"] == "succeeded"  # type: ignore[no-any-return]
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.2)
+    return False
 
 
 def _flower_answers(port: int) -> bool:
@@ -122,7 +144,7 @@ def test_sigterm_lets_bench_and_demo_stop_the_children_they_started() -> None:
         os.kill(child, 0)
 
 
-QUIET = ("--no-flower", "--no-exporter")
+QUIET = ("--no-flower", "--no-exporter", "--no-gateway")
 
 
 def test_pipeq_up_on_a_redis_that_does_not_answer_says_so_in_one_line(
@@ -209,8 +231,30 @@ def test_a_port_taken_is_one_line_and_a_producer_only_install_is_told_what_to_in
         port = str(taken.getsockname()[1])
         cases = [
             ["--redis-port", port, *QUIET],
-            ["--flower-port", port, "--no-exporter", "--redis-port", str(free_port())],
-            ["--exporter-port", port, "--no-flower", "--redis-port", str(free_port())],
+            [
+                "--flower-port",
+                port,
+                "--no-exporter",
+                "--no-gateway",
+                "--redis-port",
+                str(free_port()),
+            ],
+            [
+                "--exporter-port",
+                port,
+                "--no-flower",
+                "--no-gateway",
+                "--redis-port",
+                str(free_port()),
+            ],
+            [
+                "--gateway-port",
+                port,
+                "--no-flower",
+                "--no-exporter",
+                "--redis-port",
+                str(free_port()),
+            ],
         ]
         for args in cases:
             out = subprocess.run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import sys
 
 from pipeq._stack import is_loopback
@@ -40,6 +41,9 @@ def serve(settings: Settings, address: str, port: int, log_level: str = "info") 
     from pipeq.serve._app import create_app
 
     check_exposure(address, settings)
+    # each open stream or wait is a socket: as many as the hard limit allows
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr, format="%(message)s")
     uvicorn.run(
         create_app(settings),
@@ -48,6 +52,7 @@ def serve(settings: Settings, address: str, port: int, log_level: str = "info") 
         log_level=log_level,
         access_log=False,  # ours: without bodies or keys, with the caller's name
         timeout_graceful_shutdown=5,
+        backlog=4096,
     )
 
 
