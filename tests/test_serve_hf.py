@@ -465,3 +465,38 @@ def test_the_javascript_client_runs_three_tasks_as_the_pipeline_does(
     )
     assert_close(qa["result"], want)
     assert unknown["status"] == 404 and "no deployment is named 'nobody'" in unknown["error"]
+
+
+DEPLOYMENTS = [
+    "sentiment-analysis",
+    "zero-shot-classification",
+    "ner",
+    "fill-mask",
+    "question-answering",
+    "summarization",
+    "translation",
+    "feature-extraction",
+    "text-generation",
+]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    deployment=st.sampled_from(DEPLOYMENTS),
+    body=_json | st.dictionaries(_keys, _json, max_size=4),
+)
+def test_any_body_to_a_model_route_is_answered_never_a_500_nor_a_traceback(
+    gateway: Any, deployment: str, body: Any
+) -> None:
+    import httpx
+
+    reply = httpx.post(
+        f"{gateway.url}/models/{deployment}",
+        json=body,
+        headers=gateway.headers("alice"),
+        timeout=60,
+    )
+    assert reply.status_code == 200 or 400 < reply.status_code < 500, reply.text
+    assert "Traceback" not in reply.text
+    if reply.status_code != 200:
+        assert isinstance(reply.json()["error"], str) and reply.json()["error_type"]
