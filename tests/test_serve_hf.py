@@ -500,3 +500,23 @@ def test_any_body_to_a_model_route_is_answered_never_a_500_nor_a_traceback(
     assert "Traceback" not in reply.text
     if reply.status_code != 200:
         assert isinstance(reply.json()["error"], str) and reply.json()["error_type"]
+
+
+def test_inference_client_raises_an_http_error_naming_a_full_queue_or_no_worker(
+    hf: Any, client: Any
+) -> None:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .test_serve import ghost
+
+    with ghost(client, "ghost-hf-full", live=True, max_queue_length=1):
+        client.submit("ghost-hf-full", "x")  # the queue is full: nobody consumes it
+        with pytest.raises(HfHubHTTPError, match=r"jobs wait already \(max_queue_length\)") as e:
+            hf("ghost-hf-full").text_classification(TEXT)
+    assert e.value.response.status_code == 429
+    assert int(e.value.response.headers["retry-after"]) >= 1
+    assert e.value.response.json()["error_type"] == "overloaded"
+    with ghost(client, "ghost-hf-gone", live=False):
+        with pytest.raises(HfHubHTTPError, match="no worker is serving") as e:
+            hf("ghost-hf-gone").text_classification(TEXT)
+    assert e.value.response.status_code == 503 and e.value.response.headers["retry-after"]
