@@ -43,7 +43,17 @@ router = APIRouter(tags=["hugging face"])
 #: the longest a `/models/{m}` request waits for its job before 504 (the job goes on)
 SYNC_WAIT_S = 300.0
 #: TGI's `error_type` of the gateway's own errors
-_API_ERROR_TYPES = {422: "validation", 429: "overloaded", 503: "unavailable"}
+_API_ERROR_TYPES = {
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    409: "conflict",
+    413: "validation",
+    415: "validation",
+    422: "validation",
+    429: "overloaded",
+    503: "unavailable",
+}
 
 _BODY = {
     "requestBody": {
