@@ -520,3 +520,31 @@ def test_inference_client_raises_an_http_error_naming_a_full_queue_or_no_worker(
         with pytest.raises(HfHubHTTPError, match="no worker is serving") as e:
             hf("ghost-hf-gone").text_classification(TEXT)
     assert e.value.response.status_code == 503 and e.value.response.headers["retry-after"]
+
+
+def test_a_job_that_fails_in_its_pipeline_is_424_with_tgi_s_body(hf: Any) -> None:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with pytest.raises(HfHubHTTPError, match="hypothesis_template") as e:
+        hf("zero-shot-classification").zero_shot_classification(
+            TEXT, candidate_labels=["a"], hypothesis_template="no slot"
+        )
+    assert e.value.response.status_code == 424
+    body = e.value.response.json()
+    assert body["error_type"] == "generation" and body["type"] == "JobFailed"
+    assert body["job_id"] and body["deployment"] == "zero-shot-classification"
+
+
+def test_a_list_of_inputs_answers_a_list_in_the_task_s_shape(gateway: Any, pipe: Any) -> None:
+    import httpx
+
+    texts = [TEXT, "You monster!"]
+    reply = httpx.post(
+        f"{gateway.url}/models/sentiment-analysis",
+        json={"inputs": texts},
+        headers=gateway.headers("alice"),
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+    want = pipe("sentiment-analysis", "sentiment-analysis")(texts)  # [{label, score}] x 2
+    assert_close(reply.json(), [[w] for w in want])
