@@ -110,7 +110,9 @@ wrk.headers["Content-Type"] = "application/json"
 """
 
 
-def throughput(url: str, r: redis.Redis, seconds: int, connections: int, tmp: Path) -> None:
+def throughput(
+    url: str, r: redis.Redis, proc: psutil.Process, seconds: int, connections: int, tmp: Path
+) -> None:
     print(f"\n2. submit throughput: wrk, {connections} connections, {seconds} s")
     wrk = shutil.which("wrk")
     if wrk is None:
@@ -120,6 +122,7 @@ def throughput(url: str, r: redis.Redis, seconds: int, connections: int, tmp: Pa
     script.write_text(WRK_SCRIPT % SINK)
     queue = f"pipeq.{SINK}"
     before = r.llen(queue)
+    cpu = proc.cpu_times()
     out = subprocess.run(
         [
             wrk,
@@ -140,10 +143,12 @@ def throughput(url: str, r: redis.Redis, seconds: int, connections: int, tmp: Pa
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     latency = re.search(r"50%\s+(\S+).*?99%\s+(\S+)", out, re.S)
     queued = r.llen(queue) - before
+    after = proc.cpu_times()
+    cpu_us = (after.user + after.system - cpu.user - cpu.system) / max(1, queued) * 1e6
     print(
         f"   {rate:,.0f} submits/s; {total} requests, {int(bad.group(1)) if bad else 0} not 2xx; "
         f"{queued} jobs in the queue; latency p50 {latency.group(1) if latency else '?'}, "
-        f"p99 {latency.group(2) if latency else '?'}"
+        f"p99 {latency.group(2) if latency else '?'}; gateway CPU {cpu_us:.0f} us a submit"
     )
     r.delete(queue, f"pipeq:waiting:{SINK}")
 
@@ -309,7 +314,8 @@ def main() -> None:
         with Client(stack.url) as client:
             announce_sinks(client.redis)
             overhead(url, client, args.jobs, args.rounds)
-            throughput(url, client.redis, args.seconds, args.connections, tmp)
+            gateway = psutil.Process(stack.gateway_proc.pid)
+            throughput(url, client.redis, gateway, args.seconds, args.connections, tmp)
             announce_sinks(client.redis)
             held(url, client, stack.gateway_proc.pid, args.streams, args.waits)
     finally:

@@ -36,14 +36,16 @@ import yaml
 from markdown_it import MarkdownIt
 
 from pipeq._config import load_deployments
-from pipeq._stack import Stack
+from pipeq._stack import Stack, stop_process
 
-from .conftest import ROOT, flower_by_hand
+from .conftest import ROOT, flower_by_hand, start_gateway
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARK = re.compile(r"^<!--\s*(runs|illustrative:\s*(?P<why>\S.*?))\s*-->\s*$")
 #: the documented default address of Flower, replaced by the test's own
 FLOWER_DEFAULT = "127.0.0.1:5555"
+#: the documented default address of `pipeq serve`, replaced by the test's own (no keys)
+GATEWAY_DEFAULT = "127.0.0.1:8000"
 RUN_TIMEOUT_S = 120
 
 
@@ -189,6 +191,16 @@ def doc_flower(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield port
 
 
+@pytest.fixture(scope="module")
+def doc_gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """`pipeq serve` as the docs start it (no keys: loopback), on the stack's Redis."""
+    url, proc, _ = start_gateway(stack.url, tmp_path_factory.mktemp("doc-gateway"), None)
+    try:
+        yield int(url.rsplit(":", 1)[1])
+    finally:
+        stop_process(proc)
+
+
 RUNNERS = {
     "python": [sys.executable, "-"],
     "sh": ["bash", "-eo", "pipefail"],
@@ -206,6 +218,9 @@ def test_a_runnable_block_runs_as_written(
     if FLOWER_DEFAULT in code:
         port = request.getfixturevalue("doc_flower")
         code = code.replace(FLOWER_DEFAULT, f"127.0.0.1:{port}")
+    if GATEWAY_DEFAULT in code:
+        port = request.getfixturevalue("doc_gateway")
+        code = code.replace(GATEWAY_DEFAULT, f"127.0.0.1:{port}")
     env = {
         **os.environ,
         "PIPEQ_REDIS_URL": stack.url,

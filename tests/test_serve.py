@@ -152,9 +152,7 @@ def test_events_replay_from_the_start_and_from_last_event_id(http: httpx.Client)
     assert len(outputs) > 3
     # a reader that lost its connection after the third piece goes on from there
     resume = outputs[2]["id"]
-    with http.stream(
-        "GET", f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": resume}
-    ) as r:
+    with http.stream("GET", f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": resume}) as r:
         rest = [e for e in events(r) if "event" in e]
     assert [e["id"] for e in rest[:-1]] == [e["id"] for e in outputs[3:]]
     assert rest[-1]["event"] == "completed"  # no second start: not a restart
@@ -289,9 +287,7 @@ _bodies = st.one_of(
 
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=_bodies, junk=st.binary(max_size=40))
-def test_no_random_body_gets_a_500_or_a_traceback(
-    gateway: Gateway, body: Any, junk: bytes
-) -> None:
+def test_no_random_body_gets_a_500_or_a_traceback(gateway: Gateway, body: Any, junk: bytes) -> None:
     with httpx.Client(base_url=gateway.url, headers=gateway.headers("alice"), timeout=30) as h:
         for raw in (json.dumps(body).encode(), junk):
             r = h.post("/v1/jobs", content=raw, headers={"content-type": "application/json"})
@@ -461,3 +457,17 @@ def test_redis_gone_is_503() -> None:
         assert r.status_code == 503 and r.headers["retry-after"], r.text
         assert error_of(r)["type"] == "BrokerUnavailable"
 
+
+def test_the_error_table_in_docs_is_the_code_s() -> None:
+    from pathlib import Path
+
+    from pipeq.serve._errors import _HTTP_TYPES
+
+    text = (Path(__file__).parents[1] / "docs" / "http.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| (\d{3})", text, re.M))
+    want = {cls.__name__: str(code) for cls, code in STATUS.items() if cls.__name__ != "PipeqError"}
+    want |= {kind: str(code) for code, kind in _HTTP_TYPES.items() if kind != "InvalidRequest"}
+    want.pop("UnsupportedMediaType", None)
+    want.pop("MethodNotAllowed", None)
+    want["InternalError"] = "500"
+    assert rows == want

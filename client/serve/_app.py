@@ -113,8 +113,9 @@ async def _refuse(scope: dict[str, Any], send: Any, limit: int) -> None:
 
 
 # -- dependencies --------------------------------------------------------------------
-def gateway(request: Request) -> Gateway:
-    """The process's Gateway (made at startup)."""
+async def gateway(request: Request) -> Gateway:
+    """The process's Gateway (made at startup). Async: FastAPI runs a plain function
+    dependency in a thread, a hop per request."""
     gw: Gateway = request.app.state.gateway
     return gw
 
@@ -122,7 +123,7 @@ def gateway(request: Request) -> Gateway:
 async def caller(request: Request) -> Caller:
     """The request's caller (401 without a valid key; with none configured, 401 off
     loopback), after its rate limit (429)."""
-    gw = gateway(request)
+    gw: Gateway = request.app.state.gateway
     who = identify(request, gw.keys)
     request.scope["pipeq_caller"] = who.name
     await gw.check_rate(who)

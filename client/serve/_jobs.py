@@ -73,7 +73,7 @@ class Settings:
     #: an event stream sends a comment this often while nothing else comes
     keepalive_s: float = 15.0
     #: submits run in at most this many threads at once
-    submit_threads: int = 32
+    submit_threads: int = 8
 
 
 # -- the request body ------------------------------------------------------------------
@@ -293,23 +293,34 @@ class Gateway:
         expires: float | None = None,
         job_id: str | None = None,
         digest: str = "",
+        wait_s: float = 0.0,
     ) -> tuple[JobView, bool]:
-        """Validate and enqueue through `Client` (in a thread): the job, and whether this
-        call created it (False: an idempotent repeat of `job_id` with the same
-        `digest`). Raises what `Client.submit` raises, ApiError 403 for a deployment the
-        caller may not use, 409 for a `job_id` taken by another request."""
-        return await anyio.to_thread.run_sync(
-            self._submit,
-            caller,
-            target,
-            inputs,
-            model,
-            params or {},
-            expires,
-            job_id,
-            digest,
-            limiter=self.limiter,
-        )
+        """Validate and enqueue through `Client` (in a thread): the job (once done, if
+        it is within `wait_s`), and whether this call created it (False: an idempotent
+        repeat of `job_id` with the same `digest`). Raises what `Client.submit` raises,
+        ApiError 403 for a deployment the caller may not use, 409 for a `job_id` taken
+        by another request."""
+        job_id = job_id or _new_id()
+        with self.results.watch(job_id) as watch:  # before the send: no result missed
+            view, created = await anyio.to_thread.run_sync(
+                self._submit,
+                caller,
+                target,
+                inputs,
+                model,
+                params or {},
+                expires,
+                job_id,
+                digest,
+                limiter=self.limiter,
+            )
+            if wait_s > 0:
+                self.metrics.waiting.inc()
+                try:
+                    view = await self._wait(watch, view, wait_s)
+                finally:
+                    self.metrics.waiting.dec()
+        return view, created
 
     def _submit(
         self,
@@ -319,14 +330,13 @@ class Gateway:
         model: str | None,
         params: dict[str, Any],
         expires: float | None,
-        job_id: str | None,
+        job_id: str,
         digest: str,
     ) -> tuple[JobView, bool]:
         client = self.client
         found = client.resolve(target, model)
         caller.require(found.name)
         prepared = client.prepare(found.name, inputs, None, expires, params)
-        job_id = job_id or _new_id()
         keys = [record_key(job_id), job_key(job_id), META_PREFIX + job_id]
         args = [caller.name, found.name, digest, _app.RESULT_TTL_S]
         had = client.call(self.claim, keys, args)
@@ -417,21 +427,24 @@ class Gateway:
         """The job once done, or as it is after `timeout_s`."""
         if view.status.done or timeout_s <= 0:
             return view
-        deadline = time.monotonic() + timeout_s
         with self.results.watch(view.id) as watch:
-            view = await self.read(view.id)  # after watching: a result stored now is seen
-            while not view.status.done:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(watch.event.wait(), min(left, RECHECK_S))
-                if watch.event.is_set() and watch.data is not None:
-                    watch.event.clear()
-                    meta = json.loads(watch.data)
-                    view = self._from_meta(view.id, view.deployment, view.created_at, meta, True)
-                else:
-                    view = await self.read(view.id)
+            # read after watching: a result stored meanwhile is seen either way
+            return await self._wait(watch, await self.read(view.id), timeout_s)
+
+    async def _wait(self, watch: _Watch, view: JobView, timeout_s: float) -> JobView:
+        deadline = time.monotonic() + timeout_s
+        while not view.status.done:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(watch.event.wait(), min(left, RECHECK_S))
+            if watch.event.is_set() and watch.data is not None:
+                watch.event.clear()
+                meta = json.loads(watch.data)
+                view = self._from_meta(view.id, view.deployment, view.created_at, meta, True)
+            else:
+                view = await self.read(view.id)
         return view
 
     async def cancel(self, view: JobView) -> str:

@@ -110,9 +110,10 @@ async def _submit(
         expires=job.expires,
         job_id=job_id,
         digest=digest,
+        wait_s=prefer_wait(prefer),
     )
     wait = prefer_wait(prefer)
-    if wait:
+    if wait and not created:  # a repeated PUT: the job may be done by now
         view = await _waiting(gw, view, wait)
     headers = {"Location": view.urls()["self"]}
     if wait:
