@@ -480,7 +480,7 @@ DEPLOYMENTS = [
 ]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     deployment=st.sampled_from(DEPLOYMENTS),
     body=_json | st.dictionaries(_keys, _json, max_size=4),
@@ -548,3 +548,20 @@ def test_a_list_of_inputs_answers_a_list_in_the_task_s_shape(gateway: Any, pipe:
     assert reply.status_code == 200, reply.text
     want = pipe("sentiment-analysis", "sentiment-analysis")(texts)  # [{label, score}] x 2
     assert_close(reply.json(), [[w] for w in want])
+
+
+def test_a_bad_key_and_a_key_over_its_rate_get_tgi_s_body_through_inference_client(
+    gateway: Any, hf: Any
+) -> None:
+    from huggingface_hub import InferenceClient
+    from huggingface_hub.errors import HfHubHTTPError, OverloadedError
+
+    stranger = InferenceClient(model=f"{gateway.url}/models/sentiment-analysis", api_key="pq_x")
+    with pytest.raises(HfHubHTTPError) as e:
+        stranger.text_classification(TEXT)
+    assert e.value.response.status_code == 401
+    assert e.value.response.json()["error_type"] == "unauthorized"
+    slow = hf("distilgpt2", key="slow")  # 1 request a second, 2 at once
+    with pytest.raises(OverloadedError):
+        for _ in range(4):
+            slow.text_generation("Hi", max_new_tokens=1)

@@ -31,7 +31,7 @@ from pipeq._ledger import stream_key
 from pipeq._registry import DEPLOYMENTS_KEY, Announced
 from pipeq.errors import JobTimeout, PipeqError, StreamRestarted
 from pipeq.serve import _hf
-from pipeq.serve._app import CallerDep, GatewayDep
+from pipeq.serve._app import GatewayDep, caller
 from pipeq.serve._auth import Caller
 from pipeq.serve._errors import HF_STATUS, ApiError, error_response
 from pipeq.serve._jobs import Gateway, JobView, parse_json
@@ -163,14 +163,15 @@ async def _streamed(gw: Gateway, job_id: str) -> dict[int, list[str]]:
         424: {"description": "the job ran and failed (TGI's error body)"},
     },
 )
-async def run_model(
-    m: str, request: Request, who: Caller = CallerDep, gw: Gateway = GatewayDep
-) -> Response:
+async def run_model(m: str, request: Request, gw: Gateway = GatewayDep) -> Response:
     task = None
     head, sep, tail = m.rpartition("/pipeline/")
     if sep and _tasks.is_task(tail):  # /models/{m}/pipeline/{task}
         m, task = head, tail
     try:
+        # the caller here, not as a dependency: a 401 or a rate limit's 429 is TGI's body
+        # too (InferenceClient raises OverloadedError for it)
+        who = await caller(request)
         return await _answer(gw, who, m, request, task)
     except (PipeqError, ApiError) as e:
         return hf_error(e)
