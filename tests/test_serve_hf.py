@@ -565,3 +565,25 @@ def test_a_bad_key_and_a_key_over_its_rate_get_tgi_s_body_through_inference_clie
     with pytest.raises(OverloadedError):
         for _ in range(4):
             slow.text_generation("Hi", max_new_tokens=1)
+
+
+def test_a_stream_whose_job_is_cancelled_ends_with_tgi_s_error_event(gateway: Any) -> None:
+    import httpx
+
+    body = {
+        "inputs": "In this course, we will teach you how to",
+        "parameters": {"max_new_tokens": 1000, "do_sample": False},
+        "stream": True,
+    }
+    with httpx.Client(base_url=gateway.url, headers=gateway.headers("alice"), timeout=60) as http:
+        with http.stream("POST", "/models/text-generation", json=body) as reply:
+            assert reply.status_code == 200
+            job_id = reply.headers["x-pipeq-job-id"]
+            lines = (line for line in reply.iter_lines() if line.startswith("data:"))
+            first = json.loads(next(lines)[5:])
+            assert first["index"] == 0 and first["generated_text"] is None
+            cancelled = http.post(f"/v1/jobs/{job_id}/cancel")
+            assert cancelled.status_code == 200, cancelled.text
+            last = json.loads(list(lines)[-1][5:])
+    assert last["error_type"] == "generation" and last["type"] == "JobCancelled"
+    assert last["job_id"] == job_id

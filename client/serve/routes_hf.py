@@ -8,7 +8,8 @@
 
 `{m}` is a deployment's name, or a model one deployment serves exactly (a Hub id, its
 legacy org-less name, the `hub_id` a local checkpoint declares). The answer waits for
-the job (up to `SYNC_WAIT_S`, then 504; the job goes on). Errors are TGI's body
+the job (up to `SYNC_WAIT_S`, then 504; the job goes on); `X-Pipeq-Job-Id` names it, for
+the native routes (`/v1/jobs/{id}`: follow it, cancel it). Errors are TGI's body
 (`_hf.tgi_error`) with pipeq's status table, but a job that ran and failed is 424 as in
 TGI, and a bad request is always 422: a 400 makes `InferenceClient` stop sending its
 text-generation parameters to that URL (and refuse `stream=True`) for the rest of the
@@ -36,10 +37,12 @@ from pipeq.serve._auth import Caller
 from pipeq.serve._errors import HF_STATUS, ApiError, error_response
 from pipeq.serve._jobs import Gateway, JobView, parse_json
 
-__all__ = ["SYNC_WAIT_S", "router"]
+__all__ = ["JOB_HEADER", "SYNC_WAIT_S", "router"]
 
 router = APIRouter(tags=["hugging face"])
 
+#: the header that names the job a request ran (follow or cancel it at /v1/jobs/{id})
+JOB_HEADER = "X-Pipeq-Job-Id"
 #: the longest a `/models/{m}` request waits for its job before 504 (the job goes on)
 SYNC_WAIT_S = 300.0
 #: TGI's `error_type` of the gateway's own errors
@@ -122,7 +125,7 @@ async def _answer(gw: Gateway, who: Caller, m: str, request: Request, task: str 
         return StreamingResponse(
             _tgi_events(gw, view, hf, prompt),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", JOB_HEADER: view.id},
         )
     gw.metrics.waiting.inc()
     try:
@@ -138,7 +141,9 @@ async def _answer(gw: Gateway, who: Caller, m: str, request: Request, task: str 
             deployment=view.deployment,
         )
     pieces = await _streamed(gw, view.id) if hf.details else None
-    return JSONResponse(_hf.to_hf(target.task, hf, view.result, pieces))
+    return JSONResponse(
+        _hf.to_hf(target.task, hf, view.result, pieces), headers={JOB_HEADER: view.id}
+    )
 
 
 async def _streamed(gw: Gateway, job_id: str) -> dict[int, list[str]]:
