@@ -211,20 +211,26 @@ def held(url: str, client: Client, gateway_pid: int, streams: int, waits: int) -
     async def run() -> tuple[list[str], list[str], dict[str, float], float]:
         opened_s, opened_w = [0], [0]
         tasks_s, tasks_w = [], []
-        for i in range(max(streams, waits)):  # a few hundred connections at a time
-            if i < streams:
-                tasks_s.append(asyncio.create_task(_stream(host, port, gen_jobs[i], opened_s)))
-            if i < waits:
-                tasks_w.append(asyncio.create_task(_wait(host, port, wait_jobs[i], opened_w)))
-            if i % 200 == 199:
+        # the streams first, then the waits (each waits at most 60 s: opened last)
+        for jobs, opened, tasks, ask in (
+            (gen_jobs, opened_s, tasks_s, _stream),
+            (wait_jobs, opened_w, tasks_w, _wait),
+        ):
+            for i, job_id in enumerate(jobs):  # a few hundred connections at a time
+                tasks.append(asyncio.create_task(ask(host, port, job_id, opened)))
+                if i % 200 == 199:
+                    await asyncio.sleep(0.2)
+            deadline = time.monotonic() + 120
+            while opened[0] < len(jobs) and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
-        deadline = time.monotonic() + 120
-        while (opened_s[0] < streams or opened_w[0] < waits) and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(3)  # every wait has reached the gateway and registered
+        while time.monotonic() < deadline:  # every wait has reached the gateway
+            gauges = await asyncio.to_thread(_gauges, url)
+            if gauges.get("waiting", 0) >= waits:
+                break
+            await asyncio.sleep(0.5)
         gauges = await asyncio.to_thread(_gauges, url)
         t = time.monotonic()
-        await asyncio.to_thread(_cancel_all, client, gen_jobs + wait_jobs)
+        await asyncio.to_thread(_cancel_all, client, wait_jobs + gen_jobs)
         outcomes_s = await asyncio.gather(*tasks_s, return_exceptions=True)
         outcomes_w = await asyncio.gather(*tasks_w, return_exceptions=True)
         return (
@@ -267,8 +273,10 @@ def _gauges(url: str) -> dict[str, float]:
 
 
 def _cancel_all(client: Client, ids: list[str]) -> None:
-    for job_id in ids:
-        client.job(job_id).cancel()
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda job_id: client.job(job_id).cancel(), ids))
 
 
 def main() -> None:

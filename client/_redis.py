@@ -241,7 +241,9 @@ class RedisTarget:
         return redis.Redis.from_url(self.celery_url, **kwargs, **(self.ssl or {}))
 
     def aclient(self, **kwargs: Any) -> Any:
-        """`client`'s asyncio twin (redis.asyncio), for `pipeq serve`'s waits and streams."""
+        """`client`'s asyncio twin (redis.asyncio), for `pipeq serve`'s waits and streams;
+        `kwargs` are its pool's (max_connections=, timeout=: how long a caller waits for
+        a free connection) and connections' (socket_connect_timeout=...)."""
         import redis.asyncio as aredis
         from redis.asyncio.retry import Retry as AsyncRetry
 
@@ -259,9 +261,15 @@ class RedisTarget:
                 db=self.db,
                 **kwargs,
             )
+        # a bounded pool that makes callers wait for a free connection (`timeout`, s)
+        # rather than opening one more: thousands of waiting requests share a few
         if self.scheme not in ("redis", "rediss"):
-            return aredis.Redis.from_url(self.url, **kwargs)
-        return aredis.Redis.from_url(self.celery_url, **kwargs, **(self.ssl or {}))
+            pool = aredis.BlockingConnectionPool.from_url(self.url, **kwargs)
+        else:
+            pool = aredis.BlockingConnectionPool.from_url(
+                self.celery_url, **kwargs, **(self.ssl or {})
+            )
+        return aredis.Redis.from_pool(pool)
 
 
 def _port(parts: Any, default: int, hint: str) -> int:

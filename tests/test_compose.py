@@ -143,6 +143,7 @@ def test_every_published_port_can_be_moved_by_the_environment() -> None:
         "redis": "127.0.0.1:${PIPEQ_REDIS_PORT:-6379}:6379",
         "flower": "127.0.0.1:${PIPEQ_FLOWER_PORT:-5555}:5555",
         "exporter": "127.0.0.1:${PIPEQ_EXPORTER_PORT:-9808}:9808",
+        "gateway": "127.0.0.1:${PIPEQ_GATEWAY_PORT:-8000}:8000",
     }
 
 

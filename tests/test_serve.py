@@ -285,7 +285,7 @@ _bodies = st.one_of(
 )
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=_bodies, junk=st.binary(max_size=40))
 def test_no_random_body_gets_a_500_or_a_traceback(gateway: Gateway, body: Any, junk: bytes) -> None:
     with httpx.Client(base_url=gateway.url, headers=gateway.headers("alice"), timeout=30) as h:

@@ -14,8 +14,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from pipeq.errors import (
     BrokerUnavailable,
@@ -178,6 +179,10 @@ def install_handlers(app: FastAPI) -> None:
         response.headers.update(exc.headers or {})
         return response
 
+    async def on_disconnect(request: Request, exc: Exception) -> Response:
+        return Response(status_code=499)  # the client left: nobody reads this, nothing to log
+
+    app.add_exception_handler(ClientDisconnect, on_disconnect)
     app.add_exception_handler(PipeqError, on_error)
     app.add_exception_handler(ApiError, on_error)
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -21,6 +21,7 @@ import datetime
 import hashlib
 import json
 import logging
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,8 +49,12 @@ __all__ = [
 
 log = logging.getLogger("pipeq.serve")
 
-#: a wait re-reads the stored result at least this often (a missed message costs this)
-RECHECK_S = 1.0
+#: a wait re-reads the stored result about this often (a missed message costs this;
+#: spread by up to half, so thousands of waits do not read at once)
+RECHECK_S = 5.0
+#: connections of a gateway process's async Redis pool (reads, waits' re-reads, the
+#: stream reader, rate limits); a request waits for a free one
+ASYNC_CONNECTIONS = 256
 #: `Retry-After` of a job still queued or running
 POLL_AFTER_S = 1
 #: the JSON of the request around `inputs` and `params` (for the body cap)
@@ -201,6 +206,9 @@ class ResultBus:
             pubsub = self._aredis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.psubscribe(META_PREFIX + "*")
+                for held in self._watches.values():  # a result stored while it was down
+                    for watch in held:
+                        watch.event.set()
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
                     if msg is None or msg.get("type") != "pmessage":
@@ -217,8 +225,9 @@ class ResultBus:
                     await pubsub.aclose()
 
     @contextlib.contextmanager
-    def watch(self, job_id: str) -> Iterator[_Watch]:
-        watch = _Watch()
+    def watch(self, job_id: str, event: asyncio.Event | None = None) -> Iterator[_Watch]:
+        """Set `event` (a new one by default) whenever the job's state is stored."""
+        watch = _Watch(event or asyncio.Event())
         self._watches.setdefault(job_id, set()).add(watch)
         try:
             yield watch
@@ -228,6 +237,86 @@ class ResultBus:
                 held.discard(watch)
                 if not held:
                     del self._watches[job_id]
+
+
+# -- following job streams: one XREAD for every open event stream -------------------------
+def _stream_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(eq=False)
+class _Follow:
+    cursor: str
+    event: asyncio.Event
+    entries: list[tuple[str, dict[bytes, bytes]]] = field(default_factory=list)
+
+
+class StreamBus:
+    """Reads every followed job stream with one blocking XREAD (all keys at once) and
+    hands each follower the entries after its own cursor: 2,000 open event streams are
+    one Redis connection, not 2,000."""
+
+    #: an XREAD waits this long; a stream followed meanwhile joins the next one
+    BLOCK_MS = 250
+
+    def __init__(self, aredis: Any) -> None:
+        self._aredis = aredis
+        self._follows: dict[str, set[_Follow]] = {}
+        self._added = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="pipeq-stream-bus")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    @contextlib.contextmanager
+    def follow(self, key: str, cursor: str, event: asyncio.Event) -> Iterator[_Follow]:
+        """Entries of stream `key` after `cursor` land in `.entries`, and set `event`."""
+        follow = _Follow(cursor, event)
+        self._follows.setdefault(key, set()).add(follow)
+        self._added.set()
+        try:
+            yield follow
+        finally:
+            held = self._follows.get(key)
+            if held is not None:
+                held.discard(follow)
+                if not held:
+                    del self._follows[key]
+
+    async def _run(self) -> None:
+        while True:
+            self._added.clear()
+            streams = {
+                key: min((f.cursor for f in held), key=_stream_order)
+                for key, held in self._follows.items()
+                if held
+            }
+            if not streams:
+                await self._added.wait()
+                continue
+            try:
+                reply = await self._aredis.xread(streams, block=self.BLOCK_MS)
+            except (redis.RedisError, OSError) as e:
+                log.warning("reading job streams failed (%s); trying again", e)
+                await asyncio.sleep(1.0)
+                continue
+            for raw_key, raw_entries in reply or []:
+                key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
+                entries = [(i.decode() if isinstance(i, bytes) else i, f) for i, f in raw_entries]
+                for follow in self._follows.get(key, ()):
+                    after = _stream_order(follow.cursor)
+                    new = [e for e in entries if _stream_order(e[0]) > after]
+                    if new:
+                        follow.entries.extend(new)
+                        follow.cursor = new[-1][0]
+                        follow.event.set()
 
 
 # -- the gateway -----------------------------------------------------------------------
@@ -241,10 +330,12 @@ class Gateway:
         self.metrics = metrics or Metrics()
         self.client = Client(settings.redis_url, broker_timeout_s=settings.broker_timeout_s)
         self.aredis = _app.redis_target(self.client.redis_url).aclient(
-            max_connections=100_000,
+            max_connections=ASYNC_CONNECTIONS,
+            timeout=settings.broker_timeout_s * 5,
             socket_connect_timeout=_app.CONNECT_TIMEOUT_S,
         )
         self.results = ResultBus(self.aredis)
+        self.streams = StreamBus(self.aredis)
         self.claim = self.client.redis.register_script(CLAIM_SCRIPT)
         self.rate = self.aredis.register_script(RATE_SCRIPT)
         self.limiter = anyio.CapacityLimiter(settings.submit_threads)
@@ -256,8 +347,10 @@ class Gateway:
 
     async def start(self) -> None:
         await self.results.start()
+        await self.streams.start()
 
     async def close(self) -> None:
+        await self.streams.close()
         await self.results.close()
         with contextlib.suppress(Exception):
             await self.aredis.aclose()
@@ -438,12 +531,15 @@ class Gateway:
             if left <= 0:
                 break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(watch.event.wait(), min(left, RECHECK_S))
-            if watch.event.is_set() and watch.data is not None:
-                watch.event.clear()
-                meta = json.loads(watch.data)
+                await asyncio.wait_for(
+                    watch.event.wait(), min(left, RECHECK_S * (0.5 + random.random()))
+                )
+            data, watch.data = watch.data, None
+            watch.event.clear()
+            if data is not None:  # the state just stored
+                meta = json.loads(data)
                 view = self._from_meta(view.id, view.deployment, view.created_at, meta, True)
-            else:
+            else:  # a re-read: no message (or the subscription came back)
                 view = await self.read(view.id)
         return view
 
@@ -478,16 +574,6 @@ class Gateway:
         except (redis.RedisError, OSError) as e:
             raise _unavailable(e) from None
         return sum(1 for _, fields in entries if b"start" in fields)
-
-    async def task_of(self, deployment: str | None) -> str | None:
-        """The task a deployment announced (None if unknown)."""
-        if not deployment:
-            return None
-        try:
-            raw = await self.aredis.hget(DEPLOYMENTS_KEY, deployment)
-        except (redis.RedisError, OSError) as e:
-            raise _unavailable(e) from None
-        return str(json.loads(raw).get("task")) if raw else None
 
     async def check_rate(self, caller: Caller) -> None:
         from pipeq.serve._auth import check_rate

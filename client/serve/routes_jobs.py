@@ -11,6 +11,8 @@ GET  /v1/jobs/{id}/events      server-sent events from the job's Redis Stream
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import time
@@ -21,7 +23,6 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeq import _tasks
 from pipeq._client import JobState
 from pipeq._ledger import stream_key
 from pipeq.serve._app import CallerDep, GatewayDep
@@ -226,9 +227,8 @@ async def job_events(
 ) -> Response:
     view = await gw.read(job_id, who)
     last = _stream_id(last_event_id) if last_event_id else None
-    task = await gw.task_of(view.deployment)
     return StreamingResponse(
-        _events(gw, view, last, task),
+        _events(gw, view, last),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -248,39 +248,45 @@ def _sse(event: str, data: Any, event_id: str | None = None) -> bytes:
     return ("\n".join(lines) + "\n\n").encode()
 
 
-async def _events(
-    gw: Gateway, view: JobView, last: str | None, task: str | None
-) -> AsyncIterator[bytes]:
+async def _events(gw: Gateway, view: JobView, last: str | None) -> AsyncIterator[bytes]:
     """start / restart (a new attempt: its worker died), output {item, text}, each with
     its stream entry's id as the SSE id; then completed (the job: status, result or
     error). A comment every keepalive_s while nothing else is sent. A client that goes
     away ends only this generator: the job runs on."""
     keepalive = gw.settings.keepalive_s
     key = stream_key(view.id)
-    generates = _tasks.canonical_task(task or "") == "text-generation"
     gw.metrics.open_streams.inc()
     try:
         said = _Said(await gw.attempts_before(key, last) if last else 0, last or "0-0")
-        sent_at = time.monotonic()
-        while True:
-            if generates:
-                block_ms = int(min(keepalive, 1.0) * 1000)
-                entries = await gw.stream_entries(key, said.cursor, block_ms)
-                for chunk in said.events(entries):
-                    yield chunk
-                    sent_at = time.monotonic()
-                view = await gw.read(view.id)
-            else:
-                view = await gw.wait(view, max(0.05, keepalive - (time.monotonic() - sent_at)))
-            if view.status.done:
-                if generates:  # what the stream got since the last read
-                    for chunk in said.events(await gw.stream_entries(key, said.cursor, None)):
+        wake = asyncio.Event()
+        with gw.results.watch(view.id, wake) as watch:
+            for chunk in said.events(await gw.stream_entries(key, said.cursor, None)):
+                yield chunk  # what the stream holds already
+            view = await gw.read(view.id)  # after watching: an end meanwhile is seen
+            sent_at = time.monotonic()
+            with gw.streams.follow(key, said.cursor, wake) as follow:
+                while not view.status.done:
+                    left = keepalive - (time.monotonic() - sent_at)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), max(0.0, left))
+                    wake.clear()
+                    entries, follow.entries = follow.entries, []
+                    for chunk in said.events(entries):
                         yield chunk
-                yield _sse("completed", view.as_json())
-                return
-            if time.monotonic() - sent_at >= keepalive:
-                yield b": keep-alive\n\n"
-                sent_at = time.monotonic()
+                        sent_at = time.monotonic()
+                    ended = any(b"end" in fields for _, fields in entries)
+                    if ended or watch.data is not None:
+                        watch.data = None
+                        view = await gw.read(view.id)
+                        if ended:  # the result is stored as the end is written
+                            view = await gw.wait(view, 5.0)
+                    if not view.status.done and time.monotonic() - sent_at >= keepalive:
+                        yield b": keep-alive\n\n"
+                        sent_at = time.monotonic()
+            # what the stream got since the last read
+            for chunk in said.events(await gw.stream_entries(key, said.cursor, None)):
+                yield chunk
+        yield _sse("completed", view.as_json())
     finally:
         gw.metrics.open_streams.dec()
 
