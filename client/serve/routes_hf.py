@@ -18,6 +18,8 @@ process.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -189,72 +191,101 @@ def _sse(data: dict[str, Any]) -> bytes:
 async def _tgi_events(
     gw: Gateway, view: JobView, hf: _hf.HFRequest, prompt: str
 ) -> AsyncIterator[bytes]:
-    """TGI's `/generate_stream` events from the job's Redis Stream: one event a piece of
-    text as the worker streams it (held back one, so that the last carries
-    `generated_text` and `details`); a job the dynamic batcher runs comes as one piece
-    when done. An error after the stream began is TGI's `{"error", "error_type"}` event.
-    A keep-alive comment every `keepalive_s` while nothing else is sent; a client that
-    goes away ends only this generator: the job runs on."""
-    key = stream_key(view.id)
+    """TGI's `/generate_stream` events from the job's Redis Stream, followed through the
+    gateway's one XREAD (`Gateway.streams`) and woken by its result bus: one event a
+    piece of text as the worker streams it (`_Tokens`); a job the dynamic batcher runs
+    comes as one piece when done. An error after the stream began is TGI's
+    `{"error", "error_type"}` event. A keep-alive comment every `keepalive_s` while
+    nothing else is sent; a client that goes away ends only this generator: the job
+    runs on."""
     keepalive = gw.settings.keepalive_s
-    cursor, attempts = "0-0", 0
-    attempt = said = ""  # this attempt's text; the text sent as tokens
-    held: str | None = None  # the newest piece, not sent yet
-    index = 0
-    sent_at = time.monotonic()
+    key = stream_key(view.id)
+    tokens = _Tokens(hf, view)
     gw.metrics.open_streams.inc()
     try:
-        while True:
-            entries = await gw.stream_entries(key, cursor, int(min(keepalive, 1.0) * 1000))
-            ended = False
-            for entry_id, fields in entries:
-                cursor = entry_id
-                if b"start" in fields:
-                    attempts += 1
-                    attempt = ""
-                elif b"end" in fields:
-                    ended = True
-                elif int(fields.get(b"i", b"0")) == 0 and b"t" in fields:
-                    attempt += fields[b"t"].decode()
-                    sofar = said + (held or "")
-                    if not (attempt.startswith(sofar) or sofar.startswith(attempt)):
-                        raise StreamRestarted(
-                            "the job restarted on another worker and made other text",
-                            job_id=view.id,
-                            deployment=view.deployment,
-                        )
-                    if len(attempt) > len(sofar):
-                        if held is not None:
-                            yield _sse(_hf.stream_event(hf, index, held))
-                            index, said = index + 1, said + held
-                            sent_at = time.monotonic()
-                        held = attempt[len(said) :]
-            view = await gw.read(view.id)
-            if ended or view.status.done:
-                view = await gw.wait(view, SYNC_WAIT_S)
-                break
-            if time.monotonic() - sent_at >= keepalive:
-                yield b": keep-alive\n\n"
-                sent_at = time.monotonic()
-        if view.error is not None:
-            raise view.error
-        if view.status is JobState.CANCELLED or view.result is None:
-            text = said + (held or "")  # what was made before it stopped
-        else:
-            text = _generated_text(view.result)
-        if not text.startswith(said):
-            raise StreamRestarted(
-                "the job restarted on another worker and made other text",
-                job_id=view.id,
-                deployment=view.deployment,
-            )
-        last = text[len(said) :]
-        yield _sse(_hf.stream_event(hf, index, last, final_text=text, prompt=prompt))
+        wake = asyncio.Event()
+        with gw.results.watch(view.id, wake) as watch:
+            for chunk in tokens.events(await gw.stream_entries(key, tokens.cursor, None)):
+                yield chunk  # what the stream holds already
+            view = await gw.read(view.id)  # after watching: an end meanwhile is seen
+            sent_at = time.monotonic()
+            with gw.streams.follow(key, tokens.cursor, wake) as follow:
+                while not view.status.done:
+                    left = keepalive - (time.monotonic() - sent_at)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), max(0.0, left))
+                    wake.clear()
+                    entries, follow.entries = follow.entries, []
+                    for chunk in tokens.events(entries):
+                        yield chunk
+                        sent_at = time.monotonic()
+                    ended = any(b"end" in fields for _, fields in entries)
+                    if ended or watch.data is not None:
+                        watch.data = None
+                        view = await gw.read(view.id)
+                        if ended:  # the result is stored as the end is written
+                            view = await gw.wait(view, 5.0)
+                    if not view.status.done and time.monotonic() - sent_at >= keepalive:
+                        yield b": keep-alive\n\n"
+                        sent_at = time.monotonic()
+            for chunk in tokens.events(await gw.stream_entries(key, tokens.cursor, None)):
+                yield chunk  # what the stream got since the last read
+        yield tokens.last(view, prompt)
     except PipeqError as e:
-        body = _hf.tgi_error(e)
-        yield _sse(body)
+        yield _sse(_hf.tgi_error(e))
     finally:
         gw.metrics.open_streams.dec()
+
+
+class _Tokens:
+    """A TGI stream's reader of a job's stream entries (prompt 0 of its last attempt):
+    each piece is sent when the next one comes, so that the last can carry
+    `generated_text`; StreamRestarted if a restarted attempt makes other text."""
+
+    def __init__(self, hf: _hf.HFRequest, view: JobView) -> None:
+        self.hf = hf
+        self.view = view
+        self.cursor = "0-0"
+        self.attempt = ""  # the text of the attempt running now
+        self.said = ""  # the text sent in events
+        self.held: str | None = None  # the newest piece, not sent yet
+        self.index = 0
+
+    def _restarted(self) -> StreamRestarted:
+        return StreamRestarted(
+            "the job restarted on another worker and made other text",
+            job_id=self.view.id,
+            deployment=self.view.deployment,
+        )
+
+    def events(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> list[bytes]:
+        out = []
+        for entry_id, fields in entries:
+            self.cursor = entry_id
+            if b"start" in fields:
+                self.attempt = ""
+            elif b"t" in fields and int(fields.get(b"i", b"0")) == 0:
+                self.attempt += fields[b"t"].decode()
+                sofar = self.said + (self.held or "")
+                if not (self.attempt.startswith(sofar) or sofar.startswith(self.attempt)):
+                    raise self._restarted()
+                if len(self.attempt) > len(sofar):
+                    if self.held is not None:
+                        out.append(_sse(_hf.stream_event(self.hf, self.index, self.held)))
+                        self.index, self.said = self.index + 1, self.said + self.held
+                    self.held = self.attempt[len(self.said) :]
+        return out
+
+    def last(self, view: JobView, prompt: str) -> bytes:
+        """The final event: the rest of the text, `generated_text` and `details`; the
+        job's error if it has one."""
+        if view.error is not None:
+            raise view.error
+        text = _generated_text(view.result)
+        if not text.startswith(self.said):
+            raise self._restarted()
+        rest = text[len(self.said) :]
+        return _sse(_hf.stream_event(self.hf, self.index, rest, final_text=text, prompt=prompt))
 
 
 def _generated_text(result: Any) -> str:
