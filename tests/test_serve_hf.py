@@ -417,8 +417,9 @@ def test_a_model_is_found_by_the_hub_id_its_deployment_serves(gateway: Any, hf: 
 JS_DIR = Path(__file__).parent / "js"
 
 
+@pytest.mark.xdist_group("stack")  # its fixtures come late (after the check for node)
 def test_the_javascript_client_runs_three_tasks_as_the_pipeline_does(
-    gateway: Any, pipe: Any
+    request: pytest.FixtureRequest,
 ) -> None:
     if not (JS_DIR / "node_modules" / "@huggingface" / "inference").is_dir():
         reason = "tests/js has no node_modules: run `npm ci` in tests/js (.ci/run does)"
@@ -427,6 +428,7 @@ def test_the_javascript_client_runs_three_tasks_as_the_pipeline_does(
         pytest.skip(reason)
     node = shutil.which("node")
     assert node, "node is not installed"
+    gateway, pipe = request.getfixturevalue("gateway"), request.getfixturevalue("pipe")
     labels = ["education", "politics", "business"]
     calls = [
         {"fn": "textClassification", "deployment": "sentiment-analysis", "args": {"inputs": TEXT}},
