@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import redis
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -101,7 +102,7 @@ def hf_error(exc: BaseException) -> Response:
 async def _deployments(gw: Gateway) -> dict[str, Announced]:
     try:
         raw = await gw.aredis.hgetall(DEPLOYMENTS_KEY)
-    except Exception as e:  # redis.RedisError, OSError: Redis is away
+    except (redis.RedisError, OSError) as e:
         raise ApiError(
             503, "BrokerUnavailable", f"Redis did not answer ({type(e).__name__})", retry_after_s=5
         ) from None
