@@ -354,6 +354,13 @@ def test_inference_client_generates_text_as_from_tgi(hf: Any, pipe: Any) -> None
     detailed = client.text_generation(prompt, details=True, **greedy)
     assert detailed.generated_text == want and detailed.details is not None
     assert "".join(t.text for t in detailed.details.tokens) == want
+    # TGI's stop sequences are transformers' stop_strings
+    stop = want.split()[0]
+    stopped = client.text_generation(prompt, stop=[stop], details=True, **greedy)
+    reference_text = reference(prompt, return_full_text=False, stop_strings=[stop], **greedy)
+    assert stopped.generated_text == reference_text[0]["generated_text"]
+    assert len(stopped.generated_text) < len(want) and stopped.generated_text.endswith(stop)
+    assert stopped.details.finish_reason == "stop_sequence"
 
 
 def test_inference_client_streams_tokens_with_details_as_from_tgi(hf: Any, pipe: Any) -> None:
