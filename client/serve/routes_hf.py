@@ -122,7 +122,8 @@ async def _answer(gw: Gateway, who: Caller, m: str, request: Request, task: str 
             f"{target.name} serves {target.task}, not {task}",
         )
     hf = _hf.split_request(target.task, parse_json(await request.body()))
-    view, _ = await gw.submit(who, target.name, hf.inputs, params=hf.params)
+    wait_s = 0.0 if hf.stream else SYNC_WAIT_S  # watched from before the send
+    view, _ = await gw.submit(who, target.name, hf.inputs, params=hf.params, wait_s=wait_s)
     if hf.stream:
         prompt = hf.inputs if isinstance(hf.inputs, str) else ""
         return StreamingResponse(
@@ -130,11 +131,6 @@ async def _answer(gw: Gateway, who: Caller, m: str, request: Request, task: str 
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", JOB_HEADER: view.id},
         )
-    gw.metrics.waiting.inc()
-    try:
-        view = await gw.wait(view, SYNC_WAIT_S)
-    finally:
-        gw.metrics.waiting.dec()
     if view.error is not None:
         raise view.error
     if view.status is not JobState.SUCCEEDED:
