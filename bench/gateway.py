@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import resource
 import shutil
@@ -68,7 +69,7 @@ def overhead(url: str, client: Client, jobs: int, rounds: int) -> None:
     print(f"\n1. one job, p50 / p90 in ms ({jobs} jobs per round, taken in turn)")
     print(
         f"{'round':>5}  {'Client.submit().result()':>26}  {'POST /v1/jobs, Prefer: wait':>28}  "
-        f"{'p50 difference':>15}"
+        f"{'p50 difference':>15}  {'load':>5}"
     )
     all_direct: list[float] = []
     all_http: list[float] = []
@@ -93,7 +94,7 @@ def overhead(url: str, client: Client, jobs: int, rounds: int) -> None:
             print(
                 f"{n:>5}  {median(direct):>12.2f} / {p(direct, 90):>11.2f}  "
                 f"{median(via):>13.2f} / {p(via, 90):>12.2f}  "
-                f"{median(via) - median(direct):>+15.2f}"
+                f"{median(via) - median(direct):>+15.2f}  {os.getloadavg()[0]:>5.1f}"
             )
     print(
         f"{'all':>5}  {median(all_direct):>12.2f} / {p(all_direct, 90):>11.2f}  "
@@ -288,6 +289,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=2000)
     ap.add_argument("--waits", type=int, default=2000)
     ap.add_argument("--models-dir", default=".cache/pipeq-models")
+    ap.add_argument("--parts", default="123", help="which parts to run (default all: 123)")
     args = ap.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this client's sockets
@@ -318,7 +320,10 @@ def main() -> None:
                 assert time.monotonic() < deadline, (tmp / "gateway.log").read_text()
                 time.sleep(0.2)
         assert stack.gateway_proc is not None
-        print(f"machine: {psutil.cpu_count()} CPUs; gateway: 1 process (uvicorn), no keys")
+        print(
+            f"machine: {psutil.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
+            "(other work on it too); gateway: 1 process (uvicorn), no keys"
+        )
         with Client(stack.url) as client:
             announce_sinks(client.redis)
             overhead(url, client, args.jobs, args.rounds)

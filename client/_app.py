@@ -167,6 +167,15 @@ class SentinelResultBackend(Backend, SentinelBackend):  # type: ignore[misc]
 #: the `max_queue_length` the current thread's send is held to (0: none); set by
 #: `Client` around `send_task`, read by the channel that pushes the message
 enqueue_limit: ContextVar[int] = ContextVar("pipeq_enqueue_limit", default=0)
+#: `pipeq serve`'s record of the job the current thread sends, (owner, digest): written
+#: by the same enqueue step, which refuses an id already taken (JobIdTaken)
+enqueue_submitted: ContextVar[tuple[str, str] | None] = ContextVar(
+    "pipeq_enqueue_submitted", default=None
+)
+
+
+class JobIdTaken(Exception):
+    """The enqueue found the job id taken (`enqueue_submitted`): nothing was sent."""
 
 
 class _Channel(kombu_redis.Channel):
@@ -195,7 +204,7 @@ class _Channel(kombu_redis.Channel):
             return super()._put(queue, message, **kwargs)  # type: ignore[no-untyped-call,no-any-return]
         deployment = queue.removeprefix(QUEUE_PREFIX)
         limit = enqueue_limit.get()
-        if not self.ledger.enqueue(
+        outcome = self.ledger.enqueue(
             deployment,
             job_id,
             dumps(message),  # type: ignore[no-untyped-call]
@@ -203,7 +212,11 @@ class _Channel(kombu_redis.Channel):
             ttl_s=RESULT_TTL_S,
             event=self._sent_event(queue, headers),
             event_channel=self._get_publish_topic(EVENT_EXCHANGE_NAME, "task.sent"),  # type: ignore[no-untyped-call]
-        ):
+            submitted=enqueue_submitted.get(),
+        )
+        if outcome == 2:
+            raise JobIdTaken(job_id)
+        if not outcome:
             raise Overloaded(
                 f"{limit} jobs wait already (max_queue_length); retry later",
                 deployment=deployment,

@@ -7,6 +7,8 @@
     pipeq:workers:<deployment>    zset    worker -> its last heartbeat
     pipeq:dead-after:<deployment> hash    worker -> the silence after which it counts as dead
     pipeq:job:<id>                string  the deployment of a job pipeq accepted
+    pipeq:submitted:<id>          hash    who submitted it through `pipeq serve` (owner,
+                                          deployment, digest, created_at)
     pipeq:cancel:<id>             string  the job must not run: cancelled, or forgotten
     pipeq:stream:<id>             stream  a generation's text as it is made (`Job.stream`)
     pipeq:attempts:<id>           string  how many times the job's worker died while running it
@@ -20,7 +22,8 @@ on ages and on who is dead. Each step that moves a job is one Lua script, so a p
 killed between two commands can neither lose a job nor hold it twice:
 
 - `enqueue` (producer): refuse past `max_queue_length`, else record and push, at once
-  (and publish the job's task-sent event, for Flower);
+  (and publish the job's task-sent event, for Flower); for `pipeq serve`, also refuse a
+  job id already taken, and record who submitted it;
 - `cancel` (producer): a job that has not started, or a generation its worker marked
   stoppable (continuous batching stops it at its next step); any other started one
   says so;
@@ -59,6 +62,7 @@ __all__ = [
     "meta_json",
     "queue_for",
     "stream_key",
+    "submitted_key",
     "workers_key",
 ]
 
@@ -103,6 +107,10 @@ def cancel_key(job_id: str) -> str:
 
 def stream_key(job_id: str) -> str:
     return f"pipeq:stream:{job_id}"
+
+
+def submitted_key(job_id: str) -> str:
+    return f"pipeq:submitted:{job_id}"
 
 
 def meta_json(job_id: str, status: str, result: Any = None, *, done: bool = False) -> str:
@@ -153,11 +161,22 @@ end
 _ENQUEUE = (
     _CLOCK
     + """
--- KEYS: queue, waiting, job ; ARGV: message, id, limit, ttl, deployment[, event, channel]
+-- KEYS: queue, waiting, job[, submitted, meta]
+-- ARGV: message, id, limit, ttl, deployment, event, channel[, owner, digest]
+-- returns 1 (pushed), 0 (the queue is full), 2 (with `submitted`: the id is taken)
+if KEYS[4] and (redis.call('EXISTS', KEYS[4]) == 1 or redis.call('EXISTS', KEYS[3]) == 1
+    or redis.call('EXISTS', KEYS[5]) == 1) then
+  return 2
+end
 local limit = tonumber(ARGV[3])
 if limit > 0 and redis.call('ZCARD', KEYS[2]) >= limit then return 0 end
 redis.call('ZADD', KEYS[2], 'NX', now, ARGV[2])
 redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[4])
+if KEYS[4] then
+  redis.call('HSET', KEYS[4], 'owner', ARGV[8], 'deployment', ARGV[5], 'digest', ARGV[9],
+    'created_at', tostring(now))
+  redis.call('EXPIRE', KEYS[4], ARGV[4])
+end
 redis.call('LPUSH', KEYS[1], ARGV[1])
 if ARGV[6] and ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[6]) end
 return 1
@@ -448,13 +467,19 @@ class Ledger:
         client: Any = None,
         event: str = "",
         event_channel: str = "",
-    ) -> bool:
-        """Push a job's message unless `limit` (> 0) jobs already wait; False if refused.
-        An accepted job's `event` (Celery's task-sent, for Flower) is published on
-        `event_channel` in the same step."""
+        submitted: tuple[str, str] | None = None,
+    ) -> int:
+        """Push a job's message unless `limit` (> 0) jobs already wait: 1 pushed, 0
+        refused. An accepted job's `event` (Celery's task-sent, for Flower) is published
+        on `event_channel` in the same step. `submitted` (owner, digest): `pipeq serve`'s
+        record of the job, written in the same step; 2 (nothing done) if the id is taken
+        (recorded, known, or with a result)."""
         keys = [queue_for(deployment), waiting_key(deployment), job_key(job_id)]
         args = [message, job_id, limit, ttl_s, deployment, event, event_channel]
-        return bool(self.script("enqueue")(keys, args, client=client))
+        if submitted is not None:
+            keys += [submitted_key(job_id), META_PREFIX + job_id]
+            args += list(submitted)
+        return int(self.script("enqueue")(keys, args, client=client))
 
     def cancel(self, job_id: str, revoked_meta: str, ttl_s: int) -> str:
         """'cancelled' (it will not run on, or stops at its next step), 'running',

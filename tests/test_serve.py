@@ -285,7 +285,7 @@ _bodies = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=_bodies, junk=st.binary(max_size=40))
 def test_no_random_body_gets_a_500_or_a_traceback(gateway: Gateway, body: Any, junk: bytes) -> None:
     with httpx.Client(base_url=gateway.url, headers=gateway.headers("alice"), timeout=30) as h:
@@ -471,3 +471,29 @@ def test_the_error_table_in_docs_is_the_code_s() -> None:
     want.pop("MethodNotAllowed", None)
     want["InternalError"] = "500"
     assert rows == want
+
+
+def test_two_gateways_act_as_one(
+    gateway: Gateway, stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """No state outside Redis: a job submitted through one is read, followed and
+    cancelled through another, for its key only; a key's rate is one bucket for both."""
+    url, proc, _ = start_gateway(
+        stack.url, tmp_path_factory.mktemp("second-gateway"), gateway.keys_file
+    )
+    try:
+        one = httpx.Client(base_url=gateway.url, timeout=30)
+        two = httpx.Client(base_url=url, timeout=30)
+        alice, bob = gateway.headers("alice"), gateway.headers("bob")
+        job = one.post(
+            "/v1/jobs", json={"deployment": "sentiment-analysis", "inputs": "x"}, headers=alice
+        ).json()
+        got = two.get(f"/v1/jobs/{job['id']}/result", params={"wait": 30}, headers=alice)
+        assert got.status_code == 200 and is_sentiment(got.json())
+        assert two.get(f"/v1/jobs/{job['id']}", headers=bob).status_code == 404
+        slow = gateway.headers("slow")
+        time.sleep(2.5)  # the bucket refills (1/s, burst 2) after the other rate test
+        codes = [h.get("/v1/jobs/x", headers=slow).status_code for h in (one, two, one, two)]
+        assert codes[:2] == [404, 404] and 429 in codes[2:]
+    finally:
+        stop_process(proc)

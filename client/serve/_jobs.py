@@ -1,9 +1,10 @@
 """The gateway as a producer: submit through `Client`'s own code, read and wait with
 async Redis. Shared by every router (native jobs, Hugging Face format).
 
-    pipeq:gw:<id>   hash   owner (the API key's name), deployment, created_at (Redis'
-                           clock), digest (of the request, for idempotent PUT); expires
-                           with the job's result (RESULT_TTL_S)
+    pipeq:submitted:<id>   hash   owner (the API key's name), deployment, created_at
+                                  (Redis' clock), digest (of the request, for an
+                                  idempotent PUT); written by the enqueue step itself
+                                  (`_ledger`), it expires with the job's result
 
 A submit runs `Client.prepare` and `Client.send` (the very code `Client.submit` runs:
 resolve, validate, the ledger's atomic enqueue) in a worker thread; waits and event
@@ -33,7 +34,7 @@ from celery import states
 
 from pipeq import _app, _tasks
 from pipeq._client import Client, JobState, to_pipeq_error
-from pipeq._ledger import META_PREFIX, job_key
+from pipeq._ledger import META_PREFIX, job_key, submitted_key
 from pipeq._registry import DEPLOYMENTS_KEY
 from pipeq.errors import InvalidRequest, PipeqError
 from pipeq.serve._auth import LOCAL, RATE_SCRIPT, Caller, Keys
@@ -151,30 +152,6 @@ def _iso(at: float | None) -> str | None:
 
 def _meta_state(meta: dict[str, Any] | None) -> str | None:
     return meta.get("status") if isinstance(meta, dict) else None
-
-
-# -- Redis scripts of the gateway's own ---------------------------------------------------
-CLAIM_SCRIPT = """
-if redis.replicate_commands then redis.replicate_commands() end
--- KEYS: record, job, meta ; ARGV: owner, deployment, digest, ttl
--- A job id is taken once: returns {} when this request took it, else the record's
--- owner and digest ('' for a job pipeq knows that the gateway did not submit)
-local had = redis.call('HMGET', KEYS[1], 'owner', 'digest')
-if had[1] then return {had[1], had[2] or ''} end
-if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
-  return {'', ''}
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'deployment', ARGV[2], 'digest', ARGV[3],
-  'created_at', tostring(now))
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return {}
-"""
-
-
-def record_key(job_id: str) -> str:
-    return f"pipeq:gw:{job_id}"
 
 
 # -- waking waits: one pattern subscription per process -------------------------------
@@ -336,7 +313,6 @@ class Gateway:
         )
         self.results = ResultBus(self.aredis)
         self.streams = StreamBus(self.aredis)
-        self.claim = self.client.redis.register_script(CLAIM_SCRIPT)
         self.rate = self.aredis.register_script(RATE_SCRIPT)
         self.limiter = anyio.CapacityLimiter(settings.submit_threads)
         self._body_limit = (0.0, 0)
@@ -430,27 +406,29 @@ class Gateway:
         found = client.resolve(target, model)
         caller.require(found.name)
         prepared = client.prepare(found.name, inputs, None, expires, params)
-        keys = [record_key(job_id), job_key(job_id), META_PREFIX + job_id]
-        args = [caller.name, found.name, digest, _app.RESULT_TTL_S]
-        had = client.call(self.claim, keys, args)
-        if had:
-            owner, was = (v.decode() if isinstance(v, bytes) else str(v) for v in had)
-            if owner == caller.name and digest and was == digest:
+        # who submitted it is recorded by the enqueue step itself, which refuses an id
+        # already taken: one round trip, and no record of a job that was not sent
+        token = _app.enqueue_submitted.set((caller.name, digest))
+        try:
+            client.send(prepared, job_id)
+        except _app.JobIdTaken:
+            record = client.call(client.redis.hgetall, submitted_key(job_id))
+            owner, was = record.get(b"owner"), record.get(b"digest", b"")
+            # the same request again (a PUT repeated, or a send retried after a lost
+            # connection): the job it made
+            if owner is not None and owner.decode() == caller.name and was.decode() == digest:
                 return self.read_sync(job_id), False
             raise ApiError(
                 409, "Conflict", "this job id is taken by another request", job_id=job_id
-            )
-        try:
-            client.send(prepared, job_id)
-        except BaseException:
-            client.call(client.redis.delete, record_key(job_id))  # the id may be used again
-            raise
+            ) from None
+        finally:
+            _app.enqueue_submitted.reset(token)
         return JobView(job_id, found.name, JobState.QUEUED, created_at=time.time()), True
 
     # -- reading jobs --------------------------------------------------------------------
     def read_sync(self, job_id: str) -> JobView:
         pipe = self.client.redis.pipeline(transaction=False)
-        pipe.hgetall(record_key(job_id))
+        pipe.hgetall(submitted_key(job_id))
         pipe.get(job_key(job_id))
         pipe.get(META_PREFIX + job_id)
         record, deployment, meta = self.client.call(pipe.execute)
@@ -461,7 +439,7 @@ class Gateway:
         unless it may see the job (another key's job answers as an unknown id does)."""
         try:
             async with self.aredis.pipeline(transaction=False) as pipe:
-                pipe.hgetall(record_key(job_id))
+                pipe.hgetall(submitted_key(job_id))
                 pipe.get(job_key(job_id))
                 pipe.get(META_PREFIX + job_id)
                 record, deployment, meta = await pipe.execute()

@@ -66,8 +66,9 @@ _BODY = {
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
-async def job_request(request: Request) -> tuple[JobRequest, str]:
-    """The body as a JobRequest, and its digest (for idempotent PUT); 422 otherwise."""
+async def job_request(request: Request, *, digest: bool = False) -> tuple[JobRequest, str]:
+    """The body as a JobRequest, and (`digest`) its digest, for idempotent PUT; 422
+    otherwise."""
     body = parse_json(await request.body())
     try:
         job = JobRequest.model_validate(body)
@@ -79,7 +80,7 @@ async def job_request(request: Request) -> tuple[JobRequest, str]:
         raise ApiError(422, "InvalidRequest", "name one of `deployment` or `task`")
     if job.deployment is not None and job.model is not None:
         raise ApiError(422, "InvalidRequest", "`model` goes with `task`, not `deployment`")
-    return job, digest_of(body)
+    return job, digest_of(body) if digest else ""
 
 
 def prefer_wait(prefer: str | None) -> float:
@@ -102,6 +103,7 @@ async def _submit(
     prefer: str | None,
     job_id: str | None = None,
 ) -> Response:
+    wait = prefer_wait(prefer)
     view, created = await gw.submit(
         who,
         job.deployment or job.task or "",
@@ -111,9 +113,8 @@ async def _submit(
         expires=job.expires,
         job_id=job_id,
         digest=digest,
-        wait_s=prefer_wait(prefer),
+        wait_s=wait,
     )
-    wait = prefer_wait(prefer)
     if wait and not created:  # a repeated PUT: the job may be done by now
         view = await _waiting(gw, view, wait)
     headers = {"Location": view.urls()["self"]}
@@ -165,7 +166,7 @@ async def put_job(
     prefer: str | None = Header(None),
 ) -> Response:
     valid_job_id(job_id)
-    job, digest = await job_request(request)
+    job, digest = await job_request(request, digest=True)
     return await _submit(gw, who, job, digest, prefer, job_id=job_id)
 
 
