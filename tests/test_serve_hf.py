@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -574,6 +575,7 @@ def test_a_bad_key_and_a_key_over_its_rate_get_tgi_s_body_through_inference_clie
     with pytest.raises(OverloadedError):
         for _ in range(4):
             slow.text_generation("Hi", max_new_tokens=1)
+    time.sleep(2.5)  # the key's bucket full again for the tests after (it refills 1/s)
 
 
 def test_a_stream_whose_job_is_cancelled_ends_with_tgi_s_error_event(gateway: Any) -> None:
