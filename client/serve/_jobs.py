@@ -24,11 +24,11 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-import anyio
 import redis
 from celery import states
 
@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("pipeq.serve")
+T = TypeVar("T")
 
 #: a wait re-reads the stored result about this often (a missed message costs this;
 #: spread by up to half, so thousands of waits do not read at once)
@@ -56,6 +57,8 @@ RECHECK_S = 5.0
 #: connections of a gateway process's async Redis pool (reads, waits' re-reads, the
 #: stream reader, rate limits); a request waits for a free one
 ASYNC_CONNECTIONS = 256
+#: what closing waits for a background task or a connection pool at most (s)
+CLOSE_TIMEOUT_S = 2.0
 #: `Retry-After` of a job still queued or running
 POLL_AFTER_S = 1
 #: the JSON of the request around `inputs` and `params` (for the body cap)
@@ -168,18 +171,17 @@ class ResultBus:
         self._aredis = aredis
         self._watches: dict[str, set[_Watch]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="pipeq-result-bus")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        self._closed = True  # redis-py may turn the cancel into a ConnectionError
+        await _stop(self._task)
 
     async def _run(self) -> None:
-        while True:
+        while not self._closed:
             pubsub = self._aredis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.psubscribe(META_PREFIX + "*")
@@ -195,11 +197,13 @@ class ResultBus:
                         watch.data = msg["data"]
                         watch.event.set()
             except (redis.RedisError, OSError) as e:
+                if self._closed:
+                    return
                 log.warning("result subscription lost (%s); waits poll until it is back", e)
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await asyncio.wait_for(pubsub.aclose(), CLOSE_TIMEOUT_S)
 
     @contextlib.contextmanager
     def watch(self, job_id: str, event: asyncio.Event | None = None) -> Iterator[_Watch]:
@@ -242,15 +246,14 @@ class StreamBus:
         self._follows: dict[str, set[_Follow]] = {}
         self._added = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="pipeq-stream-bus")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        self._closed = True  # redis-py may turn the cancel into a ConnectionError
+        await _stop(self._task)
 
     @contextlib.contextmanager
     def follow(self, key: str, cursor: str, event: asyncio.Event) -> Iterator[_Follow]:
@@ -268,7 +271,7 @@ class StreamBus:
                     del self._follows[key]
 
     async def _run(self) -> None:
-        while True:
+        while not self._closed:
             self._added.clear()
             streams = {
                 key: min((f.cursor for f in held), key=_stream_order)
@@ -281,6 +284,8 @@ class StreamBus:
             try:
                 reply = await self._aredis.xread(streams, block=self.BLOCK_MS)
             except (redis.RedisError, OSError) as e:
+                if self._closed:
+                    return
                 log.warning("reading job streams failed (%s); trying again", e)
                 await asyncio.sleep(1.0)
                 continue
@@ -314,7 +319,9 @@ class Gateway:
         self.results = ResultBus(self.aredis)
         self.streams = StreamBus(self.aredis)
         self.rate = self.aredis.register_script(RATE_SCRIPT)
-        self.limiter = anyio.CapacityLimiter(settings.submit_threads)
+        # concurrent.futures' pool: its queue is a SimpleQueue, whose hand-over cost a
+        # tenth of what anyio's Condition-based one did (py-spy --gil, a submit's CPU)
+        self.threads = ThreadPoolExecutor(settings.submit_threads, "pipeq-submit")
         self._body_limit = (0.0, 0)
 
     @property
@@ -325,11 +332,16 @@ class Gateway:
         await self.results.start()
         await self.streams.start()
 
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in one of the submit threads (the sync `Client`'s calls)."""
+        return await asyncio.get_running_loop().run_in_executor(self.threads, fn, *args)
+
     async def close(self) -> None:
+        self.threads.shutdown(wait=False)
         await self.streams.close()
         await self.results.close()
         with contextlib.suppress(Exception):
-            await self.aredis.aclose()
+            await asyncio.wait_for(self.aredis.aclose(), CLOSE_TIMEOUT_S)
         self.client.close()
 
     # -- limits -------------------------------------------------------------------------
@@ -371,17 +383,8 @@ class Gateway:
         by another request."""
         job_id = job_id or _new_id()
         with self.results.watch(job_id) as watch:  # before the send: no result missed
-            view, created = await anyio.to_thread.run_sync(
-                self._submit,
-                caller,
-                target,
-                inputs,
-                model,
-                params or {},
-                expires,
-                job_id,
-                digest,
-                limiter=self.limiter,
+            view, created = await self.in_thread(
+                self._submit, caller, target, inputs, model, params or {}, expires, job_id, digest
             )
             if wait_s > 0:
                 self.metrics.waiting.inc()
@@ -525,11 +528,13 @@ class Gateway:
         """'cancelled', 'running' (its forward pass cannot be stopped), 'finished' or
         'unknown' (`_app.cancel_job`)."""
         client = self.client
-        return await anyio.to_thread.run_sync(
-            lambda: client.call(
-                _app.cancel_job, client.app, view.id, "cancelled by the producer", client.ledger
-            ),
-            limiter=self.limiter,
+        return await self.in_thread(
+            client.call,
+            _app.cancel_job,
+            client.app,
+            view.id,
+            "cancelled by the producer",
+            client.ledger,
         )
 
     async def stream_entries(
@@ -560,6 +565,15 @@ class Gateway:
             await check_rate(self.aredis, self.rate, caller)
         except (redis.RedisError, OSError) as e:
             raise _unavailable(e) from None
+
+
+async def _stop(task: asyncio.Task[None] | None) -> None:
+    """Cancel a background task and give it CLOSE_TIMEOUT_S to end: a task cancelled
+    while its Redis connection was being made once held a test's shutdown for minutes."""
+    if task is None:
+        return
+    task.cancel()
+    await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
 
 
 def _new_id() -> str:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import anyio
 import redis
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -49,7 +48,7 @@ async def ready_deployment(m: str, gw: Gateway = GatewayDep) -> Response:
             )
         return {"status": "ready", "deployment": found.name, "live_workers": len(live)}
 
-    return JSONResponse(await anyio.to_thread.run_sync(check, limiter=gw.limiter))
+    return JSONResponse(await gw.in_thread(check))
 
 
 @router.get("/metrics", summary="Prometheus metrics of this gateway process")
