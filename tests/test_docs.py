@@ -140,6 +140,19 @@ def _promql(code: str, tmp: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def _js(code: str, tmp: Path) -> None:
+    """JavaScript, an ES module, as node parses it (`node --check`)."""
+    node = shutil.which("node")
+    if node is None:
+        if os.environ.get("CI"):
+            pytest.fail("node is not installed: .ci/run installs Debian's nodejs")
+        pytest.skip("no node to parse JavaScript")
+    path = tmp / "doc.mjs"
+    path.write_text(code)
+    out = subprocess.run([node, "--check", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
 def _text(code: str, tmp: Path) -> None:
     """A diagram, a synopsis, sample output: nothing to parse."""
 
@@ -152,6 +165,7 @@ PARSERS: dict[str, Callable[[str, Path], object]] = {
     "bash": _shell,
     "json": lambda code, tmp: json.loads(code),
     "promql": _promql,
+    "js": _js,
     "": _text,
     "text": _text,
 }
