@@ -122,7 +122,7 @@ def _result_bound(info: dict[str, Any], item: Any, params: dict[str, Any]) -> in
     cap = info.get("max_tokens")
     if isinstance(cap, int) and cap > 0:
         tokens = min(tokens, cap)
-    per_value = 16 / 3 if info.get("packs_floats") else 22.0
+    per_value = 16 / 3 if info.get("packs_floats") else 25.0
     return int(tokens * int(width) * per_value) + 64
 
 
