@@ -125,7 +125,7 @@ def _result_bound(info: dict[str, Any], item: Any, params: dict[str, Any]) -> in
     cap = info.get("max_tokens")
     if isinstance(cap, int) and cap > 0:
         tokens = min(tokens, cap)
-    per_value = 16 / 3 if info.get("packs_floats") else 22.0
+    per_value = 16 / 3 if info.get("packs_floats") else 25.0
     return int(tokens * int(width) * per_value) + 64
 
 
@@ -828,6 +828,18 @@ class Client:
             """Send the segment's good items as one message (waiting for room: yields the
             outcomes of earlier messages meanwhile), then queue its outcomes."""
             good = [item for item, error in segment if error is None]
+            # at most `window` messages, and results of at most RESULTS_IN_FLIGHT x the
+            # deployment's result_bytes (their bound), wait in Redis: first read the
+            # earliest ones (a message alone always goes)
+            while (
+                window is not None
+                and in_flight
+                and (
+                    len(in_flight) >= window or sum(bounds) + made > RESULTS_IN_FLIGHT * result_room
+                )
+            ):
+                bounds.popleft()
+                yield from results_of(*in_flight.popleft())
             job, pause = None, 0.01
             give_up = None if timeout is None else time.monotonic() + timeout
             while good:
@@ -846,15 +858,6 @@ class Client:
                         break
             in_flight.append((segment, job))
             bounds.append(made)
-            # at most `window` messages, and results of at most RESULTS_IN_FLIGHT x the
-            # deployment's result_bytes, wait in Redis (always one message at least)
-            while (
-                window is not None
-                and len(in_flight) > 1
-                and (len(in_flight) > window or sum(bounds) > RESULTS_IN_FLIGHT * result_room)
-            ):
-                bounds.popleft()
-                yield from results_of(*in_flight.popleft())
 
         for i, item in enumerate(inputs):
             error: PipeqError | None = None

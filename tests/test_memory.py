@@ -14,6 +14,8 @@ import json
 import math
 import re
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -203,6 +205,36 @@ def test_map_sizes_messages_to_fit_refuses_only_what_never_fits_and_leaves_no_re
         if text != texts[5]:
             assert_close(got, pipe(text), tol=1e-5)
     assert text_of(1900, 99) not in [t for _, t in cluster.forwards()]
+
+
+def test_map_keeps_a_bounded_window_of_results_in_flight(small_cluster: Cluster) -> None:
+    """60 short texts: messages of 2 (each bound ~0.43 MB of results, against 0.6 MB),
+    and at most 4 x result_bytes of results in flight: 5 messages. Before, map sent all
+    30 messages at once, and their results stayed in Redis for 24 h."""
+    cluster = small_cluster
+    r = cluster.redis()
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            pipe = r.pipeline()
+            pipe.zcard("pipeq:waiting:small")
+            pipe.zcard("pipeq:running:small")
+            seen.append(sum(pipe.execute()))
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    with cluster.client() as client:
+        sampler.start()
+        try:
+            results = client.map("small", [text_of(100, 300 + i) for i in range(60)])
+        finally:
+            stop.set()
+            sampler.join(5)
+    assert len(results) == 60 and all(len(r[0][0]) == 384 for r in results)
+    print(f"\nmessages in flight: at most {max(seen)} ({len(seen)} samples)")
+    assert 0 < max(seen) <= 5
 
 
 def test_a_per_item_message_past_the_limit_refuses_the_items_that_do_not_fit_before_compute(

@@ -156,7 +156,7 @@ class Handler:
     def _made(self, items: list[Any], params: dict[str, Any], packed: bool) -> tuple[int, str]:
         """(bytes, what makes them) of the result of `items`, for the tasks whose result
         grows with more than the request: feature-extraction (tokens x `feature_width`
-        floats, 5.3 bytes each packed, 22 as JSON lists), fill-mask (masks x top_k
+        floats, 5.3 bytes each packed, 25 as JSON lists), fill-mask (masks x top_k
         records, each repeating its text), token-classification (a record a token at
         most) and question-answering (top_k answers); (0, "") for the others, whose
         results the request's other limits bound."""
@@ -399,11 +399,12 @@ class Handler:
         return None
 
 
-#: bytes a float takes in a stored result: packed (base64 of float32), and as JSON (its
-#: shortest repr as a double and ", ": 21.5 measured on MiniLM's hidden states,
-#: bench/float_encoding.py); and a packed item's own keys and shape
+#: bytes a float takes in a stored result: packed (base64 of float32), and as JSON at
+#: most (its shortest repr as a double, "-1.2345678901234567e-05", and ", "; 21.5 on
+#: average for MiniLM's hidden states, bench/float_encoding.py), so that the estimate
+#: is never short of what is stored; and a packed item's own keys and shape
 _PACKED_BYTES = 16 / 3
-_JSON_BYTES = 22.0
+_JSON_BYTES = 25.0
 _ITEM_BYTES = 64
 #: a record of fill-mask, ner or question-answering without its text (keys, a score)
 _RECORD_BYTES = 120
