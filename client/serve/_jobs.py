@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import redis
 from celery import states
 
-from pipeq import _app, _tasks
+from pipeq import _app, _floats, _tasks
 from pipeq._client import Client, JobState, to_pipeq_error
 from pipeq._ledger import META_PREFIX, job_key, submitted_key
 from pipeq._registry import DEPLOYMENTS_KEY
@@ -485,7 +485,8 @@ class Gateway:
             return view
         assert meta is not None
         if state == states.SUCCESS:
-            view.status, view.result = JobState.SUCCEEDED, meta.get("result")
+            # packed float arrays (`pipeq._floats`, feature-extraction) as the lists they hold
+            view.status, view.result = JobState.SUCCEEDED, _floats.unpack(meta.get("result"))
         elif state in (states.FAILURE, states.REVOKED):
             exc = self.client.app.backend.exception_to_python(meta.get("result"))
             view.error = to_pipeq_error(exc, job_id, deployment)
