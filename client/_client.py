@@ -210,7 +210,11 @@ class Job:
         self.deployment = deployment
         self._client = client
         self._async: AsyncResult = client.app.AsyncResult(job_id)
-        self._forgotten = False
+        #: None: not known yet. A handle from `Client.job` (no deployment) asks Redis at
+        #: its first `result()`, since the Client's Celery may still hold the result of a
+        #: job another handle forgot (a result message that came after its wait ended is
+        #: kept for the next waiter on that id); `submit`'s handle saw the job begin.
+        self._forgotten: bool | None = None if deployment is None else False
 
     def __repr__(self) -> str:
         return f"<Job {self.id} deployment={self.deployment}>"
@@ -318,7 +322,7 @@ class Job:
     def _check_forgotten(self, *, ask: bool = True) -> None:
         """UnknownJob if the job was forgotten: by this handle, or (`ask`, one Redis round
         trip) by any."""
-        if not self._forgotten and ask:
+        if self._forgotten is None or (ask and not self._forgotten):
             self._forgotten = self._client.call(self._client.ledger.forgotten, self.id)
         if self._forgotten:
             raise UnknownJob(
