@@ -220,10 +220,13 @@ def test_every_job_reaches_flower_as_received_started_then_succeeded_or_failed(
     assert shown.startswith(repr({"inputs": ["You clever monster!"] * 60})[:1021])
 
 
+@contextmanager
 def own_sentiment_stack(
     name: str, redis_url: str, deployments: dict[str, Any], tmp_path: Path
-) -> tuple[Any, Stack]:
-    """A stack (started) of one worker of its own, the sentiment model under `name`."""
+) -> Iterator[tuple[Any, Stack]]:
+    """A stack (started) of one worker of its own, the sentiment model under `name`;
+    afterwards stopped, and the deployment forgotten: left announced on the session's
+    Redis, it made the Hub id it serves ambiguous for the gateway's tests (404)."""
     d = dataclasses.replace(deployments["sentiment-analysis"], name=name)
     stack = Stack(
         {d.name: d},
@@ -233,7 +236,12 @@ def own_sentiment_stack(
         exporter_port=None,
     )
     stack.start()
-    return d, stack
+    try:
+        yield d, stack
+    finally:
+        stack.stop()
+        with Client(redis_url) as client:
+            client.registry.forget(name)
 
 
 def test_a_stopping_worker_sends_the_flower_events_it_still_holds(
@@ -241,8 +249,10 @@ def test_a_stopping_worker_sends_the_flower_events_it_still_holds(
 ) -> None:
     """Events wait a moment in the worker before they go out; stopped at once after its
     last job, a worker still sends them all."""
-    d, stack = own_sentiment_stack("sentiment-stopping", redis_url, deployments, tmp_path)
-    try:
+    with own_sentiment_stack("sentiment-stopping", redis_url, deployments, tmp_path) as (
+        d,
+        stack,
+    ):
         assert stack.wait_ready(timeout_s=120) == {d.name: "ready"}
         with Client(redis_url) as client, flower_view(client) as (events, until):
             jobs = [client.submit(d.name, f"text {i}") for i in range(3)]
@@ -251,8 +261,6 @@ def test_a_stopping_worker_sends_the_flower_events_it_still_holds(
             stack.stop()  # at once: the jobs' events are still held in the worker
             ids = {job.id for job in jobs}
             until(lambda: ids <= {e["uuid"] for e in events if e["type"] == "task-succeeded"})
-    finally:
-        stack.stop()
 
 
 def test_a_worker_answers_flowers_stats_inspection_without_its_transport_options(
@@ -262,8 +270,10 @@ def test_a_worker_answers_flowers_stats_inspection_without_its_transport_options
     transport options is not JSON), and would carry a Sentinel password once it did not.
     A worker of its own (`test_the_worker_consumer_runs_celerys_connection_step_once`
     has why the reply failed in one worker in three or four)."""
-    d, stack = own_sentiment_stack("sentiment-inspected", redis_url, deployments, tmp_path)
-    try:
+    with own_sentiment_stack("sentiment-inspected", redis_url, deployments, tmp_path) as (
+        d,
+        stack,
+    ):
         assert stack.wait_ready(timeout_s=120) == {d.name: "ready"}
         with Client(redis_url) as client:
             client.submit(d.name, "counted in its stats").result(timeout=30)
@@ -276,8 +286,6 @@ def test_a_worker_answers_flowers_stats_inspection_without_its_transport_options
                 replies = client.app.control.inspect(destination=workers, timeout=2).stats()
                 if replies or time.monotonic() > deadline:
                     break
-    finally:
-        stack.stop()
     assert replies and set(replies) == set(workers), (replies, workers)
     [stats] = replies.values()
     assert stats["broker"]["transport"]  # the broker part is there,
