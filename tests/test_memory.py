@@ -152,14 +152,20 @@ def test_a_result_through_the_queue_is_exactly_what_pipeline_returns(
     text = "This is a course about the Transformers library"
     got = client.submit("feature-extraction", text).result(timeout=60)
     want = local_pipeline("feature-extraction", deployments["feature-extraction"].model)(text)
-    assert got == want  # identical, not close: float32 values travel exactly
+    # close, not identical: on the shared stack the worker may batch this text with other
+    # tests' texts, and padding to a batch-mate's length changes the matrix shapes and so
+    # the float32 rounding (7th digit, CI of stop 27), as `pipeline(batch_size=n)` does
+    # in process. That the packed values travel exactly is checked above
+    # (test_packed_float32_unpacks_to_exactly_the_values_and_json_keeps_them_too).
+    assert_close(got, want, tol=1e-5)
 
 
 def test_a_producer_that_asks_for_no_packing_gets_the_same_lists(client: Client) -> None:
     """A bare Celery message (a producer that is not pipeq's Client) gets plain lists."""
     texts = ["Short one.", "A rather longer second sentence."]
     raw = send_raw(client, "feature-extraction", inputs=texts, params={}).result(timeout=60)
-    assert raw == client.submit("feature-extraction", texts).result(timeout=60)
+    # close: two jobs, each perhaps batched with other tests' texts (see above)
+    assert_close(raw, client.submit("feature-extraction", texts).result(timeout=60), tol=1e-5)
     assert isinstance(raw[0][0][0][0], float)
 
 
