@@ -256,11 +256,24 @@ def flower_by_hand(redis_url: str, log: Path) -> Iterator[int]:
         proc.wait(30)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`--dist loadgroup`), every test on the session's shared stack
     runs in one test process, so the ten-worker stack starts once per run (about 30 s
-    of both cores) rather than once per process; the tests that start a cluster of their
-    own spread over the other processes."""
+    of both cores, 2 to 3 GB) rather than once per process; the tests that start a
+    cluster of their own spread over the other processes."""
     for item in items:
         if "stack" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("stack"))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """The grouping above failed silently twice (every process then starts a stack of
+    its own: a third more time and memory, 22 GB at the peak): when this hook ran after
+    xdist's, and with pytest 9.2, whose node ids xdist 3.8 no longer suffixes
+    (pytest-dev/pytest-xdist#1386). A test on the stack that xdist did not group fails."""
+    if getattr(item.config.option, "loadgroup", False) and "stack" in item.fixturenames:
+        assert "@stack" in item.nodeid, (
+            f"{item.nodeid} is not in xdist's 'stack' group: each test process would start "
+            "a ten-worker stack of its own (see pytest_collection_modifyitems)"
+        )
