@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from statistics import median, quantiles
 
@@ -282,30 +283,21 @@ def _cancel_all(client: Client, ids: list[str]) -> None:
         list(pool.map(lambda job_id: client.job(job_id).cancel(), ids))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--jobs", type=int, default=300)
-    ap.add_argument("--seconds", type=int, default=10)
-    ap.add_argument("--connections", type=int, default=64)
-    ap.add_argument("--streams", type=int, default=2000)
-    ap.add_argument("--waits", type=int, default=2000)
-    ap.add_argument("--models-dir", default=".cache/pipeq-models")
-    ap.add_argument("--parts", default="123", help="which parts to run (default all: 123)")
-    args = ap.parse_args()
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this client's sockets
-
-    tmp = Path(tempfile.mkdtemp(prefix="pipeq-bench-gateway-"))
-    deployments = {DEPLOYMENT: demo_config(Path(args.models_dir))[DEPLOYMENT]}
-    config = write_config(deployments, tmp / "bench.toml")
+@contextlib.contextmanager
+def gateway_stack(
+    models_dir: str, name: str, redis_from: int, gateway_from: int
+) -> Iterator[tuple[Stack, str, Path]]:
+    """A started stack of one redis-server, one tiny sentiment worker and one gateway,
+    ready: (the stack, the gateway's URL, its log folder); stopped afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"pipeq-bench-{name}-"))
+    deployments = {DEPLOYMENT: demo_config(Path(models_dir))[DEPLOYMENT]}
     stack = Stack(
         deployments,
-        str(config),
-        redis_port=free_port_from(17000),
+        str(write_config(deployments, tmp / "bench.toml")),
+        redis_port=free_port_from(redis_from),
         flower_port=None,
         exporter_port=None,
-        gateway_port=free_port_from(18100),
+        gateway_port=free_port_from(gateway_from),
         log_dir=tmp,
     )
     stack.start()
@@ -321,6 +313,26 @@ def main() -> None:
             except OSError:
                 assert time.monotonic() < deadline, (tmp / "gateway.log").read_text()
                 time.sleep(0.2)
+        yield stack, url, tmp
+    finally:
+        stack.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=300)
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--streams", type=int, default=2000)
+    ap.add_argument("--waits", type=int, default=2000)
+    ap.add_argument("--models-dir", default=".cache/pipeq-models")
+    ap.add_argument("--parts", default="123", help="which parts to run (default all: 123)")
+    args = ap.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this client's sockets
+
+    with gateway_stack(args.models_dir, "gateway", 17000, 18100) as (stack, url, tmp):
         assert stack.gateway_proc is not None
         print(
             f"machine: {psutil.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
@@ -336,8 +348,6 @@ def main() -> None:
             if "3" in args.parts:
                 announce_sinks(client.redis)
                 held(url, client, stack.gateway_proc.pid, args.streams, args.waits)
-    finally:
-        stack.stop()
 
 
 if __name__ == "__main__":

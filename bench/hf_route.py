@@ -12,25 +12,20 @@ loopback), all started here:
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
-from pathlib import Path
 from statistics import median
 
 import httpx
+from gateway import DEPLOYMENT, gateway_stack  # bench/gateway.py, run as a script here
 from huggingface_hub import InferenceClient, constants
 
 from pipeq import Client
-from pipeq._stack import Stack, free_port_from
-from pipeq.worker.demo import demo_config, write_config
 
 #: huggingface_hub's offline mode (HF_HUB_OFFLINE=1, this machine's) refuses every URL,
 #: the gateway's on loopback too; the workers stay offline
 constants.HF_HUB_OFFLINE = False
 
-DEPLOYMENT = "sentiment-analysis"
 TEXT = "I've been waiting for this all my life."
 
 
@@ -66,30 +61,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--models-dir", default=".cache/pipeq-models")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="pipeq-bench-hf-"))
-    deployments = {DEPLOYMENT: demo_config(Path(args.models_dir))[DEPLOYMENT]}
-    stack = Stack(
-        deployments,
-        str(write_config(deployments, tmp / "bench.toml")),
-        redis_port=free_port_from(17100),
-        flower_port=None,
-        exporter_port=None,
-        gateway_port=free_port_from(18200),
-        log_dir=tmp,
-    )
-    stack.start()
-    try:
-        status = stack.wait_ready(240)
-        assert all(s == "ready" for s in status.values()), status
-        url = stack.gateway_url
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/ready", timeout=5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, (tmp / "gateway.log").read_text()
-                time.sleep(0.2)
+    with gateway_stack(args.models_dir, "hf", 17100, 18200) as (stack, url, _):
         with Client(stack.url) as client, httpx.Client(base_url=url, timeout=30) as http:
             ways = paths(url, client, http)
             for call in ways.values():  # warm every path (connections, caches)
@@ -116,8 +88,6 @@ def main() -> None:
                 f"{'all':>5}  "
                 + "  ".join(f"{median(v):>13.2f} / {p90(v):>12.2f}" for v in every.values())
             )
-    finally:
-        stack.stop()
 
 
 if __name__ == "__main__":

@@ -24,17 +24,17 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import redis
 from celery import states
 
 from pipeq import _app, _floats, _tasks
 from pipeq._client import Client, JobState, to_pipeq_error
-from pipeq._ledger import META_PREFIX, job_key, submitted_key
+from pipeq._ledger import META_PREFIX, job_key, stream_key, submitted_key
 from pipeq._registry import DEPLOYMENTS_KEY
 from pipeq.errors import InvalidRequest, PipeqError
 from pipeq.serve._auth import LOCAL, RATE_SCRIPT, Caller, Keys
@@ -302,6 +302,19 @@ class StreamBus:
 
 
 # -- the gateway -----------------------------------------------------------------------
+class StreamReader(Protocol):
+    """What `Gateway.follow` needs of a route's reader of a job's stream."""
+
+    #: the id of the last stream entry read ("0-0": none)
+    cursor: str
+    #: the job's view once it ended (set by `Gateway.follow`)
+    view: JobView | None
+
+    def events(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> Iterable[bytes]:
+        """Server-sent events for these entries; moves `cursor` past them."""
+        ...
+
+
 class Gateway:
     """What every request of one gateway process shares: a `Client` (submits), an async
     Redis client (reads, waits, streams), the result bus, the settings. No state of its
@@ -549,6 +562,49 @@ class Gateway:
             raise _unavailable(e) from None
         entries = reply[0][1] if reply else []
         return [(i.decode() if isinstance(i, bytes) else i, f) for i, f in entries]
+
+    async def follow(self, view: JobView, reader: StreamReader) -> AsyncIterator[bytes]:
+        """A job's stream as server-sent events, until the job ends: `reader.events` turns
+        each batch of stream entries into events (and moves `reader.cursor`); the stream
+        is followed through the gateway's one XREAD (`streams`) and woken by its result
+        bus; a keep-alive comment every `keepalive_s` while nothing else is sent. The
+        ended job's view is left in `reader.view`. A client that goes away ends only this
+        generator: the job runs on. Raises ApiError 503 when Redis does not answer."""
+        keepalive = self.settings.keepalive_s
+        key = stream_key(view.id)
+        self.metrics.open_streams.inc()
+        try:
+            wake = asyncio.Event()
+            with self.results.watch(view.id, wake) as watch:
+                for chunk in reader.events(await self.stream_entries(key, reader.cursor, None)):
+                    yield chunk  # what the stream holds already
+                view = await self.read(view.id)  # after watching: an end meanwhile is seen
+                sent_at = time.monotonic()
+                with self.streams.follow(key, reader.cursor, wake) as follow:
+                    while not view.status.done:
+                        left = keepalive - (time.monotonic() - sent_at)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(wake.wait(), max(0.0, left))
+                        wake.clear()
+                        entries, follow.entries = follow.entries, []
+                        for chunk in reader.events(entries):
+                            yield chunk
+                            sent_at = time.monotonic()
+                        ended = any(b"end" in fields for _, fields in entries)
+                        if ended or watch.data is not None:
+                            watch.data = None
+                            view = await self.read(view.id)
+                            if ended:  # the result is stored as the end is written
+                                view = await self.wait(view, 5.0)
+                        if not view.status.done and time.monotonic() - sent_at >= keepalive:
+                            yield b": keep-alive\n\n"
+                            sent_at = time.monotonic()
+                # what the stream got since the last read
+                for chunk in reader.events(await self.stream_entries(key, reader.cursor, None)):
+                    yield chunk
+            reader.view = view
+        finally:
+            self.metrics.open_streams.dec()
 
     async def attempts_before(self, key: str, last: str) -> int:
         """How many attempts began in a job's stream up to entry `last` (a resumed

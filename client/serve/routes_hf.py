@@ -18,10 +18,7 @@ process.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -188,50 +185,18 @@ def _sse(data: dict[str, Any]) -> bytes:
 async def _tgi_events(
     gw: Gateway, view: JobView, hf: _hf.HFRequest, prompt: str
 ) -> AsyncIterator[bytes]:
-    """TGI's `/generate_stream` events from the job's Redis Stream, followed through the
-    gateway's one XREAD (`Gateway.streams`) and woken by its result bus: one event a
-    piece of text as the worker streams it (`_Tokens`); a job the dynamic batcher runs
-    comes as one piece when done. An error after the stream began is TGI's
-    `{"error", "error_type"}` event. A keep-alive comment every `keepalive_s` while
-    nothing else is sent; a client that goes away ends only this generator: the job
-    runs on."""
-    keepalive = gw.settings.keepalive_s
-    key = stream_key(view.id)
+    """TGI's `/generate_stream` events from the job's Redis Stream (`Gateway.follow`):
+    one event a piece of text as the worker streams it (`_Tokens`); a job the dynamic
+    batcher runs comes as one piece when done. An error after the stream began is TGI's
+    `{"error", "error_type"}` event."""
     tokens = _Tokens(hf, view)
-    gw.metrics.open_streams.inc()
     try:
-        wake = asyncio.Event()
-        with gw.results.watch(view.id, wake) as watch:
-            for chunk in tokens.events(await gw.stream_entries(key, tokens.cursor, None)):
-                yield chunk  # what the stream holds already
-            view = await gw.read(view.id)  # after watching: an end meanwhile is seen
-            sent_at = time.monotonic()
-            with gw.streams.follow(key, tokens.cursor, wake) as follow:
-                while not view.status.done:
-                    left = keepalive - (time.monotonic() - sent_at)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), max(0.0, left))
-                    wake.clear()
-                    entries, follow.entries = follow.entries, []
-                    for chunk in tokens.events(entries):
-                        yield chunk
-                        sent_at = time.monotonic()
-                    ended = any(b"end" in fields for _, fields in entries)
-                    if ended or watch.data is not None:
-                        watch.data = None
-                        view = await gw.read(view.id)
-                        if ended:  # the result is stored as the end is written
-                            view = await gw.wait(view, 5.0)
-                    if not view.status.done and time.monotonic() - sent_at >= keepalive:
-                        yield b": keep-alive\n\n"
-                        sent_at = time.monotonic()
-            for chunk in tokens.events(await gw.stream_entries(key, tokens.cursor, None)):
-                yield chunk  # what the stream got since the last read
-        yield tokens.last(view, prompt)
+        async for chunk in gw.follow(view, tokens):
+            yield chunk
+        assert tokens.view is not None
+        yield tokens.last(tokens.view, prompt)
     except PipeqError as e:
         yield _sse(_hf.tgi_error(e))
-    finally:
-        gw.metrics.open_streams.dec()
 
 
 class _Tokens:
@@ -241,7 +206,8 @@ class _Tokens:
 
     def __init__(self, hf: _hf.HFRequest, view: JobView) -> None:
         self.hf = hf
-        self.view = view
+        self.job = view
+        self.view: JobView | None = None  # the ended job's (Gateway.follow)
         self.cursor = "0-0"
         self.attempt = ""  # the text of the attempt running now
         self.said = ""  # the text sent in events
@@ -251,8 +217,8 @@ class _Tokens:
     def _restarted(self) -> StreamRestarted:
         return StreamRestarted(
             "the job restarted on another worker and made other text",
-            job_id=self.view.id,
-            deployment=self.view.deployment,
+            job_id=self.job.id,
+            deployment=self.job.deployment,
         )
 
     def events(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> list[bytes]:

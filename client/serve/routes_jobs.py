@@ -11,11 +11,8 @@ GET  /v1/jobs/{id}/events      server-sent events from the job's Redis Stream
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import re
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -254,42 +251,11 @@ async def _events(gw: Gateway, view: JobView, last: str | None) -> AsyncIterator
     its stream entry's id as the SSE id; then completed (the job: status, result or
     error). A comment every keepalive_s while nothing else is sent. A client that goes
     away ends only this generator: the job runs on."""
-    keepalive = gw.settings.keepalive_s
-    key = stream_key(view.id)
-    gw.metrics.open_streams.inc()
-    try:
-        said = _Said(await gw.attempts_before(key, last) if last else 0, last or "0-0")
-        wake = asyncio.Event()
-        with gw.results.watch(view.id, wake) as watch:
-            for chunk in said.events(await gw.stream_entries(key, said.cursor, None)):
-                yield chunk  # what the stream holds already
-            view = await gw.read(view.id)  # after watching: an end meanwhile is seen
-            sent_at = time.monotonic()
-            with gw.streams.follow(key, said.cursor, wake) as follow:
-                while not view.status.done:
-                    left = keepalive - (time.monotonic() - sent_at)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), max(0.0, left))
-                    wake.clear()
-                    entries, follow.entries = follow.entries, []
-                    for chunk in said.events(entries):
-                        yield chunk
-                        sent_at = time.monotonic()
-                    ended = any(b"end" in fields for _, fields in entries)
-                    if ended or watch.data is not None:
-                        watch.data = None
-                        view = await gw.read(view.id)
-                        if ended:  # the result is stored as the end is written
-                            view = await gw.wait(view, 5.0)
-                    if not view.status.done and time.monotonic() - sent_at >= keepalive:
-                        yield b": keep-alive\n\n"
-                        sent_at = time.monotonic()
-            # what the stream got since the last read
-            for chunk in said.events(await gw.stream_entries(key, said.cursor, None)):
-                yield chunk
-        yield _sse("completed", view.as_json())
-    finally:
-        gw.metrics.open_streams.dec()
+    said = _Said(await gw.attempts_before(stream_key(view.id), last) if last else 0, last or "0-0")
+    async for chunk in gw.follow(view, said):
+        yield chunk
+    assert said.view is not None
+    yield _sse("completed", said.view.as_json())
 
 
 class _Said:
@@ -298,6 +264,7 @@ class _Said:
     def __init__(self, attempts: int, cursor: str) -> None:
         self.attempts = attempts
         self.cursor = cursor
+        self.view: JobView | None = None  # the ended job's (Gateway.follow)
 
     def events(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> list[bytes]:
         out = []
