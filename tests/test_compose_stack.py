@@ -169,9 +169,17 @@ def _dockerfile_arg(name: str) -> str:
     return found.group(1)
 
 
+def _dockerfile_extras() -> str:
+    """The extras the Dockerfile installs pipeq with ("[worker,stack,serve]"): read from
+    it, as a fixed list here fell behind when the image took the gateway."""
+    found = re.search(r'pip install [^\n]*"\.(\[[a-z,]+\])"', (ROOT / "Dockerfile").read_text())
+    assert found, 'the Dockerfile\'s `pip install ... ".[extras]"`'
+    return found.group(1)
+
+
 def wheelhouse(where: Path) -> Path:
     """The wheels the image installs, by this host's pip (and its configured indexes):
-    the Dockerfile's torch and pipeq's worker and stack extras, under constraints.txt."""
+    the Dockerfile's torch and pipeq with the Dockerfile's extras, under constraints.txt."""
     pip = [sys.executable, "-m", "pip", "download", "-q", "-d", str(where)]
     torch = _dockerfile_arg("TORCH_SPEC")
     # as `make install`: this host's own indexes first; an unreachable extra index costs
@@ -184,7 +192,7 @@ def wheelhouse(where: Path) -> Path:
             *pip,
             *constraints,
             torch,  # the one just fetched: no other torch
-            f"{ROOT}[worker,stack]",
+            f"{ROOT}{_dockerfile_extras()}",
             "setuptools",  # pipeq's build backend (pyproject.toml)
             # redis' dependency on Pythons before 3.11.3, such as Debian 12's 3.11.2
             "async-timeout>=4.0.3",
