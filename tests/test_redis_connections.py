@@ -435,6 +435,11 @@ def test_sentinel_failover_mid_burst(tmp_path: Path, sentiment: Deployment) -> N
         assert "NOREPLICAS" in str(refused.value)
         _secrets_nowhere(str(refused.value))
         new.config_set("min-replicas-to-write", 0)
+        # the worker's heartbeats were refused too (it paused: issue 24, point 5); it is
+        # live again at its next beat (`pipeq status` said "no live worker" when asked at
+        # once, on a loaded machine)
+        with Client(cluster.url) as client:
+            wait_until(lambda: client.registry.live_workers("sentiment"), 30, "a live worker")
         check_everything_else(cluster.url, tmp_path, worker)
     finally:
         worker.stop()
