@@ -39,7 +39,7 @@ demo: $(STAMP)
 
 # the suite in TEST_PROCESSES processes, each with its own redis-server and ports; the
 # tests on the shared ten-worker stack keep to one of them (tests/conftest.py)
-TEST_PROCESSES ?= 3
+TEST_PROCESSES ?= 4
 test: $(STAMP) lint
 	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadgroup
 
