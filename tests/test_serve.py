@@ -138,6 +138,23 @@ def test_put_with_the_same_id_and_body_runs_once_another_body_is_409(
     assert client.job(job_id).result(timeout=30)
 
 
+@pytest.mark.parametrize(
+    ("job_id", "ok"),
+    [(".", False), ("..", False), ("...", True), ("a.b", True), ("", False), ("a/b", False)],
+)
+def test_a_client_chosen_id_is_never_a_path_step(job_id: str, ok: bool) -> None:
+    """`PUT /v1/jobs/..` made a job whose URLs (`/v1/jobs/..`) clients rewrite to
+    another path (RFC 3986 dot segments): "." and ".." are refused (422)."""
+    from pipeq.errors import InvalidRequest
+    from pipeq.serve._jobs import valid_job_id
+
+    if ok:
+        assert valid_job_id(job_id) == job_id
+    else:
+        with pytest.raises(InvalidRequest):
+            valid_job_id(job_id)
+
+
 def test_events_replay_from_the_start_and_from_last_event_id(http: httpx.Client) -> None:
     job = http.post(
         "/v1/jobs", json={"task": "text-generation", "inputs": "Hello", "params": GENERATE}

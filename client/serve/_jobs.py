@@ -646,10 +646,15 @@ def _unavailable(e: BaseException) -> ApiError:
 
 
 def valid_job_id(job_id: str) -> str:
-    """A client-chosen job id: 1 to 128 of letters, digits, '-', '_', '.', ':'."""
+    """A client-chosen job id: 1 to 128 of letters, digits, '-', '_', '.', ':', but not
+    "." or "..": as a URL path segment those mean this folder and the one above (RFC 3986,
+    5.2.4), and clients rewrite the job's URLs (`PUT /v1/jobs/..` was accepted).
+    Raises InvalidRequest (422)."""
     ok = 0 < len(job_id) <= 128 and all(
         c.isascii() and (c.isalnum() or c in "-_.:") for c in job_id
     )
-    if not ok:
-        raise InvalidRequest("a job id is 1 to 128 letters, digits, '-', '_', '.' or ':'")
+    if not ok or job_id in (".", ".."):
+        raise InvalidRequest(
+            "a job id is 1 to 128 letters, digits, '-', '_', '.' or ':', and not '.' or '..'"
+        )
     return job_id
