@@ -125,8 +125,8 @@ def _result_bound(info: dict[str, Any], item: Any, params: dict[str, Any]) -> in
     cap = info.get("max_tokens")
     if isinstance(cap, int) and cap > 0:
         tokens = min(tokens, cap)
-    per_value = 16 / 3 if info.get("packs_floats") else 25.0
-    return int(tokens * int(width) * per_value) + 64
+    per_value = _floats.PACKED_BYTES if info.get("packs_floats") else _floats.JSON_BYTES
+    return int(tokens * int(width) * per_value) + _floats.ITEM_BYTES
 
 
 #: the furthest `expires` may be: past it, a deadline means nothing (and overflows dates)

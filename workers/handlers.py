@@ -163,8 +163,8 @@ class Handler:
         n = len(items)
         if self.feature_width is not None:
             tokens = sum(self._tokens_made(item, params) for item in items)
-            per_value = _PACKED_BYTES if packed else _JSON_BYTES
-            size = int(tokens * self.feature_width * per_value) + n * _ITEM_BYTES
+            per_value = _floats.PACKED_BYTES if packed else _floats.JSON_BYTES
+            size = int(tokens * self.feature_width * per_value) + n * _floats.ITEM_BYTES
             form = "packed float32" if packed else "JSON"
             return (
                 size,
@@ -399,13 +399,6 @@ class Handler:
         return None
 
 
-#: bytes a float takes in a stored result: packed (base64 of float32), and as JSON at
-#: most (its shortest repr as a double, "-1.2345678901234567e-05", and ", "; 21.5 on
-#: average for MiniLM's hidden states, bench/float_encoding.py), so that the estimate
-#: is never short of what is stored; and a packed item's own keys and shape
-_PACKED_BYTES = 16 / 3
-_JSON_BYTES = 25.0
-_ITEM_BYTES = 64
 #: a record of fill-mask, ner or question-answering without its text (keys, a score)
 _RECORD_BYTES = 120
 
