@@ -69,7 +69,7 @@ SHORT_CONTEXT = {
 }
 
 #: Bump when the produced files change on purpose; a checkpoint with another version is rebuilt.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 MARKER = "tiny_model.json"
 STALE_TEMP_SECONDS = 3600
 
@@ -180,6 +180,14 @@ CORPUS: tuple[str, ...] = ENGLISH + FRENCH + GERMAN
 
 BPE_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 GPT2_EOS = "<|endoftext|>"
+# A ChatML-style template (role header, content, end-of-text) so that the tiny generators
+# take chats as an instruction-tuned model does: transformers' pipeline(messages) and
+# tokenizer.apply_chat_template need one; GPT-2 itself ships none.
+GPT2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content']"
+    " + '<|endoftext|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 
 T5_EXTRA_IDS = 100
 T5_TASK_PARAMS: dict[str, dict[str, Any]] = {
@@ -353,6 +361,7 @@ def _gpt2_tokenizer(out: pathlib.Path, max_length: int) -> dict[str, int]:
             "add_prefix_space": False,
             "errors": "replace",
             "model_max_length": max_length,
+            "chat_template": GPT2_CHAT_TEMPLATE,
             # GPT-2 has no pad token; padding with <|endoftext|> makes batching and sampling work.
             **_special_tokens_map(bos=GPT2_EOS, eos=GPT2_EOS, unk=GPT2_EOS, pad=GPT2_EOS),
         },
