@@ -1,0 +1,208 @@
+"""OpenAI's routes and Batch API: the shape conversions alone, then OpenAI's own Python
+client (pinned in constraints.txt) against a real stack and gateway."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from pipeq.errors import InvalidRequest
+from pipeq.serve import _openai
+
+PROMPT = "In this course, we will teach you how to"
+TEXTS = ["This course is produced by Hugging Face.", "You clever monster!"]
+
+
+# -- the conversions, without a server ----------------------------------------------------
+def test_temperature_zero_is_greedy_and_anything_else_samples() -> None:
+    greedy = _openai.CompletionRequest(model="m", prompt="a", temperature=0, max_tokens=5)
+    assert _openai.generation_params(greedy) == {
+        "max_new_tokens": 5,
+        "do_sample": False,
+        "return_full_text": False,
+    }
+    sampled = _openai.ChatRequest(
+        model="m", messages=[{"role": "user", "content": "hi"}], n=2, top_p=0.5, stop="x"
+    )
+    params = _openai.generation_params(sampled, 7)
+    assert params == {
+        "max_new_tokens": 7,
+        "do_sample": True,
+        "return_full_text": False,
+        "temperature": 1.0,
+        "top_p": 0.5,
+        "num_return_sequences": 2,
+        "stop_strings": ["x"],
+    }
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"temperature": 0, "n": 2},  # greedy text is one
+        {"seed": 3},  # sampling with a seed: workers have none per request
+        {"presence_penalty": 0.5},
+        {"stop": ["a", "b", "c", "d", "e"]},
+        {"logprobs": 2},
+    ],
+)
+def test_what_workers_cannot_honour_is_refused_by_name(fields: dict[str, Any]) -> None:
+    request = _openai.CompletionRequest(model="m", prompt="a", **fields)
+    with pytest.raises(InvalidRequest, match=next(iter(fields))):
+        _openai.generation_params(request)
+
+
+def test_text_is_cut_before_its_first_stop_string_and_pooling_follows_the_deployment() -> None:
+    assert _openai.cut_at_stop("one two. three.", [".", "two"]) == ("one ", True)
+    assert _openai.cut_at_stop("one", ["x"]) == ("one", False)
+    hidden = [[[1.0, 0.0], [3.0, 4.0]]]
+    assert _openai.pool(hidden, {}) == [2.0, 2.0]
+    assert _openai.pool(hidden, {"mode": "cls"}) == [1.0, 0.0]
+    assert _openai.pool(hidden, {"mode": "max", "normalize": True}) == [0.6, 0.8]
+    (data,) = _openai.embedding_data([[0.5, -1.0]], "base64")
+    assert struct.unpack("<2f", base64.b64decode(data["embedding"])) == (0.5, -1.0)
+
+
+# -- OpenAI's client against the gateway --------------------------------------------------
+@pytest.fixture(scope="module")
+def oai(gateway: Any) -> Any:
+    from openai import OpenAI
+
+    with OpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.keys["alice"], max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def generator(deployments: dict[str, Any]) -> Any:
+    """transformers' own pipeline on the text-generation deployment's checkpoint."""
+    from transformers import pipeline
+
+    return pipeline("text-generation", model=deployments["text-generation"].model, device="cpu")
+
+
+def _job(gateway: Any, job_id: str, until_done_s: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + until_done_s
+    while True:
+        job: dict[str, Any] = httpx.get(
+            f"{gateway.url}/v1/jobs/{job_id}", headers=gateway.headers("alice")
+        ).json()
+        if job["status"] not in ("queued", "running") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.1)
+
+
+def test_models_lists_each_deployment_with_its_hub_id(oai: Any, gateway: Any) -> None:
+    models = {m.id: m for m in oai.models.list()}
+    assert {"text-generation", "feature-extraction", "sentiment-analysis"} <= set(models)
+    assert models["distilgpt2"].model_dump()["hub_id"] == "distilbert/distilgpt2"
+    assert oai.models.retrieve("distilgpt2").id == "distilgpt2"
+    from openai import OpenAI
+
+    bob = OpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.keys["bob"], max_retries=0)
+    assert [m.id for m in bob.models.list()] == ["sentiment-analysis"]
+
+
+def test_a_greedy_completion_is_the_pipeline_s_greedy_text_with_usage(
+    oai: Any, generator: Any
+) -> None:
+    want = generator(PROMPT, max_new_tokens=8, do_sample=False, return_full_text=False)
+    got = oai.completions.create(
+        model="text-generation", prompt=PROMPT, max_tokens=8, temperature=0
+    )
+    assert got.choices[0].text == want[0]["generated_text"] != ""
+    assert got.id.startswith("cmpl-")
+    prompt_tokens = len(generator.tokenizer(PROMPT)["input_ids"])
+    assert got.usage.prompt_tokens == prompt_tokens
+    assert 0 < got.usage.completion_tokens <= 8
+    assert got.usage.total_tokens == prompt_tokens + got.usage.completion_tokens
+    # a stop string ends the text before it, as OpenAI's does
+    stop = want[0]["generated_text"].split()[1]
+    cut = oai.completions.create(
+        model="text-generation", prompt=PROMPT, max_tokens=8, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].finish_reason == "stop"
+    assert want[0]["generated_text"].startswith(cut.choices[0].text + stop)
+
+
+def test_a_chat_streams_to_done_through_the_chat_template(oai: Any, generator: Any) -> None:
+    messages = [{"role": "user", "content": "What will this course teach me?"}]
+    want = generator(messages, max_new_tokens=10, do_sample=False, return_full_text=False)
+    stream = oai.chat.completions.create(
+        model="text-generation",
+        messages=messages,
+        max_completion_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want[0]["generated_text"] and text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    whole = oai.chat.completions.create(
+        model="text-generation", messages=messages, max_tokens=10, temperature=0
+    )
+    assert whole.choices[0].message.content == text
+    assert whole.usage.prompt_tokens == chunks[-1].usage.prompt_tokens
+
+
+def test_a_stream_closed_early_cancels_its_job(oai: Any, gateway: Any) -> None:
+    stream = oai.completions.create(
+        model="text-generation", prompt=PROMPT, max_tokens=900, temperature=0, stream=True
+    )
+    first = next(iter(stream))
+    stream.close()
+    job_id = first.id.removeprefix("cmpl-")
+    assert _job(gateway, job_id)["status"] == "cancelled"
+
+
+def test_embeddings_are_the_pooled_pipeline_output_as_base64_and_floats(
+    oai: Any, deployments: Any
+) -> None:
+    import numpy as np
+    from transformers import pipeline
+
+    reference = pipeline("feature-extraction", model=deployments["feature-extraction"].model)
+    want = []
+    for text in TEXTS:
+        tokens = np.array(reference(text)[0])
+        mean = tokens.mean(axis=0)  # all-MiniLM-L6-v2's config: mean pooling, normalized
+        want.append(mean / np.linalg.norm(mean))
+    packed = oai.embeddings.create(model="feature-extraction", input=TEXTS)  # base64
+    floats = oai.embeddings.create(
+        model="sentence-transformers/all-MiniLM-L6-v2", input=TEXTS, encoding_format="float"
+    )
+    for got in (packed, floats):
+        assert [d.index for d in got.data] == [0, 1]
+        for d, w in zip(got.data, want, strict=True):
+            assert np.allclose(d.embedding, w, atol=1e-5)
+    assert floats.usage.prompt_tokens == sum(
+        len(reference.tokenizer(t)["input_ids"]) for t in TEXTS
+    )
+
+
+def test_errors_are_openai_s_envelope_and_raise_the_client_s_errors(oai: Any, gateway: Any) -> None:
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.completions.create(model="no-such-model", prompt="a")
+    assert e.value.code == "model_not_found" and e.value.param == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.embeddings.create(model="text-generation", input="a")
+    assert "feature-extraction" in e.value.message and e.value.type == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="text-generation", prompt="a", max_tokens=-1)
+    assert e.value.param == "max_tokens"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="nope").models.list()
+    slow = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.keys["slow"], max_retries=0)
+    with pytest.raises(openai.RateLimitError) as e:
+        for _ in range(5):
+            slow.models.list()
+    assert e.value.response.headers["retry-after"] and e.value.type == "rate_limit_error"
