@@ -4,15 +4,21 @@ client (pinned in constraints.txt) against a real stack and gateway."""
 from __future__ import annotations
 
 import base64
+import json
+import signal
 import struct
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from pipeq._stack import stop_process
 from pipeq.errors import InvalidRequest
 from pipeq.serve import _openai
+
+from .conftest import paused, start_gateway
 
 PROMPT = "In this course, we will teach you how to"
 TEXTS = ["This course is produced by Hugging Face.", "You clever monster!"]
@@ -206,3 +212,133 @@ def test_errors_are_openai_s_envelope_and_raise_the_client_s_errors(oai: Any, ga
         for _ in range(5):
             slow.models.list()
     assert e.value.response.headers["retry-after"] and e.value.type == "rate_limit_error"
+
+
+# -- the Batch API ---------------------------------------------------------------------------
+def _lines(model: str, n: int, max_tokens: int = 4, **extra: Any) -> list[dict[str, Any]]:
+    return [
+        {
+            "custom_id": f"req-{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {
+                "model": model,
+                "prompt": f"{PROMPT} {i}",
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                **extra,
+            },
+        }
+        for i in range(n)
+    ]
+
+
+def _batch(oai: Any, lines: list[Any], window: str = "24h") -> Any:
+    data = "\n".join(json.dumps(line) for line in lines).encode()
+    uploaded = oai.files.create(file=("in.jsonl", data), purpose="batch")
+    assert uploaded.bytes == len(data) and uploaded.purpose == "batch"
+    return oai.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/completions", completion_window=window
+    )
+
+
+def _until(oai: Any, batch_id: str, statuses: set[str], timeout_s: float = 120) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        batch = oai.batches.retrieve(batch_id)
+        if batch.status in statuses:
+            return batch
+        assert time.monotonic() < deadline, f"{batch_id} still {batch.status}"
+        time.sleep(0.2)
+
+
+def _by_custom_id(oai: Any, file_id: str | None) -> dict[str, Any]:
+    if file_id is None:
+        return {}
+    text = oai.files.content(file_id).text
+    out = {}
+    for line in text.splitlines():
+        record = json.loads(line)
+        assert record["custom_id"] not in out, f"{record['custom_id']} twice"
+        out[record["custom_id"]] = record
+    return out
+
+
+def test_a_batch_of_50_lines_completes_with_an_output_line_each(oai: Any) -> None:
+    batch = _batch(oai, _lines("text-generation", 50))
+    assert batch.status == "validating" and batch.request_counts.total == 50
+    done = _until(oai, batch.id, {"completed", "failed", "expired"})
+    assert done.status == "completed", done
+    assert (done.request_counts.completed, done.request_counts.failed) == (50, 0)
+    out = _by_custom_id(oai, done.output_file_id)
+    assert set(out) == {f"req-{i}" for i in range(50)} and done.error_file_id is None
+    one = oai.completions.create(
+        model="text-generation", prompt=f"{PROMPT} 7", max_tokens=4, temperature=0
+    )
+    assert out["req-7"]["response"]["status_code"] == 200
+    assert out["req-7"]["response"]["body"]["choices"][0]["text"] == one.choices[0].text
+    assert oai.batches.list(limit=1).data[0].id == batch.id
+
+
+def test_a_bad_line_goes_to_the_error_file_and_the_others_complete(oai: Any) -> None:
+    lines = _lines("text-generation", 3)
+    lines[1]["body"]["bogus"] = 1
+    lines.append({"custom_id": "wrong-url", "method": "POST", "url": "/v1/embeddings", "body": {}})
+    done = _until(oai, _batch(oai, lines).id, {"completed", "failed", "expired"})
+    assert done.status == "completed"
+    assert (done.request_counts.completed, done.request_counts.failed) == (2, 2)
+    assert set(_by_custom_id(oai, done.output_file_id)) == {"req-0", "req-2"}
+    errors = _by_custom_id(oai, done.error_file_id)
+    assert errors["req-1"]["response"]["status_code"] == 400
+    assert errors["req-1"]["response"]["body"]["error"]["param"] == "bogus"
+    assert errors["wrong-url"]["error"]["code"] == "invalid_line"
+
+
+def test_a_cancelled_batch_goes_through_cancelling_to_cancelled(
+    oai: Any, gateway: Any, client: Any
+) -> None:
+    with paused(client, "distilgpt2"):  # its lines wait in the queue
+        batch = _batch(oai, _lines("distilgpt2", 5))
+        _until(oai, batch.id, {"in_progress"})
+        assert oai.batches.cancel(batch.id).status == "cancelling"
+        done = _until(oai, batch.id, {"cancelled", "completed"}, timeout_s=30)
+    assert done.status == "cancelled" and done.cancelled_at
+    errors = _by_custom_id(oai, done.error_file_id)
+    assert {e["error"]["code"] for e in errors.values()} == {"batch_cancelled"}
+    assert len(errors) == 5
+    assert _job(gateway, f"{batch.id}-0")["status"] == "cancelled"
+
+
+def test_a_batch_past_its_window_expires_with_its_lines_in_the_error_file(
+    oai: Any, client: Any
+) -> None:
+    with paused(client, "distilgpt2"):  # no worker takes its lines
+        batch = _batch(oai, _lines("distilgpt2", 3), window="3s")
+        done = _until(oai, batch.id, {"expired", "completed", "failed"}, timeout_s=30)
+    assert done.status == "expired" and done.expired_at
+    errors = _by_custom_id(oai, done.error_file_id)
+    assert {e["error"]["code"] for e in errors.values()} == {"batch_expired"}
+    assert done.request_counts.failed == 3 and done.output_file_id is None
+
+
+def test_a_batch_survives_the_kill_of_the_gateway_running_it(
+    gateway: Any, client: Any, tmp_path: Path
+) -> None:
+    from openai import OpenAI
+
+    url, proc, _ = start_gateway(client.redis_url, tmp_path, gateway.keys_file)
+    first = OpenAI(base_url=f"{url}/v1", api_key=gateway.keys["alice"], max_retries=0)
+    try:
+        with paused(client, "distilgpt2"):  # its lines stay in flight
+            batch = _batch(first, _lines("distilgpt2", 50))
+            _until(first, batch.id, {"in_progress"})
+            time.sleep(1.0)  # its first lines are sent
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        url, proc, _ = start_gateway(client.redis_url, tmp_path, gateway.keys_file)
+        again = OpenAI(base_url=f"{url}/v1", api_key=gateway.keys["alice"], max_retries=0)
+        done = _until(again, batch.id, {"completed", "failed", "expired"})
+        assert done.status == "completed", done
+        assert set(_by_custom_id(again, done.output_file_id)) == {f"req-{i}" for i in range(50)}
+    finally:
+        stop_process(proc)

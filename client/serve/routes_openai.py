@@ -46,7 +46,16 @@ from pipeq.serve._errors import ApiError, error_response
 from pipeq.serve._jobs import Gateway, JobView
 from pipeq.serve.routes_hf import JOB_HEADER, SYNC_WAIT_S, _deployments
 
-__all__ = ["Generation", "openai_error", "router", "run_generation", "run_embeddings"]
+__all__ = [
+    "Generation",
+    "answer_generation",
+    "chat_request",
+    "completion_request",
+    "openai_error",
+    "router",
+    "run_embeddings",
+    "target_of",
+]
 
 log = logging.getLogger("pipeq.serve")
 
@@ -132,7 +141,7 @@ async def get_model(model: str, who: Caller = CallerDep, gw: Gateway = GatewayDe
     return _model(target)
 
 
-async def _target(gw: Gateway, model: str, task: str, route: str) -> Announced:
+async def target_of(gw: Gateway, model: str, task: str, route: str) -> Announced:
     target = _hf.find_deployment(await _deployments(gw), model)
     if target.canonical_task != task:
         raise InvalidRequest(f"model {model!r} is a {target.task} deployment; {route} needs {task}")
@@ -242,13 +251,6 @@ def _done(view: JobView) -> Any:
     return view.result
 
 
-async def run_generation(gw: Gateway, who: Caller, target: str, gen: Generation) -> Any:
-    """A completion or chat request's whole answer (the body OpenAI returns), waiting for
-    its job; raises the job's error. The Batch API runs its lines through this too."""
-    view, _ = await gw.submit(who, target, gen.inputs, params=gen.params, wait_s=SYNC_WAIT_S)
-    return await answer_generation(gw, gen, view)
-
-
 async def answer_generation(gw: Gateway, gen: Generation, view: JobView) -> Any:
     """The body OpenAI returns for a done completion or chat job."""
     result = _done(view)
@@ -321,7 +323,7 @@ async def _generate(
 async def completions(
     body: _openai.CompletionRequest, who: Caller = CallerDep, gw: Gateway = GatewayDep
 ) -> Response:
-    target = await _target(gw, body.model, "text-generation", "/v1/completions")
+    target = await target_of(gw, body.model, "text-generation", "/v1/completions")
     return await _generate(gw, who, target, completion_request(body, target.name), body.stream)
 
 
@@ -329,7 +331,7 @@ async def completions(
 async def chat_completions(
     body: _openai.ChatRequest, who: Caller = CallerDep, gw: Gateway = GatewayDep
 ) -> Response:
-    target = await _target(gw, body.model, "text-generation", "/v1/chat/completions")
+    target = await target_of(gw, body.model, "text-generation", "/v1/chat/completions")
     return await _generate(gw, who, target, chat_request(body, target.name), body.stream)
 
 
@@ -415,9 +417,10 @@ def _error_event(e: Exception) -> bytes:
 
 # -- embeddings ------------------------------------------------------------------------
 async def run_embeddings(
-    gw: Gateway, who: Caller, target: Announced, body: _openai.EmbeddingRequest
-) -> tuple[Any, str]:
-    """OpenAI's embeddings body for a request, and the job's id."""
+    gw: Gateway, who: Caller, target: Announced, body: _openai.EmbeddingRequest, **submit: Any
+) -> tuple[Any, JobView]:
+    """OpenAI's embeddings body for a request, and its job; `submit`: more of
+    `Gateway.submit`'s arguments (a batch line's `job_id`, `expires`, `digest`)."""
     texts = body.input if isinstance(body.input, list) else [body.input]
     if not texts:
         raise InvalidRequest("input: at least one text")
@@ -426,7 +429,8 @@ async def run_embeddings(
         raise InvalidRequest(
             f"dimensions: this model's embeddings have {width}",
         )
-    view, _ = await gw.submit(who, target.name, texts, wait_s=SYNC_WAIT_S)
+    submit.setdefault("wait_s", SYNC_WAIT_S)
+    view, _ = await gw.submit(who, target.name, texts, **submit)
     result = _done(view)
     how = target.info.get("pooling") or {"mode": "mean", "normalize": False}
     vectors = [_openai.pool(r, how) for r in result]
@@ -436,13 +440,13 @@ async def run_embeddings(
         "data": _openai.embedding_data(vectors, body.encoding_format),
         "model": target.name,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }, view.id
+    }, view
 
 
 @router.post("/embeddings", summary="OpenAI's embeddings, on a feature-extraction deployment")
 async def embeddings(
     body: _openai.EmbeddingRequest, who: Caller = CallerDep, gw: Gateway = GatewayDep
 ) -> Response:
-    target = await _target(gw, body.model, "feature-extraction", "/v1/embeddings")
-    answer, job_id = await run_embeddings(gw, who, target, body)
-    return JSONResponse(answer, headers={JOB_HEADER: job_id})
+    target = await target_of(gw, body.model, "feature-extraction", "/v1/embeddings")
+    answer, view = await run_embeddings(gw, who, target, body)
+    return JSONResponse(answer, headers={JOB_HEADER: view.id})
