@@ -333,6 +333,8 @@ def test_a_batch_survives_the_kill_of_the_gateway_running_it(
             batch = _batch(first, _lines("distilgpt2", 50))
             _until(first, batch.id, {"in_progress"})
             time.sleep(1.0)  # its first lines are sent
+            lease = client.redis.get(f"pipeq:oai:batch:{batch.id}:lease").decode()
+            assert lease.split(":")[1] == str(proc.pid)  # the gateway that made it runs it
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
         url, proc, _ = start_gateway(client.redis_url, tmp_path, gateway.keys_file)

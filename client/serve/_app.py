@@ -150,6 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.gateway = gw
         runner = routes_batches.make_runner(gw)  # runs batches, this process's and orphans
         await runner.start()
+        app.state.batch_runner = runner
         try:
             yield
         finally:

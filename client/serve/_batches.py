@@ -8,11 +8,13 @@ runner that turns a batch's lines into pipeq jobs. `routes_batches` does the req
                                          by POST .../cancel: Redis' time)
     pipeq:oai:batch:<id>:out       hash  line number -> its output line (JSON)
     pipeq:oai:batch:<id>:err       hash  line number -> its error line (JSON)
-    pipeq:oai:batch:<id>:lease     string: the gateway process running it (expires)
+    pipeq:oai:batch:<id>:lease     string: the process running it, "host:pid:nonce"
+                                         (expires)
     pipeq:oai:batches              set   batches not finished yet
     pipeq:oai:batches:<owner>      zset  the owner's batches by creation time (GET list)
 
-Every gateway process runs a `Runner`: once a second it takes the lease of each
+Every gateway process runs a `Runner`. It runs the batches it creates (leased to it in
+the creating transaction), and once a second it takes the lease of each
 unfinished batch nobody holds (SET NX, `LEASE_S`), renewing it while it runs the batch,
 so a gateway killed mid-batch (SIGKILL included) hands its batches to the next runner
 within `LEASE_S`. A line's job id is `<batch id>-<line number>`, submitted idempotently
@@ -31,7 +33,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -155,10 +159,12 @@ class BatchStore:
         await self.redis.delete(_key("file", file_id), _key("file", file_id, "content"))
 
     # -- batches -------------------------------------------------------------------------
-    async def create(self, who: Caller, doc: dict[str, Any]) -> dict[str, Any]:
+    async def create(self, who: Caller, doc: dict[str, Any], runner: str) -> dict[str, Any]:
+        """Store a new batch, leased to `runner` (the creating process's) from the start."""
         deployments = sorted(who.deployments) if who.deployments is not None else None
         key = _key("batch", doc["id"])
         async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(_key("batch", doc["id"], "lease"), runner, px=int(LEASE_S * 1000))
             pipe.hset(
                 key,
                 mapping={
@@ -278,7 +284,8 @@ class Runner:
         self.gw = gw
         self.redis = gw.aredis
         self.run_line = run_line
-        self.me = "gateway-" + uuid.uuid4().hex[:12]
+        #: the lease's value: which process runs a batch
+        self.me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.running: dict[str, asyncio.Task[None]] = {}
         self.slots: dict[str, asyncio.Semaphore] = {}
         self._task: asyncio.Task[None] | None = None
@@ -293,6 +300,13 @@ class Runner:
         if tasks:
             await asyncio.wait(tasks, timeout=2.0)
 
+    def adopt(self, batch_id: str) -> None:
+        """Run a batch this process created (`BatchStore.create` leased it to us)."""
+        if batch_id not in self.running:
+            task = asyncio.create_task(self._hold(batch_id), name=batch_id)
+            self.running[batch_id] = task
+            task.add_done_callback(lambda _: self.running.pop(batch_id, None))
+
     async def _scan(self) -> None:
         while True:
             try:
@@ -302,9 +316,7 @@ class Runner:
                         continue
                     lease = _key("batch", batch_id, "lease")
                     if await self.redis.set(lease, self.me, nx=True, px=int(LEASE_S * 1000)):
-                        task = asyncio.create_task(self._hold(batch_id), name=batch_id)
-                        self.running[batch_id] = task
-                        task.add_done_callback(lambda _, b=batch_id: self.running.pop(b, None))
+                        self.adopt(batch_id)
             except (redis.RedisError, OSError) as e:
                 log.warning("batch runner: Redis did not answer (%s)", e)
             await asyncio.sleep(SCAN_S)

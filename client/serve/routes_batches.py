@@ -28,7 +28,7 @@ import json
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeq.errors import InvalidRequest, PipeqError
@@ -165,7 +165,7 @@ async def delete_file(file_id: str, who: Caller = CallerDep, gw: Gateway = Gatew
 # -- batches -------------------------------------------------------------------------
 @router.post("/batches", summary="Run a file of requests as a batch")
 async def create_batch(
-    body: BatchRequest, who: Caller = CallerDep, gw: Gateway = GatewayDep
+    body: BatchRequest, request: Request, who: Caller = CallerDep, gw: Gateway = GatewayDep
 ) -> Any:
     store = BatchStore(gw)
     record = await store.file(who.name, body.input_file_id)
@@ -196,7 +196,10 @@ async def create_batch(
         "request_counts": {"total": int(record.get(b"lines", b"0")), "completed": 0, "failed": 0},
         "metadata": body.metadata,
     }
-    return await store.create(who, doc)
+    runner: Runner = request.app.state.batch_runner
+    created = await store.create(who, doc, runner.me)
+    runner.adopt(doc["id"])
+    return created
 
 
 @router.get("/batches/{batch_id}", summary="A batch")
