@@ -472,7 +472,7 @@ def sentence_pooling(model: str, revision: str | None = None) -> dict[str, Any]:
     model without one."""
     import json
 
-    from transformers.utils import cached_file
+    from transformers.utils.hub import cached_file
 
     found: dict[str, Any] = {"mode": "mean", "normalize": False}
 

@@ -38,7 +38,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -246,7 +246,7 @@ def parse_lines(content: bytes) -> list[str]:
 #: (HTTP status, response body); routes_batches provides it (the routes' own code)
 LineRunner = Callable[
     [Gateway, Caller, str, dict[str, Any], str, float, str],
-    Awaitable[tuple[int, Any, JobView | None]],
+    Coroutine[Any, Any, tuple[int, Any, JobView | None]],
 ]
 
 
@@ -461,13 +461,12 @@ class Runner:
             await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not run.done():
                 with contextlib.suppress(PipeqError, ApiError):
-                    view = await self.gw.read(job_id)
-                    await self.gw.cancel(view)
+                    await self.gw.cancel(await self.gw.read(job_id))
             status, body, view = await run
         finally:
             stopped.cancel()
-        if view is not None and view.status.value in ("cancelled", "expired"):
-            return None, None, view
+        if stop.is_set() and view is not None and view.status.value in ("cancelled", "expired"):
+            return None, None, view  # the batch's stop did it: `_finish` records why
         return status, body, view
 
     async def _record(

@@ -38,8 +38,8 @@ from pipeq.serve._auth import Caller
 from pipeq.serve._batches import _TRANSIENT, BatchStore, Runner
 from pipeq.serve._errors import ApiError
 from pipeq.serve._jobs import Gateway, JobView
+from pipeq.serve.routes_hf import SYNC_WAIT_S
 from pipeq.serve.routes_openai import (
-    SYNC_WAIT_S,
     OpenAIRoute,
     answer_generation,
     chat_request,
@@ -82,7 +82,7 @@ async def run_line(
     `digest`): (HTTP status, the route's response body, the job). Raises the errors that
     pass (no live worker, a full queue, Redis away) only before the job was sent."""
     view: JobView | None = None
-    submit = {
+    submit: dict[str, Any] = {
         "job_id": job_id,
         "expires": max(expires_s, 0.001),
         "digest": digest,
@@ -174,8 +174,9 @@ async def create_batch(
     window_s = _batches.parse_window(body.completion_window)
     seconds, _ = await gw.aredis.time()
     now = int(seconds)
-    doc = {
-        "id": "batch_" + uuid.uuid4().hex,
+    batch_id = "batch_" + uuid.uuid4().hex
+    doc: dict[str, Any] = {
+        "id": batch_id,
         "object": "batch",
         "endpoint": body.endpoint,
         "errors": None,
@@ -198,7 +199,7 @@ async def create_batch(
     }
     runner: Runner = request.app.state.batch_runner
     created = await store.create(who, doc, runner.me)
-    runner.adopt(doc["id"])
+    runner.adopt(batch_id)
     return created
 
 
