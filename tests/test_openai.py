@@ -214,6 +214,33 @@ def test_errors_are_openai_s_envelope_and_raise_the_client_s_errors(oai: Any, ga
     assert e.value.response.headers["retry-after"] and e.value.type == "rate_limit_error"
 
 
+def test_langchain_s_openai_chat_and_embeddings_run_on_the_gateway(
+    gateway: Any, oai: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LangChain's OpenAI integration (langchain-openai, pinned), as applications call it."""
+    from langchain_openai import ChatOpenAI, OpenAIEmbeddings
+
+    monkeypatch.delenv("LANGSMITH_TRACING", raising=False)
+    base, key = f"{gateway.url}/v1", gateway.keys["alice"]
+    chat = ChatOpenAI(model="text-generation", base_url=base, api_key=key, temperature=0)
+    answer = chat.invoke("What will this course teach me?", max_completion_tokens=6)
+    want = oai.chat.completions.create(
+        model="text-generation",
+        messages=[{"role": "user", "content": "What will this course teach me?"}],
+        max_completion_tokens=6,
+        temperature=0,
+    )
+    assert answer.content == want.choices[0].message.content
+    assert answer.usage_metadata["output_tokens"] == want.usage.completion_tokens
+    # tiktoken's context-length check fetches its vocabulary from the network: off
+    embed = OpenAIEmbeddings(
+        model="feature-extraction", base_url=base, api_key=key, check_embedding_ctx_length=False
+    )
+    (vector,) = embed.embed_documents([TEXTS[0]])
+    reference = oai.embeddings.create(model="feature-extraction", input=[TEXTS[0]])
+    assert vector == pytest.approx(reference.data[0].embedding, abs=1e-6)
+
+
 # -- the Batch API ---------------------------------------------------------------------------
 def _lines(model: str, n: int, max_tokens: int = 4, **extra: Any) -> list[dict[str, Any]]:
     return [
