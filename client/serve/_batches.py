@@ -48,6 +48,7 @@ from pipeq.errors import BrokerUnavailable, NoLiveWorker, Overloaded, PipeqError
 from pipeq.serve._auth import Caller
 from pipeq.serve._errors import ApiError
 from pipeq.serve._jobs import Gateway, JobView
+from pipeq.serve._openai import error_envelope
 
 __all__ = [
     "ENDPOINTS",
@@ -277,6 +278,10 @@ def _line(number: int, text: str, endpoint: str) -> _Line:
     return _Line(number, custom_id, data["body"])
 
 
+def _releasing(slot: asyncio.Semaphore) -> Callable[[asyncio.Task[None]], None]:
+    return lambda _: slot.release()
+
+
 class Runner:
     """A gateway process's batch runner (see the module's docstring)."""
 
@@ -392,13 +397,27 @@ class Runner:
         seen = set()
         for part in ("out", "err"):
             seen |= {int(n) for n in await self.redis.hkeys(f"{key}:{part}")}
-        todo = [x for x in lines if x.number not in seen]
         stop = asyncio.Event()
         watcher = asyncio.create_task(self._watch(doc, stop))
+        sent: set[asyncio.Task[None]] = set()
         try:
-            await asyncio.gather(*(self._one(doc, who, x, stop) for x in todo))
+            for x in lines:  # in order; a line waits for a free slot of its deployment
+                if stop.is_set():
+                    break
+                if x.number in seen:
+                    continue
+                model = str((x.body or {}).get("model", ""))
+                slot = self._slot(model)
+                await slot.acquire()
+                task = asyncio.create_task(self._one(doc, who, x, stop))
+                task.add_done_callback(_releasing(slot))
+                task.add_done_callback(sent.discard)
+                sent.add(task)
+            await asyncio.gather(*sent)
         finally:
             watcher.cancel()
+            for task in sent:
+                task.cancel()
         await self._finish(doc, who.name, lines)
 
     async def _watch(self, doc: dict[str, Any], stop: asyncio.Event) -> None:
@@ -421,21 +440,24 @@ class Runner:
         key = _key("batch", doc["id"])
         if line.problem is not None or line.body is None:
             return await self._record(key, "err", line, 400, None, line.problem or "bad line")
-        model = str(line.body.get("model", ""))
-        async with self._slot(model):
-            job_id = f"{doc['id']}-{line.number}"
-            while True:
-                if stop.is_set():
-                    return  # never submitted: `_finish` records why
-                left = doc["expires_at"] - time.time()
-                try:
-                    status, body, _ = await self._running(doc, who, line, job_id, left, stop)
-                except (*_TRANSIENT, ApiError) as e:  # raised only before its job was sent
-                    if isinstance(e, ApiError) and e.status not in (429, 503):
-                        raise
+        job_id = f"{doc['id']}-{line.number}"
+        while True:
+            if stop.is_set():
+                return  # never submitted: `_finish` records why
+            left = doc["expires_at"] - time.time()
+            status: int | None
+            try:
+                status, body, _ = await self._running(doc, who, line, job_id, left, stop)
+            except (*_TRANSIENT, ApiError) as e:  # raised only before its job was sent
+                if not isinstance(e, ApiError) or e.status in (429, 503):
                     await asyncio.sleep(RETRY_S)
                     continue
-                break
+                status, body = e.status, error_envelope(e.status, e.message, e.type)
+            except Exception:  # a fault of the gateway's own costs this line, not the batch
+                log.exception("batch %s: line %d failed", doc["id"], line.number)
+                status = 500
+                body = error_envelope(500, "the gateway failed to run this line", "InternalError")
+            break
         if status is None:
             return  # stopped before it ran: `_finish` records why
         part = "out" if status == 200 else "err"
