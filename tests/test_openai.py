@@ -158,14 +158,26 @@ def test_a_chat_streams_to_done_through_the_chat_template(oai: Any, generator: A
     assert whole.usage.prompt_tokens == chunks[-1].usage.prompt_tokens
 
 
-def test_a_stream_closed_early_cancels_its_job(oai: Any, gateway: Any) -> None:
+def test_a_stream_closed_early_cancels_its_job(oai: Any, gateway: Any, client: Any) -> None:
+    # a generation under way (continuous batching): stopped at its next step
     stream = oai.completions.create(
         model="text-generation", prompt=PROMPT, max_tokens=900, temperature=0, stream=True
     )
     first = next(iter(stream))
     stream.close()
-    job_id = first.id.removeprefix("cmpl-")
-    assert _job(gateway, job_id)["status"] == "cancelled"
+    assert _job(gateway, first.id.removeprefix("cmpl-"))["status"] == "cancelled"
+    # a chat still queued: it never runs
+    with paused(client, "distilgpt2"):
+        chat = oai.chat.completions.create(
+            model="distilgpt2",
+            messages=[{"role": "user", "content": "Hello"}],
+            temperature=0,
+            stream=True,
+        )
+        first = next(iter(chat))
+        assert first.choices[0].delta.role == "assistant"
+        chat.close()
+        assert _job(gateway, first.id.removeprefix("chatcmpl-"))["status"] == "cancelled"
 
 
 def test_embeddings_are_the_pooled_pipeline_output_as_base64_and_floats(

@@ -113,10 +113,13 @@ class CompletionRequest(_Generation):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """A chat message: text content (a string or text parts); tool calls are refused."""
+
+    model_config = ConfigDict(extra="forbid")
 
     role: str
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
 
 
 class ChatRequest(_Generation):
