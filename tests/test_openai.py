@@ -317,6 +317,11 @@ def test_a_batch_of_50_lines_completes_with_an_output_line_each(oai: Any) -> Non
     assert out["req-7"]["response"]["status_code"] == 200
     assert out["req-7"]["response"]["body"]["choices"][0]["text"] == one.choices[0].text
     assert oai.batches.list(limit=1).data[0].id == batch.id
+    files = {f.id: f for f in oai.files.list()}
+    assert {batch.input_file_id, done.output_file_id} <= set(files)
+    assert files[done.output_file_id].purpose == "batch_output"
+    oai.files.delete(batch.input_file_id)
+    assert batch.input_file_id not in {f.id for f in oai.files.list(purpose="batch")}
 
 
 def test_a_bad_line_goes_to_the_error_file_and_the_others_complete(oai: Any) -> None:

@@ -12,6 +12,7 @@ runner that turns a batch's lines into pipeq jobs. `routes_batches` does the req
                                          (expires)
     pipeq:oai:batches              set   batches not finished yet
     pipeq:oai:batches:<owner>      zset  the owner's batches by creation time (GET list)
+    pipeq:oai:files:<owner>        zset  the owner's files by creation time (GET list)
 
 Every gateway process runs a `Runner`. It runs the batches it creates (leased to it in
 the creating transaction), and once a second it takes the lease of each
@@ -110,6 +111,10 @@ def _key(kind: str, ident: str, part: str = "") -> str:
 ACTIVE_KEY = "pipeq:oai:batches"
 
 
+def _files_key(owner: str) -> str:
+    return f"pipeq:oai:files:{owner}"
+
+
 def _owner_key(owner: str) -> str:
     return f"pipeq:oai:batches:{owner}"
 
@@ -135,6 +140,8 @@ class BatchStore:
             "lines": lines,
         }
         async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(_files_key(owner), {file_id: record["created_at"]})
+            pipe.expire(_files_key(owner), int(KEEP_S))
             pipe.hset(_key("file", file_id), mapping=record)
             pipe.expire(_key("file", file_id), int(KEEP_S))
             pipe.set(_key("file", file_id, "content"), content, ex=int(KEEP_S))
@@ -158,6 +165,22 @@ class BatchStore:
     async def delete_file(self, owner: str, file_id: str) -> None:
         await self.file(owner, file_id)
         await self.redis.delete(_key("file", file_id), _key("file", file_id, "content"))
+        await self.redis.zrem(_files_key(owner), file_id)
+
+    async def files(self, owner: str, purpose: str | None, limit: int) -> list[dict[str, Any]]:
+        """The owner's files, newest first (those expired meanwhile left out)."""
+        out = []
+        for raw in await self.redis.zrevrange(_files_key(owner), 0, -1):
+            file_id = raw.decode()
+            record = await self.redis.hgetall(_key("file", file_id))
+            if not record:
+                await self.redis.zrem(_files_key(owner), file_id)
+                continue
+            if purpose is None or record[b"purpose"].decode() == purpose:
+                out.append(file_object(file_id, record))
+            if len(out) >= limit:
+                break
+        return out
 
     # -- batches -------------------------------------------------------------------------
     async def create(self, who: Caller, doc: dict[str, Any], runner: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
     POST   /v1/files                 multipart `file` + `purpose` ("batch"): a JSONL file
                                      of at most FILE_MAX_LINES lines, and bytes under the
                                      gateway's body limit
+    GET    /v1/files                 the key's files, newest first (?purpose=&limit=)
     GET    /v1/files/{id}            the file object
     GET    /v1/files/{id}/content    the file itself (input, output or error JSONL)
     DELETE /v1/files/{id}
@@ -141,6 +142,17 @@ async def create_file(
     return await BatchStore(gw).put_file(
         who.name, file.filename or "input.jsonl", purpose, content, len(lines)
     )
+
+
+@router.get("/files", summary="The key's files, newest first")
+async def list_files(
+    who: Caller = CallerDep,
+    gw: Gateway = GatewayDep,
+    purpose: str | None = Query(None),
+    limit: int = Query(10_000, ge=1, le=10_000),
+) -> Any:
+    data = await BatchStore(gw).files(who.name, purpose, limit)
+    return {"object": "list", "data": data, "has_more": False}
 
 
 @router.get("/files/{file_id}", summary="A file's object")
