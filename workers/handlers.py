@@ -66,6 +66,8 @@ class Handler:
             info["feature_width"] = self.feature_width
             info["max_tokens"] = self.max_tokens
             info["packs_floats"] = True
+            # the OpenAI embeddings route pools token vectors the way the model was trained
+            info["pooling"] = sentence_pooling(self.deployment.model, self.deployment.revision)
         # producers refuse a length no prompt can fit at submit (generating tasks)
         info["max_positions"] = self.max_positions
         return info
@@ -286,6 +288,25 @@ class Handler:
         known = [n for n in limits if n is not None]
         return min(known) if known else None
 
+    def usage(self, items: list[Any], params: dict[str, Any], results: list[Any]) -> list[Any]:
+        """text-generation: each item's token counts, `[prompt, [one count a sequence]]`
+        (the prompt as `_prompt_tokens` counts it, None where it cannot; each sequence's
+        new text re-tokenized without special tokens), for the OpenAI routes' `usage`."""
+        out = []
+        for item, result in zip(items, results, strict=True):
+            prompt = self._prompt_tokens(item, params, None)
+            full = params.get("return_full_text", True) is not False
+            sequences = []
+            for seq in result if isinstance(result, list) else [result]:
+                text = seq.get("generated_text", "") if isinstance(seq, dict) else ""
+                if isinstance(text, list):  # a chat: its new message last
+                    text = text[-1].get("content", "") if text else ""
+                elif full and isinstance(item, str) and text.startswith(item):
+                    text = text[len(item) :]
+                sequences.append(self._count(str(text), special=False))
+            out.append([prompt, sequences])
+        return out
+
     def _count(self, text: str, *, special: bool = True) -> int:
         """`text`'s tokens, counted without touching the pipeline's own tokenizer where
         it has a fast one (any thread may count)."""
@@ -433,6 +454,50 @@ def _token_counter(pipe: Any) -> Any:
     counter.no_truncation()
     counter.no_padding()
     return counter
+
+
+#: sentence-transformers' Pooling config keys -> pipeq's pooling modes (the first set wins)
+_ST_POOLING = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_lasttoken": "lasttoken",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+}
+
+
+def sentence_pooling(model: str, revision: str | None = None) -> dict[str, Any]:
+    """How a model's sentence-transformers config pools token vectors into one:
+    `{"mode": "mean" | "cls" | "max" | "lasttoken", "normalize": bool}` (its Pooling
+    module's config, and whether a Normalize module follows); mean, not normalized, for a
+    model without one."""
+    import json
+
+    from transformers.utils.hub import cached_file
+
+    found: dict[str, Any] = {"mode": "mean", "normalize": False}
+
+    def read(name: str) -> Any:
+        path = cached_file(
+            model, name, revision=revision, _raise_exceptions_for_missing_entries=False
+        )
+        if not path:
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    try:
+        modules = read("modules.json") or []
+        for module in modules:
+            kind = str(module.get("type", ""))
+            if kind.endswith("Pooling"):
+                config = read(f"{module.get('path', '')}/config.json".lstrip("/")) or {}
+                modes = [m for key, m in _ST_POOLING.items() if config.get(key)]
+                found["mode"] = modes[0] if modes else "mean"
+            elif kind.endswith("Normalize"):
+                found["normalize"] = True
+    except Exception:  # no config to read (or an odd one): mean pooling
+        return {"mode": "mean", "normalize": False}
+    return found
 
 
 def _device_for_torch(device: str) -> str:

@@ -18,6 +18,7 @@ or in the worker never counts, and generation stops at the limit (`max_time`).
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import threading
@@ -41,7 +42,7 @@ from pipeq.errors import (
     PipeqError,
 )
 from pipeq.worker.batcher import Batcher, HandBack, Quarantine, Submission, contained
-from pipeq.worker.generation import ContinuousBatcher, write_end
+from pipeq.worker.generation import ContinuousBatcher, append, write_end
 from pipeq.worker.liveness import Lease
 from pipeq.worker.transport import retrying
 
@@ -226,12 +227,16 @@ def register_task(
     check_result: Callable[[list[Any], dict[str, Any], bool, str], int] = (
         lambda items, params, packed, where: 0
     ),
+    count_usage: Callable[[list[Any], dict[str, Any], list[Any]], list[Any]] | None = None,
 ) -> None:
     """The one task this worker runs: hand the job's items to the batcher, wait.
     `check_input(item, params, where)` raises InvalidRequest for an item the model
     cannot take (the handler's length check); `check_result(items, params, packed,
     where)` for items whose result would be larger than the deployment stores
-    (`limits.result_bytes`), before any compute; it returns their estimated size."""
+    (`limits.result_bytes`), before any compute; it returns their estimated size.
+    `count_usage(items, params, results)`: text-generation's token counts of a job that
+    succeeded, written as `usage` (JSON) in its stream's `end` entry (the OpenAI routes'
+    `usage`); a count that fails costs only the counts."""
     task = deployment.task
     streams = _tasks.canonical_task(task) == "text-generation"  # `Job.stream()` reads
 
@@ -254,8 +259,9 @@ def register_task(
         if deadline is not None:
             admission.expires[job_id] = deadline
         outcome = "failed"
+        usage: list[Any] = []
         try:
-            result = run_job(job_id, inputs, params, per_item, packed)
+            result = run_job(job_id, inputs, params, per_item, packed, usage)
             outcome = "succeeded"
             return result
         except HandBack:
@@ -280,7 +286,11 @@ def register_task(
         finally:
             if outcome and streams:
                 try:  # a reader not told stops at the stored result anyway
-                    write_end(app.backend.ledger, job_id, outcome, admission.lease)
+                    if usage:
+                        end = {"end": outcome, "usage": json.dumps(usage)}
+                        append(app.backend.ledger, admission.lease, [(job_id, end)])
+                    else:
+                        write_end(app.backend.ledger, job_id, outcome, admission.lease)
                 except Exception:
                     log.warning("could not end the stream of %s", job_id, exc_info=True)
 
@@ -289,7 +299,12 @@ def register_task(
         admission.forget(task_id)
 
     def run_job(
-        job_id: str, inputs: Any, params: dict[str, Any], per_item: bool, packed: bool
+        job_id: str,
+        inputs: Any,
+        params: dict[str, Any],
+        per_item: bool,
+        packed: bool,
+        usage: list[Any],
     ) -> Any:
         from pipeq.worker.handlers import to_jsonable
 
@@ -311,6 +326,11 @@ def register_task(
                 if isinstance(r, BaseException):
                     raise _as_job_error(r)
             results = [shown(r) for r in results]
+            if streams and count_usage is not None:
+                try:
+                    usage.extend(count_usage(items, params, results))
+                except Exception:
+                    log.warning("could not count the tokens of %s", job_id, exc_info=True)
             return to_jsonable(_tasks.combine(task, params, results) if many else results[0])
         items, _ = _tasks.items_of(task, inputs)
         outcomes, good = _tasks.sort_out(items, lambda item, where: check(item, params, where))

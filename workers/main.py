@@ -315,7 +315,14 @@ def run_worker(
             observe=observations.observe,
         ).start()
     register_task(
-        app, deployment, engine, admission, events, handler.check_input, handler.check_result
+        app,
+        deployment,
+        engine,
+        admission,
+        events,
+        handler.check_input,
+        handler.check_result,
+        handler.usage,
     )
     info = {
         **handler.info(),

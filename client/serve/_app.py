@@ -136,8 +136,10 @@ CallerDep = Depends(caller)
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The gateway's ASGI app: native jobs (`/v1/jobs`), Hugging Face's inference format
-    (`/models/{m}`), operations (`/health`, `/ready`, `/metrics`), `/docs`."""
-    from pipeq.serve import routes_hf, routes_jobs, routes_ops
+    (`/models/{m}`), OpenAI's routes and Batch API (`/v1/models`, `/v1/completions`,
+    `/v1/chat/completions`, `/v1/embeddings`, `/v1/files`, `/v1/batches`), operations
+    (`/health`, `/ready`, `/metrics`), `/docs`."""
+    from pipeq.serve import routes_batches, routes_hf, routes_jobs, routes_openai, routes_ops
 
     settings = settings or Settings()
 
@@ -146,9 +148,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gw = Gateway(settings, app.state.metrics)
         await gw.start()
         app.state.gateway = gw
+        runner = routes_batches.make_runner(gw)  # runs batches, this process's and orphans
+        await runner.start()
+        app.state.batch_runner = runner
         try:
             yield
         finally:
+            await runner.close()
             await gw.close()
 
     app = FastAPI(
@@ -161,6 +167,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     app.include_router(routes_jobs.router)
     app.include_router(routes_hf.router)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_batches.router)
     app.include_router(routes_ops.router)
     app.add_middleware(GatewayMiddleware)
     return app

@@ -1,0 +1,390 @@
+"""OpenAI's routes and Batch API: the shape conversions alone, then OpenAI's own Python
+client (pinned in constraints.txt) against a real stack and gateway."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from pipeq._stack import stop_process
+from pipeq.errors import InvalidRequest
+from pipeq.serve import _openai
+
+from .conftest import paused, start_gateway
+
+PROMPT = "In this course, we will teach you how to"
+TEXTS = ["This course is produced by Hugging Face.", "You clever monster!"]
+
+
+# -- the conversions, without a server ----------------------------------------------------
+def test_temperature_zero_is_greedy_and_anything_else_samples() -> None:
+    greedy = _openai.CompletionRequest(model="m", prompt="a", temperature=0, max_tokens=5)
+    assert _openai.generation_params(greedy) == {
+        "max_new_tokens": 5,
+        "do_sample": False,
+        "return_full_text": False,
+    }
+    sampled = _openai.ChatRequest(
+        model="m", messages=[{"role": "user", "content": "hi"}], n=2, top_p=0.5, stop="x"
+    )
+    params = _openai.generation_params(sampled, 7)
+    assert params == {
+        "max_new_tokens": 7,
+        "do_sample": True,
+        "return_full_text": False,
+        "temperature": 1.0,
+        "top_p": 0.5,
+        "num_return_sequences": 2,
+        "stop_strings": ["x"],
+    }
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"temperature": 0, "n": 2},  # greedy text is one
+        {"seed": 3},  # sampling with a seed: workers have none per request
+        {"presence_penalty": 0.5},
+        {"stop": ["a", "b", "c", "d", "e"]},
+        {"logprobs": 2},
+    ],
+)
+def test_what_workers_cannot_honour_is_refused_by_name(fields: dict[str, Any]) -> None:
+    request = _openai.CompletionRequest(model="m", prompt="a", **fields)
+    with pytest.raises(InvalidRequest, match=next(iter(fields))):
+        _openai.generation_params(request)
+
+
+def test_text_is_cut_before_its_first_stop_string_and_pooling_follows_the_deployment() -> None:
+    assert _openai.cut_at_stop("one two. three.", [".", "two"]) == ("one ", True)
+    assert _openai.cut_at_stop("one", ["x"]) == ("one", False)
+    hidden = [[[1.0, 0.0], [3.0, 4.0]]]
+    assert _openai.pool(hidden, {}) == [2.0, 2.0]
+    assert _openai.pool(hidden, {"mode": "cls"}) == [1.0, 0.0]
+    assert _openai.pool(hidden, {"mode": "max", "normalize": True}) == [0.6, 0.8]
+    (data,) = _openai.embedding_data([[0.5, -1.0]], "base64")
+    assert struct.unpack("<2f", base64.b64decode(data["embedding"])) == (0.5, -1.0)
+
+
+# -- OpenAI's client against the gateway --------------------------------------------------
+@pytest.fixture(scope="module")
+def oai(gateway: Any) -> Any:
+    from openai import OpenAI
+
+    with OpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.keys["alice"], max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def generator(deployments: dict[str, Any]) -> Any:
+    """transformers' own pipeline on the text-generation deployment's checkpoint."""
+    from transformers import pipeline
+
+    return pipeline("text-generation", model=deployments["text-generation"].model, device="cpu")
+
+
+def _job(gateway: Any, job_id: str, until_done_s: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + until_done_s
+    while True:
+        job: dict[str, Any] = httpx.get(
+            f"{gateway.url}/v1/jobs/{job_id}", headers=gateway.headers("alice")
+        ).json()
+        if job["status"] not in ("queued", "running") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.1)
+
+
+def test_models_lists_each_deployment_with_its_hub_id(oai: Any, gateway: Any) -> None:
+    models = {m.id: m for m in oai.models.list()}
+    assert {"text-generation", "feature-extraction", "sentiment-analysis"} <= set(models)
+    assert models["distilgpt2"].model_dump()["hub_id"] == "distilbert/distilgpt2"
+    assert oai.models.retrieve("distilgpt2").id == "distilgpt2"
+    from openai import OpenAI
+
+    bob = OpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.keys["bob"], max_retries=0)
+    assert [m.id for m in bob.models.list()] == ["sentiment-analysis"]
+
+
+def test_a_greedy_completion_is_the_pipeline_s_greedy_text_with_usage(
+    oai: Any, generator: Any
+) -> None:
+    want = generator(PROMPT, max_new_tokens=8, do_sample=False, return_full_text=False)
+    got = oai.completions.create(
+        model="text-generation", prompt=PROMPT, max_tokens=8, temperature=0
+    )
+    assert got.choices[0].text == want[0]["generated_text"] != ""
+    assert got.id.startswith("cmpl-")
+    prompt_tokens = len(generator.tokenizer(PROMPT)["input_ids"])
+    assert got.usage.prompt_tokens == prompt_tokens
+    assert 0 < got.usage.completion_tokens <= 8
+    assert got.usage.total_tokens == prompt_tokens + got.usage.completion_tokens
+    # a stop string ends the text before it, as OpenAI's does
+    stop = want[0]["generated_text"].split()[1]
+    cut = oai.completions.create(
+        model="text-generation", prompt=PROMPT, max_tokens=8, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].finish_reason == "stop"
+    assert want[0]["generated_text"].startswith(cut.choices[0].text + stop)
+
+
+def test_a_chat_streams_to_done_through_the_chat_template(oai: Any, generator: Any) -> None:
+    messages = [{"role": "user", "content": "What will this course teach me?"}]
+    want = generator(messages, max_new_tokens=10, do_sample=False, return_full_text=False)
+    stream = oai.chat.completions.create(
+        model="text-generation",
+        messages=messages,
+        max_completion_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want[0]["generated_text"] and text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    whole = oai.chat.completions.create(
+        model="text-generation", messages=messages, max_tokens=10, temperature=0
+    )
+    assert whole.choices[0].message.content == text
+    assert whole.usage.prompt_tokens == chunks[-1].usage.prompt_tokens
+
+
+def test_a_stream_closed_early_cancels_its_job(oai: Any, gateway: Any, client: Any) -> None:
+    # a generation under way (continuous batching): stopped at its next step
+    stream = oai.completions.create(
+        model="text-generation", prompt=PROMPT, max_tokens=900, temperature=0, stream=True
+    )
+    first = next(iter(stream))
+    stream.close()
+    assert _job(gateway, first.id.removeprefix("cmpl-"))["status"] == "cancelled"
+    # a chat still queued: it never runs
+    with paused(client, "distilgpt2"):
+        chat = oai.chat.completions.create(
+            model="distilgpt2",
+            messages=[{"role": "user", "content": "Hello"}],
+            temperature=0,
+            stream=True,
+        )
+        first = next(iter(chat))
+        assert first.choices[0].delta.role == "assistant"
+        chat.close()
+        assert _job(gateway, first.id.removeprefix("chatcmpl-"))["status"] == "cancelled"
+
+
+def test_embeddings_are_the_pooled_pipeline_output_as_base64_and_floats(
+    oai: Any, deployments: Any
+) -> None:
+    import numpy as np
+    from transformers import pipeline
+
+    reference = pipeline("feature-extraction", model=deployments["feature-extraction"].model)
+    want = []
+    for text in TEXTS:
+        tokens = np.array(reference(text)[0])
+        mean = tokens.mean(axis=0)  # all-MiniLM-L6-v2's config: mean pooling, normalized
+        want.append(mean / np.linalg.norm(mean))
+    packed = oai.embeddings.create(model="feature-extraction", input=TEXTS)  # base64
+    floats = oai.embeddings.create(
+        model="sentence-transformers/all-MiniLM-L6-v2", input=TEXTS, encoding_format="float"
+    )
+    for got in (packed, floats):
+        assert [d.index for d in got.data] == [0, 1]
+        for d, w in zip(got.data, want, strict=True):
+            assert np.allclose(d.embedding, w, atol=1e-5)
+    assert floats.usage.prompt_tokens == sum(
+        len(reference.tokenizer(t)["input_ids"]) for t in TEXTS
+    )
+
+
+def test_errors_are_openai_s_envelope_and_raise_the_client_s_errors(oai: Any, gateway: Any) -> None:
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.completions.create(model="no-such-model", prompt="a")
+    assert e.value.code == "model_not_found" and e.value.param == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.embeddings.create(model="text-generation", input="a")
+    assert "feature-extraction" in e.value.message and e.value.type == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="text-generation", prompt="a", max_tokens=-1)
+    assert e.value.param == "max_tokens"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="nope").models.list()
+    slow = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.keys["slow"], max_retries=0)
+    with pytest.raises(openai.RateLimitError) as e:
+        for _ in range(5):
+            slow.models.list()
+    assert e.value.response.headers["retry-after"] and e.value.type == "rate_limit_error"
+
+
+def test_langchain_s_openai_chat_and_embeddings_run_on_the_gateway(
+    gateway: Any, oai: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LangChain's OpenAI integration (langchain-openai, pinned), as applications call it."""
+    from langchain_openai import ChatOpenAI, OpenAIEmbeddings
+
+    monkeypatch.delenv("LANGSMITH_TRACING", raising=False)
+    base, key = f"{gateway.url}/v1", gateway.keys["alice"]
+    chat = ChatOpenAI(model="text-generation", base_url=base, api_key=key, temperature=0)
+    answer = chat.invoke("What will this course teach me?", max_completion_tokens=6)
+    want = oai.chat.completions.create(
+        model="text-generation",
+        messages=[{"role": "user", "content": "What will this course teach me?"}],
+        max_completion_tokens=6,
+        temperature=0,
+    )
+    assert answer.content == want.choices[0].message.content
+    assert answer.usage_metadata["output_tokens"] == want.usage.completion_tokens
+    # tiktoken's context-length check fetches its vocabulary from the network: off
+    embed = OpenAIEmbeddings(
+        model="feature-extraction", base_url=base, api_key=key, check_embedding_ctx_length=False
+    )
+    (vector,) = embed.embed_documents([TEXTS[0]])
+    reference = oai.embeddings.create(model="feature-extraction", input=[TEXTS[0]])
+    assert vector == pytest.approx(reference.data[0].embedding, abs=1e-6)
+
+
+# -- the Batch API ---------------------------------------------------------------------------
+def _lines(model: str, n: int, max_tokens: int = 4, **extra: Any) -> list[dict[str, Any]]:
+    return [
+        {
+            "custom_id": f"req-{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {
+                "model": model,
+                "prompt": f"{PROMPT} {i}",
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                **extra,
+            },
+        }
+        for i in range(n)
+    ]
+
+
+def _batch(oai: Any, lines: list[Any], window: str = "24h") -> Any:
+    data = "\n".join(json.dumps(line) for line in lines).encode()
+    uploaded = oai.files.create(file=("in.jsonl", data), purpose="batch")
+    assert uploaded.bytes == len(data) and uploaded.purpose == "batch"
+    return oai.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/completions", completion_window=window
+    )
+
+
+def _until(oai: Any, batch_id: str, statuses: set[str], timeout_s: float = 120) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        batch = oai.batches.retrieve(batch_id)
+        if batch.status in statuses:
+            return batch
+        assert time.monotonic() < deadline, f"{batch_id} still {batch.status}"
+        time.sleep(0.2)
+
+
+def _by_custom_id(oai: Any, file_id: str | None) -> dict[str, Any]:
+    if file_id is None:
+        return {}
+    text = oai.files.content(file_id).text
+    out = {}
+    for line in text.splitlines():
+        record = json.loads(line)
+        assert record["custom_id"] not in out, f"{record['custom_id']} twice"
+        out[record["custom_id"]] = record
+    return out
+
+
+def test_a_batch_of_50_lines_completes_with_an_output_line_each(oai: Any) -> None:
+    batch = _batch(oai, _lines("text-generation", 50))
+    assert batch.status == "validating" and batch.request_counts.total == 50
+    done = _until(oai, batch.id, {"completed", "failed", "expired"})
+    assert done.status == "completed", done
+    assert (done.request_counts.completed, done.request_counts.failed) == (50, 0)
+    out = _by_custom_id(oai, done.output_file_id)
+    assert set(out) == {f"req-{i}" for i in range(50)} and done.error_file_id is None
+    one = oai.completions.create(
+        model="text-generation", prompt=f"{PROMPT} 7", max_tokens=4, temperature=0
+    )
+    assert out["req-7"]["response"]["status_code"] == 200
+    assert out["req-7"]["response"]["body"]["choices"][0]["text"] == one.choices[0].text
+    assert oai.batches.list(limit=1).data[0].id == batch.id
+    files = {f.id: f for f in oai.files.list()}
+    assert {batch.input_file_id, done.output_file_id} <= set(files)
+    assert files[done.output_file_id].purpose == "batch_output"
+    oai.files.delete(batch.input_file_id)
+    assert batch.input_file_id not in {f.id for f in oai.files.list(purpose="batch")}
+
+
+def test_a_bad_line_goes_to_the_error_file_and_the_others_complete(oai: Any) -> None:
+    lines = _lines("text-generation", 3)
+    lines[1]["body"]["bogus"] = 1
+    lines.append({"custom_id": "wrong-url", "method": "POST", "url": "/v1/embeddings", "body": {}})
+    done = _until(oai, _batch(oai, lines).id, {"completed", "failed", "expired"})
+    assert done.status == "completed"
+    assert (done.request_counts.completed, done.request_counts.failed) == (2, 2)
+    assert set(_by_custom_id(oai, done.output_file_id)) == {"req-0", "req-2"}
+    errors = _by_custom_id(oai, done.error_file_id)
+    assert errors["req-1"]["response"]["status_code"] == 400
+    assert errors["req-1"]["response"]["body"]["error"]["param"] == "bogus"
+    assert errors["wrong-url"]["error"]["code"] == "invalid_line"
+
+
+def test_a_cancelled_batch_goes_through_cancelling_to_cancelled(
+    oai: Any, gateway: Any, client: Any
+) -> None:
+    with paused(client, "distilgpt2"):  # its lines wait in the queue
+        batch = _batch(oai, _lines("distilgpt2", 5))
+        _until(oai, batch.id, {"in_progress"})
+        assert oai.batches.cancel(batch.id).status == "cancelling"
+        done = _until(oai, batch.id, {"cancelled", "completed"}, timeout_s=30)
+    assert done.status == "cancelled" and done.cancelled_at
+    errors = _by_custom_id(oai, done.error_file_id)
+    assert {e["error"]["code"] for e in errors.values()} == {"batch_cancelled"}
+    assert len(errors) == 5
+    assert _job(gateway, f"{batch.id}-0")["status"] == "cancelled"
+
+
+def test_a_batch_past_its_window_expires_with_its_lines_in_the_error_file(
+    oai: Any, client: Any
+) -> None:
+    with paused(client, "distilgpt2"):  # no worker takes its lines
+        batch = _batch(oai, _lines("distilgpt2", 3), window="3s")
+        done = _until(oai, batch.id, {"expired", "completed", "failed"}, timeout_s=30)
+    assert done.status == "expired" and done.expired_at
+    errors = _by_custom_id(oai, done.error_file_id)
+    assert {e["error"]["code"] for e in errors.values()} == {"batch_expired"}
+    assert done.request_counts.failed == 3 and done.output_file_id is None
+
+
+def test_a_batch_survives_the_kill_of_the_gateway_running_it(
+    gateway: Any, client: Any, tmp_path: Path
+) -> None:
+    from openai import OpenAI
+
+    url, proc, _ = start_gateway(client.redis_url, tmp_path, gateway.keys_file)
+    first = OpenAI(base_url=f"{url}/v1", api_key=gateway.keys["alice"], max_retries=0)
+    try:
+        with paused(client, "distilgpt2"):  # its lines stay in flight
+            batch = _batch(first, _lines("distilgpt2", 50))
+            _until(first, batch.id, {"in_progress"})
+            time.sleep(1.0)  # its first lines are sent
+            lease = client.redis.get(f"pipeq:oai:batch:{batch.id}:lease").decode()
+            assert lease.split(":")[1] == str(proc.pid)  # the gateway that made it runs it
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        url, proc, _ = start_gateway(client.redis_url, tmp_path, gateway.keys_file)
+        again = OpenAI(base_url=f"{url}/v1", api_key=gateway.keys["alice"], max_retries=0)
+        done = _until(again, batch.id, {"completed", "failed", "expired"})
+        assert done.status == "completed", done
+        assert set(_by_custom_id(again, done.output_file_id)) == {f"req-{i}" for i in range(50)}
+    finally:
+        stop_process(proc)
