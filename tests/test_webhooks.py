@@ -18,12 +18,16 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 import redis.asyncio
 import standardwebhooks
 
 from pipeq._stack import Stack, stop_process
 from pipeq.errors import InvalidRequest
 from pipeq.serve._webhooks import (
+    _CLAIM,
+    DUE_KEY,
+    LEASED_KEY,
     WebhookConfig,
     enqueue_batch_event,
     new_secret,
@@ -99,15 +103,17 @@ def receiver() -> Iterator[Receiver]:
 def hooked(
     stack: Stack, receiver: Receiver, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    """A gateway (no keys: loopback) whose webhooks may call 127.0.0.1, with short
-    retries (3 attempts, 0.1 to 0.5 s apart)."""
+    """A gateway (no keys: loopback) whose webhooks may call 127.0.0.1 (and localhost, a
+    name that resolves to a private address), with short retries (3 attempts, 0.1 to 0.5 s
+    apart). Its fallback re-read of pending jobs is 30 s: a delivery sooner than that came
+    from the result bus's wake."""
     tmp = tmp_path_factory.mktemp("webhooks")
     config = tmp / "webhooks.toml"
     config.write_text(
         "[webhooks]\n"
         f'secrets = ["{OLD}", "{NEW}"]\n'
-        'allow = ["127.0.0.1"]\n'
-        "timeout_s = 2\nmax_attempts = 3\nbackoff_s = 0.2\nmax_backoff_s = 0.5\nrecheck_s = 0.2\n"
+        'allow = ["127.0.0.1", "localhost"]\n'
+        "timeout_s = 2\nmax_attempts = 3\nbackoff_s = 0.2\nmax_backoff_s = 0.5\nrecheck_s = 30\n"
     )
     url, proc, _ = start_gateway(stack.url, tmp, None, "--webhooks", str(config))
     try:
@@ -147,7 +153,7 @@ def test_a_finished_job_is_posted_signed_by_every_secret_and_a_tampered_byte_fai
     path = f"/ok/{uuid.uuid4().hex}"
     job = submit(http, receiver.url + path)
     assert job["webhook"] == {"status": "pending", "attempts": 0, "last_status_code": None}
-    (got,) = receiver.wait(path, 1)
+    (got,) = receiver.wait(path, 1, timeout_s=15)  # under recheck_s: woken by the result
     for secret in (OLD, NEW):  # during a rotation, either secret verifies
         event = standardwebhooks.Webhook(secret).verify(got.body, got.headers)
         assert event["type"] == "job.completed" and event["data"]["id"] == job["id"]
@@ -195,6 +201,18 @@ def test_the_result_stays_readable_when_every_delivery_fails(
     assert r.status_code == 200 and r.json() == after["result"]
 
 
+def test_an_allowlisted_name_that_resolves_to_a_private_address_is_not_called(
+    http: httpx.Client, receiver: Receiver
+) -> None:
+    path = f"/ok/{uuid.uuid4().hex}"
+    port = receiver.url.rsplit(":", 1)[1]
+    job = submit(http, f"http://localhost:{port}{path}")  # allowlisted by name
+    after = settled(http, job["id"])
+    assert after["webhook"]["status"] == "failed" and after["webhook"]["attempts"] == 3
+    assert "not a public address" in after["webhook"]["last_error"]
+    assert receiver.at(path) == []
+
+
 def test_410_gone_disables_the_url(http: httpx.Client, receiver: Receiver) -> None:
     url = receiver.url + f"/gone/{uuid.uuid4().hex}"
     job = submit(http, url)
@@ -213,7 +231,7 @@ def test_410_gone_disables_the_url(http: httpx.Client, receiver: Receiver) -> No
     [
         "http://10.0.0.1/hook",  # a private address, not allowlisted
         "http://169.254.169.254/latest/meta-data",  # a cloud's metadata service
-        "http://localhost:9/hook",  # loopback by name: 127.0.0.1 is allowlisted, not this
+        "http://127.0.0.2:9/hook",  # loopback too, but 127.0.0.1 is allowlisted, not this
         "https://hooks.example.com/x",
         "http://user:secret@127.0.0.1:9/hook",  # credentials in the URL
         "file:///etc/passwd",
@@ -327,6 +345,19 @@ def test_batch_events_verify_with_openais_unwrap(
 
 
 # -- without a stack ----------------------------------------------------------------------
+def test_a_delivery_claimed_by_a_gateway_that_died_comes_due_again(redis_url: str) -> None:
+    db = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/1")  # not the gateway's
+    db.flushdb()
+    claim = db.register_script(_CLAIM)
+    db.zadd(DUE_KEY, {"pipeq:webhook:a": 100})
+    keys = [DUE_KEY, LEASED_KEY]
+    assert claim(keys=keys, args=[99, 45, 10]) == []  # not due yet
+    assert claim(keys=keys, args=[100, 45, 10]) == [b"pipeq:webhook:a"]
+    assert claim(keys=keys, args=[140, 45, 10]) == []  # leased: no other gateway takes it
+    assert claim(keys=keys, args=[146, 45, 10]) == [b"pipeq:webhook:a"]  # its lease ended
+    db.flushdb()
+
+
 def test_the_signature_is_standard_webhooks_own() -> None:
     body = b'{"type":"job.completed"}'
     header = sign(WebhookConfig((OLD, NEW)).keys, "msg_1", int(time.time()), body)

@@ -185,6 +185,8 @@ class ResultBus:
         self._watches: dict[str, set[_Watch]] = {}
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        #: called with the id of every job whose state is stored (the webhooks' dispatcher)
+        self.listeners: list[Callable[[str], None]] = []
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="pipeq-result-bus")
@@ -206,6 +208,8 @@ class ResultBus:
                     if msg is None or msg.get("type") != "pmessage":
                         continue
                     job_id = msg["channel"].decode()[len(META_PREFIX) :]
+                    for listen in self.listeners:
+                        listen(job_id)
                     for watch in self._watches.get(job_id, ()):
                         watch.data = msg["data"]
                         watch.event.set()
@@ -348,6 +352,8 @@ class Gateway:
         self.webhooks = (
             Dispatcher(self.aredis, settings.webhooks, self.read) if settings.webhooks else None
         )
+        if self.webhooks is not None:
+            self.results.listeners.append(self.webhooks.changed)
         # concurrent.futures' pool: its queue is a SimpleQueue, whose hand-over cost a
         # tenth of what anyio's Condition-based one did (py-spy --gil, a submit's CPU)
         self.threads = ThreadPoolExecutor(settings.submit_threads, "pipeq-submit")

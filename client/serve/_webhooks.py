@@ -12,7 +12,7 @@ itself in $PIPEQ_WEBHOOKS); without it, a job that names a webhook is refused (4
     max_attempts = 10             # of the final event; then "failed"
     backoff_s = 10                # before the first retry (s); doubles each time, with jitter
     max_backoff_s = 3600          # the longest wait between two attempts (s)
-    recheck_s = 1                 # how often a pending job's state is read again (s)
+    recheck_s = 10                # a pending job's state is read again at least this often (s)
     batch_url = "https://..."     # where the Batch API's events go (none: not sent)
 
 A job's delivery lives in Redis, so any gateway process delivers it and a restarted one
@@ -24,11 +24,19 @@ resumes it; the job's result is never touched by it:
     pipeq:webhook-event:<evt id>  hash  url, msg, body, status, attempts, ...: a batch event
     pipeq:webhooks                zset  the hashes above still to deliver -> when a
                                         dispatcher looks at them next (unix s)
+    pipeq:webhooks:leased         zset  the hashes a dispatcher is delivering -> when its
+                                        lease ends (then they are due again)
     pipeq:webhooks:gone           set   URLs that answered 410 Gone: never sent to again
 
 Each gateway process runs one `Dispatcher`: it claims the due entries (a Lua script moves
-their score past a lease, so two gateways never deliver one at once and a dead gateway's
+them to the leased set, so two gateways never deliver one at once and a dead gateway's
 claims come due again), reads the job as `GET /v1/jobs/{id}` does, and sends what is due.
+It learns a job changed from the gateway's result bus (`_jobs.ResultBus`: the one pattern
+subscription to the result channels that `Prefer: wait` uses; each stored state is
+published there, STARTED too): each change makes the job's entry due at once (ZADD XX, a
+no-op for a job without a webhook), and `recheck_s` is only the fallback for a missed
+message. Output pieces are not published: a job that asked for `output` events is read
+every OUTPUT_EVERY_S while it runs.
 """
 
 from __future__ import annotations
@@ -89,12 +97,16 @@ EVENTS = ("start", "output", "completed")
 #: the Batch API's events (OpenAI's names)
 BATCH_EVENTS = ("batch.completed", "batch.failed", "batch.expired", "batch.cancelled")
 DUE_KEY = "pipeq:webhooks"
+LEASED_KEY = "pipeq:webhooks:leased"
 GONE_KEY = "pipeq:webhooks:gone"
 #: deliveries one gateway process runs at once
 MAX_IN_FLIGHT = 64
 #: a job whose record is not in Redis this long after its webhook was registered is gone
 #: (its submit failed after the registration, or it was forgotten) (s)
 GONE_AFTER_S = 60.0
+#: a job that asked for `output` events is read this often while it is not done (s); the
+#: pieces that came meanwhile go in one event (Replicate's throttle is the same 0.5 s)
+OUTPUT_EVERY_S = 0.5
 USER_AGENT = "pipeq-webhooks"
 
 
@@ -138,7 +150,7 @@ class WebhookConfig:
     max_attempts: int = 10
     backoff_s: float = 10.0
     max_backoff_s: float = 3600.0
-    recheck_s: float = 1.0
+    recheck_s: float = 10.0
     batch_url: str | None = None
 
     @property
@@ -284,10 +296,18 @@ return 1
 """
 
 _CLAIM = """
--- KEYS: due zset ; ARGV: now, lease (s), at most. The due entries, moved past the lease.
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
-local lease_end = tonumber(ARGV[1]) + tonumber(ARGV[2])
-for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], lease_end, m) end
+-- KEYS: due, leased ; ARGV: now, lease (s), at most. Ended leases are due again; then
+-- the due entries (at most ARGV[3]) move to the leased set, and are returned.
+local now = tonumber(ARGV[1])
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)) do
+  redis.call('ZREM', KEYS[2], m)
+  redis.call('ZADD', KEYS[1], now, m)
+end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[3])
+for _, m in ipairs(due) do
+  redis.call('ZREM', KEYS[1], m)
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), m)
+end
 return due
 """
 
@@ -382,6 +402,11 @@ class Dispatcher:
         self._running: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._closed = False
+        #: jobs whose state was stored since the last round (`changed`)
+        self._changed: set[str] = set()
+        #: the entries this process delivers now, and those of them that changed meanwhile
+        self._busy: set[str] = set()
+        self._dirty: set[str] = set()
 
     # -- lifecycle --
     async def start(self) -> None:
@@ -400,6 +425,15 @@ class Dispatcher:
             await asyncio.wait(pending, timeout=2.0)
         with contextlib.suppress(Exception):
             await self.http.aclose()
+
+    def changed(self, job_id: str) -> None:
+        """A job's state was stored (the result bus calls this for every job): its entry,
+        if it has one, is due now."""
+        self._changed.add(job_id)
+        key = webhook_key(job_id)
+        if key in self._busy:  # being looked at here: look again once that is done
+            self._dirty.add(key)
+        self._wake.set()
 
     # -- submit side --
     async def register(self, job_id: str, url: str, events: tuple[str, ...]) -> bool:
@@ -426,38 +460,55 @@ class Dispatcher:
         async with self.aredis.pipeline(transaction=True) as pipe:
             pipe.delete(webhook_key(job_id))
             pipe.zrem(DUE_KEY, webhook_key(job_id))
+            pipe.zrem(LEASED_KEY, webhook_key(job_id))
             await pipe.execute()
 
     # -- the loop --
     async def _run(self) -> None:
-        poll_s = min(0.5, self.config.recheck_s)
-        lease_s = 4 * self.config.timeout_s + 5
+        poll_s = min(OUTPUT_EVERY_S, self.config.recheck_s)
+        lease_s = 4 * self.config.timeout_s + 5  # a start, an output and a final attempt
         while not self._closed:
             room = MAX_IN_FLIGHT - len(self._running)
+            if not room:
+                await asyncio.wait(set(self._running), return_when=asyncio.FIRST_COMPLETED)
+                continue
             try:
-                due = (
-                    await self._claim(keys=[DUE_KEY], args=[time.time(), lease_s, room])
-                    if room
-                    else []
+                await self._touch_changed()
+                due = await self._claim(
+                    keys=[DUE_KEY, LEASED_KEY], args=[time.time(), lease_s, room]
                 )
             except (redis.RedisError, OSError) as e:
                 log.warning("reading due webhooks failed (%s); trying again", e)
                 due = []
                 await asyncio.sleep(1.0)
             for raw in due:
-                task = asyncio.create_task(self._deliver(raw.decode()))
+                key = raw.decode()
+                self._busy.add(key)
+                task = asyncio.create_task(self._deliver(key))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
-            if len(due) < room:  # nothing more due now
+            if len(due) < room and not self._changed:  # nothing more due now
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), poll_s)
+
+    async def _touch_changed(self) -> None:
+        """The entries of the jobs that changed are due now (a job without a webhook has
+        none: ZADD XX adds nothing). One pipelined command a change."""
+        if not self._changed:
+            return
+        ids, self._changed = self._changed, set()
+        now = time.time()
+        async with self.aredis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.zadd(DUE_KEY, {webhook_key(job_id): now}, xx=True)
+            await pipe.execute()
 
     async def _deliver(self, key: str) -> None:
         try:
             hook = await self.aredis.hgetall(key)
             if not hook or hook.get(b"status", b"pending") != b"pending":
-                await self.aredis.zrem(DUE_KEY, key)
+                await self._finish(key)
             elif b"body" in hook:
                 await self._final(key, hook, hook[b"body"])
             else:
@@ -466,6 +517,9 @@ class Dispatcher:
             raise
         except Exception as e:  # one delivery's fault; it comes due again after its lease
             log.warning("webhook %s: %s: %s", key, type(e).__name__, e)
+        finally:
+            self._busy.discard(key)
+            self._dirty.discard(key)
 
     async def _job(self, key: str, hook: dict[bytes, bytes]) -> None:
         job_id = key[len(webhook_key("")) :]
@@ -502,7 +556,8 @@ class Dispatcher:
             ):
                 return
         if not view.status.done:
-            await self._later(key, self.config.recheck_s)
+            every = OUTPUT_EVERY_S if "output" in events else self.config.recheck_s
+            await self._later(key, min(every, self.config.recheck_s))
         elif "completed" in events:
             at = float(hook.get(b"at") or 0) or time.time()
             if not hook.get(b"at"):
@@ -510,7 +565,7 @@ class Dispatcher:
             await self._final(key, hook, _body("completed", at, data))
         else:
             await self._set(key, status="delivered")
-            await self.aredis.zrem(DUE_KEY, key)
+            await self._finish(key)
 
     async def _once(self, key: str, url: str, event: str, data: Any) -> str:
         """A start or output event: one attempt, never retried. 'sent', 'failed' or
@@ -536,12 +591,12 @@ class Dispatcher:
             await self._set(
                 key, status="delivered", attempts=attempts, last_status_code=code, last_error=None
             )
-            await self.aredis.zrem(DUE_KEY, key)
+            await self._finish(key)
         elif attempts >= self.config.max_attempts:
             await self._set(
                 key, status="failed", attempts=attempts, last_status_code=code, last_error=error
             )
-            await self.aredis.zrem(DUE_KEY, key)
+            await self._finish(key)
         else:
             await self._set(key, attempts=attempts, last_status_code=code, last_error=error)
             await self._later(key, self.config.backoff(attempts))
@@ -556,12 +611,28 @@ class Dispatcher:
         if attempts is not None:
             fields["attempts"] = attempts
         await self._set(key, **fields)
-        await self.aredis.zrem(DUE_KEY, key)
+        await self._finish(key)
 
     async def _later(self, key: str, delay_s: float) -> None:
-        await self.aredis.zadd(DUE_KEY, {key: time.time() + delay_s}, xx=True)
+        """Out of the leased set, due again in `delay_s` (at once if the job changed
+        while it was looked at)."""
+        if key in self._dirty:
+            self._dirty.discard(key)
+            delay_s = 0.0
+        async with self.aredis.pipeline(transaction=True) as pipe:
+            pipe.zrem(LEASED_KEY, key)
+            pipe.zadd(DUE_KEY, {key: time.time() + delay_s})
+            await pipe.execute()
+
+    async def _finish(self, key: str) -> None:
+        async with self.aredis.pipeline(transaction=True) as pipe:
+            pipe.zrem(LEASED_KEY, key)
+            pipe.zrem(DUE_KEY, key)
+            await pipe.execute()
 
     async def _set(self, key: str, **fields: Any) -> None:
+        """Update a delivery's hash (a None value deletes the field); it lives on
+        RESULT_TTL_S from now."""
         gone = [k for k, v in fields.items() if v is None]
         kept = {k: str(v) for k, v in fields.items() if v is not None}
         async with self.aredis.pipeline(transaction=True) as pipe:
@@ -569,6 +640,7 @@ class Dispatcher:
                 pipe.hset(key, mapping=kept)
             if gone:
                 pipe.hdel(key, *gone)
+            pipe.expire(key, RESULT_TTL_S)
             await pipe.execute()
 
     async def _post(self, url: str, msg_id: str, body: bytes) -> tuple[int | None, str | None]:
