@@ -345,6 +345,29 @@ def test_batch_events_verify_with_openais_unwrap(
 
 
 # -- without a stack ----------------------------------------------------------------------
+def test_an_attempt_that_gets_no_answer_ends_at_timeout_s() -> None:
+    import socket
+
+    from pipeq.serve._webhooks import Dispatcher
+
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/hook"
+
+        async def attempt() -> tuple[int | None, str | None]:
+            config = WebhookConfig((NEW,), ("127.0.0.1",), timeout_s=0.3)
+            dispatcher = Dispatcher(redis.asyncio.Redis(), config, read=None)  # type: ignore[arg-type]
+            try:
+                return await dispatcher._post(url, "msg_1", b"{}")
+            finally:
+                await dispatcher.http.aclose()
+
+        started = time.monotonic()
+        assert asyncio.run(attempt()) == (None, "no answer within 0.3 s")
+        assert time.monotonic() - started < 2
+
+
 def test_a_delivery_claimed_by_a_gateway_that_died_comes_due_again(redis_url: str) -> None:
     db = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/1")  # not the gateway's
     db.flushdb()

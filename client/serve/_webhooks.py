@@ -531,6 +531,7 @@ class Dispatcher:
                 await self._later(key, self.config.recheck_s)
             else:  # never sent, or forgotten: nothing will come
                 await self._set(key, status="failed", last_error="the job is not known")
+                await self._finish(key)
             return
         data = view.as_json()
         data.pop("webhook", None)
