@@ -374,10 +374,13 @@ def test_a_delivery_claimed_by_a_gateway_that_died_comes_due_again(redis_url: st
     claim = db.register_script(_CLAIM)
     db.zadd(DUE_KEY, {"pipeq:webhook:a": 100})
     keys = [DUE_KEY, LEASED_KEY]
-    assert claim(keys=keys, args=[99, 45, 10]) == []  # not due yet
-    assert claim(keys=keys, args=[100, 45, 10]) == [b"pipeq:webhook:a"]
-    assert claim(keys=keys, args=[140, 45, 10]) == []  # leased: no other gateway takes it
-    assert claim(keys=keys, args=[146, 45, 10]) == [b"pipeq:webhook:a"]  # its lease ended
+    # the entries pending in all (due or leased), then the ones claimed
+    assert claim(keys=keys, args=[99, 45, 10]) == [1]  # not due yet
+    assert claim(keys=keys, args=[100, 45, 10]) == [1, b"pipeq:webhook:a"]
+    assert claim(keys=keys, args=[140, 45, 10]) == [1]  # leased: no other gateway takes it
+    assert claim(keys=keys, args=[146, 45, 10]) == [1, b"pipeq:webhook:a"]  # its lease ended
+    db.delete(LEASED_KEY)
+    assert claim(keys=keys, args=[200, 45, 10]) == [0]
     db.flushdb()
 
 

@@ -297,7 +297,8 @@ return 1
 
 _CLAIM = """
 -- KEYS: due, leased ; ARGV: now, lease (s), at most. Ended leases are due again; then
--- the due entries (at most ARGV[3]) move to the leased set, and are returned.
+-- the due entries (at most ARGV[3]) move to the leased set. Returns the entries pending
+-- in all (due or leased), then the ones claimed.
 local now = tonumber(ARGV[1])
 for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)) do
   redis.call('ZREM', KEYS[2], m)
@@ -308,6 +309,7 @@ for _, m in ipairs(due) do
   redis.call('ZREM', KEYS[1], m)
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), m)
 end
+table.insert(due, 1, redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2]))
 return due
 """
 
@@ -407,6 +409,9 @@ class Dispatcher:
         #: the entries this process delivers now, and those of them that changed meanwhile
         self._busy: set[str] = set()
         self._dirty: set[str] = set()
+        #: some delivery was pending at the last claim, or was registered here since
+        self._any = True
+        self._registered = 0  # registrations by this process
 
     # -- lifecycle --
     async def start(self) -> None:
@@ -452,6 +457,8 @@ class Dispatcher:
         )
         if got < 0:
             raise InvalidRequest(f"webhook: {url} answered 410 Gone before: it is disabled")
+        self._registered += 1
+        self._any = True
         self._wake.set()
         return got == 1
 
@@ -474,9 +481,11 @@ class Dispatcher:
                 continue
             try:
                 await self._touch_changed()
-                due = await self._claim(
+                registered = self._registered
+                pending, *due = await self._claim(
                     keys=[DUE_KEY, LEASED_KEY], args=[time.time(), lease_s, room]
                 )
+                self._any = pending > 0 or self._registered != registered
             except (redis.RedisError, OSError) as e:
                 log.warning("reading due webhooks failed (%s); trying again", e)
                 due = []
@@ -494,10 +503,14 @@ class Dispatcher:
 
     async def _touch_changed(self) -> None:
         """The entries of the jobs that changed are due now (a job without a webhook has
-        none: ZADD XX adds nothing). One pipelined command a change."""
+        none: ZADD XX adds nothing). One pipelined command a change, none while no delivery
+        is pending (a webhook registered by another gateway since the last claim is woken
+        by that gateway's dispatcher, which sees the same changes)."""
         if not self._changed:
             return
         ids, self._changed = self._changed, set()
+        if not self._any:
+            return
         now = time.time()
         async with self.aredis.pipeline(transaction=False) as pipe:
             for job_id in ids:
