@@ -267,6 +267,8 @@ def test_a_gateway_without_webhooks_refuses_a_webhook_and_a_filter_needs_one(
             },
         )
         assert r.status_code == 422 and "no webhooks configured" in r.json()["error"]["message"]
+        gw = c.app.state.gateway  # type: ignore[attr-defined]
+        assert c.portal.call(gw.batch_event, {"id": "batch_1"}, "batch.completed") is None
     r = http.post(
         "/v1/jobs",
         json={
