@@ -22,6 +22,7 @@ import redis
 import redis.asyncio
 import standardwebhooks
 
+from pipeq import Client
 from pipeq._stack import Stack, stop_process
 from pipeq.errors import InvalidRequest
 from pipeq.serve._webhooks import (
@@ -35,7 +36,7 @@ from pipeq.serve._webhooks import (
     sign,
 )
 
-from .conftest import start_gateway
+from .conftest import paused, start_gateway
 
 OLD, NEW = new_secret(), new_secret()  # a rotation: both sign every delivery
 
@@ -213,11 +214,21 @@ def test_an_allowlisted_name_that_resolves_to_a_private_address_is_not_called(
     assert receiver.at(path) == []
 
 
-def test_410_gone_disables_the_url(http: httpx.Client, receiver: Receiver) -> None:
+def test_410_gone_disables_the_url(http: httpx.Client, receiver: Receiver, client: Client) -> None:
     url = receiver.url + f"/gone/{uuid.uuid4().hex}"
-    job = submit(http, url)
-    after = settled(http, job["id"])
-    assert after["webhook"] == {"status": "disabled", "attempts": 1, "last_status_code": 410}
+    with paused(client, "ner"):  # a job to the same URL, waiting while the URL goes
+        waiting = submit(http, url, deployment="ner", inputs="My name is Sylvain.")
+        job = submit(http, url)
+        after = settled(http, job["id"])
+        assert after["webhook"] == {"status": "disabled", "attempts": 1, "last_status_code": 410}
+    assert http.get(f"/v1/jobs/{waiting['id']}/result?wait=30").status_code == 200
+    later = settled(http, waiting["id"])  # disabled once it started: nothing goes to the URL
+    assert later["webhook"] == {
+        "status": "disabled",
+        "attempts": 0,
+        "last_status_code": None,
+        "last_error": "the URL answered 410 Gone",
+    }
     r = http.post(
         "/v1/jobs", json={"deployment": "sentiment-analysis", "inputs": "x", "webhook": url}
     )

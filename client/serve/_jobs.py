@@ -443,7 +443,7 @@ class Gateway:
                     job_id,
                     digest,
                 )
-            except BaseException:
+            except Exception:  # not sent (a cancelled request's send may go on: kept)
                 if hooks is not None and registered:
                     await hooks.unregister(job_id)
                 raise

@@ -522,6 +522,9 @@ class Dispatcher:
             hook = await self.aredis.hgetall(key)
             if not hook or hook.get(b"status", b"pending") != b"pending":
                 await self._finish(key)
+            elif await self.aredis.sismember(GONE_KEY, hook[b"url"]):  # since registered
+                await self._set(key, status="disabled", last_error="the URL answered 410 Gone")
+                await self._finish(key)
             elif b"body" in hook:
                 await self._final(key, hook, hook[b"body"])
             else:
