@@ -420,6 +420,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"pipeq serve needs the serve extra (pip install 'pipeq[serve]'): {e}", file=sys.stderr
         )
         return 2
+    if args.new_webhook_secret:
+        from pipeq.serve._webhooks import new_secret
+
+        print(new_secret())
+        return 0
     if args.new_key:
         key, stanza = key_stanza(args.new_key, args.deployments or [])
         # the key on stderr, shown once; the entry (its hash only) on stdout, for the file
@@ -429,7 +434,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(stanza, end="")
         return 0
     try:
-        settings = settings_from(args.redis_url, args.keys, args.max_body_bytes)
+        settings = settings_from(args.redis_url, args.keys, args.max_body_bytes, args.webhooks)
         settings.keepalive_s = args.keepalive_s
         serve(settings, args.address, args.port, args.log_level)
     except (ValueError, Unprotected) as e:
@@ -625,6 +630,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=15.0,
         help="an event stream sends a comment this often while nothing else comes (default 15)",
+    )
+    sv.add_argument(
+        "--webhooks",
+        default=os.environ.get("PIPEQ_WEBHOOKS_FILE"),
+        metavar="FILE",
+        help="webhooks' secrets, allowlist and retries, as TOML ($PIPEQ_WEBHOOKS_FILE, or the "
+        "TOML in $PIPEQ_WEBHOOKS); none: a job naming a webhook is refused",
+    )
+    sv.add_argument(
+        "--new-webhook-secret",
+        action="store_true",
+        help="print a new webhook signing secret (whsec_...) for the webhooks file, then exit",
     )
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sv.add_argument(

@@ -102,8 +102,13 @@ def _python(code: str, tmp: Path) -> None:
 
 
 def _toml(code: str, tmp: Path) -> None:
-    """A TOML block is a pipeq config: read as `pipeq worker --config` reads it."""
-    tomllib.loads(code)
+    """A TOML block is a pipeq config, read as `pipeq worker --config` reads it, or, with
+    a [webhooks] table, a gateway's webhooks file, read as `pipeq serve --webhooks` does."""
+    if "webhooks" in tomllib.loads(code):
+        from pipeq.serve._webhooks import parse_webhooks
+
+        parse_webhooks(code, "doc.toml")
+        return
     path = tmp / "doc.toml"
     path.write_text(code)
     assert load_deployments(path)

@@ -40,6 +40,13 @@ from pipeq.errors import InvalidRequest, PipeqError
 from pipeq.serve._auth import LOCAL, RATE_SCRIPT, Caller, Keys
 from pipeq.serve._errors import ApiError
 from pipeq.serve._metrics import Metrics
+from pipeq.serve._webhooks import (
+    Dispatcher,
+    WebhookConfig,
+    delivery_state,
+    enqueue_batch_event,
+    webhook_key,
+)
 
 __all__ = [
     "Gateway",
@@ -83,6 +90,8 @@ class Settings:
     keepalive_s: float = 15.0
     #: submits run in at most this many threads at once
     submit_threads: int = 8
+    #: webhooks' secrets, allowlist and retries (None: a job naming a webhook is 422)
+    webhooks: WebhookConfig | None = None
 
 
 # -- the request body ------------------------------------------------------------------
@@ -122,6 +131,8 @@ class JobView:
     created_at: float | None = None
     result: Any = None
     error: PipeqError | None = None
+    #: its webhook's delivery (`_webhooks.delivery_state`); None: it has none
+    webhook: dict[str, Any] | None = None
 
     def urls(self) -> dict[str, str]:
         base = f"/v1/jobs/{self.id}"
@@ -143,6 +154,8 @@ class JobView:
             out["result"] = self.result
         if self.error is not None:
             out["error"] = {"type": type(self.error).__name__, "message": self.error.message}
+        if self.webhook is not None:
+            out["webhook"] = self.webhook
         out["urls"] = self.urls()
         return out
 
@@ -172,6 +185,8 @@ class ResultBus:
         self._watches: dict[str, set[_Watch]] = {}
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        #: called with the id of every job whose state is stored (the webhooks' dispatcher)
+        self.listeners: list[Callable[[str], None]] = []
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="pipeq-result-bus")
@@ -193,6 +208,8 @@ class ResultBus:
                     if msg is None or msg.get("type") != "pmessage":
                         continue
                     job_id = msg["channel"].decode()[len(META_PREFIX) :]
+                    for listen in self.listeners:
+                        listen(job_id)
                     for watch in self._watches.get(job_id, ()):
                         watch.data = msg["data"]
                         watch.event.set()
@@ -332,6 +349,11 @@ class Gateway:
         self.results = ResultBus(self.aredis)
         self.streams = StreamBus(self.aredis)
         self.rate = self.aredis.register_script(RATE_SCRIPT)
+        self.webhooks = (
+            Dispatcher(self.aredis, settings.webhooks, self.read) if settings.webhooks else None
+        )
+        if self.webhooks is not None:
+            self.results.listeners.append(self.webhooks.changed)
         # concurrent.futures' pool: its queue is a SimpleQueue, whose hand-over cost a
         # tenth of what anyio's Condition-based one did (py-spy --gil, a submit's CPU)
         self.threads = ThreadPoolExecutor(settings.submit_threads, "pipeq-submit")
@@ -344,6 +366,8 @@ class Gateway:
     async def start(self) -> None:
         await self.results.start()
         await self.streams.start()
+        if self.webhooks is not None:
+            await self.webhooks.start()
 
     async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in one of the submit threads (the sync `Client`'s calls)."""
@@ -351,6 +375,8 @@ class Gateway:
 
     async def close(self) -> None:
         self.threads.shutdown(wait=False)
+        if self.webhooks is not None:
+            await self.webhooks.close()
         await self.streams.close()
         await self.results.close()
         with contextlib.suppress(Exception):
@@ -388,17 +414,43 @@ class Gateway:
         job_id: str | None = None,
         digest: str = "",
         wait_s: float = 0.0,
+        webhook: str | None = None,
+        webhook_events: tuple[str, ...] = ("completed",),
     ) -> tuple[JobView, bool]:
         """Validate and enqueue through `Client` (in a thread): the job (once done, if
         it is within `wait_s`), and whether this call created it (False: an idempotent
-        repeat of `job_id` with the same `digest`). Raises what `Client.submit` raises,
+        repeat of `job_id` with the same `digest`). `webhook`: a URL the job's
+        `webhook_events` are POSTed to (`_webhooks`). Raises what `Client.submit` raises,
         ApiError 403 for a deployment the caller may not use, 409 for a `job_id` taken
-        by another request."""
+        by another request, InvalidRequest for a webhook this gateway may not call."""
         job_id = job_id or _new_id()
+        hooks = self.webhooks
+        registered = False
+        if webhook is not None:  # recorded before the send: no outcome missed
+            if hooks is None:
+                raise InvalidRequest("webhook: this gateway has no webhooks configured")
+            registered = await hooks.register(job_id, webhook, webhook_events)
         with self.results.watch(job_id) as watch:  # before the send: no result missed
-            view, created = await self.in_thread(
-                self._submit, caller, target, inputs, model, params or {}, expires, job_id, digest
-            )
+            try:
+                view, created = await self.in_thread(
+                    self._submit,
+                    caller,
+                    target,
+                    inputs,
+                    model,
+                    params or {},
+                    expires,
+                    job_id,
+                    digest,
+                )
+            except Exception:  # not sent (a cancelled request's send may go on: kept)
+                if hooks is not None and registered:
+                    await hooks.unregister(job_id)
+                raise
+            if hooks is not None and registered and not created:
+                await hooks.unregister(job_id)  # the id was taken: not this request's job
+            elif registered:
+                view.webhook = {"status": "pending", "attempts": 0, "last_status_code": None}
             if wait_s > 0:
                 self.metrics.waiting.inc()
                 try:
@@ -447,8 +499,11 @@ class Gateway:
         pipe.hgetall(submitted_key(job_id))
         pipe.get(job_key(job_id))
         pipe.get(META_PREFIX + job_id)
-        record, deployment, meta = self.client.call(pipe.execute)
-        return self._view(job_id, record, deployment, meta)
+        pipe.hgetall(webhook_key(job_id))
+        record, deployment, meta, hook = self.client.call(pipe.execute)
+        view = self._view(job_id, record, deployment, meta)
+        view.webhook = delivery_state(hook)
+        return view
 
     async def read(self, job_id: str, caller: Caller | None = None) -> JobView:
         """One read of the job (its record, deployment, result); `caller`: ApiError 404
@@ -458,12 +513,14 @@ class Gateway:
                 pipe.hgetall(submitted_key(job_id))
                 pipe.get(job_key(job_id))
                 pipe.get(META_PREFIX + job_id)
-                record, deployment, meta = await pipe.execute()
+                pipe.hgetall(webhook_key(job_id))
+                record, deployment, meta, hook = await pipe.execute()
         except (redis.RedisError, OSError) as e:
             raise _unavailable(e) from None
         if caller is not None:
             self._check_owner(caller, job_id, record)
         view = self._view(job_id, record, deployment, meta)
+        view.webhook = delivery_state(hook)
         if caller is not None and view.status is JobState.UNKNOWN:
             raise ApiError(404, "NotFound", "no such job", job_id=job_id)
         return view
@@ -533,7 +590,9 @@ class Gateway:
             watch.event.clear()
             if data is not None:  # the state just stored
                 meta = json.loads(data)
+                hook = view.webhook
                 view = self._from_meta(view.id, view.deployment, view.created_at, meta, True)
+                view.webhook = hook
             else:  # a re-read: no message (or the subscription came back)
                 view = await self.read(view.id)
         return view
@@ -614,6 +673,16 @@ class Gateway:
         except (redis.RedisError, OSError) as e:
             raise _unavailable(e) from None
         return sum(1 for _, fields in entries if b"start" in fields)
+
+    async def batch_event(self, batch: dict[str, Any], event_type: str) -> str | None:
+        """Queue a Batch API event (`batch.completed`, `batch.failed`, `batch.expired`,
+        `batch.cancelled`) for `webhooks.batch_url`, in OpenAI's event shape
+        (`_webhooks.enqueue_batch_event`): its event id; None when no batch_url is
+        configured (nothing is sent). ValueError for an unknown event type."""
+        config = self.settings.webhooks
+        if config is None or config.batch_url is None:
+            return None
+        return await enqueue_batch_event(self.aredis, batch, event_type, config.batch_url)
 
     async def check_rate(self, caller: Caller) -> None:
         from pipeq.serve._auth import check_rate

@@ -9,6 +9,7 @@ import sys
 from pipeq._stack import is_loopback
 from pipeq.serve._auth import hash_key, load_keys, new_key
 from pipeq.serve._jobs import Settings
+from pipeq.serve._webhooks import load_webhooks
 
 __all__ = ["check_exposure", "key_stanza", "serve"]
 
@@ -57,6 +58,14 @@ def serve(settings: Settings, address: str, port: int, log_level: str = "info") 
 
 
 def settings_from(
-    redis_url: str | None, keys_file: str | None, max_body_bytes: int | None
+    redis_url: str | None,
+    keys_file: str | None,
+    max_body_bytes: int | None,
+    webhooks_file: str | None = None,
 ) -> Settings:
-    return Settings(redis_url=redis_url, keys=load_keys(keys_file), max_body_bytes=max_body_bytes)
+    return Settings(
+        redis_url=redis_url,
+        keys=load_keys(keys_file),
+        max_body_bytes=max_body_bytes,
+        webhooks=load_webhooks(webhooks_file),
+    )

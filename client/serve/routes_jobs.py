@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -52,6 +52,14 @@ class JobRequest(BaseModel):
     expires: float | None = Field(
         None, gt=0, allow_inf_nan=False, description="seconds by which it must have started"
     )
+    webhook: str | None = Field(
+        None,
+        max_length=2048,
+        description="a URL (in the gateway's allowlist) that the job's events are POSTed to",
+    )
+    webhook_events_filter: list[Literal["start", "output", "completed"]] | None = Field(
+        None, min_length=1, description="which events go to `webhook` (default: completed)"
+    )
 
 
 _BODY = {
@@ -77,6 +85,8 @@ async def job_request(request: Request, *, digest: bool = False) -> tuple[JobReq
         raise ApiError(422, "InvalidRequest", "name one of `deployment` or `task`")
     if job.deployment is not None and job.model is not None:
         raise ApiError(422, "InvalidRequest", "`model` goes with `task`, not `deployment`")
+    if job.webhook_events_filter is not None and job.webhook is None:
+        raise ApiError(422, "InvalidRequest", "`webhook_events_filter` goes with `webhook`")
     return job, digest_of(body) if digest else ""
 
 
@@ -111,6 +121,8 @@ async def _submit(
         job_id=job_id,
         digest=digest,
         wait_s=wait,
+        webhook=job.webhook,
+        webhook_events=tuple(dict.fromkeys(job.webhook_events_filter or ["completed"])),
     )
     if wait and not created:  # a repeated PUT: the job may be done by now
         view = await _waiting(gw, view, wait)
