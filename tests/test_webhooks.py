@@ -38,6 +38,7 @@ from pipeq.serve._webhooks import (
 
 from .conftest import paused, start_gateway
 
+BATCHES = "/ok/batches"  # the hooked gateway's batch_url, on the receiver
 OLD, NEW = new_secret(), new_secret()  # a rotation: both sign every delivery
 
 
@@ -115,6 +116,7 @@ def hooked(
         f'secrets = ["{OLD}", "{NEW}"]\n'
         'allow = ["127.0.0.1", "localhost"]\n'
         "timeout_s = 2\nmax_attempts = 3\nbackoff_s = 0.2\nmax_backoff_s = 0.5\nrecheck_s = 30\n"
+        f'batch_url = "{receiver.url}{BATCHES}"\n'
     )
     url, proc, _ = start_gateway(stack.url, tmp, None, "--webhooks", str(config))
     try:
@@ -355,6 +357,36 @@ def test_batch_events_verify_with_openais_unwrap(
         )
     with pytest.raises(ValueError):
         asyncio.run(enqueue_batch_event(None, {"id": "b"}, "batch.finished", receiver.url))
+
+
+def test_a_batch_that_ends_posts_its_event_to_batch_url(hooked: str, receiver: Receiver) -> None:
+    """The Batch API's runner queues `batch.completed` when a batch ends: the receiver
+    verifies it with OpenAI's client, and its data names the batch."""
+    oai = openai.OpenAI(base_url=f"{hooked}/v1", api_key="unused", max_retries=0)
+    line = {"model": "sentiment-analysis", "input": "x"}  # not an embeddings deployment
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/embeddings", "body": line}
+        for i in range(2)
+    ]
+    content = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    uploaded = oai.files.create(file=("in.jsonl", content), purpose="batch")
+    batch = oai.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h"
+    )
+    got = None
+    deadline = time.monotonic() + 60
+    while got is None:
+        assert time.monotonic() < deadline, oai.batches.retrieve(batch.id)
+        for r in receiver.at(BATCHES):
+            event = openai.OpenAI(api_key="unused", webhook_secret=NEW).webhooks.unwrap(
+                r.body, r.headers
+            )
+            if event.data.id == batch.id:
+                got = event
+        time.sleep(0.05)
+    done = oai.batches.retrieve(batch.id)
+    assert got.type == f"batch.{done.status}" and done.status == "completed", done
+    assert (done.request_counts.completed, done.request_counts.failed) == (0, 2)
 
 
 # -- without a stack ----------------------------------------------------------------------

@@ -58,7 +58,6 @@ __all__ = [
     "LEASE_S",
     "BatchStore",
     "Runner",
-    "batch_event",
     "parse_window",
 ]
 
@@ -96,12 +95,6 @@ def parse_window(window: str) -> float:
     if not 0 < seconds <= MAX_WINDOW_S:
         raise ApiError(400, "InvalidRequest", "completion_window: '24h', or a shorter '<N>h|m|s'")
     return float(seconds)
-
-
-def batch_event(batch: dict[str, Any], event_type: str) -> None:
-    """A batch reached a terminal status (`batch.completed`, `batch.failed`,
-    `batch.expired`, `batch.cancelled`): the call site for its webhook (issue #20,
-    scope 3), which another change delivers. Does nothing yet."""
 
 
 def _key(kind: str, ident: str, part: str = "") -> str:
@@ -588,4 +581,5 @@ class Runner:
             for k in (key, f"{key}:out", f"{key}:err"):
                 pipe.expire(k, int(KEEP_S))
             await pipe.execute()
-        batch_event(doc, f"batch.{status}")
+        # the webhook (webhooks.batch_url), queued in Redis for any gateway's dispatcher
+        await self.gw.batch_event(doc, f"batch.{status}")
