@@ -574,6 +574,10 @@ class Runner:
                 "object": "list",
                 "data": [{"code": c, "message": m, "param": None, "line": None} for c, m in errors],
             }
+        # the webhook (webhooks.batch_url), queued in Redis for any gateway's dispatcher
+        # before the batch leaves the active set: a runner that dies in between leaves the
+        # batch to another, which queues the same event (the same id) again
+        await self.gw.batch_event(doc, f"batch.{status}")
         key = _key("batch", doc["id"])
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, "doc", json.dumps(doc))
@@ -581,5 +585,3 @@ class Runner:
             for k in (key, f"{key}:out", f"{key}:err"):
                 pipe.expire(k, int(KEEP_S))
             await pipe.execute()
-        # the webhook (webhooks.batch_url), queued in Redis for any gateway's dispatcher
-        await self.gw.batch_event(doc, f"batch.{status}")

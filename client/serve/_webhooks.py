@@ -328,7 +328,8 @@ async def enqueue_batch_event(
     `{"object": "event", "id": "evt_...", "type": event_type, "created_at": unix s,
     "data": {"id": batch["id"]}}`. `aredis`: an async Redis client of the cluster; any
     gateway's dispatcher delivers it, signed with that gateway's secrets, and retries it as
-    a final event. Returns the event's id (its `webhook-id` too). ValueError for an
+    a final event. Returns the event's id (its `webhook-id` too), the same for the same
+    batch and event type. ValueError for an
     `event_type` not in BATCH_EVENTS or a batch without an id; a URL that answered 410
     before is not sent to (the event is recorded `disabled`)."""
     if event_type not in BATCH_EVENTS:
@@ -336,7 +337,11 @@ async def enqueue_batch_event(
     batch_id = batch.get("id")
     if not isinstance(batch_id, str) or not batch_id:
         raise ValueError("the batch has no id")
-    event_id = "evt_" + uuid.uuid4().hex
+    # one id per batch and event type: a runner that died between queuing the event and
+    # storing the batch's end queues it again when the batch is finished anew, and the
+    # receiver sees the same `webhook-id` (Standard Webhooks' idempotency key) both times
+    digest = hashlib.sha256(f"{batch_id}\0{event_type}".encode()).hexdigest()[:32]
+    event_id = "evt_" + digest
     body = {
         "object": "event",
         "id": event_id,
