@@ -28,7 +28,7 @@ from pipeq._metrics import OUTCOMES, metrics_key, outcome_counts
 from pipeq.worker.main import HELD_BATCHES
 
 from .cluster import Cluster, renamed, wait_until
-from .conftest import assert_close
+from .conftest import assert_close, paused
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -438,7 +438,10 @@ def test_redis_killed_and_restarted_mid_burst_answers_every_accepted_job(
     inputs = texts(120, "aof ")
     with cluster.client() as client:
         hostname = cluster.hostname(cluster.start_worker("sentiment"), "sentiment")
-        jobs = [client.submit("sentiment", t) for t in inputs]
+        # queued while the worker takes nothing, so that it then holds HELD at once: on a
+        # loaded machine a worker can keep up with the submits and never hold HELD
+        with paused(client, "sentiment"):
+            jobs = [client.submit("sentiment", t) for t in inputs]
         wait_until(lambda: cluster.inflight(hostname) == HELD, 30, "the worker holds jobs")
         cluster.kill_redis()
         time.sleep(3)
@@ -536,7 +539,8 @@ def test_a_redis_restart_of_five_seconds_fails_none_of_the_jobs_a_worker_holds(
     inputs = texts(60, "blip ")
     with cluster.client() as client:
         hostname = cluster.hostname(cluster.start_worker("sentiment"), "sentiment")
-        jobs = [client.submit("sentiment", t) for t in inputs]
+        with paused(client, "sentiment"):  # then it holds HELD at once, however loaded
+            jobs = [client.submit("sentiment", t) for t in inputs]
         wait_until(lambda: cluster.inflight(hostname) == HELD, 30, "the worker holds its jobs")
         cluster.kill_redis(signal.SIGTERM)
         time.sleep(5)
