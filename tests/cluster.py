@@ -22,6 +22,7 @@ from pipeq._stack import start_redis, stop_process
 from pipeq.worker.demo import write_config
 
 from .conftest import ROOT, free_port
+from .zygote import Zygote
 
 FAULTS = ROOT / "tests" / "faults"
 
@@ -82,31 +83,28 @@ class Cluster:
 
     # -- workers -----------------------------------------------------------------------
     def start_worker(self, name: str, **env: str) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"worker-{len(self.workers)}.log", "wb")
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pipeq",
-                "worker",
-                name,
-                "--config",
-                str(self.config),
-                "--redis-url",
-                self.url,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join([str(FAULTS), os.environ.get("PYTHONPATH", "")]),
-                **self.worker_env,
-                **env,
-            },
-            start_new_session=True,
-        )
+        """A worker of deployment `name`, forked from this test process's fork server
+        (tests/zygote.py: torch and transformers imported once), or spawned afresh with
+        PIPEQ_TEST_FORK=0; `env` adds to its environment."""
+        log = self.tmp / f"worker-{len(self.workers)}.log"
+        argv = [sys.executable, "-m", "pipeq", "worker", name, "--config", str(self.config)]
+        argv += ["--redis-url", self.url]
+        full_env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(FAULTS), os.environ.get("PYTHONPATH", "")]),
+            **self.worker_env,
+            **env,
+        }
+        proc: Any
+        if os.environ.get("PIPEQ_TEST_FORK", "1") != "0":
+            proc = Zygote.spawn(argv, full_env, log)
+        else:
+            with open(log, "ab") as out:
+                proc = subprocess.Popen(
+                    argv, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+                )
         self.workers.append(proc)
-        return proc
+        return proc  # type: ignore[no-any-return]
 
     def hostname(self, proc: subprocess.Popen[bytes], name: str, timeout_s: float = 120) -> str:
         """The worker's name in Redis, once its first heartbeat is in (it owns its list)."""
