@@ -215,6 +215,66 @@ def test_a_kv_block_is_sized_as_transformers_sizes_its_pages(models_dir: Path) -
     assert ours == config.num_hidden_layers * page == 2 * 2 * 32 * 2 * 256
 
 
+class FakeCuda:
+    """torch.cuda's memory calls as an 80 GiB GPU answers them (the code that runs only
+    on a GPU, run here against figures)."""
+
+    def __init__(self, free: int, reserved: int) -> None:
+        self.free, self.reserved, self.fraction = free, reserved, None
+
+    def is_available(self) -> bool:
+        return True
+
+    def mem_get_info(self, device: int = 0) -> tuple[int, int]:
+        return self.free, 80 * GiB
+
+    def memory_reserved(self, device: int = 0) -> int:
+        return self.reserved
+
+    def empty_cache(self) -> None:
+        pass
+
+    def set_per_process_memory_fraction(self, fraction: float, device: int = 0) -> None:
+        self.fraction = fraction
+
+
+def test_the_worker_caps_its_gpu_memory_at_its_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from pipeq.worker import placement
+
+    fake = FakeCuda(free=70 * GiB, reserved=0)
+    for name in ("is_available", "mem_get_info", "set_per_process_memory_fraction"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    d = Deployment(name="s", task="ner", model="m", device="cuda:0", gpu_memory_bytes=20 * GiB)
+    assert placement.cap_gpu_memory(d) == 20 * GiB and fake.fraction == 0.25
+    half = dataclasses.replace(d, gpu_memory_bytes=0, gpu_memory_fraction=0.5)
+    assert placement.cap_gpu_memory(half) == 40 * GiB and fake.fraction == 0.5
+    assert placement.cap_gpu_memory(dataclasses.replace(half, device="cpu")) is None
+    with pytest.raises(ModelLoadError, match="gpu_memory_bytes"):
+        placement.cap_gpu_memory(dataclasses.replace(d, gpu_memory_bytes=81 * GiB))
+
+
+def test_the_generator_cache_is_sized_inside_the_cap(
+    monkeypatch: pytest.MonkeyPatch, models_dir: Path
+) -> None:
+    """The tiny gpt2 in bf16, capped at 20 GiB of which it holds 1, 70 GiB free: the
+    manager is told 0.9 x 19 GiB of the 70 free."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeq.worker import placement, tiny_models
+
+    fake = FakeCuda(free=70 * GiB, reserved=1 * GiB)
+    for name in ("mem_get_info", "memory_reserved", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_models.build("gpt2", models_dir), dtype=torch.bfloat16
+    )
+    sizes = placement.cuda_cache_sizes(model, 20 * GiB, 256)
+    assert math.isclose(sizes["max_memory_percent"] * 70 * GiB, 0.9 * 19 * GiB, rel_tol=1e-9)
+
+
 # -- bfloat16 against float32, per task, in process ----------------------------------------
 
 Q1 = {"question": "Where do I work?", "context": "My name is Sylvain and I work at Hugging Face"}

@@ -194,6 +194,7 @@ def cuda_cache_sizes(model: Any, cap_bytes: int, page_size: int) -> dict[str, An
     from transformers.generation.continuous_batching.utils import find_head_dim
 
     config = model.config
+    torch.cuda.empty_cache()  # as transformers does before it measures
     free, total = (int(n) for n in torch.cuda.mem_get_info(0))
     heads = config.num_attention_heads
     budget = cache_budget(
