@@ -469,7 +469,8 @@ def bf16_worker(
     deployments: dict[str, Deployment], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     """A worker of the tiny sentiment model in bfloat16 with eager attention, batches of
-    up to 8 gathered for 300 ms, whose forward passes over more than 2 inputs raise
+    up to 8 gathered for 1 s (so that 8 jobs sent at once share one, however loaded
+    the machine), whose forward passes over more than 2 inputs raise
     torch.OutOfMemoryError (tests/faults)."""
     d = renamed(
         deployments["sentiment-analysis"],
@@ -477,7 +478,7 @@ def bf16_worker(
         dtype="bfloat16",
         attn_implementation="eager",
         max_batch_size=8,
-        max_batch_wait_ms=300,
+        max_batch_wait_ms=1000,
     )
     cluster = Cluster(
         tmp_path_factory.mktemp("bf16"), {d.name: d}, worker_env={"PIPEQ_FAULTS_OOM_ABOVE": "2"}
