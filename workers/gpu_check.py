@@ -146,6 +146,10 @@ def _task_rows(
             row |= {"ok": False, "error": f"{type(e).__name__}: {e}"}
         rows.append(row)
         print(f"gpu-check: tasks: {row}", flush=True)
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()  # the sharing workers count on the GPU's free memory
     return rows
 
 
