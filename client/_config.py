@@ -12,6 +12,11 @@ max_batch_wait_ms = 5        # optional
 job_timeout_s = 300          # optional; counted from the job's first forward pass
 max_queue_length = 10000     # optional; submit raises Overloaded past it (0 = no limit)
 batching = "dynamic"         # optional; "continuous" (text-generation's default) or "dynamic"
+dtype = "auto"               # optional; "auto" (the checkpoint's), "float32", "bfloat16", "float16"
+attn_implementation = "sdpa" # optional; "sdpa", "eager", "flash_attention_2" (default: the model's)
+compile = false              # optional; torch.compile the forward (warmed up before it serves)
+trust_remote_code = false    # optional; run the model repository's own Python code
+gpu_memory_fraction = 0.5    # optional; this worker's share of its GPU (or gpu_memory_bytes)
 
 [deployments.sentiment-analysis.limits]   # optional; each bounds what one request may ask
 request_bytes = 2000000      # the JSON of inputs and parameters (TEI's payload limit)
@@ -61,6 +66,10 @@ DEFAULT_MODELS: dict[str, str] = {
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # fullmatch: `$` lets "x\n" through
 _DEVICE = re.compile(r"cpu|cuda|cuda:\d+")
+#: torch dtypes a deployment's weights may load in ("auto": the checkpoint's own, as saved)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: transformers' attention implementations a deployment may ask for ("": the model's default)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,24 @@ class Deployment:
     #: "continuous" (text-generation's default: a job joins the running generation at its
     #: next step, docs/batching.md) or "dynamic" (batches of jobs with equal parameters)
     batching: str = ""
+    #: the torch dtype the weights load in (`from_pretrained(dtype=)`): "auto" keeps the
+    #: checkpoint's own (transformers 5's default, so float32 for a float32 checkpoint)
+    dtype: str = "auto"
+    #: `from_pretrained(attn_implementation=)`; "" leaves transformers' choice for the model.
+    #: "flash_attention_2" needs the flash-attn package and a GPU where the worker runs (its
+    #: load fails there, naming this key, when they are missing) and a 16-bit dtype
+    attn_implementation: str = ""
+    #: torch.compile the model's forward; the worker compiles and warms it up before it
+    #: announces itself (docs/operations.md). Dynamic batching only for now
+    compile: bool = False
+    #: `from_pretrained(trust_remote_code=)`: run Python code from the model's repository
+    trust_remote_code: bool = False
+    #: on a GPU: the share of its memory this worker may take (0 < x <= 1; 0: no cap), so
+    #: that deployments share a GPU (`torch.cuda.set_per_process_memory_fraction`; the
+    #: continuous-batching cache is sized inside it); ignored on the CPU
+    gpu_memory_fraction: float = 0.0
+    #: the same cap in bytes (0: none); at most one of the two
+    gpu_memory_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -114,6 +141,7 @@ class Deployment:
             )
         if not isinstance(self.scale_to_zero, bool):
             raise InvalidRequest(f"deployment {self.name!r}: scale_to_zero must be true or false")
+        self._check_model_settings()
         if self.job_timeout_s <= 0:
             raise InvalidRequest(f"deployment {self.name!r}: job_timeout_s must be positive")
         unknown = set(self.limits) - set(DEFAULT_LIMITS)
@@ -133,6 +161,48 @@ class Deployment:
                 f"{_tasks.RESULT_BYTES_MAX} (the largest result Celery's Redis backend stores)"
             )
         object.__setattr__(self, "limits", {**DEFAULT_LIMITS, **self.limits})
+
+    def _check_model_settings(self) -> None:
+        """InvalidRequest, naming the key, for a model setting out of its domain: `dtype`,
+        `attn_implementation`, `compile`, `trust_remote_code`, the GPU memory share."""
+        where = f"deployment {self.name!r}"
+        if self.dtype not in DTYPES:
+            raise InvalidRequest(f"{where}: dtype {self.dtype!r} must be one of {list(DTYPES)}")
+        if self.attn_implementation and self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise InvalidRequest(
+                f"{where}: attn_implementation {self.attn_implementation!r} must be one of "
+                f"{list(ATTN_IMPLEMENTATIONS)}"
+            )
+        if self.attn_implementation == "flash_attention_2" and self.dtype == "float32":
+            raise InvalidRequest(
+                f"{where}: attn_implementation 'flash_attention_2' runs in float16 or bfloat16 "
+                "only: set dtype"
+            )
+        if self.batching == "continuous" and self.attn_implementation == "eager":
+            raise InvalidRequest(
+                f"{where}: attn_implementation 'eager' with continuous batching: transformers' "
+                "paged cache runs on 'sdpa' or 'flash_attention_2' (or set batching = 'dynamic')"
+            )
+        for key in ("compile", "trust_remote_code"):
+            if not isinstance(getattr(self, key), bool):
+                raise InvalidRequest(f"{where}: {key} must be true or false")
+        if self.compile and self.batching == "continuous":
+            raise InvalidRequest(
+                f"{where}: compile with continuous batching is not supported yet "
+                "(set batching = 'dynamic')"
+            )
+        fraction, size = self.gpu_memory_fraction, self.gpu_memory_bytes
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+            raise InvalidRequest(f"{where}: gpu_memory_fraction must be a number")
+        if not 0 <= fraction <= 1:
+            raise InvalidRequest(
+                f"{where}: gpu_memory_fraction must be in (0, 1] (0: no cap), not {fraction}"
+            )
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise InvalidRequest(f"{where}: gpu_memory_bytes must be an integer >= 0 (0: no cap)")
+        if fraction and size:
+            raise InvalidRequest(f"{where}: set gpu_memory_fraction or gpu_memory_bytes, not both")
+        object.__setattr__(self, "gpu_memory_fraction", float(fraction))
 
     @property
     def canonical_task(self) -> str:

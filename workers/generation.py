@@ -163,14 +163,16 @@ class _Request:
         return f"{self.job.job_id}#{self.index}"
 
 
-def start_manager(pipe: Any, max_batch_size: int) -> Any:
+def start_manager(pipe: Any, max_batch_size: int, gpu_memory_cap_bytes: int | None = None) -> Any:
     """The model's `ContinuousBatchingManager`, greedy, started. The model keeps (or is
     switched to) SDPA attention, which both the manager and `generate()` run.
 
     On a GPU the manager sizes its paged KV cache from free memory (transformers'
     default). On the CPU that probing takes about 14 s and claims most of the host's
     memory, so the cache holds `max_batch_size` requests of the model's full length
-    (distilgpt2's shape: 8 x 1,024 tokens, 300 MB); more requests wait for blocks to free."""
+    (distilgpt2's shape: 8 x 1,024 tokens, 300 MB); more requests wait for blocks to free.
+    On a GPU shared under `gpu_memory_cap_bytes`, the cache is sized inside the cap
+    (`placement.cuda_cache_sizes`), not from the GPU's free memory."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     model = pipe.model
@@ -179,6 +181,11 @@ def start_manager(pipe: Any, max_batch_size: int) -> Any:
         page = ContinuousBatchingConfig().page_size
         length = getattr(model.config, "max_position_embeddings", None) or 1024
         sizes = {"num_blocks": max(8, -(-max_batch_size * length // page)), "max_batch_tokens": 512}
+    elif gpu_memory_cap_bytes:
+        from pipeq.worker.placement import cuda_cache_sizes
+
+        page = ContinuousBatchingConfig().page_size
+        sizes = cuda_cache_sizes(model, gpu_memory_cap_bytes, page)
     if model.config._attn_implementation not in ("sdpa",) and "flash" not in str(
         model.config._attn_implementation
     ):

@@ -55,6 +55,10 @@ class Handler:
         self._counter = _token_counter(pipe)
         #: feature-extraction: the width of each token's vector (set by `load_handler`)
         self.feature_width: int | None = None
+        #: this process's GPU memory cap in bytes, None without (set by `placement.load`)
+        self.gpu_memory_cap_bytes: int | None = None
+        #: seconds the compiled model's warm-up took, None when not compiled (`placement`)
+        self.warm_up_s: float | None = None
 
     def info(self) -> dict[str, Any]:
         """What producers need to know beyond the config (announced in Redis)."""
@@ -507,6 +511,8 @@ def _device_for_torch(device: str) -> str:
 
 def load_handler(deployment: Deployment) -> Handler:
     """Load the model; ModelLoadError says why it could not be loaded."""
+    from pipeq.worker.placement import model_kwargs
+
     task = deployment.canonical_task
     device = _device_for_torch(deployment.device)
     try:
@@ -514,16 +520,24 @@ def load_handler(deployment: Deployment) -> Handler:
             from pipeq.worker.legacy import load_legacy_pipeline
 
             pipe = load_legacy_pipeline(
-                deployment.task, deployment.model, revision=deployment.revision, device=device
+                deployment.task,
+                deployment.model,
+                revision=deployment.revision,
+                device=device,
+                **model_kwargs(deployment),
             )
             return Handler(deployment, pipe, native=False)
         from transformers import pipeline
 
+        kwargs = model_kwargs(deployment)  # dtype, trust_remote_code, attn_implementation
+        attn = kwargs.pop("attn_implementation", None)
         pipe = pipeline(
             task,  # type: ignore[call-overload]
             model=deployment.model,
             revision=deployment.revision,
             device=device,
+            model_kwargs={"attn_implementation": attn} if attn else None,
+            **kwargs,
         )
     except Exception as e:  # any failure to load is reported the same way
         raise ModelLoadError(

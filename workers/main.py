@@ -213,9 +213,9 @@ def run_worker(
 
     from functools import partial
 
+    from pipeq.worker import placement
     from pipeq.worker.batcher import Batcher
     from pipeq.worker.generation import ContinuousBatcher, ManagerSlot, start_manager
-    from pipeq.worker.handlers import load_handler
 
     try:  # a wrong password, CA or URL is told in one line now, not after the model loads
         registry.redis.ping()
@@ -227,7 +227,8 @@ def run_worker(
     signal.signal(signal.SIGTERM, lambda signum, frame: term_early.set())
     started = time.monotonic()
     try:
-        handler = load_handler(deployment)
+        # capped, loaded with its dtype and attention, compiled and warmed up
+        handler = placement.load(deployment)
     except ModelLoadError as e:
         print(f"pipeq worker {deployment.name}: {e.message}", file=sys.stderr, flush=True)
         try:
@@ -289,7 +290,14 @@ def run_worker(
     slot = None
     if deployment.batching == "continuous":
         # restarted when its loop ends on an error: one request never stops the worker
-        slot = ManagerSlot(partial(start_manager, handler.pipe, deployment.max_batch_size))
+        slot = ManagerSlot(
+            partial(
+                start_manager,
+                handler.pipe,
+                deployment.max_batch_size,
+                gpu_memory_cap_bytes=handler.gpu_memory_cap_bytes,
+            )
+        )
         run = slot.paused(run)  # one forward pass on the model at a time
     batcher = Batcher(
         run,
@@ -326,6 +334,7 @@ def run_worker(
     )
     info = {
         **handler.info(),
+        **placement.loaded_info(handler),
         "heartbeat_s": liveness.heartbeat_s,
         "dead_after_s": liveness.dead_after_s,
     }

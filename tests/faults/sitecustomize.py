@@ -9,7 +9,11 @@ over an input containing:
     pipeq-fault:panic       raises PanicException, a BaseException as the Rust tokenizer's
                             (pyo3_runtime.PanicException) is
 
-and every forward pass sleeps $PIPEQ_FAULTS_FORWARD_S first (a slow model), every
+With $PIPEQ_FAULTS_OOM_ABOVE=<n>, a forward pass over more than n inputs raises
+torch.OutOfMemoryError (a batch too big for the GPU's memory), after logging its inputs
+and a line "<pid>\tpipeq-oom:<batch size>".
+
+Every forward pass sleeps $PIPEQ_FAULTS_FORWARD_S first (a slow model), every
 continuous-batching decoding step $PIPEQ_FAULTS_STEP_S (a slow generator), and a
 continuous-batching manager's stop $PIPEQ_FAULTS_STOP_S after it stopped (a slow stop). With
 $PIPEQ_FAULTS_LOG, each forward appends one line per input: "<pid>\t<input>".
@@ -42,6 +46,16 @@ if os.environ.get("PIPEQ_FAULTS"):
                 f.writelines(f"{os.getpid()}\t{t}\n" for t in texts)
         if any("pipeq-fault:kill" in t for t in texts):
             os.kill(os.getpid(), signal.SIGKILL)
+        oom_above = int(os.environ.get("PIPEQ_FAULTS_OOM_ABOVE") or 0)
+        if oom_above and len(items) > oom_above:
+            import torch
+
+            if log:
+                with open(log, "a") as f:
+                    f.write(f"{os.getpid()}\tpipeq-oom:{len(items)}\n")
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory (injected: a batch of {len(items)} > {oom_above})"
+            )
         if any("pipeq-fault:panic" in t for t in texts):
             raise PanicException("called `Option::unwrap()` on a `None` value (injected)")
         time.sleep(float(os.environ.get("PIPEQ_FAULTS_FORWARD_S") or 0))

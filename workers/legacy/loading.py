@@ -15,9 +15,18 @@ LEGACY_TASKS: frozenset[str] = frozenset({"question-answering", "summarization",
 
 
 def load_legacy_pipeline(
-    task: str, model: str, *, revision: str | None = None, device: str = "cpu"
+    task: str,
+    model: str,
+    *,
+    revision: str | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> Callable[..., Any]:
-    """Load `model` (hub id or directory) and its tokenizer for `task` on `device`."""
+    """Load `model` (hub id or directory) and its tokenizer for `task` on `device`, its
+    weights in `dtype` ("auto": the checkpoint's), with `from_pretrained`'s
+    `trust_remote_code` and `attn_implementation` (None: the model's default)."""
     from transformers import (
         AutoModelForQuestionAnswering,
         AutoModelForSeq2SeqLM,
@@ -31,13 +40,16 @@ def load_legacy_pipeline(
             "or translation_xx_to_yy)"
         )
     resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model, revision=revision, trust_remote_code=trust_remote_code
+    )
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if task == "question-answering":
-        qa_model = AutoModelForQuestionAnswering.from_pretrained(
-            model, revision=revision, dtype="auto"
-        )
+        qa_model = AutoModelForQuestionAnswering.from_pretrained(model, revision=revision, **kwargs)
         return QuestionAnsweringPipeline(qa_model, tokenizer, device=device)
-    seq2seq = AutoModelForSeq2SeqLM.from_pretrained(model, revision=revision, dtype="auto")
+    seq2seq = AutoModelForSeq2SeqLM.from_pretrained(model, revision=revision, **kwargs)
     if task == "summarization":
         return SummarizationPipeline(seq2seq, tokenizer, device=device)
     return TranslationPipeline(seq2seq, tokenizer, task=task, device=device)
