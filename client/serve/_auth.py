@@ -25,14 +25,16 @@ import ipaddress
 import os
 import secrets
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 
 from pipeq.serve._errors import ApiError
+
+T = TypeVar("T")
 
 __all__ = [
     "KEYS_ENV",
@@ -131,19 +133,33 @@ def parse_keys(text: str, where: str) -> Keys:
     return Keys(by_hash)
 
 
-def load_keys(path: str | None = None, env: Mapping[str, str] = os.environ) -> Keys | None:
-    """The keys of `path`, else $PIPEQ_API_KEYS_FILE's, else $PIPEQ_API_KEYS' TOML; None
-    when none is configured. ValueError for a file that cannot be used."""
-    path = path or env.get(KEYS_FILE_ENV)
+def load_toml(
+    parse: Callable[[str, str], T],
+    what: str,
+    path: str | None,
+    file_env: str,
+    text_env: str,
+    env: Mapping[str, str],
+) -> T | None:
+    """`parse(text, where)` of the file at `path`, else of the file $`file_env` names, else
+    of $`text_env`'s TOML; None when none is given. ValueError for a file that cannot be
+    read (naming the `what` file, e.g. "keys") or whatever `parse` refuses."""
+    path = path or env.get(file_env)
     if path:
         try:
             text = Path(path).read_text()
         except OSError as e:
-            raise ValueError(f"cannot read the keys file {path}: {e.strerror}") from None
-        return parse_keys(text, path)
-    if env.get(KEYS_ENV):
-        return parse_keys(env[KEYS_ENV], f"${KEYS_ENV}")
+            raise ValueError(f"cannot read the {what} file {path}: {e.strerror}") from None
+        return parse(text, path)
+    if env.get(text_env):
+        return parse(env[text_env], f"${text_env}")
     return None
+
+
+def load_keys(path: str | None = None, env: Mapping[str, str] = os.environ) -> Keys | None:
+    """The keys of `path`, else $PIPEQ_API_KEYS_FILE's, else $PIPEQ_API_KEYS' TOML; None
+    when none is configured. ValueError for a file that cannot be used."""
+    return load_toml(parse_keys, "keys", path, KEYS_FILE_ENV, KEYS_ENV, env)
 
 
 def is_loopback_client(host: str | None) -> bool:

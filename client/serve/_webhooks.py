@@ -58,7 +58,6 @@ import tomllib
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -258,16 +257,9 @@ def load_webhooks(
 ) -> WebhookConfig | None:
     """The webhooks of `path`, else $PIPEQ_WEBHOOKS_FILE's, else $PIPEQ_WEBHOOKS' TOML;
     None when none is configured. ValueError for a file that cannot be used."""
-    path = path or env.get(WEBHOOKS_FILE_ENV)
-    if path:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ValueError(f"cannot read the webhooks file {path}: {e.strerror}") from None
-        return parse_webhooks(text, path)
-    if env.get(WEBHOOKS_ENV):
-        return parse_webhooks(env[WEBHOOKS_ENV], f"${WEBHOOKS_ENV}")
-    return None
+    from pipeq.serve._auth import load_toml
+
+    return load_toml(parse_webhooks, "webhooks", path, WEBHOOKS_FILE_ENV, WEBHOOKS_ENV, env)
 
 
 # -- signing ------------------------------------------------------------------------------
