@@ -215,6 +215,9 @@ class Job:
         #: job another handle forgot (a result message that came after its wait ended is
         #: kept for the next waiter on that id); `submit`'s handle saw the job begin.
         self._forgotten: bool | None = None if deployment is None else False
+        #: the seed its draws come from (sent, or chosen at submit for a job that may
+        #: sample); None when not known here (`engine()` tells what the worker used)
+        self.seed: int | None = None
 
     def __repr__(self) -> str:
         return f"<Job {self.id} deployment={self.deployment}>"
@@ -289,6 +292,20 @@ class Job:
             raise InvalidRequest(f"stream(item=) takes a prompt's index, got {item!r}")
         self._check_forgotten(ask=False)
         return TextStream(self, item, timeout)
+
+    def engine(self) -> dict[str, str] | None:
+        """How a text-generation job's last attempt runs, from its stream's `start`
+        entry: `{"worker", "engine"}` with engine "continuous" or "dynamic", "reason" (why
+        the dynamic batcher: what continuous batching does not serve), "seed" (where it
+        draws). None before a worker took it, or for a deployment that batches
+        dynamically only."""
+        raw: Any = self._client.call(self._client.ledger.redis.xrange, stream_key(self.id))
+        starts = [f for _, f in raw or [] if b"start" in f]
+        if not starts:
+            return None
+        fields = {k.decode(): v.decode() for k, v in starts[-1].items()}
+        fields["worker"] = fields.pop("start")
+        return fields
 
     def cancel(self) -> bool:
         """True if the job ends CANCELLED: it was queued, or waiting in a worker for a
@@ -644,7 +661,9 @@ class Client:
             )
         finally:
             _app.enqueue_limit.reset(limit)
-        return Job(self, job_id, target.name)
+        job = Job(self, job_id, target.name)
+        job.seed = params.get("seed")
+        return job
 
     def check(
         self, target: Announced, inputs: Any, params: dict[str, Any]
@@ -658,10 +677,12 @@ class Client:
         return (items if many else items[0]), params
 
     def check_params(self, target: Announced, params: dict[str, Any]) -> dict[str, Any]:
+        """The validated parameters; a job that may sample gets a `seed` now
+        (`_tasks.with_seed`), recorded with it, so that it can be replayed."""
         params = _about(target, _tasks.validate_params, target.task, params)
         _about(target, _tasks.check_param_limits, target.info.get("limits"), params)
         _about(target, _tasks.check_positions, target.info.get("max_positions"), params)
-        return params
+        return _tasks.with_seed(target.task, params)
 
     def check_item(self, target: Announced, item: Any, where: str = "inputs") -> None:
         _about(target, _tasks.check_item, target.task, item, where)

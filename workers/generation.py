@@ -66,11 +66,11 @@ from pipeq.worker.batcher import (
     _resolve,
     contained,
 )
+from pipeq.worker.decoding import Decoding, JobPlan, install, plan, seed_of
 from pipeq.worker.liveness import Lease
 from pipeq.worker.transport import retrying
 
 __all__ = [
-    "CONTINUOUS_PARAMS",
     "STREAM_MAXLEN",
     "ContinuousBatcher",
     "ManagerSlot",
@@ -82,29 +82,8 @@ __all__ = [
 log = logging.getLogger("pipeq.generation")
 T = TypeVar("T")
 
-#: a job with parameters beyond these goes to the dynamic batcher
-CONTINUOUS_PARAMS = frozenset({"max_new_tokens", "do_sample", "return_full_text"})
-#: generation settings the manager honours or that greedy decoding ignores; a job whose
-#: effective settings (its own, the model's generation config, the pipeline's defaults)
-#: hold any other goes to the dynamic batcher
-_HONOURED = frozenset(
-    {
-        "max_new_tokens",
-        "max_length",
-        "do_sample",
-        "num_beams",
-        "num_return_sequences",
-        "eos_token_id",
-        "pad_token_id",
-        "bos_token_id",
-        "transformers_version",
-        "_from_model_config",
-        "temperature",
-        "top_k",
-        "top_p",
-        "use_cache",
-    }
-)
+#: the engine's reason for a job delivered again after its worker died
+SUSPECT = "delivered again after its worker died: run alone"
 #: how much longer than `job_timeout_s` a job's task waits for the driver to stop it
 STOP_GRACE_S = 5.0
 #: entries kept per stream (about one per generated token per item): a stream past it
@@ -145,27 +124,109 @@ def write_end(ledger: Ledger, job_id: str, outcome: str, lease: Lease) -> None:
 
 @dataclass
 class _Request:
+    """One sequence of one item of a job in the manager; its future gets the item's
+    record (`{"generated_text": ...}`)."""
+
     job: Submission
-    index: int
-    prompt: str
-    input_ids: list[int]
-    max_new_tokens: int
-    eos_token_id: Any
-    full_text: bool
+    index: int  # the item
+    sequence: int  # which of its num_return_sequences
+    item: Any  # the prompt: a string or a chat
+    plan: JobPlan
+    params: dict[str, Any]  # the job's
+    decoding: Decoding
     future: Future[Any] = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
     emitted: str = ""  # the new text streamed so far
     tokens: int = 0
+    checked: int = 0  # generated tokens the stop strings were checked against
+    stop: Any = None  # transformers' StopStringCriteria of the job's stop_strings
     rerouted: bool = False  # handed to the dynamic batcher
 
     @property
     def rid(self) -> str:
-        return f"{self.job.job_id}#{self.index}"
+        return f"{self.job.job_id}#{self.index}" + (f".{self.sequence}" if self.sequence else "")
+
+    @property
+    def prompt(self) -> str:
+        """The prompt as text (a chat: its messages as JSON)."""
+        return self.item if isinstance(self.item, str) else json.dumps(self.item)
+
+    @property
+    def streams(self) -> bool:
+        """Only a job's first sequence of each item streams (`Job.stream(item=)`)."""
+        return self.sequence == 0
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.plan.input_ids[self.index]
+
+    def head(self) -> str:
+        """What the result's text holds before the new text: the prompt (a string prompt,
+        `return_full_text`), or the assistant message being continued (a chat)."""
+        if not self.plan.full_text:
+            return ""
+        if isinstance(self.item, str):
+            return self.item
+        return str(self.item[-1]["content"]) if self.plan.continue_final[self.index] else ""
+
+    def record(self, text: str) -> dict[str, Any]:
+        """The item's record for new text `text`, in the pipeline's shape."""
+        if not self.plan.full_text:
+            return {"generated_text": text}
+        if isinstance(self.item, str):
+            return {"generated_text": self.item + text}
+        messages = [dict(m) for m in self.item]
+        if self.plan.continue_final[self.index]:
+            messages[-1]["content"] = messages[-1]["content"] + text
+        else:
+            messages.append({"role": "assistant", "content": text})
+        return {"generated_text": messages}
+
+    def single_params(self) -> dict[str, Any]:
+        """The parameters that give this sequence alone (`pipe(item, **them)`): the job's,
+        one sequence, its own seed."""
+        out = {k: v for k, v in self.params.items() if k != "num_return_sequences"}
+        if self.plan.seed is not None:
+            out["seed"] = seed_of(self.plan.seed, self.sequence)
+        return out
+
+
+def _gathered(futures: list[Future[Any]]) -> Future[Any]:
+    """One item's future: the list of its sequences' records once all are done (the
+    first error, if any failed). One sequence: its record in a list, as the pipeline."""
+    out: Future[Any] = Future()
+
+    def done(_: Future[Any]) -> None:
+        if out.done() or not all(f.done() for f in futures):
+            return
+        for f in futures:
+            if f.cancelled():
+                _resolve(out, error=JobCancelled("the job was cancelled"))
+                return
+            if f.exception() is not None:
+                _resolve(out, error=f.exception())
+                return
+        _resolve(out, [f.result() for f in futures])
+
+    for f in futures:
+        f.add_done_callback(done)
+
+    def given_up(_: Future[Any]) -> None:  # the job's wait ended: its sequences too
+        if out.cancelled():
+            for f in futures:
+                f.cancel()
+
+    out.add_done_callback(given_up)
+    return out
 
 
 def start_manager(pipe: Any, max_batch_size: int) -> Any:
-    """The model's `ContinuousBatchingManager`, greedy, started. The model keeps (or is
-    switched to) SDPA attention, which both the manager and `generate()` run.
+    """The model's `ContinuousBatchingManager`, greedy, with pipeq's per-request draw step
+    (`decoding.install`: `manager.draw`), started. The model keeps (or is switched to) SDPA
+    attention, which both the manager and `generate()` run. The manager runs synchronously
+    and without CUDA graphs or compilation: the draw step runs Python per row between a
+    batch's preparation and its argmax, which neither a captured graph nor an overlapped
+    next batch would see.
 
     On a GPU the manager sizes its paged KV cache from free memory (transformers'
     default). On the CPU that probing takes about 14 s and claims most of the host's
@@ -192,8 +253,11 @@ def start_manager(pipe: Any, max_batch_size: int) -> Any:
     )
     manager = model.init_continuous_batching(
         generation_config=greedy,
-        continuous_batching_config=ContinuousBatchingConfig(max_queue_size=0, **sizes),
+        continuous_batching_config=ContinuousBatchingConfig(
+            max_queue_size=0, use_cuda_graph=False, use_async_batching=False, **sizes
+        ),
     )
+    manager.draw = install(manager)
     manager.start()
     return manager
 
@@ -283,6 +347,7 @@ class ContinuousBatcher:
         hostname: str = "",
         time_limit_s: float | None = None,
         observe: Callable[[str, float], None] = lambda name, value: None,
+        count: Callable[[str, str], None] = lambda name, label: None,
     ) -> None:
         self.pipe = pipe
         self.tokenizer = pipe.tokenizer
@@ -294,6 +359,7 @@ class ContinuousBatcher:
         self.hostname = hostname
         self.time_limit_s = time_limit_s
         self._observe = observe
+        self._count = count
         self._cond = threading.Condition()
         self._new: list[_Request] = []  # submitted, not admitted yet
         self._active: dict[str, _Request] = {}  # request id -> request, in the manager
@@ -340,58 +406,58 @@ class ContinuousBatcher:
             _resolve(r.future, error=HandBack())
         return len(back) + self.fallback.hand_back()
 
-    def takes(self, items: list[Any], params: dict[str, Any]) -> dict[str, Any] | None:
-        """The generation settings for the manager if it serves this job exactly as
-        `pipe(item, **params)` would, else None."""
-        if set(params) - CONTINUOUS_PARAMS or not items or self.manager is None:
-            return None
-        if not all(isinstance(i, str) and i for i in items):
-            return None
-        gen = {k: params[k] for k in ("max_new_tokens", "do_sample") if k in params}
-        try:  # the settings `pipe(...)` would call generate() with
-            effective: dict[str, Any] = self.pipe._get_set_generation_params(
-                self.pipe._prepare_generate_kwargs(gen)
-            )
-        except Exception:
-            return None
-        if set(effective) - _HONOURED or effective.get("do_sample"):
-            return None
-        if (effective.get("num_beams") or 1) != 1:
-            return None
-        if (effective.get("num_return_sequences") or 1) != 1:
-            return None
-        if effective.get("max_new_tokens") is None and effective.get("max_length") is None:
-            return None
-        return effective
+    def plan(self, items: list[Any], params: dict[str, Any]) -> JobPlan | str:
+        """How the manager serves this job exactly as `pipe(item, **params)` would
+        (`decoding.plan`), or why it cannot (it goes to the dynamic batcher)."""
+        if self.manager is None:
+            return "no continuous batching manager runs (it could not be restarted)"
+        try:
+            return plan(self.pipe, items, params)
+        except Exception as e:  # the reference pipeline says what is wrong
+            return f"could not plan it ({type(e).__name__})"
 
     def submit(self, job_id: str, items: list[Any], params: dict[str, Any]) -> Submission:
-        """Queue a job's items; each future gets `pipe(item, **params)`'s result."""
-        effective = self.takes(items, params)
-        if effective is None:
+        """Queue a job's items; each future gets `pipe(item, **params)`'s result. Which
+        engine runs the job goes in its stream's `start` entry (`engine`, and `reason`
+        for the dynamic batcher) and in the deployment's `generation_jobs_total`."""
+        how = self.plan(items, params)
+        if isinstance(how, str):
+            self._count("generation_jobs_total", "dynamic")
+            try:
+                append(
+                    self.ledger,
+                    self.lease,
+                    [
+                        (
+                            job_id,
+                            {
+                                "start": self.hostname or "worker",
+                                "engine": "dynamic",
+                                "reason": how,
+                            },
+                        )
+                    ],
+                )
+            except Exception:  # a record only: the job runs anyway
+                log.warning("could not record the engine of %s", job_id, exc_info=True)
             return self.fallback.submit(job_id, items, params)
         # the driver stops a job at its time limit, after its last piece; the task's own
         # wait, a backstop, comes later so that its stream's `end` is the last entry
         job = Submission(job_id, [], grace_s=STOP_GRACE_S)
-        requests = []
-        for n, prompt in enumerate(items):
-            ids = self.tokenizer(prompt)["input_ids"]
-            new = effective.get("max_new_tokens")
-            if new is None:  # a total length, as generate() counts it
-                new = int(effective["max_length"]) - len(ids)
-            if not ids or new < 1:  # generate() has its own ways with these
-                return self.fallback.submit(job_id, items, params)
-            requests.append(
-                _Request(
-                    job,
-                    n,
-                    prompt,
-                    list(ids),
-                    int(new),
-                    effective.get("eos_token_id"),
-                    params.get("return_full_text") is not False,
-                )
-            )
-        job.futures = [r.future for r in requests]
+        requests: list[_Request] = []
+        model = self.pipe.model
+        stop = None
+        if how.stop_strings:
+            from transformers import StopStringCriteria
+
+            stop = StopStringCriteria(self.tokenizer, how.stop_strings)
+        for n, item in enumerate(items):
+            sequences = [
+                _Request(job, n, k, item, how, params, how.decoding(model, n, k), stop=stop)
+                for k in range(how.sequences)
+            ]
+            requests.extend(sequences)
+            job.futures.append(_gathered([r.future for r in sequences]))
         with self._cond:
             if self._handing_back:
                 for r in requests:
@@ -481,9 +547,16 @@ class ContinuousBatcher:
             log.exception("admit hook failed")
             refused = {j: e for j in jobs}
         started = time.monotonic()
+        plans = {r.job.job_id: r.plan for r in new}
         for job_id in jobs:  # an attempt begins here (a suspect's too, in the batcher)
+            start = {"start": self.hostname or "worker", "engine": "continuous"}
+            if plans[job_id].seed is not None:
+                start["seed"] = str(plans[job_id].seed)
+            if isinstance(refused.get(job_id), Quarantine):
+                start["engine"], start["reason"] = "dynamic", SUSPECT
             if job_id not in refused or isinstance(refused[job_id], Quarantine):
-                writes.append((job_id, {"start": self.hostname or "worker"}))
+                writes.append((job_id, start))
+                self._count("generation_jobs_total", start["engine"])
         for r in new:
             verdict = refused.get(r.job.job_id)
             if isinstance(verdict, Quarantine):  # a suspect: the batcher runs it alone
@@ -500,24 +573,26 @@ class ContinuousBatcher:
             if manager is None:  # none could be started again
                 self._to_fallback(r)
                 continue
-            if r.full_text:
-                writes.append((r.job.job_id, {"i": r.index, "t": r.prompt}))
+            head = r.head()
+            if head and r.streams:
+                writes.append((r.job.job_id, {"i": r.index, "t": head}))
             self._active[r.rid] = r
+            if not r.decoding.plain:
+                manager.draw.rows[r.rid] = r.decoding
             manager.add_request(
                 r.input_ids,
                 request_id=r.rid,
-                max_new_tokens=r.max_new_tokens,
+                max_new_tokens=r.plan.max_new_tokens[r.index],
                 streaming=True,
-                eos_token_id=r.eos_token_id,
+                eos_token_id=r.plan.eos_token_id,
             )
 
     def _to_fallback(self, r: _Request) -> None:
-        """Run `r` on the dynamic batcher; its future gets the outcome."""
+        """Run `r` on the dynamic batcher (its item, with the parameters of that sequence
+        alone: the same seed, so the same text); its future gets the record."""
         r.rerouted = True
-        params = {"max_new_tokens": r.max_new_tokens, "do_sample": False}
-        if not r.full_text:
-            params["return_full_text"] = False
-        sub = self.fallback.submit(r.job.job_id, [r.prompt], params)
+        self._forget(r.rid)
+        sub = self.fallback.submit(r.job.job_id, [r.item], r.single_params())
 
         def copy(f: Future[Any]) -> None:
             if r.job.started_at is None:
@@ -525,9 +600,16 @@ class ContinuousBatcher:
             if f.exception() is not None:
                 _resolve(r.future, error=f.exception())
             else:
-                _resolve(r.future, f.result())
+                _resolve(r.future, f.result()[0])
 
         sub.futures[0].add_done_callback(copy)
+
+    def _forget(self, rid: str) -> None:
+        """The draw step drops a request that left the manager."""
+        manager = self.manager
+        draw = getattr(manager, "draw", None)
+        if draw is not None:
+            draw.rows.pop(rid, None)
 
     def _read_outputs(
         self, writes: list[tuple[str, dict[str, Any]]], done: list[tuple[_Request, Any]]
@@ -559,32 +641,64 @@ class ContinuousBatcher:
                 log.warning("continuous batching failed %s (%s): rerunning it", r.rid, out.error)
                 self._to_fallback(r)
                 continue
+            tokens = list(out.generated_tokens)
+            finished = out.is_finished()
+            if r.decoding.error is not None:  # its own processors or draw failed: it alone
+                error = JobFailed(
+                    f"decoding failed: {type(r.decoding.error).__name__}: {r.decoding.error}"
+                )
+                self._end(r)
+                done.append((r, {"error": error}))
+                continue
+            if r.stop is not None:
+                stopped = self._stopped_at(r, tokens)
+                if stopped is not None:
+                    tokens, finished = tokens[:stopped], True
             try:
-                text = self.tokenizer.decode(out.generated_tokens, skip_special_tokens=True)
+                text = self.tokenizer.decode(tokens, **r.plan.decode_kwargs)
             except BaseException as e:  # a panic in the tokenizer: this request alone fails
                 if not contained(e):
                     raise
-                del self._active[r.rid]
-                self._cancel_request(r.rid)
+                self._end(r)
                 error = JobFailed(f"could not decode the tokens: {type(e).__name__}: {e}")
                 done.append((r, {"error": error}))
                 continue
-            r.tokens = len(out.generated_tokens)
-            finished = out.is_finished()
+            r.tokens = len(tokens)
             stable = text if finished else settled_text(text)
-            if stable.startswith(r.emitted) and len(stable) > len(r.emitted):
+            if not r.streams:
+                pass
+            elif stable.startswith(r.emitted) and len(stable) > len(r.emitted):
                 writes.append((r.job.job_id, {"i": r.index, "t": stable[len(r.emitted) :]}))
                 r.emitted = stable
             elif finished and text != r.emitted:
                 log.warning("the streamed text of %s differs from its final text", r.rid)
             if finished:
-                del self._active[r.rid]
-                full = r.prompt + text if r.full_text else text
-                done.append((r, {"result": [{"generated_text": full}]}))
+                self._end(r)
+                done.append((r, {"result": r.record(text)}))
         if stepped:  # about one decoding step (more when the driver fell behind)
             self.stats.record(len(stepped), [0.0] * len(stepped), step_s)
             self._observe("batch_size", len(stepped))
             self._observe("forward_seconds", step_s)
+
+    def _stopped_at(self, r: _Request, tokens: list[int]) -> int | None:
+        """The number of generated tokens after which one of the job's stop strings
+        ended (transformers' StopStringCriteria, checked after each token as generate()
+        does), or None."""
+        import torch
+
+        for n in range(max(1, r.checked + 1), len(tokens) + 1):
+            ids = torch.tensor([r.input_ids + tokens[:n]], dtype=torch.long)
+            if bool(r.stop(ids, None)[0]):
+                return n
+        r.checked = len(tokens)
+        return None
+
+    def _end(self, r: _Request) -> None:
+        """`r` leaves the batch (finished, stopped or failed): out of the manager, whose
+        own end of it may come later, and of the draw step."""
+        self._active.pop(r.rid, None)
+        self._cancel_request(r.rid)
+        self._forget(r.rid)
 
     def _flush(self, writes: list[tuple[str, dict[Any, Any]]]) -> set[str]:
         """Append the pieces to their streams and read which running jobs were

@@ -313,6 +313,7 @@ def run_worker(
             hostname=hostname,
             time_limit_s=deployment.job_timeout_s,
             observe=observations.observe,
+            count=observations.count,
         ).start()
     register_task(
         app, deployment, engine, admission, events, handler.check_input, handler.check_result
