@@ -189,8 +189,29 @@ def test_pipeline_takes_transformers_streamers_and_the_cli_prints_the_stream(
     assert result == expected(deployments, "My favourite", max_new_tokens=12, do_sample=False)
     assert "My favourite" + "".join(got) == result[0]["generated_text"]
     assert len([p for p in got if p]) > 1
-    with pytest.raises(InvalidRequest, match="one text-generation prompt"):
-        generator(["a", "b"], streamer=streamer)
+    # what chat UIs do: a chat, the reply streamed token by token to another thread
+    chat = [{"role": "user", "content": "Say something"}]
+    streamer = TextIteratorStreamer(_local(deployments[GEN].model).tokenizer, skip_prompt=True)
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(streamer))
+    reader.start()
+    reply = generator(chat, max_new_tokens=12, do_sample=False, streamer=streamer)
+    reader.join(30)
+    assert reply == expected(deployments, chat, max_new_tokens=12, do_sample=False)
+    assert "".join(got) == reply[0]["generated_text"][-1]["content"]
+    assert len([p for p in got if p]) > 1
+    # a list: prompt after prompt, each with its prompt (a streamer that does not skip it)
+    printed: list[str] = []
+
+    class Collect:
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            printed.append("<end>" if stream_end else text)
+
+    both = generator(["One", "Two"], max_new_tokens=4, do_sample=False, streamer=Collect())
+    text = "".join(printed)
+    assert text == "<end>".join(r[0]["generated_text"] for r in both) + "<end>"
+    with pytest.raises(InvalidRequest, match="text-generation prompts"):
+        generator(iter(["a"]), streamer=Collect())
 
     argv = ["run", GEN, "My favourite", "--stream", "--redis-url", client.redis_url]
     assert main([*argv, "--param", "max_new_tokens=12", "--param", "do_sample=false"]) == 0
