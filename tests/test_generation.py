@@ -515,3 +515,38 @@ def test_the_exporter_counts_generation_jobs_by_engine(client: Client) -> None:
 
     got = wait_until(counts, 30, "the heartbeat's counts")
     assert got["continuous"] >= 1 and got["dynamic"] >= 1
+
+
+@cache
+def _dynamic_handler_without_eos() -> Any:
+    """The tiny GPT-2 as a dynamic-batching worker loads it, its end-of-sequence token
+    taken away (a model that has none): generate() then never masks a finished row."""
+    from pipeq._config import Deployment
+    from pipeq.worker import tiny_models
+    from pipeq.worker.handlers import load_handler
+
+    from .conftest import MODELS_DIR
+
+    model = str(tiny_models.build(GEN, MODELS_DIR))
+    handler = load_handler(Deployment("gen-dyn", "text-generation", model, batching="dynamic"))
+    handler.pipe.model.generation_config.eos_token_id = None
+    return handler
+
+
+@given(
+    st.lists(st.sampled_from(prompts(12, seed=3)), min_size=2, max_size=4),
+    st.lists(st.sampled_from(["e", "a", "th", " t", "o", "in"]), min_size=1, max_size=2),
+    st.integers(2, 12),
+)
+@settings(max_examples=15, deadline=None)
+def test_a_dynamic_batch_gives_each_stop_string_job_what_it_gets_alone(
+    cases: list[tuple[str, int]], stops: list[str], new: int
+) -> None:
+    """Jobs with the same stop strings share a dynamic batch: each item's result is the
+    one it gets alone, also on a model without an end-of-sequence token (where a row that
+    reached its stop string would go on generating in a shared batch)."""
+    handler = _dynamic_handler_without_eos()
+    items = [p for p, _ in cases]
+    params = {"max_new_tokens": new, "do_sample": False, "stop_strings": stops}
+    together = handler.run(items, params)
+    assert together == [handler.run([item], params)[0] for item in items]
