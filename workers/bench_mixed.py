@@ -51,10 +51,10 @@ def mixed_workload(n: int) -> list[tuple[str, Any, dict[str, Any]]]:
     """n jobs (kind, input, params): sampled, chat, stop, interleaved (fixed seeds)."""
     rng = random.Random(MIXED_SEED)
     texts = [str(t) for t in bench_inputs("text-generation", n)]
-    jobs = []
+    jobs: list[tuple[str, Any, dict[str, Any]]] = []
     for i, text in enumerate(texts):
         new = rng.randint(*NEW_TOKENS)
-        base = {"max_new_tokens": new, "return_full_text": False}
+        base: dict[str, Any] = {"max_new_tokens": new, "return_full_text": False}
         kind = ("sampled", "chat", "sampled", "stop")[i % 4]
         if kind == "sampled":
             params = {

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from transformers import LogitsProcessorList
@@ -206,7 +206,7 @@ def plan(pipe: Any, items: list[Any], params: dict[str, Any]) -> JobPlan | str:
     if sample and seed is None:  # a producer that chose none: one now, recorded with the job
         seed = int.from_bytes(os.urandom(8), "little") >> 1
     stops = params.get("stop_strings")
-    decode = {
+    decode: dict[str, Any] = {
         k: params[k] for k in ("skip_special_tokens", "clean_up_tokenization_spaces") if k in params
     }
     decode.setdefault("skip_special_tokens", True)
@@ -232,8 +232,9 @@ class DrawStep(ContinuousBatchingLogitsProcessor):
     greedy. Runs in the manager's thread, between a batch's preparation and its argmax
     (the manager runs synchronously: `install` turns its asynchronous mode off)."""
 
-    supported_kwargs: ClassVar[dict[str, type]] = {}  # none: rows are told apart by id
-    ignored_kwargs: ClassVar[tuple[str, ...]] = ()
+    # none: rows are told apart by their request's id
+    supported_kwargs: dict[str, type] = {}  # noqa: RUF012 (declared so by transformers)
+    ignored_kwargs: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.rows: dict[str, Decoding] = {}
@@ -256,7 +257,7 @@ class DrawStep(ContinuousBatchingLogitsProcessor):
             try:
                 history = state.initial_tokens + state.generated_tokens
                 ids = torch.tensor([history], dtype=torch.long, device=scores.device)
-                row = decoding.processors(ids, scores[i : i + 1])
+                row = decoding.processors(ids, scores[i : i + 1])  # type: ignore[arg-type]
                 if decoding.generator is not None:
                     probs = torch.nn.functional.softmax(row, dim=-1)
                     token = torch.multinomial(probs, 1, generator=decoding.generator)
