@@ -282,9 +282,10 @@ class Job:
         goes on where it was (`.restarts` counts it); StreamRestarted if the new attempt
         makes different text. InvalidRequest for a deployment that does not generate."""
         announced = self._client.deployments().get(self.deployment) if self.deployment else None
-        if announced is not None and _tasks.canonical_task(announced.task) != "text-generation":
+        if announced is not None and _tasks.canonical_task(announced.task) not in _tasks.STREAMING:
             raise InvalidRequest(
-                f"{announced.name} serves {announced.task}: only text-generation streams",
+                f"{announced.name} serves {announced.task}: only text-generation, "
+                "summarization and translation stream",
                 job_id=self.id,
                 deployment=self.deployment,
             )
@@ -349,15 +350,30 @@ class Job:
             )
 
 
+_TEXT_KEYS = ("generated_text", "summary_text", "translation_text")
+
+
 def _text_of(result: Any, item: int) -> str:
-    """The generated text of one prompt of a text-generation result."""
+    """The generated text of one prompt of a text-generation, summarization or
+    translation result (the last two: a record an input, in one flat list)."""
     several = isinstance(result, list) and bool(result) and isinstance(result[0], list)
+    flat = (
+        isinstance(result, list)
+        and bool(result)
+        and isinstance(result[0], dict)
+        and "generated_text" not in result[0]
+    )
+    if flat and item < len(result):
+        result = result[item : item + 1]
+        item = 0
     if item >= (len(result) if several else 1):
         raise InvalidRequest(f"stream(item={item}): the job has no prompt {item}")
     if several:
         result = result[item]
     record = result[0] if isinstance(result, list) else result
-    text = record.get("generated_text", "") if isinstance(record, dict) else ""
+    text = ""
+    if isinstance(record, dict):  # text-generation's, summarization's, translation's
+        text = next((record[k] for k in _TEXT_KEYS if k in record), "")
     if isinstance(text, list):  # a chat: the reply
         text = text[-1].get("content", "") if text and isinstance(text[-1], dict) else ""
     return str(text)

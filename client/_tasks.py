@@ -142,6 +142,10 @@ def _token_id_lists(name: str, v: Any) -> None:
         _fail(name, "a list of non-empty lists of token ids", v)
 
 
+#: the tasks whose jobs `Job.stream()` follows (their workers write `pipeq:stream:<id>`)
+STREAMING = frozenset({"text-generation", "summarization", "translation"})
+
+
 def _seed(name: str, v: Any) -> None:
     """`seed`: the job's own random generator's seed, 0 <= seed < 2**64."""
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**64:

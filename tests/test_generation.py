@@ -102,7 +102,7 @@ def test_a_failed_job_raises_from_its_stream_and_other_tasks_do_not_stream(
     with pytest.raises(InvalidRequest, match="tokens long"):
         list(bad.stream(timeout=30))
     other = client.submit("sentiment-analysis", "fine")
-    with pytest.raises(InvalidRequest, match="only text-generation streams"):
+    with pytest.raises(InvalidRequest, match="only text-generation, summarization and"):
         other.stream()
 
 
@@ -147,7 +147,10 @@ def test_a_worker_killed_mid_stream_loses_no_job_and_the_stream_says_it_restarte
     mid-stream. The job runs again on the other (after dead_after_s; a suspect, on the
     dynamic batcher alone), its stream records a second start, and since the seed gives
     the same draws there, the reader goes on without StreamRestarted: it counts one
-    restart, and what it read is the whole text, once, `set_seed(seed)`'s in-process."""
+    restart, and what it read is the whole text, once, `set_seed(seed)`'s in-process.
+    Twenty shorter sampled jobs of random parameters and seeds run beside it, each
+    followed by a reader: whichever ran again, each reader's text and each result is
+    `set_seed(seed)`'s in-process."""
     d = deployments[GEN]
     cluster = cluster_of([d], worker_env={**QUICK, "PIPEQ_FAULTS_STEP_S": "0.02"})
     with cluster.client() as client:
@@ -156,14 +159,38 @@ def test_a_worker_killed_mid_stream_loses_no_job_and_the_stream_says_it_restarte
         params = {"max_new_tokens": 300, "do_sample": True, "temperature": 0.9, "seed": 5}
         job = client.submit(GEN, "A long story", **params)
         stream = job.stream(timeout=120)
+        # and 20 more sampled jobs of random parameters, each followed by a reader
+        rng = random.Random(8)
+        others = [(p, {**_sampled(rng), "max_new_tokens": rng.randint(20, 60)})
+                  for p, _ in prompts(20, seed=8)]  # fmt: skip
+        followed: dict[int, Any] = {}
+
+        def follow(i: int, other: Any) -> None:
+            try:
+                followed[i] = "".join(other.stream(timeout=120))
+            except Exception as e:  # StreamRestarted would be the failure
+                followed[i] = e
+
+        jobs = [client.submit(GEN, p, **ps) for p, ps in others]
+        readers = [threading.Thread(target=follow, args=x) for x in enumerate(jobs)]
+        for t in readers:
+            t.start()
         read = [next(stream) for _ in range(3)]
-        holder = wait_until(
-            lambda: next((h for h in hosts if cluster.inflight(h)), None), 30, "a holder"
+        holder = wait_until(  # the long job's worker, as its stream's start entry says
+            lambda: next((e["start"] for e in entries(client, job.id) if "start" in e), None),
+            30,
+            "the long job's worker",
         )
         cluster.kill(hosts[holder])
         read += list(stream)
         text = job.result(timeout=60)[0]["generated_text"]
         starts = [e for e in entries(client, job.id) if "start" in e]
+        for t in readers:
+            t.join(120)
+        got = [j.result(timeout=60) for j in jobs]
+    for (prompt, ps), result, i in zip(others, got, range(len(jobs)), strict=True):
+        assert result == _in_process_seeded(deployments, prompt, **ps), (prompt, ps)
+        assert followed[i] == result[0]["generated_text"], followed[i]
     assert "".join(read) == text
     assert stream.restarts == 1
     assert len(starts) == 2 and starts[0]["start"] == holder and starts[1]["start"] != holder
@@ -550,3 +577,16 @@ def test_a_dynamic_batch_gives_each_stop_string_job_what_it_gets_alone(
     params = {"max_new_tokens": new, "do_sample": False, "stop_strings": stops}
     together = handler.run(items, params)
     assert together == [handler.run([item], params)[0] for item in items]
+
+
+def test_summarization_and_translation_jobs_stream_their_text(client: Client) -> None:
+    """Job.stream() follows the three generating tasks; the seq2seq ones (pipeq's own
+    handlers, beam search by their models' generation configs) give their text in one
+    piece when it is done, and the pieces make the result's text."""
+    text = "The course teaches how to use transformers models for many tasks. " * 3
+    summary = client.submit("summarization", text, max_new_tokens=8)
+    assert "".join(summary.stream(timeout=60)) == summary.result()[0]["summary_text"]
+    pair = client.submit("translation", ["Bonjour le monde.", "Merci beaucoup."])
+    got = pair.result(timeout=60)
+    for i in range(2):
+        assert "".join(pair.stream(item=i, timeout=30)) == got[i]["translation_text"]

@@ -28,6 +28,7 @@ carry: `output_attentions: false` or `transformers_version` change nothing and a
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass, field
@@ -120,8 +121,12 @@ class JobPlan:
     def decoding(self, model: Any, item: int, sequence: int) -> Decoding:
         """A new `Decoding` for sequence `sequence` of item `item` (its own processors:
         some hold per-request state; its own generator)."""
+        # generate() sets the total length from the prompt's (processors such as forced
+        # EOS read it)
+        config = copy.copy(self.config)
+        config.max_length = len(self.input_ids[item]) + self.max_new_tokens[item]
         processors = model._get_logits_processor(
-            self.config,
+            config,
             input_ids_seq_length=len(self.input_ids[item]),
             device=str(model.device),
         )

@@ -233,7 +233,7 @@ def register_task(
     where)` for items whose result would be larger than the deployment stores
     (`limits.result_bytes`), before any compute; it returns their estimated size."""
     task = deployment.task
-    streams = _tasks.canonical_task(task) == "text-generation"  # `Job.stream()` reads
+    streams = _tasks.canonical_task(task) in _tasks.STREAMING  # `Job.stream()` reads
 
     def check(item: Any, params: dict[str, Any], where: str) -> None:
         _tasks.check_item(task, item, where)
