@@ -273,14 +273,16 @@ class Job:
 
         Pieces are kept in Redis (a stream per job, expiring with the result), so a reader
         that starts late, or a second one, gets every piece from the start. Continuous
-        batching streams a piece a decoding step; a job the dynamic batcher runs
-        (sampling, beam search, chats) comes as one piece when it is done (for a chat: the
-        reply's content; with several sequences: the first). `item`: which prompt of a
+        batching streams a piece a decoding step (a chat: its reply's content; with
+        several sequences: the first); a job the dynamic batcher runs (beam search, ...:
+        `engine()` says which and why) comes as one piece when it is done, as do
+        summarization and translation jobs. `item`: which prompt of a
         job of several. Raises the job's error if it failed (JobFailed, JobLost, ...), or
         JobTimeout after `timeout` s; a cancelled job's stream ends with the text made
         before it stopped. If the job's worker died, the job runs again and the stream
         goes on where it was (`.restarts` counts it); StreamRestarted if the new attempt
-        makes different text. InvalidRequest for a deployment that does not generate."""
+        makes different text (a sampled job sent without a seed: pipeq's producers give
+        each one). InvalidRequest for a deployment that does not generate."""
         announced = self._client.deployments().get(self.deployment) if self.deployment else None
         if announced is not None and _tasks.canonical_task(announced.task) not in _tasks.STREAMING:
             raise InvalidRequest(

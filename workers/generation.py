@@ -7,11 +7,14 @@ own `max_new_tokens`; `cancel_request` takes it out before the next step. Its KV
 is paged, so requests of different lengths share steps without padding.
 
 `ContinuousBatcher` puts pipeq's jobs into it. A job goes there when the manager gives
-exactly what `pipe(prompt, **params)` gives: greedy decoding (`do_sample=False`, one
-beam, one sequence) of string prompts, with no parameters beyond `max_new_tokens`,
-`do_sample` and `return_full_text` (`CONTINUOUS_PARAMS`). Any other job (sampling, beam
-search, chats, stop strings, ...) goes to the dynamic `Batcher`, decided per job; so does
-a suspect (a job delivered again after its worker died), which the batcher runs alone.
+exactly what `pipe(item, **params)` gives (`decoding.plan`, on what changes decoding):
+greedy or sampled decoding of string prompts or chats, each row with its own logits
+processors and random generator (`decoding.DrawStep`), stop strings (checked here, after
+each token), several sequences (a request each). Any other job (beam search, `max_time`,
+a `prefix`, ...) goes to the dynamic `Batcher`, decided per job; so does a suspect (a
+job delivered again after its worker died), which the batcher runs alone. Which engine
+runs a job, and why, goes in its stream's `start` entry and in the counter
+`generation_jobs_total:<engine>`.
 
 One driver thread (`pipeq-generation`) owns the manager's side: it admits new jobs (one
 Redis round trip for all that arrived, `Admission` with `stoppable`), adds their
@@ -27,14 +30,16 @@ transformers' loop does not survive an error in a step: it fails every request i
 and stops (a BaseException, such as a Rust panic, ends it without failing them). The
 driver notices (a request's failed output, or the loop gone), runs each request the
 manager held again on the dynamic batcher (the reference pipeline: a request that fails
-there fails alone, the others get the same greedy text, their streams going on where they
-were), and starts a new manager for the next jobs (`ManagerSlot`). Nothing of that stops
-the worker; only a manager that cannot be started again leaves generation to the dynamic
-batcher. A request the tokenizer cannot decode fails alone.
+there fails alone, the others get the same text, greedy or seeded, their streams going
+on where they were), and starts a new manager for the next jobs (`ManagerSlot`). Nothing
+of that stops the worker; only a manager that cannot be started again leaves generation
+to the dynamic batcher. A request the tokenizer cannot decode, or whose own processors
+or draw fail, fails alone.
 
 A stream's entries (`Job.stream` reads them):
 
-    start  the worker's hostname: an attempt begins (a second one: the job restarted)
+    start  the worker's hostname: an attempt begins (a second one: the job restarted);
+           with `engine` (continuous or dynamic), `reason` (why dynamic), `seed`
     i, t   item index and the next piece of its text (the prompt first, when the result
            holds it: `return_full_text`)
     end    the job's outcome, written by the task when it is done
