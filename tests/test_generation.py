@@ -580,13 +580,20 @@ def test_a_dynamic_batch_gives_each_stop_string_job_what_it_gets_alone(
 
 
 def test_summarization_and_translation_jobs_stream_their_text(client: Client) -> None:
-    """Job.stream() follows the three generating tasks; the seq2seq ones (pipeq's own
-    handlers, beam search by their models' generation configs) give their text in one
-    piece when it is done, and the pieces make the result's text."""
+    """Job.stream() follows the three generating tasks. The seq2seq ones (pipeq's own
+    handlers) stream a token at a time where generate() takes a streamer (one beam), and
+    in one piece with beam search (their models' generation configs use it); either way
+    the pieces make the result's text."""
     text = "The course teaches how to use transformers models for many tasks. " * 3
     summary = client.submit("summarization", text, max_new_tokens=8)
     assert "".join(summary.stream(timeout=60)) == summary.result()[0]["summary_text"]
-    pair = client.submit("translation", ["Bonjour le monde.", "Merci beaucoup."])
+    assert [e for e in entries(client, summary.id) if "t" in e] == []  # beam search
+    greedy = client.submit("summarization", text, max_new_tokens=12, num_beams=1)
+    pieces = list(greedy.stream(timeout=60))
+    assert "".join(pieces) == greedy.result()[0]["summary_text"]
+    assert len([e for e in entries(client, greedy.id) if "t" in e]) > 2
+    pair = client.submit("translation", ["Bonjour le monde.", "Merci beaucoup."], num_beams=1)
     got = pair.result(timeout=60)
     for i in range(2):
         assert "".join(pair.stream(item=i, timeout=30)) == got[i]["translation_text"]
+        assert len([e for e in entries(client, pair.id) if e.get("i") == str(i)]) > 1

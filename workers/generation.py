@@ -79,6 +79,8 @@ __all__ = [
     "STREAM_MAXLEN",
     "ContinuousBatcher",
     "ManagerSlot",
+    "Seq2SeqStreams",
+    "TextPieces",
     "settled_text",
     "start_manager",
     "write_end",
@@ -125,6 +127,87 @@ def append(
 def write_end(ledger: Ledger, job_id: str, outcome: str, lease: Lease) -> None:
     """Append the `end` entry to a job's stream (the task does, whatever the outcome)."""
     append(ledger, lease, [(job_id, {"end": outcome})])
+
+
+class TextPieces:
+    """transformers' streamer interface (`put`, `end`) for one `generate()` call of one
+    row, as pipeq's seq2seq handlers make it: each new token's settled text goes to
+    `emit`, decoded as the result is (special tokens skipped), so the pieces make it."""
+
+    def __init__(self, tokenizer: Any, emit: Callable[[str], None], **decode: Any) -> None:
+        self.tokenizer = tokenizer
+        self.emit = emit
+        self.decode = decode
+        self.tokens: list[int] = []
+        self.emitted = ""
+        self._first = True
+
+    def put(self, value: Any) -> None:
+        if self._first:  # the decoder's start token, which generate() puts first
+            self._first = False
+            return
+        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
+        self._send(final=False)
+
+    def end(self) -> None:
+        self._send(final=True)
+
+    def _send(self, *, final: bool) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True, **self.decode)
+        stable = text if final else settled_text(text)
+        if stable.startswith(self.emitted) and len(stable) > len(self.emitted):
+            self.emit(stable[len(self.emitted) :])
+            self.emitted = stable
+
+
+class Seq2SeqStreams:
+    """Summarization's and translation's text into their jobs' streams, a token at a
+    time (`Handler.streams`): `streamer(k, ...)` for value `k` of the batch the dynamic
+    batcher runs now (`forwarding`). An item streams once per worker: run again (its
+    batch failed, each item then runs alone) it gives its text at the end, which the
+    reader completes from the result. One round trip a token."""
+
+    #: items and jobs remembered (the oldest forgotten first)
+    KEEP = 10_000
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        lease: Lease,
+        hostname: str,
+        forwarding: Callable[[], list[tuple[str, int]]],
+    ) -> None:
+        self.ledger = ledger
+        self.lease = lease
+        self.hostname = hostname
+        self.forwarding = forwarding
+        self._streamed: dict[tuple[str, int], None] = {}
+        self._started: dict[str, None] = {}
+
+    def _remember(self, seen: dict[Any, None], key: Any) -> None:
+        seen[key] = None
+        if len(seen) > self.KEEP:
+            del seen[next(iter(seen))]
+
+    def streamer(self, k: int, tokenizer: Any, decode: dict[str, Any]) -> TextPieces | None:
+        where = self.forwarding()
+        if k >= len(where) or where[k] in self._streamed:
+            return None
+        job_id, index = where[k]
+        self._remember(self._streamed, where[k])
+
+        def emit(piece: str) -> None:
+            writes: list[tuple[str, dict[str, Any]]] = []
+            if job_id not in self._started:  # an attempt begins here
+                self._remember(self._started, job_id)
+                writes.append((job_id, {"start": self.hostname or "worker"}))
+            writes.append((job_id, {"i": index, "t": piece}))
+            try:
+                append(self.ledger, self.lease, writes)
+            except redis.RedisError:  # the reader completes it from the result
+                log.warning("could not stream a piece of %s", job_id, exc_info=True)
+
+        return TextPieces(tokenizer, emit, **decode)
 
 
 @dataclass

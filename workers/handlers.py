@@ -55,6 +55,9 @@ class Handler:
         self._counter = _token_counter(pipe)
         #: feature-extraction: the width of each token's vector (set by `load_handler`)
         self.feature_width: int | None = None
+        #: summarization, translation: where their text streams (`Seq2SeqStreams`)
+        self.streams: Any = None
+        self._offset = 0  # the first item's place in the batch (`_seeded` runs one a time)
 
     def info(self) -> dict[str, Any]:
         """What producers need to know beyond the config (announced in Redis)."""
@@ -111,14 +114,20 @@ class Handler:
         import torch
 
         outs = []
-        for item in items:
-            torch.manual_seed(seed)
-            outs.extend(self._run([item], params))
+        try:
+            for n, item in enumerate(items):
+                torch.manual_seed(seed)
+                self._offset = n
+                outs.extend(self._run([item], params))
+        finally:
+            self._offset = 0
         return outs
 
     def _run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
         if self.task == "feature-extraction" and self.native:
             return self._features(items, params)
+        if self.streams is not None and hasattr(self.pipe, "streamer_for"):
+            return [self._streamed(k, item, params) for k, item in enumerate(items)]
         if len(items) == 1 or not self.native or _stops_per_row(self.task, params):
             # pipeq's own pipelines run items one at a time anyway, and a call with a list
             # reshapes the results of a list (4.57 flattens one-result lists): each item
@@ -131,6 +140,17 @@ class Handler:
         if len(outs) != len(items):
             raise RuntimeError(f"pipeline returned {len(outs)} results for {len(items)} items")
         return [to_jsonable(o) for o in outs]
+
+    def _streamed(self, k: int, item: Any, params: dict[str, Any]) -> Any:
+        """`pipe(item, **params)` of pipeq's seq2seq handlers, its text streamed a token
+        at a time into the job's stream where generate() takes a streamer."""
+        pipe: Any = self.pipe
+        place = self._offset + k
+        pipe.streamer_for = lambda decode: self.streams.streamer(place, pipe.tokenizer, decode)
+        try:
+            return to_jsonable(pipe(item, **params))
+        finally:
+            pipe.streamer_for = None
 
     def _features(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
         """feature-extraction's hidden states, each item's in the packed wire form

@@ -214,7 +214,12 @@ def run_worker(
     from functools import partial
 
     from pipeq.worker.batcher import Batcher
-    from pipeq.worker.generation import ContinuousBatcher, ManagerSlot, start_manager
+    from pipeq.worker.generation import (
+        ContinuousBatcher,
+        ManagerSlot,
+        Seq2SeqStreams,
+        start_manager,
+    )
     from pipeq.worker.handlers import load_handler
 
     try:  # a wrong password, CA or URL is told in one line now, not after the model loads
@@ -301,6 +306,11 @@ def run_worker(
         size=handler.size,
         observe=observations.observe,
     ).start()
+    if deployment.canonical_task in ("summarization", "translation"):
+        # their text streams a token at a time where generate() takes a streamer
+        handler.streams = Seq2SeqStreams(
+            app.backend.ledger, lease, hostname, lambda: batcher.forwarding
+        )
     engine: Batcher | ContinuousBatcher = batcher
     if slot is not None:
         engine = ContinuousBatcher(
