@@ -55,7 +55,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 
@@ -71,9 +71,11 @@ from pipeq.worker.batcher import (
     _resolve,
     contained,
 )
-from pipeq.worker.decoding import Decoding, JobPlan, install, plan, seed_of
 from pipeq.worker.liveness import Lease
 from pipeq.worker.transport import retrying
+
+if TYPE_CHECKING:  # torch and transformers load with the model, after the GPU is chosen
+    from pipeq.worker.decoding import Decoding, JobPlan
 
 __all__ = [
     "STREAM_MAXLEN",
@@ -273,6 +275,8 @@ class _Request:
     def single_params(self) -> dict[str, Any]:
         """The parameters that give this sequence alone (`pipe(item, **them)`): the job's,
         one sequence, its own seed."""
+        from pipeq.worker.decoding import seed_of
+
         out = {k: v for k, v in self.params.items() if k != "num_return_sequences"}
         if self.plan.seed is not None:
             out["seed"] = seed_of(self.plan.seed, self.sequence)
@@ -321,6 +325,8 @@ def start_manager(pipe: Any, max_batch_size: int) -> Any:
     memory, so the cache holds `max_batch_size` requests of the model's full length
     (distilgpt2's shape: 8 x 1,024 tokens, 300 MB); more requests wait for blocks to free."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from pipeq.worker.decoding import install
 
     model = pipe.model
     sizes: dict[str, Any] = {}
@@ -497,6 +503,8 @@ class ContinuousBatcher:
     def plan(self, items: list[Any], params: dict[str, Any]) -> JobPlan | str:
         """How the manager serves this job exactly as `pipe(item, **params)` would
         (`decoding.plan`), or why it cannot (it goes to the dynamic batcher)."""
+        from pipeq.worker.decoding import plan
+
         if self.manager is None:
             return "no continuous batching manager runs (it could not be restarted)"
         try:
