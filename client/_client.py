@@ -215,6 +215,9 @@ class Job:
         #: job another handle forgot (a result message that came after its wait ended is
         #: kept for the next waiter on that id); `submit`'s handle saw the job begin.
         self._forgotten: bool | None = None if deployment is None else False
+        #: the seed its draws come from (sent, or chosen at submit for a job that may
+        #: sample); None when not known here (`engine()` tells what the worker used)
+        self.seed: int | None = None
 
     def __repr__(self) -> str:
         return f"<Job {self.id} deployment={self.deployment}>"
@@ -270,18 +273,21 @@ class Job:
 
         Pieces are kept in Redis (a stream per job, expiring with the result), so a reader
         that starts late, or a second one, gets every piece from the start. Continuous
-        batching streams a piece a decoding step; a job the dynamic batcher runs
-        (sampling, beam search, chats) comes as one piece when it is done (for a chat: the
-        reply's content; with several sequences: the first). `item`: which prompt of a
+        batching streams a piece a decoding step (a chat: its reply's content; with
+        several sequences: the first); a job the dynamic batcher runs (beam search, ...:
+        `engine()` says which and why) comes as one piece when it is done, as do
+        summarization and translation jobs. `item`: which prompt of a
         job of several. Raises the job's error if it failed (JobFailed, JobLost, ...), or
         JobTimeout after `timeout` s; a cancelled job's stream ends with the text made
         before it stopped. If the job's worker died, the job runs again and the stream
         goes on where it was (`.restarts` counts it); StreamRestarted if the new attempt
-        makes different text. InvalidRequest for a deployment that does not generate."""
+        makes different text (a sampled job sent without a seed: pipeq's producers give
+        each one). InvalidRequest for a deployment that does not generate."""
         announced = self._client.deployments().get(self.deployment) if self.deployment else None
-        if announced is not None and _tasks.canonical_task(announced.task) != "text-generation":
+        if announced is not None and _tasks.canonical_task(announced.task) not in _tasks.STREAMING:
             raise InvalidRequest(
-                f"{announced.name} serves {announced.task}: only text-generation streams",
+                f"{announced.name} serves {announced.task}: only text-generation, "
+                "summarization and translation stream",
                 job_id=self.id,
                 deployment=self.deployment,
             )
@@ -289,6 +295,20 @@ class Job:
             raise InvalidRequest(f"stream(item=) takes a prompt's index, got {item!r}")
         self._check_forgotten(ask=False)
         return TextStream(self, item, timeout)
+
+    def engine(self) -> dict[str, str] | None:
+        """How a text-generation job's last attempt runs, from its stream's `start`
+        entry: `{"worker", "engine"}` with engine "continuous" or "dynamic", "reason" (why
+        the dynamic batcher: what continuous batching does not serve), "seed" (where it
+        draws). None before a worker took it, or for a deployment that batches
+        dynamically only."""
+        raw: Any = self._client.call(self._client.ledger.redis.xrange, stream_key(self.id))
+        starts = [f for _, f in raw or [] if b"start" in f]
+        if not starts:
+            return None
+        fields = {k.decode(): v.decode() for k, v in starts[-1].items()}
+        fields["worker"] = fields.pop("start")
+        return fields
 
     def cancel(self) -> bool:
         """True if the job ends CANCELLED: it was queued, or waiting in a worker for a
@@ -332,15 +352,30 @@ class Job:
             )
 
 
+_TEXT_KEYS = ("generated_text", "summary_text", "translation_text")
+
+
 def _text_of(result: Any, item: int) -> str:
-    """The generated text of one prompt of a text-generation result."""
+    """The generated text of one prompt of a text-generation, summarization or
+    translation result (the last two: a record an input, in one flat list)."""
     several = isinstance(result, list) and bool(result) and isinstance(result[0], list)
+    flat = (
+        isinstance(result, list)
+        and bool(result)
+        and isinstance(result[0], dict)
+        and "generated_text" not in result[0]
+    )
+    if flat and item < len(result):
+        result = result[item : item + 1]
+        item = 0
     if item >= (len(result) if several else 1):
         raise InvalidRequest(f"stream(item={item}): the job has no prompt {item}")
     if several:
         result = result[item]
     record = result[0] if isinstance(result, list) else result
-    text = record.get("generated_text", "") if isinstance(record, dict) else ""
+    text = ""
+    if isinstance(record, dict):  # text-generation's, summarization's, translation's
+        text = next((record[k] for k in _TEXT_KEYS if k in record), "")
     if isinstance(text, list):  # a chat: the reply
         text = text[-1].get("content", "") if text and isinstance(text[-1], dict) else ""
     return str(text)
@@ -644,7 +679,9 @@ class Client:
             )
         finally:
             _app.enqueue_limit.reset(limit)
-        return Job(self, job_id, target.name)
+        job = Job(self, job_id, target.name)
+        job.seed = params.get("seed")
+        return job
 
     def check(
         self, target: Announced, inputs: Any, params: dict[str, Any]
@@ -658,10 +695,12 @@ class Client:
         return (items if many else items[0]), params
 
     def check_params(self, target: Announced, params: dict[str, Any]) -> dict[str, Any]:
+        """The validated parameters; a job that may sample gets a `seed` now
+        (`_tasks.with_seed`), recorded with it, so that it can be replayed."""
         params = _about(target, _tasks.validate_params, target.task, params)
         _about(target, _tasks.check_param_limits, target.info.get("limits"), params)
         _about(target, _tasks.check_positions, target.info.get("max_positions"), params)
-        return params
+        return _tasks.with_seed(target.task, params)
 
     def check_item(self, target: Announced, item: Any, where: str = "inputs") -> None:
         _about(target, _tasks.check_item, target.task, item, where)

@@ -8,6 +8,8 @@ restarts and add up across a deployment's workers (no double counting, no reset)
     pipeq:metrics:<deployment>         hash  cumulative counters and histogram buckets:
         jobs_total:<outcome>                 jobs ended with that outcome (`_ledger` scripts,
                                              counted where the outcome is first stored)
+        generation_jobs_total:<engine>       generation jobs a worker routed to that engine
+                                             (added with its heartbeat, as histograms)
         <histogram>:<i>                      observations in bucket i (not cumulative)
         <histogram>:sum, <histogram>:count
     pipeq:recent:<deployment>:<slot>   hash  outcome -> jobs ended in that 10 s slot of
@@ -83,6 +85,14 @@ METRICS: dict[str, Metric] = {
             "counter",
             ("deployment", "outcome"),
             "Jobs ended, by outcome: succeeded, failed, cancelled, expired, lost.",
+        ),
+        Metric(
+            "pipeq_generation_jobs_total",
+            "counter",
+            ("deployment", "engine"),
+            "Generation jobs by the engine that ran them: continuous (transformers' "
+            "continuous batching) or dynamic (the dynamic batcher; docs/generation.md "
+            "says which jobs and why). Deployments with batching=continuous only.",
         ),
         Metric(
             "pipeq_queue_wait_seconds",
@@ -219,6 +229,12 @@ class Observations:
             ):
                 self._pending[field] = self._pending.get(field, 0.0) + inc
 
+    def count(self, name: str, label: str) -> None:
+        """One more of counter `name` with label value `label` (field `name:label`)."""
+        with self._lock:
+            field = f"{name}:{label}"
+            self._pending[field] = self._pending.get(field, 0.0) + 1.0
+
     def take(self) -> dict[str, float]:
         """The increments since the last take, and start again from none."""
         with self._lock:
@@ -252,6 +268,12 @@ def histogram_buckets(name: str, raw: dict[str, str]) -> tuple[list[tuple[str, f
         total += float(raw.get(f"{name}:{i}", 0))
         out.append(("+Inf" if math.isinf(bound) else repr(float(bound)), total))
     return out, float(raw.get(f"{name}:sum", 0.0))
+
+
+def engine_counts(raw: dict[str, str]) -> dict[str, int]:
+    """Generation jobs by engine (continuous, dynamic), as counted so far."""
+    prefix = "generation_jobs_total:"
+    return {k[len(prefix) :]: int(v) for k, v in raw.items() if k.startswith(prefix)}
 
 
 def outcome_counts(raw: dict[str, str]) -> dict[str, int]:

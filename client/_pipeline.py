@@ -102,31 +102,27 @@ class RemotePipeline:
         (seconds from now, or a datetime): jobs not started by then end with
         JobExpired; default the pipeline's own.
 
-        `streamer` (text-generation, one prompt): as `generate(streamer=...)` in
-        transformers, an object whose `on_finalized_text(text, stream_end=False)` is
-        called with each piece of text as the worker makes it (the prompt first when the
-        result holds it, unless the streamer's `skip_prompt` is set), then with
-        `("", stream_end=True)`; transformers' TextStreamer (prints) and
-        TextIteratorStreamer (an iterator for another thread) are such objects. The call
-        still returns the result."""
+        `streamer` (text-generation: a prompt, a chat, or a list of them): as
+        `generate(streamer=...)` in transformers, an object whose
+        `on_finalized_text(text, stream_end=False)` is called with the prompt (unless the
+        streamer's `skip_prompt` is set; a chat's as its template renders it, decoded as
+        the streamer decodes), then each piece of new text as the worker makes it, then
+        `("", stream_end=True)`; for a list, prompt after prompt, as transformers' pipeline
+        runs them. transformers' TextStreamer (prints) and TextIteratorStreamer (an
+        iterator for another thread) are such objects. The call still returns the result.
+        New text comes as the job decodes it (`skip_special_tokens`, default True), where
+        transformers' streamer decodes it its own way."""
         kwargs = {k: v for k, v in kwargs.items() if k not in _CALL_OWNED}
         inputs, params = self._split_call(args, {**self.defaults, **kwargs})
         name = self.deployment.name
         expires = self.expires if expires is None else expires
         if streamer is not None:
-            if self.task != "text-generation" or not isinstance(inputs, str):
-                raise InvalidRequest("streamer= takes one text-generation prompt")
+            if self.task != "text-generation" or _streamed(inputs):
+                raise InvalidRequest("streamer= takes text-generation prompts (a list at most)")
+            items, _ = _tasks.items_of(self.deployment.task, inputs)
             job = self.client.submit(name, inputs, expires=expires, **params)
-            # TextStreamer(skip_prompt=True) leaves the prompt out, as in transformers
-            skip = getattr(streamer, "skip_prompt", False) and params.get("return_full_text", True)
-            left = len(inputs) if skip else 0
-            try:
-                for piece in job.stream(timeout=self.timeout):
-                    piece, left = piece[left:], max(0, left - len(piece))
-                    if piece:
-                        streamer.on_finalized_text(piece)
-            finally:
-                streamer.on_finalized_text("", stream_end=True)
+            for i, item in enumerate(items):
+                self._stream_into(streamer, job, i, item, params)
             return job.result(timeout=self.timeout)
         if _streamed(inputs):
             checked = self.client.check_params(self.deployment, params)
@@ -143,6 +139,45 @@ class RemotePipeline:
         return _tasks.combine(
             self.deployment.task, self.client.check_params(self.deployment, params), results
         )
+
+    def _stream_into(
+        self, streamer: Any, job: Any, index: int, item: Any, params: dict[str, Any]
+    ) -> None:
+        """Prompt `index` of `job` into `streamer`: its prompt (unless `skip_prompt`),
+        its new text a piece at a time, then the end."""
+        full = params.get("return_full_text") is not False
+        final = bool(
+            params.get(
+                "continue_final_message",
+                isinstance(item, list) and bool(item) and item[-1].get("role") == "assistant",
+            )
+        )
+        # what the job's stream gives before the new text (the result's head)
+        head = item if isinstance(item, str) else (item[-1]["content"] if final else "")
+        left = len(head) if full else 0
+        try:
+            if not getattr(streamer, "skip_prompt", False):
+                streamer.on_finalized_text(self._prompt_text(streamer, item, final))
+            for piece in job.stream(item=index, timeout=self.timeout):
+                piece, left = piece[left:], max(0, left - len(piece))
+                if piece:
+                    streamer.on_finalized_text(piece)
+        finally:
+            streamer.on_finalized_text("", stream_end=True)
+
+    def _prompt_text(self, streamer: Any, item: Any, final: bool) -> str:
+        """The prompt as transformers' streamer prints it: a text as it is, a chat as its
+        template renders it, decoded with the streamer's own arguments."""
+        if isinstance(item, str):
+            return item
+        tokenizer = getattr(streamer, "tokenizer", None) or self.tokenizer
+        ids = tokenizer.apply_chat_template(
+            item,
+            add_generation_prompt=not final,
+            continue_final_message=final,
+            return_dict=True,
+        )["input_ids"]
+        return str(tokenizer.decode(ids, **(getattr(streamer, "decode_kwargs", None) or {})))
 
     def _split_call(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -20,6 +20,7 @@ from pipeq._metrics import (
     HISTOGRAMS,
     METRICS,
     RECENT_SLOT_S,
+    engine_counts,
     histogram_buckets,
     metrics_key,
     outcome_counts,
@@ -231,6 +232,7 @@ class Collector:
         }
         # CounterMetricFamily takes the name without _total and adds it
         jobs = family("pipeq_jobs_total")
+        engines = family("pipeq_generation_jobs_total")
         histograms = {h: family(f"pipeq_{h}") for h in HISTOGRAMS}
         for d in deployments:
             gauges["pipeq_queue_depth"].add_metric([d.name], d.waiting)
@@ -240,6 +242,8 @@ class Collector:
             gauges["pipeq_scale_to_zero"].add_metric([d.name], int(d.scale_to_zero))
             for outcome, n in d.totals.items():
                 jobs.add_metric([d.name, outcome], n)
+            for engine, n in sorted(engine_counts(d.counters).items()):
+                engines.add_metric([d.name, engine], n)
             for h, fam in histograms.items():
                 buckets, total = histogram_buckets(h, d.counters)
                 fam.add_metric([d.name], buckets, total)
@@ -250,6 +254,7 @@ class Collector:
                         gauges[f"pipeq_gpu_memory_{what}_bytes"].add_metric([d.name, worker], value)
         yield from gauges.values()
         yield jobs
+        yield engines
         yield from histograms.values()
 
 

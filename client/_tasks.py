@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,7 +142,38 @@ def _token_id_lists(name: str, v: Any) -> None:
         _fail(name, "a list of non-empty lists of token ids", v)
 
 
+#: the tasks whose jobs `Job.stream()` follows (their workers write `pipeq:stream:<id>`)
+STREAMING = frozenset({"text-generation", "summarization", "translation"})
+
+
+def _seed(name: str, v: Any) -> None:
+    """`seed`: the job's own random generator's seed, 0 <= seed < 2**64."""
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**64:
+        _fail(name, "an integer from 0 to 2**64 - 1", v)
+
+
+def samples(task: str, params: Mapping[str, Any]) -> bool:
+    """The job may sample: transformers 5's text-generation pipeline samples unless told
+    `do_sample=False` (or the model's generation config says so, which a producer does
+    not see); the seq2seq tasks sample only when told."""
+    if canonical_task(task) == "text-generation":
+        return params.get("do_sample") is not False
+    return params.get("do_sample") is True and canonical_task(task) in (
+        "summarization",
+        "translation",
+    )
+
+
+def with_seed(task: str, params: dict[str, Any]) -> dict[str, Any]:
+    """`params`, with a `seed` chosen now if the job may sample and has none: the job
+    records it, so its text can be made again (`seed=` gives the same text)."""
+    if "seed" in params or not samples(task, params):
+        return params
+    return {**params, "seed": secrets.randbits(63)}
+
+
 GENERATE: dict[str, Check] = {
+    "seed": _seed,
     "max_length": _int(1),
     "max_new_tokens": _int(1),
     "min_length": _int(0),

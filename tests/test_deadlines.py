@@ -118,7 +118,9 @@ def test_job_timeout_counts_from_the_forward_pass_not_from_waiting(
     gen_env = {"PIPEQ_FAULTS_FORWARD_S": "0.3"}
     with cluster.client() as client:
         cluster.hostname(cluster.start_worker("gen", **gen_env), "gen")
-        jobs = [client.submit("gen", f"prompt {i}", max_new_tokens=2) for i in range(60)]
+        # max_time (never reached) sends them to the dynamic batcher, which batches them
+        dyn = {"max_new_tokens": 2, "do_sample": False, "max_time": 30.0}
+        jobs = [client.submit("gen", f"prompt {i}", **dyn) for i in range(60)]
         started = time.monotonic()
         for job in jobs:
             job.result(timeout=60)
@@ -143,8 +145,13 @@ def test_cancel_says_what_happened_queued_running_finished_unknown(
         assert queued.status() is JobState.CANCELLED
     with pytest.raises(JobCancelled):
         queued.result(timeout=10)
-    running = client.submit(
-        "text-generation", "Once", max_new_tokens=400, min_new_tokens=400, do_sample=False
+    running = client.submit(  # max_time: the dynamic batcher, which cannot stop a job
+        "text-generation",
+        "Once",
+        max_new_tokens=400,
+        min_new_tokens=400,
+        do_sample=False,
+        max_time=600.0,
     )
     wait_until(lambda: running.status() is JobState.RUNNING, 30, "the generation runs")
     assert running.cancel() is False  # it cannot be stopped: it says so

@@ -452,8 +452,10 @@ def test_revoke_and_terminate_do_what_cancel_does_or_say_why_not(stacks: dict[st
                     reply == {"ok": f"{job.id}: revoked"} for r in said for reply in r.values()
                 ), said
 
-        # min_new_tokens: the dynamic batcher's forward pass, which nothing interrupts
-        beam = client.submit(gen, "Once", max_new_tokens=900, min_new_tokens=900, do_sample=False)
+        # max_time: the dynamic batcher's forward pass, which nothing interrupts
+        beam = client.submit(
+            gen, "Once", max_new_tokens=900, min_new_tokens=900, do_sample=False, max_time=600.0
+        )
         wait_until(lambda: beam.status() is JobState.RUNNING, 60, "the generation runs")
         status, body = up.call("POST", f"/api/task/revoke/{beam.id}?terminate=true")
         assert status == 409 and "cannot be stopped; it will finish" in body["message"], body

@@ -102,7 +102,7 @@ def test_a_failed_job_raises_from_its_stream_and_other_tasks_do_not_stream(
     with pytest.raises(InvalidRequest, match="tokens long"):
         list(bad.stream(timeout=30))
     other = client.submit("sentiment-analysis", "fine")
-    with pytest.raises(InvalidRequest, match="only text-generation streams"):
+    with pytest.raises(InvalidRequest, match="only text-generation, summarization and"):
         other.stream()
 
 
@@ -143,29 +143,59 @@ def test_a_worker_killed_mid_stream_loses_no_job_and_the_stream_says_it_restarte
     cluster_of: Any,  # noqa: F811
     deployments: dict[str, Any],
 ) -> None:
-    """Two workers; the one running a long greedy generation is killed mid-stream. The
-    job runs again on the other (after dead_after_s), its stream records a second start,
-    the reader counts one restart, and what it read is the whole text, once."""
+    """Two workers; the one running a long sampled, seeded generation is killed
+    mid-stream. The job runs again on the other (after dead_after_s; a suspect, on the
+    dynamic batcher alone), its stream records a second start, and since the seed gives
+    the same draws there, the reader goes on without StreamRestarted: it counts one
+    restart, and what it read is the whole text, once, `set_seed(seed)`'s in-process.
+    Twenty shorter sampled jobs of random parameters and seeds run beside it, each
+    followed by a reader: whichever ran again, each reader's text and each result is
+    `set_seed(seed)`'s in-process."""
     d = deployments[GEN]
     cluster = cluster_of([d], worker_env={**QUICK, "PIPEQ_FAULTS_STEP_S": "0.02"})
     with cluster.client() as client:
         a, b = cluster.start_worker(GEN), cluster.start_worker(GEN)
         hosts = {cluster.hostname(a, GEN): a, cluster.hostname(b, GEN): b}
-        job = client.submit(GEN, "A long story", max_new_tokens=300, do_sample=False)
+        params = {"max_new_tokens": 300, "do_sample": True, "temperature": 0.9, "seed": 5}
+        job = client.submit(GEN, "A long story", **params)
         stream = job.stream(timeout=120)
+        # and 20 more sampled jobs of random parameters, each followed by a reader
+        rng = random.Random(8)
+        others = [(p, {**_sampled(rng), "max_new_tokens": rng.randint(20, 60)})
+                  for p, _ in prompts(20, seed=8)]  # fmt: skip
+        followed: dict[int, Any] = {}
+
+        def follow(i: int, other: Any) -> None:
+            try:
+                followed[i] = "".join(other.stream(timeout=120))
+            except Exception as e:  # StreamRestarted would be the failure
+                followed[i] = e
+
+        jobs = [client.submit(GEN, p, **ps) for p, ps in others]
+        readers = [threading.Thread(target=follow, args=x) for x in enumerate(jobs)]
+        for t in readers:
+            t.start()
         read = [next(stream) for _ in range(3)]
-        holder = wait_until(
-            lambda: next((h for h in hosts if cluster.inflight(h)), None), 30, "a holder"
+        holder = wait_until(  # the long job's worker, as its stream's start entry says
+            lambda: next((e["start"] for e in entries(client, job.id) if "start" in e), None),
+            30,
+            "the long job's worker",
         )
         cluster.kill(hosts[holder])
         read += list(stream)
         text = job.result(timeout=60)[0]["generated_text"]
-        starts = [e["start"] for e in entries(client, job.id) if "start" in e]
+        starts = [e for e in entries(client, job.id) if "start" in e]
+        for t in readers:
+            t.join(120)
+        got = [j.result(timeout=60) for j in jobs]
+    for (prompt, ps), result, i in zip(others, got, range(len(jobs)), strict=True):
+        assert result == _in_process_seeded(deployments, prompt, **ps), (prompt, ps)
+        assert followed[i] == result[0]["generated_text"], followed[i]
     assert "".join(read) == text
     assert stream.restarts == 1
-    assert len(starts) == 2 and starts[0] == holder and starts[1] != holder
-    want = _local(d.model)("A long story", max_new_tokens=300, do_sample=False)
-    assert text == want[0]["generated_text"]
+    assert len(starts) == 2 and starts[0]["start"] == holder and starts[1]["start"] != holder
+    assert [s["engine"] for s in starts] == ["continuous", "dynamic"]
+    assert _in_process_seeded(deployments, "A long story", **params)[0]["generated_text"] == text
 
 
 def test_pipeline_takes_transformers_streamers_and_the_cli_prints_the_stream(
@@ -186,8 +216,29 @@ def test_pipeline_takes_transformers_streamers_and_the_cli_prints_the_stream(
     assert result == expected(deployments, "My favourite", max_new_tokens=12, do_sample=False)
     assert "My favourite" + "".join(got) == result[0]["generated_text"]
     assert len([p for p in got if p]) > 1
-    with pytest.raises(InvalidRequest, match="one text-generation prompt"):
-        generator(["a", "b"], streamer=streamer)
+    # what chat UIs do: a chat, the reply streamed token by token to another thread
+    chat = [{"role": "user", "content": "Say something"}]
+    streamer = TextIteratorStreamer(_local(deployments[GEN].model).tokenizer, skip_prompt=True)
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(streamer))
+    reader.start()
+    reply = generator(chat, max_new_tokens=12, do_sample=False, streamer=streamer)
+    reader.join(30)
+    assert reply == expected(deployments, chat, max_new_tokens=12, do_sample=False)
+    assert "".join(got) == reply[0]["generated_text"][-1]["content"]
+    assert len([p for p in got if p]) > 1
+    # a list: prompt after prompt, each with its prompt (a streamer that does not skip it)
+    printed: list[str] = []
+
+    class Collect:
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            printed.append("<end>" if stream_end else text)
+
+    both = generator(["One", "Two"], max_new_tokens=4, do_sample=False, streamer=Collect())
+    text = "".join(printed)
+    assert text == "<end>".join(r[0]["generated_text"] for r in both) + "<end>"
+    with pytest.raises(InvalidRequest, match="text-generation prompts"):
+        generator(iter(["a"]), streamer=Collect())
 
     argv = ["run", GEN, "My favourite", "--stream", "--redis-url", client.redis_url]
     assert main([*argv, "--param", "max_new_tokens=12", "--param", "do_sample=false"]) == 0
@@ -289,3 +340,260 @@ def _tiny_tokenizer() -> Any:
     from .conftest import MODELS_DIR
 
     return AutoTokenizer.from_pretrained(str(tiny_models.build(GEN, MODELS_DIR)))
+
+
+# -- decoding per job: sampled, seeded, chats, stop strings, routing -----------------------
+
+
+def _in_process_seeded(deployments: dict[str, Any], prompt: Any, **params: Any) -> Any:
+    """What `transformers.set_seed(seed); pipe(prompt, **params)` gives in this process
+    (`seed` from `params`, 0 if none)."""
+    import torch
+
+    torch.manual_seed(params.pop("seed", 0))
+    return expected(deployments, prompt, **params)
+
+
+def _sampled(rng: random.Random) -> dict[str, Any]:
+    """Random sampling parameters of the kinds the continuous batch serves per job."""
+    params: dict[str, Any] = {
+        "do_sample": True,
+        "max_new_tokens": rng.randint(4, 24),
+        "temperature": round(rng.uniform(0.6, 1.2), 2),
+        "top_p": round(rng.uniform(0.8, 1.0), 2),
+        "seed": rng.randrange(2**32),
+    }
+    for key, value in (
+        ("top_k", rng.randint(5, 50)),
+        ("repetition_penalty", round(rng.uniform(1.0, 1.5), 2)),
+        ("min_new_tokens", rng.randint(1, 4)),
+        ("typical_p", round(rng.uniform(0.5, 0.99), 2)),
+        ("min_p", round(rng.uniform(0.01, 0.1), 3)),
+    ):
+        if rng.random() < 0.4:
+            params[key] = value
+    return params
+
+
+def test_a_seeded_job_gives_the_same_text_alone_and_whatever_its_batch_mates(
+    client: Client, deployments: dict[str, Any]
+) -> None:
+    """Eight sampled jobs of random parameters and seeds: each alone, then all at once
+    among greedy and other sampled batch-mates, twice in different orders; each gets the
+    same text every time, which is what `set_seed(seed); pipe(prompt, **params)` gives
+    in-process, and each ran on continuous batching."""
+    rng = random.Random(21)
+    cases = [(p, _sampled(rng)) for p, _ in prompts(8, seed=21)]
+    alone = []
+    for prompt, params in cases:
+        job = client.submit(GEN, prompt, **params)
+        alone.append(job.result(timeout=60))
+        assert job.engine() is not None and job.engine()["engine"] == "continuous"
+        assert job.engine()["seed"] == str(params["seed"])
+    for prompt, params in cases[:3]:  # in-process, as transformers users seed
+        assert alone[cases.index((prompt, params))] == _in_process_seeded(
+            deployments, prompt, **params
+        )
+    mates = [(p, {"max_new_tokens": n, "do_sample": False}) for p, n in prompts(6, seed=5)]
+    mates += [(p, _sampled(rng)) for p, _ in prompts(6, seed=6)]
+    for order in (1, 2):
+        mixed = [(i, c) for i, c in enumerate(cases)] + [(None, m) for m in mates]
+        random.Random(order).shuffle(mixed)
+        jobs = [(i, client.submit(GEN, p, **params)) for i, (p, params) in mixed]
+        for i, job in jobs:
+            got = job.result(timeout=120)
+            if i is not None:
+                assert got == alone[i], (order, i, cases[i])
+
+
+def test_an_unseeded_sampled_job_records_its_seed_and_replays_to_the_same_text(
+    client: Client,
+) -> None:
+    """The course's call, sampled by transformers 5's default: the producer chose a seed
+    at submit, the worker drew from it, and sending it again gives the same text."""
+    job = client.submit(GEN, "In this course, we will teach you how to", max_new_tokens=20)
+    text = job.result(timeout=60)
+    assert isinstance(job.seed, int)
+    assert job.engine() == {
+        "worker": job.engine()["worker"],  # type: ignore[index]
+        "engine": "continuous",
+        "seed": str(job.seed),
+    }
+    again = client.submit(
+        GEN, "In this course, we will teach you how to", max_new_tokens=20, seed=job.seed
+    )
+    assert again.result(timeout=60) == text
+
+
+def test_several_sequences_are_the_job_alone_with_successive_seeds(client: Client) -> None:
+    params = {"do_sample": True, "max_new_tokens": 12, "temperature": 1.1, "seed": 77}
+    job = client.submit(GEN, "Three ways to say", num_return_sequences=3, **params)
+    got = job.result(timeout=60)
+    assert len(got) == 3 and job.engine()["engine"] == "continuous"  # type: ignore[index]
+    for k in range(3):
+        one = client.submit(GEN, "Three ways to say", **{**params, "seed": 77 + k})
+        assert one.result(timeout=60) == [got[k]]
+    assert "".join(job.stream(timeout=10)) == got[0]["generated_text"]
+
+
+def test_a_chat_is_continuously_batched_streamed_and_equals_in_process(
+    client: Client, deployments: dict[str, Any]
+) -> None:
+    chat = [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "What is a queue?"},
+    ]
+    params = {"max_new_tokens": 16, "do_sample": False}
+    job = client.submit(GEN, chat, **params)
+    got = job.result(timeout=60)
+    assert got == expected(deployments, chat, **params)
+    assert got[0]["generated_text"][:2] == chat
+    assert job.engine()["engine"] == "continuous"  # type: ignore[index]
+    pieces = list(job.stream(timeout=10))
+    assert "".join(pieces) == got[0]["generated_text"][-1]["content"] and len(pieces) > 1
+    bare = client.submit(GEN, chat, return_full_text=False, **params)
+    assert bare.result(timeout=60) == expected(deployments, chat, return_full_text=False, **params)
+
+
+def test_stop_strings_stop_where_transformers_stops(
+    client: Client, deployments: dict[str, Any]
+) -> None:
+    """Greedy and sampled jobs with stop strings taken from their own unstopped text: the
+    continuous batch ends each where generate() does (the stop string included)."""
+    pipe = _local(deployments[GEN].model)
+    for i, (prompt, _) in enumerate(prompts(6, seed=9)):
+        params: dict[str, Any] = {"max_new_tokens": 30, "do_sample": False}
+        if i % 2:
+            params = {**params, "do_sample": True, "seed": i}
+        full = _in_process_seeded(deployments, prompt, **params)[0]["generated_text"]
+        new = full[len(prompt) :]
+        stop = new[len(new) // 2 : len(new) // 2 + 2] or "e"
+        job = client.submit(GEN, prompt, stop_strings=[stop], **params)
+        want = _in_process_seeded(
+            deployments, prompt, stop_strings=[stop], tokenizer=pipe.tokenizer, **params
+        )
+        assert job.result(timeout=60) == want, (prompt, stop)
+        assert job.engine()["engine"] == "continuous"  # type: ignore[index]
+        assert "".join(job.stream(timeout=10)) == want[0]["generated_text"]
+
+
+@pytest.mark.parametrize(
+    ("params", "engine"),
+    [
+        ({}, "continuous"),  # samples: transformers 5's pipeline default
+        ({"do_sample": False, "repetition_penalty": 1.3, "min_new_tokens": 3}, "continuous"),
+        ({"do_sample": True, "num_return_sequences": 2, "top_k": 5}, "continuous"),
+        ({"do_sample": False, "no_repeat_ngram_size": 2, "bad_words_ids": [[5]]}, "continuous"),
+        ({"num_beams": 2, "do_sample": False}, "dynamic"),
+        ({"prefix": "Once ", "do_sample": False}, "dynamic"),
+        ({"max_time": 30.0, "do_sample": False}, "dynamic"),
+    ],
+)
+def test_the_engine_follows_what_changes_decoding_and_is_recorded(
+    client: Client, params: dict[str, Any], engine: str
+) -> None:
+    job = client.submit(GEN, "Where does it run", max_new_tokens=4, **params)
+    job.result(timeout=60)
+    record = job.engine()
+    assert record is not None and record["engine"] == engine, record
+    assert ("reason" in record) == (engine == "dynamic")
+
+
+def test_flags_that_change_nothing_leave_a_model_continuously_batched(
+    deployments: dict[str, Any],
+) -> None:
+    """transformers' save_pretrained writes output_attentions/output_hidden_states into a
+    generation config (5.25): they change no token, so they do not change the engine."""
+    from pipeq.worker.decoding import JobPlan, plan
+
+    pipe = _local(deployments[GEN].model)
+    config = pipe.model.generation_config
+    saved = config.to_dict()
+    try:
+        config.output_attentions = False
+        config.output_hidden_states = False
+        config.return_dict_in_generate = False
+        assert isinstance(plan(pipe, ["Hello"], {"max_new_tokens": 3, "do_sample": False}), JobPlan)
+        config.num_beams = 3  # this one does
+        assert "beam" in str(plan(pipe, ["Hello"], {"max_new_tokens": 3, "do_sample": False}))
+    finally:
+        for key, value in saved.items():
+            setattr(config, key, value)
+        config.num_beams = 1
+
+
+def test_the_exporter_counts_generation_jobs_by_engine(client: Client) -> None:
+    from pipeq._status import Collector
+
+    client.submit(GEN, "Counted", max_new_tokens=2, do_sample=False).result(timeout=30)
+    client.submit(GEN, "Counted", max_new_tokens=2, num_beams=2).result(timeout=30)
+
+    def counts() -> dict[str, float] | None:
+        for family in Collector(client.ledger.redis).collect():
+            if family.name == "pipeq_generation_jobs":
+                got = {
+                    s.labels["engine"]: s.value
+                    for s in family.samples
+                    if s.labels["deployment"] == GEN and s.name.endswith("_total")
+                }
+                if {"continuous", "dynamic"} <= set(got):
+                    return got
+        return None
+
+    got = wait_until(counts, 30, "the heartbeat's counts")
+    assert got["continuous"] >= 1 and got["dynamic"] >= 1
+
+
+@cache
+def _dynamic_handler_without_eos() -> Any:
+    """The tiny GPT-2 as a dynamic-batching worker loads it, its end-of-sequence token
+    taken away (a model that has none): generate() then never masks a finished row."""
+    from pipeq._config import Deployment
+    from pipeq.worker import tiny_models
+    from pipeq.worker.handlers import load_handler
+
+    from .conftest import MODELS_DIR
+
+    model = str(tiny_models.build(GEN, MODELS_DIR))
+    handler = load_handler(Deployment("gen-dyn", "text-generation", model, batching="dynamic"))
+    handler.pipe.model.generation_config.eos_token_id = None
+    return handler
+
+
+@given(
+    st.lists(st.sampled_from(prompts(12, seed=3)), min_size=2, max_size=4),
+    st.lists(st.sampled_from(["e", "a", "th", " t", "o", "in"]), min_size=1, max_size=2),
+    st.integers(2, 12),
+)
+@settings(max_examples=15, deadline=None)
+def test_a_dynamic_batch_gives_each_stop_string_job_what_it_gets_alone(
+    cases: list[tuple[str, int]], stops: list[str], new: int
+) -> None:
+    """Jobs with the same stop strings share a dynamic batch: each item's result is the
+    one it gets alone, also on a model without an end-of-sequence token (where a row that
+    reached its stop string would go on generating in a shared batch)."""
+    handler = _dynamic_handler_without_eos()
+    items = [p for p, _ in cases]
+    params = {"max_new_tokens": new, "do_sample": False, "stop_strings": stops}
+    together = handler.run(items, params)
+    assert together == [handler.run([item], params)[0] for item in items]
+
+
+def test_summarization_and_translation_jobs_stream_their_text(client: Client) -> None:
+    """Job.stream() follows the three generating tasks. The seq2seq ones (pipeq's own
+    handlers) stream a token at a time where generate() takes a streamer (one beam), and
+    in one piece with beam search (their models' generation configs use it); either way
+    the pieces make the result's text."""
+    text = "The course teaches how to use transformers models for many tasks. " * 3
+    summary = client.submit("summarization", text, max_new_tokens=8)
+    assert "".join(summary.stream(timeout=60)) == summary.result()[0]["summary_text"]
+    assert [e for e in entries(client, summary.id) if "t" in e] == []  # beam search
+    greedy = client.submit("summarization", text, max_new_tokens=12, num_beams=1)
+    pieces = list(greedy.stream(timeout=60))
+    assert "".join(pieces) == greedy.result()[0]["summary_text"]
+    assert len([e for e in entries(client, greedy.id) if "t" in e]) > 2
+    pair = client.submit("translation", ["Bonjour le monde.", "Merci beaucoup."], num_beams=1)
+    got = pair.result(timeout=60)
+    for i in range(2):
+        assert "".join(pair.stream(item=i, timeout=30)) == got[i]["translation_text"]
+        assert len([e for e in entries(client, pair.id) if e.get("i") == str(i)]) > 1

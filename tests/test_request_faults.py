@@ -368,11 +368,11 @@ PANIC_CASES: dict[str, tuple[str, list[Any], Any, dict[str, Any]]] = {
                     f"le {PANIC}", {}),
     "text-generation": ("gen64-dynamic", ["hello world", "the cat"], f"the {PANIC}",
                         {"max_new_tokens": 5, "do_sample": False}),
-    # repetition_penalty (1.0: none) sends it to the dynamic batcher beside the manager
+    # max_time (60 s: never reached) sends it to the dynamic batcher beside the manager
     "text-generation (continuous worker)": ("gpt2-continuous", ["hello world", "the cat"],
                                             f"the {PANIC}",
                                             {"max_new_tokens": 5, "do_sample": False,
-                                             "repetition_penalty": 1.0}),
+                                             "max_time": 60.0}),
 }  # fmt: skip
 
 

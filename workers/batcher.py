@@ -193,6 +193,7 @@ class Batcher:
         self.stats = BatchStats()
         #: time.monotonic() when the forward pass running now began; None between passes
         self.forward_since: float | None = None
+        self.forwarding: list[tuple[str, int]] = []
         self._thread = threading.Thread(target=self._loop, name="pipeq-batcher", daemon=True)
 
     def start(self) -> Batcher:
@@ -361,6 +362,8 @@ class Batcher:
         log.debug("batch of %d ran in %.1f ms", len(live), 1000 * (time.monotonic() - started))
 
     def _forward(self, items: list[_Item]) -> None:
+        #: (job id, item index in its job) of each value `run` is called with now
+        self.forwarding = [(i.job_id, i.job.futures.index(i.future)) for i in items]
         try:
             results = self._run([i.value for i in items], items[0].params)
         except BatchError as e:  # about the whole batch (a time limit): no item to single out

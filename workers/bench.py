@@ -200,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-unbatched", action="store_true", help="skip the max_batch_size=1 run")
     p.add_argument("--rounds", type=int, default=3, help="every contender runs once a round")
     p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument(
+        "--workload",
+        choices=("greedy", "mixed"),
+        default="greedy",
+        help="generation only: greedy prompts, or the mixed workload (bench_mixed.py)",
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -228,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     handler = load_handler(d)
     if d.canonical_task == "text-generation":
         sizes = [int(b) for b in (args.batch_sizes or "1,8,16,32").split(",")]
+        if args.workload == "mixed":
+            from pipeq.worker.bench_mixed import mixed_main
+
+            return mixed_main(d, handler.pipe, args.jobs, args.rounds, sizes, args.json)
         return generation_main(d, handler.pipe, args.jobs, args.rounds, sizes, args.json)
     inputs = bench_inputs(d.task, args.jobs, mask_token=handler.info().get("mask_token"))
     params = default_params(d.task)
@@ -372,11 +382,17 @@ def _generation_figures(
 
 
 def generation_burst(
-    client: Client, name: str, prompts: list[str], budgets: list[int], tokenizer: Any
+    client: Client,
+    name: str,
+    prompts: list[Any],
+    budgets: list[int],
+    tokenizer: Any,
+    params: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Every prompt as its own job at once, a thread following each job's stream: from
     the burst's start, the time to its first non-empty piece and to its end. Returns the
-    figures and the texts (a failed job's: "")."""
+    figures and the texts (a failed job's: ""). `params`: each job's own (default:
+    `generation_params` of its budget)."""
     worker = client.registry.live_workers(name)[0]
     time.sleep(2.5)  # a fresh heartbeat: batching statistics before
     before = client.registry.stats(name)[worker]
@@ -405,7 +421,9 @@ def generation_burst(
     threads = []
     started = time.perf_counter()
     for i, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
-        job = client.submit(name, prompt, **generation_params(budget))
+        job = client.submit(
+            name, prompt, **(generation_params(budget) if params is None else params[i])
+        )
         threads.append(threading.Thread(target=follow, args=(i, job), daemon=True))
         threads[-1].start()
     for t in threads:

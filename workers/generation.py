@@ -7,11 +7,14 @@ own `max_new_tokens`; `cancel_request` takes it out before the next step. Its KV
 is paged, so requests of different lengths share steps without padding.
 
 `ContinuousBatcher` puts pipeq's jobs into it. A job goes there when the manager gives
-exactly what `pipe(prompt, **params)` gives: greedy decoding (`do_sample=False`, one
-beam, one sequence) of string prompts, with no parameters beyond `max_new_tokens`,
-`do_sample` and `return_full_text` (`CONTINUOUS_PARAMS`). Any other job (sampling, beam
-search, chats, stop strings, ...) goes to the dynamic `Batcher`, decided per job; so does
-a suspect (a job delivered again after its worker died), which the batcher runs alone.
+exactly what `pipe(item, **params)` gives (`decoding.plan`, on what changes decoding):
+greedy or sampled decoding of string prompts or chats, each row with its own logits
+processors and random generator (`decoding.DrawStep`), stop strings (checked here, after
+each token), several sequences (a request each). Any other job (beam search, `max_time`,
+a `prefix`, ...) goes to the dynamic `Batcher`, decided per job; so does a suspect (a
+job delivered again after its worker died), which the batcher runs alone. Which engine
+runs a job, and why, goes in its stream's `start` entry and in the counter
+`generation_jobs_total:<engine>`.
 
 One driver thread (`pipeq-generation`) owns the manager's side: it admits new jobs (one
 Redis round trip for all that arrived, `Admission` with `stoppable`), adds their
@@ -27,14 +30,16 @@ transformers' loop does not survive an error in a step: it fails every request i
 and stops (a BaseException, such as a Rust panic, ends it without failing them). The
 driver notices (a request's failed output, or the loop gone), runs each request the
 manager held again on the dynamic batcher (the reference pipeline: a request that fails
-there fails alone, the others get the same greedy text, their streams going on where they
-were), and starts a new manager for the next jobs (`ManagerSlot`). Nothing of that stops
-the worker; only a manager that cannot be started again leaves generation to the dynamic
-batcher. A request the tokenizer cannot decode fails alone.
+there fails alone, the others get the same text, greedy or seeded, their streams going
+on where they were), and starts a new manager for the next jobs (`ManagerSlot`). Nothing
+of that stops the worker; only a manager that cannot be started again leaves generation
+to the dynamic batcher. A request the tokenizer cannot decode, or whose own processors
+or draw fail, fails alone.
 
 A stream's entries (`Job.stream` reads them):
 
-    start  the worker's hostname: an attempt begins (a second one: the job restarted)
+    start  the worker's hostname: an attempt begins (a second one: the job restarted);
+           with `engine` (continuous or dynamic), `reason` (why dynamic), `seed`
     i, t   item index and the next piece of its text (the prompt first, when the result
            holds it: `return_full_text`)
     end    the job's outcome, written by the task when it is done
@@ -50,7 +55,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 
@@ -69,11 +74,15 @@ from pipeq.worker.batcher import (
 from pipeq.worker.liveness import Lease
 from pipeq.worker.transport import retrying
 
+if TYPE_CHECKING:  # torch and transformers load with the model, after the GPU is chosen
+    from pipeq.worker.decoding import Decoding, JobPlan
+
 __all__ = [
-    "CONTINUOUS_PARAMS",
     "STREAM_MAXLEN",
     "ContinuousBatcher",
     "ManagerSlot",
+    "Seq2SeqStreams",
+    "TextPieces",
     "settled_text",
     "start_manager",
     "write_end",
@@ -82,29 +91,8 @@ __all__ = [
 log = logging.getLogger("pipeq.generation")
 T = TypeVar("T")
 
-#: a job with parameters beyond these goes to the dynamic batcher
-CONTINUOUS_PARAMS = frozenset({"max_new_tokens", "do_sample", "return_full_text"})
-#: generation settings the manager honours or that greedy decoding ignores; a job whose
-#: effective settings (its own, the model's generation config, the pipeline's defaults)
-#: hold any other goes to the dynamic batcher
-_HONOURED = frozenset(
-    {
-        "max_new_tokens",
-        "max_length",
-        "do_sample",
-        "num_beams",
-        "num_return_sequences",
-        "eos_token_id",
-        "pad_token_id",
-        "bos_token_id",
-        "transformers_version",
-        "_from_model_config",
-        "temperature",
-        "top_k",
-        "top_p",
-        "use_cache",
-    }
-)
+#: the engine's reason for a job delivered again after its worker died
+SUSPECT = "delivered again after its worker died: run alone"
 #: how much longer than `job_timeout_s` a job's task waits for the driver to stop it
 STOP_GRACE_S = 5.0
 #: entries kept per stream (about one per generated token per item): a stream past it
@@ -143,29 +131,194 @@ def write_end(ledger: Ledger, job_id: str, outcome: str, lease: Lease) -> None:
     append(ledger, lease, [(job_id, {"end": outcome})])
 
 
+class TextPieces:
+    """transformers' streamer interface (`put`, `end`) for one `generate()` call of one
+    row, as pipeq's seq2seq handlers make it: each new token's settled text goes to
+    `emit`, decoded as the result is (special tokens skipped), so the pieces make it."""
+
+    def __init__(self, tokenizer: Any, emit: Callable[[str], None], **decode: Any) -> None:
+        self.tokenizer = tokenizer
+        self.emit = emit
+        self.decode = decode
+        self.tokens: list[int] = []
+        self.emitted = ""
+        self._first = True
+
+    def put(self, value: Any) -> None:
+        if self._first:  # the decoder's start token, which generate() puts first
+            self._first = False
+            return
+        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
+        self._send(final=False)
+
+    def end(self) -> None:
+        self._send(final=True)
+
+    def _send(self, *, final: bool) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True, **self.decode)
+        stable = text if final else settled_text(text)
+        if stable.startswith(self.emitted) and len(stable) > len(self.emitted):
+            self.emit(stable[len(self.emitted) :])
+            self.emitted = stable
+
+
+class Seq2SeqStreams:
+    """Summarization's and translation's text into their jobs' streams, a token at a
+    time (`Handler.streams`): `streamer(k, ...)` for value `k` of the batch the dynamic
+    batcher runs now (`forwarding`). An item streams once per worker: run again (its
+    batch failed, each item then runs alone) it gives its text at the end, which the
+    reader completes from the result. One round trip a token."""
+
+    #: items and jobs remembered (the oldest forgotten first)
+    KEEP = 10_000
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        lease: Lease,
+        hostname: str,
+        forwarding: Callable[[], list[tuple[str, int]]],
+    ) -> None:
+        self.ledger = ledger
+        self.lease = lease
+        self.hostname = hostname
+        self.forwarding = forwarding
+        self._streamed: dict[tuple[str, int], None] = {}
+        self._started: dict[str, None] = {}
+
+    def _remember(self, seen: dict[Any, None], key: Any) -> None:
+        seen[key] = None
+        if len(seen) > self.KEEP:
+            del seen[next(iter(seen))]
+
+    def streamer(self, k: int, tokenizer: Any, decode: dict[str, Any]) -> TextPieces | None:
+        where = self.forwarding()
+        if k >= len(where) or where[k] in self._streamed:
+            return None
+        job_id, index = where[k]
+        self._remember(self._streamed, where[k])
+
+        def emit(piece: str) -> None:
+            writes: list[tuple[str, dict[str, Any]]] = []
+            if job_id not in self._started:  # an attempt begins here
+                self._remember(self._started, job_id)
+                writes.append((job_id, {"start": self.hostname or "worker"}))
+            writes.append((job_id, {"i": index, "t": piece}))
+            try:
+                append(self.ledger, self.lease, writes)
+            except redis.RedisError:  # the reader completes it from the result
+                log.warning("could not stream a piece of %s", job_id, exc_info=True)
+
+        return TextPieces(tokenizer, emit, **decode)
+
+
 @dataclass
 class _Request:
+    """One sequence of one item of a job in the manager; its future gets the item's
+    record (`{"generated_text": ...}`)."""
+
     job: Submission
-    index: int
-    prompt: str
-    input_ids: list[int]
-    max_new_tokens: int
-    eos_token_id: Any
-    full_text: bool
+    index: int  # the item
+    sequence: int  # which of its num_return_sequences
+    item: Any  # the prompt: a string or a chat
+    plan: JobPlan
+    params: dict[str, Any]  # the job's
+    decoding: Decoding
     future: Future[Any] = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
     emitted: str = ""  # the new text streamed so far
     tokens: int = 0
+    checked: int = 0  # generated tokens the stop strings were checked against
+    stop: Any = None  # transformers' StopStringCriteria of the job's stop_strings
     rerouted: bool = False  # handed to the dynamic batcher
 
     @property
     def rid(self) -> str:
-        return f"{self.job.job_id}#{self.index}"
+        return f"{self.job.job_id}#{self.index}" + (f".{self.sequence}" if self.sequence else "")
+
+    @property
+    def prompt(self) -> str:
+        """The prompt as text (a chat: its messages as JSON)."""
+        return self.item if isinstance(self.item, str) else json.dumps(self.item)
+
+    @property
+    def streams(self) -> bool:
+        """Only a job's first sequence of each item streams (`Job.stream(item=)`)."""
+        return self.sequence == 0
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.plan.input_ids[self.index]
+
+    def head(self) -> str:
+        """What the result's text holds before the new text: the prompt (a string prompt,
+        `return_full_text`), or the assistant message being continued (a chat)."""
+        if not self.plan.full_text:
+            return ""
+        if isinstance(self.item, str):
+            return self.item
+        return str(self.item[-1]["content"]) if self.plan.continue_final[self.index] else ""
+
+    def record(self, text: str) -> dict[str, Any]:
+        """The item's record for new text `text`, in the pipeline's shape."""
+        if not self.plan.full_text:
+            return {"generated_text": text}
+        if isinstance(self.item, str):
+            return {"generated_text": self.item + text}
+        messages = [dict(m) for m in self.item]
+        if self.plan.continue_final[self.index]:
+            messages[-1]["content"] = messages[-1]["content"] + text
+        else:
+            messages.append({"role": "assistant", "content": text})
+        return {"generated_text": messages}
+
+    def single_params(self) -> dict[str, Any]:
+        """The parameters that give this sequence alone (`pipe(item, **them)`): the job's,
+        one sequence, its own seed."""
+        from pipeq.worker.decoding import seed_of
+
+        out = {k: v for k, v in self.params.items() if k != "num_return_sequences"}
+        if self.plan.seed is not None:
+            out["seed"] = seed_of(self.plan.seed, self.sequence)
+        return out
+
+
+def _gathered(futures: list[Future[Any]]) -> Future[Any]:
+    """One item's future: the list of its sequences' records once all are done (the
+    first error, if any failed). One sequence: its record in a list, as the pipeline."""
+    out: Future[Any] = Future()
+
+    def done(_: Future[Any]) -> None:
+        if out.done() or not all(f.done() for f in futures):
+            return
+        for f in futures:
+            if f.cancelled():
+                _resolve(out, error=JobCancelled("the job was cancelled"))
+                return
+            if f.exception() is not None:
+                _resolve(out, error=f.exception())
+                return
+        _resolve(out, [f.result() for f in futures])
+
+    for f in futures:
+        f.add_done_callback(done)
+
+    def given_up(_: Future[Any]) -> None:  # the job's wait ended: its sequences too
+        if out.cancelled():
+            for f in futures:
+                f.cancel()
+
+    out.add_done_callback(given_up)
+    return out
 
 
 def start_manager(pipe: Any, max_batch_size: int, gpu_memory_cap_bytes: int | None = None) -> Any:
-    """The model's `ContinuousBatchingManager`, greedy, started. The model keeps (or is
-    switched to) SDPA attention, which both the manager and `generate()` run.
+    """The model's `ContinuousBatchingManager`, greedy, with pipeq's per-request draw step
+    (`decoding.install`: `manager.draw`), started. The model keeps (or is switched to) SDPA
+    attention, which both the manager and `generate()` run. The manager runs synchronously
+    and without CUDA graphs or compilation: the draw step runs Python per row between a
+    batch's preparation and its argmax, which neither a captured graph nor an overlapped
+    next batch would see.
 
     On a GPU the manager sizes its paged KV cache from free memory (transformers'
     default). On the CPU that probing takes about 14 s and claims most of the host's
@@ -174,6 +327,8 @@ def start_manager(pipe: Any, max_batch_size: int, gpu_memory_cap_bytes: int | No
     On a GPU shared under `gpu_memory_cap_bytes`, the cache is sized inside the cap
     (`placement.cuda_cache_sizes`), not from the GPU's free memory."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from pipeq.worker.decoding import install
 
     model = pipe.model
     sizes: dict[str, Any] = {}
@@ -199,8 +354,11 @@ def start_manager(pipe: Any, max_batch_size: int, gpu_memory_cap_bytes: int | No
     )
     manager = model.init_continuous_batching(
         generation_config=greedy,
-        continuous_batching_config=ContinuousBatchingConfig(max_queue_size=0, **sizes),
+        continuous_batching_config=ContinuousBatchingConfig(
+            max_queue_size=0, use_cuda_graph=False, use_async_batching=False, **sizes
+        ),
     )
+    manager.draw = install(manager)
     manager.start()
     return manager
 
@@ -290,6 +448,7 @@ class ContinuousBatcher:
         hostname: str = "",
         time_limit_s: float | None = None,
         observe: Callable[[str, float], None] = lambda name, value: None,
+        count: Callable[[str, str], None] = lambda name, label: None,
     ) -> None:
         self.pipe = pipe
         self.tokenizer = pipe.tokenizer
@@ -301,6 +460,7 @@ class ContinuousBatcher:
         self.hostname = hostname
         self.time_limit_s = time_limit_s
         self._observe = observe
+        self._count = count
         self._cond = threading.Condition()
         self._new: list[_Request] = []  # submitted, not admitted yet
         self._active: dict[str, _Request] = {}  # request id -> request, in the manager
@@ -347,58 +507,60 @@ class ContinuousBatcher:
             _resolve(r.future, error=HandBack())
         return len(back) + self.fallback.hand_back()
 
-    def takes(self, items: list[Any], params: dict[str, Any]) -> dict[str, Any] | None:
-        """The generation settings for the manager if it serves this job exactly as
-        `pipe(item, **params)` would, else None."""
-        if set(params) - CONTINUOUS_PARAMS or not items or self.manager is None:
-            return None
-        if not all(isinstance(i, str) and i for i in items):
-            return None
-        gen = {k: params[k] for k in ("max_new_tokens", "do_sample") if k in params}
-        try:  # the settings `pipe(...)` would call generate() with
-            effective: dict[str, Any] = self.pipe._get_set_generation_params(
-                self.pipe._prepare_generate_kwargs(gen)
-            )
-        except Exception:
-            return None
-        if set(effective) - _HONOURED or effective.get("do_sample"):
-            return None
-        if (effective.get("num_beams") or 1) != 1:
-            return None
-        if (effective.get("num_return_sequences") or 1) != 1:
-            return None
-        if effective.get("max_new_tokens") is None and effective.get("max_length") is None:
-            return None
-        return effective
+    def plan(self, items: list[Any], params: dict[str, Any]) -> JobPlan | str:
+        """How the manager serves this job exactly as `pipe(item, **params)` would
+        (`decoding.plan`), or why it cannot (it goes to the dynamic batcher)."""
+        from pipeq.worker.decoding import plan
+
+        if self.manager is None:
+            return "no continuous batching manager runs (it could not be restarted)"
+        try:
+            return plan(self.pipe, items, params)
+        except Exception as e:  # the reference pipeline says what is wrong
+            return f"could not plan it ({type(e).__name__})"
 
     def submit(self, job_id: str, items: list[Any], params: dict[str, Any]) -> Submission:
-        """Queue a job's items; each future gets `pipe(item, **params)`'s result."""
-        effective = self.takes(items, params)
-        if effective is None:
+        """Queue a job's items; each future gets `pipe(item, **params)`'s result. Which
+        engine runs the job goes in its stream's `start` entry (`engine`, and `reason`
+        for the dynamic batcher) and in the deployment's `generation_jobs_total`."""
+        how = self.plan(items, params)
+        if isinstance(how, str):
+            self._count("generation_jobs_total", "dynamic")
+            try:
+                append(
+                    self.ledger,
+                    self.lease,
+                    [
+                        (
+                            job_id,
+                            {
+                                "start": self.hostname or "worker",
+                                "engine": "dynamic",
+                                "reason": how,
+                            },
+                        )
+                    ],
+                )
+            except Exception:  # a record only: the job runs anyway
+                log.warning("could not record the engine of %s", job_id, exc_info=True)
             return self.fallback.submit(job_id, items, params)
         # the driver stops a job at its time limit, after its last piece; the task's own
         # wait, a backstop, comes later so that its stream's `end` is the last entry
         job = Submission(job_id, [], grace_s=STOP_GRACE_S)
-        requests = []
-        for n, prompt in enumerate(items):
-            ids = self.tokenizer(prompt)["input_ids"]
-            new = effective.get("max_new_tokens")
-            if new is None:  # a total length, as generate() counts it
-                new = int(effective["max_length"]) - len(ids)
-            if not ids or new < 1:  # generate() has its own ways with these
-                return self.fallback.submit(job_id, items, params)
-            requests.append(
-                _Request(
-                    job,
-                    n,
-                    prompt,
-                    list(ids),
-                    int(new),
-                    effective.get("eos_token_id"),
-                    params.get("return_full_text") is not False,
-                )
-            )
-        job.futures = [r.future for r in requests]
+        requests: list[_Request] = []
+        model = self.pipe.model
+        stop = None
+        if how.stop_strings:
+            from transformers import StopStringCriteria
+
+            stop = StopStringCriteria(self.tokenizer, how.stop_strings)
+        for n, item in enumerate(items):
+            sequences = [
+                _Request(job, n, k, item, how, params, how.decoding(model, n, k), stop=stop)
+                for k in range(how.sequences)
+            ]
+            requests.extend(sequences)
+            job.futures.append(_gathered([r.future for r in sequences]))
         with self._cond:
             if self._handing_back:
                 for r in requests:
@@ -488,9 +650,16 @@ class ContinuousBatcher:
             log.exception("admit hook failed")
             refused = {j: e for j in jobs}
         started = time.monotonic()
+        plans = {r.job.job_id: r.plan for r in new}
         for job_id in jobs:  # an attempt begins here (a suspect's too, in the batcher)
+            start = {"start": self.hostname or "worker", "engine": "continuous"}
+            if plans[job_id].seed is not None:
+                start["seed"] = str(plans[job_id].seed)
+            if isinstance(refused.get(job_id), Quarantine):
+                start["engine"], start["reason"] = "dynamic", SUSPECT
             if job_id not in refused or isinstance(refused[job_id], Quarantine):
-                writes.append((job_id, {"start": self.hostname or "worker"}))
+                writes.append((job_id, start))
+                self._count("generation_jobs_total", start["engine"])
         for r in new:
             verdict = refused.get(r.job.job_id)
             if isinstance(verdict, Quarantine):  # a suspect: the batcher runs it alone
@@ -507,24 +676,26 @@ class ContinuousBatcher:
             if manager is None:  # none could be started again
                 self._to_fallback(r)
                 continue
-            if r.full_text:
-                writes.append((r.job.job_id, {"i": r.index, "t": r.prompt}))
+            head = r.head()
+            if head and r.streams:
+                writes.append((r.job.job_id, {"i": r.index, "t": head}))
             self._active[r.rid] = r
+            if not r.decoding.plain:
+                manager.draw.rows[r.rid] = r.decoding
             manager.add_request(
                 r.input_ids,
                 request_id=r.rid,
-                max_new_tokens=r.max_new_tokens,
+                max_new_tokens=r.plan.max_new_tokens[r.index],
                 streaming=True,
-                eos_token_id=r.eos_token_id,
+                eos_token_id=r.plan.eos_token_id,
             )
 
     def _to_fallback(self, r: _Request) -> None:
-        """Run `r` on the dynamic batcher; its future gets the outcome."""
+        """Run `r` on the dynamic batcher (its item, with the parameters of that sequence
+        alone: the same seed, so the same text); its future gets the record."""
         r.rerouted = True
-        params = {"max_new_tokens": r.max_new_tokens, "do_sample": False}
-        if not r.full_text:
-            params["return_full_text"] = False
-        sub = self.fallback.submit(r.job.job_id, [r.prompt], params)
+        self._forget(r.rid)
+        sub = self.fallback.submit(r.job.job_id, [r.item], r.single_params())
 
         def copy(f: Future[Any]) -> None:
             if r.job.started_at is None:
@@ -532,9 +703,16 @@ class ContinuousBatcher:
             if f.exception() is not None:
                 _resolve(r.future, error=f.exception())
             else:
-                _resolve(r.future, f.result())
+                _resolve(r.future, f.result()[0])
 
         sub.futures[0].add_done_callback(copy)
+
+    def _forget(self, rid: str) -> None:
+        """The draw step drops a request that left the manager."""
+        manager = self.manager
+        draw = getattr(manager, "draw", None)
+        if draw is not None:
+            draw.rows.pop(rid, None)
 
     def _read_outputs(
         self, writes: list[tuple[str, dict[str, Any]]], done: list[tuple[_Request, Any]]
@@ -566,32 +744,64 @@ class ContinuousBatcher:
                 log.warning("continuous batching failed %s (%s): rerunning it", r.rid, out.error)
                 self._to_fallback(r)
                 continue
+            tokens = list(out.generated_tokens)
+            finished = out.is_finished()
+            if r.decoding.error is not None:  # its own processors or draw failed: it alone
+                error = JobFailed(
+                    f"decoding failed: {type(r.decoding.error).__name__}: {r.decoding.error}"
+                )
+                self._end(r)
+                done.append((r, {"error": error}))
+                continue
+            if r.stop is not None:
+                stopped = self._stopped_at(r, tokens)
+                if stopped is not None:
+                    tokens, finished = tokens[:stopped], True
             try:
-                text = self.tokenizer.decode(out.generated_tokens, skip_special_tokens=True)
+                text = self.tokenizer.decode(tokens, **r.plan.decode_kwargs)
             except BaseException as e:  # a panic in the tokenizer: this request alone fails
                 if not contained(e):
                     raise
-                del self._active[r.rid]
-                self._cancel_request(r.rid)
+                self._end(r)
                 error = JobFailed(f"could not decode the tokens: {type(e).__name__}: {e}")
                 done.append((r, {"error": error}))
                 continue
-            r.tokens = len(out.generated_tokens)
-            finished = out.is_finished()
+            r.tokens = len(tokens)
             stable = text if finished else settled_text(text)
-            if stable.startswith(r.emitted) and len(stable) > len(r.emitted):
+            if not r.streams:
+                pass
+            elif stable.startswith(r.emitted) and len(stable) > len(r.emitted):
                 writes.append((r.job.job_id, {"i": r.index, "t": stable[len(r.emitted) :]}))
                 r.emitted = stable
             elif finished and text != r.emitted:
                 log.warning("the streamed text of %s differs from its final text", r.rid)
             if finished:
-                del self._active[r.rid]
-                full = r.prompt + text if r.full_text else text
-                done.append((r, {"result": [{"generated_text": full}]}))
+                self._end(r)
+                done.append((r, {"result": r.record(text)}))
         if stepped:  # about one decoding step (more when the driver fell behind)
             self.stats.record(len(stepped), [0.0] * len(stepped), step_s)
             self._observe("batch_size", len(stepped))
             self._observe("forward_seconds", step_s)
+
+    def _stopped_at(self, r: _Request, tokens: list[int]) -> int | None:
+        """The number of generated tokens after which one of the job's stop strings
+        ended (transformers' StopStringCriteria, checked after each token as generate()
+        does), or None."""
+        import torch
+
+        for n in range(max(1, r.checked + 1), len(tokens) + 1):
+            ids = torch.tensor([r.input_ids + tokens[:n]], dtype=torch.long)
+            if bool(r.stop(ids, None)[0]):
+                return n
+        r.checked = len(tokens)
+        return None
+
+    def _end(self, r: _Request) -> None:
+        """`r` leaves the batch (finished, stopped or failed): out of the manager, whose
+        own end of it may come later, and of the draw step."""
+        self._active.pop(r.rid, None)
+        self._cancel_request(r.rid)
+        self._forget(r.rid)
 
     def _flush(self, writes: list[tuple[str, dict[Any, Any]]]) -> set[str]:
         """Append the pieces to their streams and read which running jobs were

@@ -59,6 +59,9 @@ class Handler:
         self.gpu_memory_cap_bytes: int | None = None
         #: seconds the compiled model's warm-up took, None when not compiled (`placement`)
         self.warm_up_s: float | None = None
+        #: summarization, translation: where their text streams (`Seq2SeqStreams`)
+        self.streams: Any = None
+        self._offset = 0  # the first item's place in the batch (`_seeded` runs one a time)
 
     def info(self) -> dict[str, Any]:
         """What producers need to know beyond the config (announced in Redis)."""
@@ -90,25 +93,48 @@ class Handler:
         """What `pipe(item, **params)` returns for each item. Generation stops at
         `time_limit_s` (transformers' `max_time`) and then raises TimeLimitExceeded rather
         than return text cut short."""
+        seed = params.get("seed")
+        if "seed" in params:  # pipeq's: each item draws as if alone after set_seed(seed)
+            params = {k: v for k, v in params.items() if k != "seed"}
         if self.task == "text-generation" and "stop_strings" in params:
             # generate() needs the tokenizer to find stop strings; transformers' pipeline
             # does not pass it (the call fails there), a producer cannot send one
             params = {**params, "tokenizer": self.pipe.tokenizer}  # type: ignore[attr-defined]
         if time_limit_s is None or self.task not in GENERATING:
-            return self._run(items, params)
+            return self._seeded(items, params, seed)
         started = time.monotonic()
         max_time = min(time_limit_s, float(params.get("max_time") or time_limit_s))
-        outs = self._run(items, {**params, "max_time": max_time})
+        outs = self._seeded(items, {**params, "max_time": max_time}, seed)
         if max_time == time_limit_s and time.monotonic() - started >= time_limit_s:
             raise TimeLimitExceeded(
                 f"generation stopped at job_timeout_s={time_limit_s} of its forward pass"
             )
         return outs
 
+    def _seeded(self, items: list[Any], params: dict[str, Any], seed: int | None) -> list[Any]:
+        """`_run`, or for a seeded job each item alone after `torch.manual_seed(seed)`:
+        what `set_seed(seed); pipe(item, **params)` gives, and what continuous batching's
+        per-request generator draws."""
+        if seed is None:
+            return self._run(items, params)
+        import torch
+
+        outs = []
+        try:
+            for n, item in enumerate(items):
+                torch.manual_seed(seed)
+                self._offset = n
+                outs.extend(self._run([item], params))
+        finally:
+            self._offset = 0
+        return outs
+
     def _run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
         if self.task == "feature-extraction" and self.native:
             return self._features(items, params)
-        if len(items) == 1 or not self.native:
+        if self.streams is not None and hasattr(self.pipe, "streamer_for"):
+            return [self._streamed(k, item, params) for k, item in enumerate(items)]
+        if len(items) == 1 or not self.native or _stops_per_row(self.task, params):
             # pipeq's own pipelines run items one at a time anyway, and a call with a list
             # reshapes the results of a list (4.57 flattens one-result lists): each item
             # gets exactly what `pipe(item)` gives, whatever shares its batch
@@ -120,6 +146,17 @@ class Handler:
         if len(outs) != len(items):
             raise RuntimeError(f"pipeline returned {len(outs)} results for {len(items)} items")
         return [to_jsonable(o) for o in outs]
+
+    def _streamed(self, k: int, item: Any, params: dict[str, Any]) -> Any:
+        """`pipe(item, **params)` of pipeq's seq2seq handlers, its text streamed a token
+        at a time into the job's stream where generate() takes a streamer."""
+        pipe: Any = self.pipe
+        place = self._offset + k
+        pipe.streamer_for = lambda decode: self.streams.streamer(place, pipe.tokenizer, decode)
+        try:
+            return to_jsonable(pipe(item, **params))
+        finally:
+            pipe.streamer_for = None
 
     def _features(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
         """feature-extraction's hidden states, each item's in the packed wire form
@@ -437,6 +474,14 @@ _TRUNCATE_HOW = {
 _GENERATE_LENGTHS = frozenset(
     {"max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "num_beams"}
 )
+
+
+def _stops_per_row(task: str, params: dict[str, Any]) -> bool:
+    """A stopping criterion that ends one row of a batch and not the others (stop
+    strings): `generate()` masks a finished row with the pad token only where the model
+    has an end-of-sequence token; without one the row goes on generating in a shared
+    batch, and its text differs from the item run alone. Such items run alone."""
+    return task in GENERATING and bool(params.get("stop_strings"))
 
 
 def _truncates(params: dict[str, Any]) -> bool:

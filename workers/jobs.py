@@ -238,7 +238,7 @@ def register_task(
     succeeded, written as `usage` (JSON) in its stream's `end` entry (the OpenAI routes'
     `usage`); a count that fails costs only the counts."""
     task = deployment.task
-    streams = _tasks.canonical_task(task) == "text-generation"  # `Job.stream()` reads
+    streams = _tasks.canonical_task(task) in _tasks.STREAMING  # `Job.stream()` reads
 
     def check(item: Any, params: dict[str, Any], where: str) -> None:
         _tasks.check_item(task, item, where)

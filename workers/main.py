@@ -215,7 +215,12 @@ def run_worker(
 
     from pipeq.worker import placement
     from pipeq.worker.batcher import Batcher
-    from pipeq.worker.generation import ContinuousBatcher, ManagerSlot, start_manager
+    from pipeq.worker.generation import (
+        ContinuousBatcher,
+        ManagerSlot,
+        Seq2SeqStreams,
+        start_manager,
+    )
 
     try:  # a wrong password, CA or URL is told in one line now, not after the model loads
         registry.redis.ping()
@@ -309,6 +314,11 @@ def run_worker(
         size=handler.size,
         observe=observations.observe,
     ).start()
+    if deployment.canonical_task in ("summarization", "translation"):
+        # their text streams a token at a time where generate() takes a streamer
+        handler.streams = Seq2SeqStreams(
+            app.backend.ledger, lease, hostname, lambda: batcher.forwarding
+        )
     engine: Batcher | ContinuousBatcher = batcher
     if slot is not None:
         engine = ContinuousBatcher(
@@ -321,6 +331,7 @@ def run_worker(
             hostname=hostname,
             time_limit_s=deployment.job_timeout_s,
             observe=observations.observe,
+            count=observations.count,
         ).start()
     register_task(
         app,

@@ -46,6 +46,9 @@ class Text2TextPipeline:
         self._call_params = TEXT2TEXT_PARAMS | generation_setting_names()
         vocab_size = getattr(config, "vocab_size", None)
         self._vocab_size = vocab_size if isinstance(vocab_size, int) else len(tokenizer)
+        #: pipeq's worker: (decode kwargs) -> a streamer for the text generated now, or
+        #: None; used where generate() takes one (one beam, one sequence)
+        self.streamer_for: Any = None
 
     # -- limits ------------------------------------------------------------------------------
 
@@ -171,10 +174,17 @@ class Text2TextPipeline:
         config = self._generation.config_for(call_settings)
         self.check_output_length(config, length, where)
         in_b = int(model_inputs["input_ids"].shape[0])
+        streamer = None
+        one_row = (config.num_beams or 1) == 1 and (config.num_return_sequences or 1) == 1
+        if self.streamer_for is not None and one_row and not post["tensors"]:
+            decode = {"clean_up_tokenization_spaces": post["clean_up_tokenization_spaces"]}
+            streamer = self.streamer_for(decode)
         try:
             with torch.inference_mode():
                 output_ids = self.model.generate(
-                    **to_device(model_inputs, self.device), generation_config=config
+                    **to_device(model_inputs, self.device),
+                    generation_config=config,
+                    streamer=streamer,
                 )
         except (ValueError, TypeError) as e:  # generate's checks of its parameters
             raise InvalidRequest(f"invalid generation parameters for {self.task}: {e}") from e
