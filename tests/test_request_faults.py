@@ -58,6 +58,10 @@ def cluster(
         renamed(deployments["translation"], "translation64", model=short["translation"]),
         renamed(gpt2, "gpt2-continuous", batching="continuous", max_batch_size=4),
         renamed(gpt2, "gpt2-dynamic", batching="dynamic", max_batch_size=4),
+        # a base model as GPT-2 ships: a tokenizer without a chat template
+        renamed(gen, "no-chat-template", model=_without_chat_template(
+            short["text-generation"], tmp_path_factory.mktemp("no-chat-template")),
+                max_batch_size=4),
     ]  # fmt: skip
     for task in ("sentiment-analysis", "zero-shot-classification", "fill-mask", "ner",
                  "question-answering", "feature-extraction"):  # fmt: skip
@@ -73,6 +77,20 @@ def cluster(
         yield c, procs
     finally:
         c.close()
+
+
+def _without_chat_template(model: str, where: Path) -> str:
+    """A copy of the checkpoint at `model` whose tokenizer has no chat template."""
+    import json
+    import shutil
+
+    out = where / "model"
+    shutil.copytree(model, out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config.pop("chat_template")
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    return str(out)
 
 
 @pytest.fixture
@@ -459,3 +477,18 @@ def test_the_batcher_lets_shutdown_signals_pass() -> None:
 
     assert contained(PanicException("x")) and contained(ValueError("x"))
     assert not contained(SystemExit(0)) and not contained(KeyboardInterrupt())
+
+
+def test_a_chat_to_a_model_without_a_chat_template_is_an_invalid_request(
+    cluster: tuple[Cluster, dict[str, subprocess.Popen[bytes]]], client: Client
+) -> None:
+    """transformers raises ValueError inside the pipeline for it (a JobFailed, which
+    OpenAI's client retries as a 500): the worker refuses it as InvalidRequest instead, and
+    a text prompt beside it is answered."""
+    chat = [{"role": "user", "content": "hello"}]
+    jobs = [client.submit("no-chat-template", x, max_new_tokens=3, do_sample=False)
+            for x in (chat, "hello")]  # fmt: skip
+    with pytest.raises(InvalidRequest, match="no chat template"):
+        jobs[0].result(timeout=60)
+    assert jobs[1].result(timeout=60)[0]["generated_text"].startswith("hello")
+    assert_up(cluster)

@@ -398,6 +398,14 @@ class Handler:
         return n
 
     def _check_generation(self, item: Any, params: dict[str, Any], where: str) -> None:
+        tok = getattr(self.pipe, "tokenizer", None)
+        if not isinstance(item, str) and tok is not None and not tok.chat_template:
+            # transformers raises ValueError deep in the pipeline (a JobFailed, retried by
+            # OpenAI's client as a 500): the model was not made for chats
+            raise InvalidRequest(
+                f"{where} is a chat, and this model's tokenizer has no chat template "
+                "(GPT-2 and other base models ship none): send a text prompt instead"
+            )
         limit = self.max_positions
         gen = {k: v for k, v in params.items() if k in _GENERATE_LENGTHS}
         try:  # the settings `pipe(...)` calls generate() with (the model's, the pipeline's)
