@@ -36,7 +36,7 @@ from pipeq import _app, _floats, _tasks
 from pipeq._client import Client, JobState, to_pipeq_error
 from pipeq._ledger import META_PREFIX, job_key, stream_key, submitted_key
 from pipeq._registry import DEPLOYMENTS_KEY
-from pipeq.errors import InvalidRequest, PipeqError
+from pipeq.errors import InvalidRequest, NoLiveWorker, PipeqError
 from pipeq.serve._auth import LOCAL, RATE_SCRIPT, Caller, Keys
 from pipeq.serve._errors import ApiError
 from pipeq.serve._metrics import Metrics
@@ -595,7 +595,21 @@ class Gateway:
                 view.webhook = hook
             else:  # a re-read: no message (or the subscription came back)
                 view = await self.read(view.id)
+                if not view.status.done and not await self.live(view.deployment):
+                    break  # no worker will take it soon: the caller says so now
         return view
+
+    async def live(self, deployment: str) -> bool:
+        """False when no worker of `deployment` beat within the registry's grace
+        (`Registry.require_live`: what refuses a submit with NoLiveWorker); True when one
+        did, or when Redis cannot tell."""
+        try:
+            await self.in_thread(self.client.registry.require_live, deployment)
+        except NoLiveWorker:
+            return False
+        except Exception:  # Redis away: the wait goes on, as it did
+            return True
+        return True
 
     async def cancel(self, view: JobView) -> str:
         """'cancelled', 'running' (its forward pass cannot be stopped), 'finished' or
