@@ -13,10 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeq._stack import stop_process
 from pipeq.errors import InvalidRequest
-from pipeq.serve import _openai
+from pipeq.serve import _batches, _openai
+from pipeq.serve._errors import ApiError
 
 from .conftest import paused, start_gateway
 
@@ -72,6 +75,35 @@ def test_text_is_cut_before_its_first_stop_string_and_pooling_follows_the_deploy
     assert _openai.pool(hidden, {"mode": "max", "normalize": True}) == [0.6, 0.8]
     (data,) = _openai.embedding_data([[0.5, -1.0]], "base64")
     assert struct.unpack("<2f", base64.b64decode(data["embedding"])) == (0.5, -1.0)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    st.lists(
+        st.dictionaries(st.text(), _json_values, min_size=1, max_size=4), min_size=1, max_size=8
+    ),
+    st.sampled_from(["\n", "\r\n"]),
+)
+def test_a_jsonl_file_parses_back_to_its_objects_whatever_unicode_their_text_holds(
+    objects: list[dict[str, Any]], newline: str
+) -> None:
+    # U+2028, U+0085, \x0c... are legal raw in JSON strings: they do not end a line
+    content = newline.join(json.dumps(o, ensure_ascii=False) for o in objects).encode()
+    lines = _batches.parse_lines(content + newline.encode())
+    assert [json.loads(line) for line in lines] == objects
+
+
+def test_the_line_cap_counts_jsonl_lines_not_unicode_line_breaks() -> None:
+    line = json.dumps({"text": "one\u2028two\x85three"}, ensure_ascii=False).encode()
+    assert len(_batches.parse_lines(b"\n".join([line] * _batches.FILE_MAX_LINES))) == 50_000
+    with pytest.raises(ApiError, match="at most 50000 lines"):
+        _batches.parse_lines(b"\n".join([line] * (_batches.FILE_MAX_LINES + 1)))
 
 
 # -- OpenAI's client against the gateway --------------------------------------------------

@@ -244,13 +244,21 @@ def file_object(file_id: str, record: dict[bytes, bytes]) -> dict[str, Any]:
     }
 
 
+#: whitespace around a JSON text (RFC 8259); a line of nothing else is blank
+_JSON_SPACE = " \t\r"
+
+
 def parse_lines(content: bytes) -> list[str]:
-    """A JSONL file's non-blank lines; ApiError 400 for one not UTF-8 or over the cap."""
+    r"""A JSONL file's non-blank lines; ApiError 400 for one not UTF-8 or over the cap.
+
+    Lines end at "\n" (or "\r\n") only: `str.splitlines()` also splits at U+2028,
+    U+2029, U+0085, \x0b, \x0c and \x1c-\x1e, which JSON strings may hold raw
+    (`json.dumps(..., ensure_ascii=False)` and JavaScript's `JSON.stringify` write them)."""
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "InvalidRequest", "a batch file is UTF-8 JSONL") from None
-    lines = [line for line in text.splitlines() if line.strip()]
+    lines = [line.removesuffix("\r") for line in text.split("\n") if line.strip(_JSON_SPACE)]
     if not lines:
         raise ApiError(400, "InvalidRequest", "the file has no lines")
     if len(lines) > FILE_MAX_LINES:
