@@ -8,6 +8,7 @@ import json
 import signal
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,51 @@ def test_errors_are_openai_s_envelope_and_raise_the_client_s_errors(oai: Any, ga
         for _ in range(5):
             slow.models.list()
     assert e.value.response.headers["retry-after"] and e.value.type == "rate_limit_error"
+
+
+def test_errors_a_retry_cannot_fix_tell_openai_s_clients_not_to_retry() -> None:
+    from pipeq.errors import JobCancelled, JobFailed, Overloaded
+    from pipeq.serve.routes_openai import openai_error
+
+    for final in (JobCancelled("x"), JobFailed("x"), InvalidRequest("x"), ApiError(409, "C", "x")):
+        assert openai_error(final).headers["x-should-retry"] == "false"
+    for passing in (Overloaded("x"), ApiError(503, "NoLiveWorker", "x")):
+        assert "x-should-retry" not in openai_error(passing).headers
+        assert openai_error(passing).headers["retry-after"]
+
+
+def test_the_openai_client_does_not_resubmit_a_job_cancelled_while_it_waits(
+    gateway: Any, client: Any
+) -> None:
+    import openai
+
+    from pipeq._ledger import waiting_key
+
+    sent: list[httpx.Request] = []
+    with (
+        httpx.Client(event_hooks={"request": [sent.append]}) as http,
+        openai.OpenAI(
+            base_url=f"{gateway.url}/v1", api_key=gateway.keys["alice"], http_client=http
+        ) as oai,
+    ):
+        assert oai.max_retries == 2  # the client's default
+        waiting = waiting_key("distilgpt2")
+        before = set(client.redis.zrange(waiting, 0, -1))
+        jobs: set[bytes] = set()
+        with paused(client, "distilgpt2"), ThreadPoolExecutor(1) as pool:
+            call = pool.submit(oai.completions.create, model="distilgpt2", prompt="a", max_tokens=4)
+            deadline = time.monotonic() + 60
+            while not call.done():  # cancel each job the client submits, as it waits
+                assert time.monotonic() < deadline
+                for job in set(client.redis.zrange(waiting, 0, -1)) - before - jobs:
+                    jobs.add(job)
+                    cancel = f"{gateway.url}/v1/jobs/{job.decode()}/cancel"
+                    httpx.post(cancel, headers=gateway.headers("alice")).raise_for_status()
+                time.sleep(0.05)
+            with pytest.raises(openai.ConflictError) as e:
+                call.result()
+    assert e.value.code == "JobCancelled"
+    assert len(sent) == 1 and len(jobs) == 1
 
 
 def test_langchain_s_openai_chat_and_embeddings_run_on_the_gateway(
