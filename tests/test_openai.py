@@ -427,8 +427,31 @@ def test_a_cancelled_batch_goes_through_cancelling_to_cancelled(
     assert done.status == "cancelled" and done.cancelled_at
     errors = _by_custom_id(oai, done.error_file_id)
     assert {e["error"]["code"] for e in errors.values()} == {"batch_cancelled"}
+    assert {e["error"]["message"] for e in errors.values()} == {
+        "the batch was cancelled before this line started"
+    }
     assert len(errors) == 5
     assert _job(gateway, f"{batch.id}-0")["status"] == "cancelled"
+
+
+def test_a_line_running_when_its_batch_is_cancelled_is_stopped_and_says_so(
+    oai: Any, gateway: Any
+) -> None:
+    # a continuous-batching generation: the cancel stops it at its next step
+    batch = _batch(oai, _lines("text-generation", 1, max_tokens=900))
+    job_id, deadline = f"{batch.id}-0", time.monotonic() + 30
+    while _job(gateway, job_id, until_done_s=0).get("status") != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    oai.batches.cancel(batch.id)
+    done = _until(oai, batch.id, {"cancelled", "completed"}, timeout_s=30)
+    assert done.status == "cancelled" and done.output_file_id is None
+    error = _by_custom_id(oai, done.error_file_id)["req-0"]["error"]
+    assert error == {
+        "code": "batch_cancelled",
+        "message": "the batch was cancelled while this line ran: it was stopped before it finished",
+    }
+    assert _job(gateway, job_id)["status"] == "cancelled"
 
 
 def test_a_batch_past_its_window_expires_with_its_lines_in_the_error_file(
@@ -440,6 +463,11 @@ def test_a_batch_past_its_window_expires_with_its_lines_in_the_error_file(
     assert done.status == "expired" and done.expired_at
     errors = _by_custom_id(oai, done.error_file_id)
     assert {e["error"]["code"] for e in errors.values()} == {"batch_expired"}
+    assert all(
+        e["error"]["message"].startswith("the batch reached its deadline (completion_window)")
+        and "ran" not in e["error"]["message"]
+        for e in errors.values()
+    )
     assert done.request_counts.failed == 3 and done.output_file_id is None
 
 

@@ -45,6 +45,7 @@ from typing import Any
 
 import redis
 
+from pipeq._ledger import stream_key
 from pipeq.errors import BrokerUnavailable, NoLiveWorker, Overloaded, PipeqError
 from pipeq.serve._auth import Caller
 from pipeq.serve._errors import ApiError
@@ -302,6 +303,21 @@ def _line(number: int, text: str, endpoint: str) -> _Line:
     return _Line(number, custom_id, data["body"])
 
 
+def stopped_error(cancelled: bool, started: bool | None) -> dict[str, str]:
+    """The error entry of a line the batch's cancel or deadline ended before it finished:
+    a line not sent or still queued never runs; a running continuous-batching generation
+    is stopped at its next step (OpenAI's: unfinished requests are cancelled). `started`:
+    whether its job had started (None: not known, e.g. after another runner took over)."""
+    why = "was cancelled" if cancelled else "reached its deadline (completion_window)"
+    when = {
+        None: "before this line finished",
+        False: "before this line started",
+        True: "while this line ran: it was stopped before it finished",
+    }[started]
+    code = "batch_cancelled" if cancelled else "batch_expired"
+    return {"code": code, "message": f"the batch {why} {when}"}
+
+
 def _releasing(slot: asyncio.Semaphore) -> Callable[[asyncio.Task[None]], None]:
     return lambda _: slot.release()
 
@@ -414,7 +430,8 @@ class Runner:
         ids = [x.custom_id for x in lines if x.custom_id is not None]
         if len(set(ids)) != len(ids):
             return await self._end(doc, "failed", [("duplicate_custom_id", "custom_id repeats")])
-        if doc["status"] == "validating":
+        fresh = doc["status"] == "validating"
+        if fresh:
             doc.update(status="in_progress", in_progress_at=int(now))
             doc["request_counts"]["total"] = len(lines)
             await self._save(doc)
@@ -424,16 +441,22 @@ class Runner:
         stop = asyncio.Event()
         watcher = asyncio.create_task(self._watch(doc, stop))
         sent: set[asyncio.Task[None]] = set()
+        # line number -> whether its job had started when the batch's stop ended it; a
+        # first runner knows a line it never sent never started (a runner that took over
+        # does not: the one before may have sent it)
+        started: dict[int, bool] = {}
         try:
             for x in lines:  # in order; a line waits for a free slot of its deployment
                 if stop.is_set():
+                    if fresh:
+                        started.update((y.number, False) for y in lines[x.number :])
                     break
                 if x.number in seen:
                     continue
                 model = str((x.body or {}).get("model", ""))
                 slot = self._slot(model)
                 await slot.acquire()
-                task = asyncio.create_task(self._one(doc, who, x, stop))
+                task = asyncio.create_task(self._one(doc, who, x, stop, started))
                 task.add_done_callback(_releasing(slot))
                 task.add_done_callback(sent.discard)
                 sent.add(task)
@@ -442,7 +465,7 @@ class Runner:
             watcher.cancel()
             for task in sent:
                 task.cancel()
-        await self._finish(doc, who.name, lines)
+        await self._finish(doc, who.name, lines, started)
 
     async def _watch(self, doc: dict[str, Any], stop: asyncio.Event) -> None:
         """Sets `stop` when the batch is cancelled or reaches its deadline."""
@@ -459,7 +482,12 @@ class Runner:
         return self.slots.setdefault(deployment, asyncio.Semaphore(IN_FLIGHT_PER_DEPLOYMENT))
 
     async def _one(
-        self, doc: dict[str, Any], who: Caller, line: _Line, stop: asyncio.Event
+        self,
+        doc: dict[str, Any],
+        who: Caller,
+        line: _Line,
+        stop: asyncio.Event,
+        started: dict[int, bool],
     ) -> None:
         key = _key("batch", doc["id"])
         if line.problem is not None or line.body is None:
@@ -471,7 +499,7 @@ class Runner:
             left = doc["expires_at"] - time.time()
             status: int | None
             try:
-                status, body, _ = await self._running(doc, who, line, job_id, left, stop)
+                status, body, _ = await self._running(doc, who, line, job_id, left, stop, started)
             except (*_TRANSIENT, ApiError) as e:  # raised only before its job was sent
                 if not isinstance(e, ApiError) or e.status in (429, 503):
                     await asyncio.sleep(RETRY_S)
@@ -495,9 +523,12 @@ class Runner:
         job_id: str,
         left: float,
         stop: asyncio.Event,
+        started: dict[int, bool],
     ) -> tuple[int | None, Any, JobView | None]:
-        """Run the line, cancelling its job when the batch stops; (None, ...) when the job
-        was cancelled that way (or expired) before it ran."""
+        """Run the line, cancelling its job when the batch stops (a queued job never
+        runs, a continuous-batching generation stops at its next step); (None, ...) when
+        the job was cancelled that way, or expired, before it finished, with whether it
+        had started in `started`."""
         assert line.body is not None
         run = asyncio.create_task(
             self.run_line(self.gw, who, doc["endpoint"], line.body, job_id, left, doc["id"])
@@ -507,7 +538,12 @@ class Runner:
             await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not run.done():
                 with contextlib.suppress(PipeqError, ApiError):
-                    await self.gw.cancel(await self.gw.read(job_id))
+                    before = await self.gw.read(job_id)
+                    await self.gw.cancel(before)
+                    if before.status.value in ("queued", "running"):  # a generation that
+                        # began meanwhile has its stream's `start` entry
+                        began = await self.redis.exists(stream_key(job_id))
+                        started[line.number] = before.status.value == "running" or bool(began)
             status, body, view = await run
         finally:
             stopped.cancel()
@@ -535,22 +571,21 @@ class Runner:
         }
         await self.redis.hset(f"{key}:{part}", str(line.number), json.dumps(out))
 
-    async def _finish(self, doc: dict[str, Any], owner: str, lines: list[_Line]) -> None:
+    async def _finish(
+        self, doc: dict[str, Any], owner: str, lines: list[_Line], started: dict[int, bool]
+    ) -> None:
         key = _key("batch", doc["id"])
         cancelled = await self.redis.hexists(key, "cancel")
         seen = set()
         for part in ("out", "err"):
             seen |= {int(n) for n in await self.redis.hkeys(f"{key}:{part}")}
-        why = ("batch_cancelled", "the batch was cancelled before this line ran")
-        if not cancelled:
-            why = ("batch_expired", "the batch reached its deadline before this line ran")
         for x in lines:
             if x.number not in seen:
                 out = {
                     "id": f"batch_req_{doc['id']}-{x.number}",
                     "custom_id": x.custom_id,
                     "response": None,
-                    "error": {"code": why[0], "message": why[1]},
+                    "error": stopped_error(bool(cancelled), started.get(x.number)),
                 }
                 await self.redis.hset(f"{key}:err", str(x.number), json.dumps(out))
         doc.update(status="finalizing", finalizing_at=int(time.time()))

@@ -18,9 +18,10 @@ Each line `{"custom_id", "method": "POST", "url": <endpoint>, "body"}` is one pi
 run by the routes' own code, with `expires` at the batch's deadline; its answer is one
 line of the output file (`{"id", "custom_id", "response": {"status_code", "request_id"
 (the job id), "body"}, "error": null}`), or of the error file: a request the route
-refused or whose job failed (`response` with its error), or a line that never ran
-(`error`: invalid_line, batch_expired, batch_cancelled). Files and batches belong to the
-API key that made them.
+refused or whose job failed (`response` with its error), or a line not in the format
+or that the batch's deadline or cancel ended before it finished (`error`: invalid_line,
+batch_expired, batch_cancelled; `_batches.stopped_error`). Files and batches belong to
+the API key that made them.
 """
 
 from __future__ import annotations
