@@ -402,6 +402,25 @@ def test_a_batch_of_50_lines_completes_with_an_output_line_each(oai: Any) -> Non
     assert batch.input_file_id not in {f.id for f in oai.files.list(purpose="batch")}
 
 
+def test_the_client_pages_through_all_files_in_either_order(gateway: Any) -> None:
+    import openai
+
+    # bob's own files: no other test makes any
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.keys["bob"]) as bob:
+        made = [
+            bob.files.create(file=(f"{i}.jsonl", b'{"a": 1}\n'), purpose="batch").id
+            for i in range(7)
+        ]
+        newest_first = [f.id for f in bob.files.list(limit=3)]  # three pages
+        oldest_first = [f.id for f in bob.files.list(limit=3, order="asc")]
+        assert sorted(newest_first) == sorted(made) and oldest_first == newest_first[::-1]
+        page = bob.files.list(limit=3, order="asc", after=oldest_first[2])
+        assert (page.first_id, page.last_id, page.has_more) == (*oldest_first[3:6:2], True)
+        for listing in (bob.files.list, bob.batches.list):
+            with pytest.raises(openai.BadRequestError, match="after"):
+                listing(after="file-nope")
+
+
 def test_a_bad_line_goes_to_the_error_file_and_the_others_complete(oai: Any) -> None:
     lines = _lines("text-generation", 3)
     lines[1]["body"]["bogus"] = 1

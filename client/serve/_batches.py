@@ -39,7 +39,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,7 @@ __all__ = [
     "LEASE_S",
     "BatchStore",
     "Runner",
+    "cursor_page",
     "parse_window",
 ]
 
@@ -161,20 +162,27 @@ class BatchStore:
         await self.redis.delete(_key("file", file_id), _key("file", file_id, "content"))
         await self.redis.zrem(_files_key(owner), file_id)
 
-    async def files(self, owner: str, purpose: str | None, limit: int) -> list[dict[str, Any]]:
-        """The owner's files, newest first (those expired meanwhile left out)."""
-        out = []
-        for raw in await self.redis.zrevrange(_files_key(owner), 0, -1):
-            file_id = raw.decode()
+    async def files(
+        self, owner: str, purpose: str | None, after: str | None, limit: int, newest_first: bool
+    ) -> list[dict[str, Any]]:
+        """The owner's files by creation time after file `after` (`cursor_page`; those
+        expired meanwhile left out)."""
+
+        async def load(file_id: str) -> dict[str, Any] | None:
             record = await self.redis.hgetall(_key("file", file_id))
             if not record:
                 await self.redis.zrem(_files_key(owner), file_id)
-                continue
-            if purpose is None or record[b"purpose"].decode() == purpose:
-                out.append(file_object(file_id, record))
-            if len(out) >= limit:
-                break
-        return out
+                return None
+            if purpose is not None and record[b"purpose"].decode() != purpose:
+                return None
+            return file_object(file_id, record)
+
+        ids = await self._ids(_files_key(owner), newest_first)
+        return await cursor_page(ids, after, limit, load)
+
+    async def _ids(self, key: str, newest_first: bool) -> list[str]:
+        found = await (self.redis.zrevrange if newest_first else self.redis.zrange)(key, 0, -1)
+        return [raw.decode() for raw in found]
 
     # -- batches -------------------------------------------------------------------------
     async def create(self, who: Caller, doc: dict[str, Any], runner: str) -> dict[str, Any]:
@@ -210,17 +218,15 @@ class BatchStore:
         return doc
 
     async def batches(self, owner: str, after: str | None, limit: int) -> list[dict[str, Any]]:
-        """The owner's batches, newest first, after batch `after`."""
-        ids = [i.decode() for i in await self.redis.zrevrange(_owner_key(owner), 0, -1)]
-        if after in ids:
-            ids = ids[ids.index(after) + 1 :]
-        out = []
-        for batch_id in ids:
+        """The owner's batches, newest first, after batch `after` (`cursor_page`)."""
+
+        async def load(batch_id: str) -> dict[str, Any] | None:
             with contextlib.suppress(ApiError):  # expired meanwhile
-                out.append(await self.batch(owner, batch_id))
-            if len(out) >= limit:
-                break
-        return out
+                return await self.batch(owner, batch_id)
+            return None
+
+        ids = await self._ids(_owner_key(owner), newest_first=True)
+        return await cursor_page(ids, after, limit, load)
 
     async def cancel(self, owner: str, batch_id: str) -> dict[str, Any]:
         doc = await self.batch(owner, batch_id)
@@ -229,6 +235,30 @@ class BatchStore:
         seconds, _ = await self.redis.time()
         await self.redis.hsetnx(_key("batch", batch_id), "cancel", str(seconds))
         return await self.batch(owner, batch_id)
+
+
+async def cursor_page(
+    ids: list[str],
+    after: str | None,
+    limit: int,
+    load: Callable[[str], Awaitable[dict[str, Any] | None]],
+) -> list[dict[str, Any]]:
+    """OpenAI's cursor pagination: up to `limit` objects of `ids` (in the list's order)
+    after the id `after`, each made by `load` (None: left out, e.g. expired meanwhile).
+    ApiError 400 for an `after` not in the list: answering its first page instead would
+    make a client's auto-pagination go round again or stop short."""
+    if after is not None:
+        if after not in ids:
+            raise ApiError(400, "InvalidRequest", f"after: {after!r} is not in this list")
+        ids = ids[ids.index(after) + 1 :]
+    out = []
+    for ident in ids:
+        found = await load(ident)
+        if found is not None:
+            out.append(found)
+            if len(out) >= limit:
+                break
+    return out
 
 
 def file_object(file_id: str, record: dict[bytes, bytes]) -> dict[str, Any]:
