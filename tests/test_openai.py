@@ -270,6 +270,30 @@ def test_errors_a_retry_cannot_fix_tell_openai_s_clients_not_to_retry() -> None:
         assert openai_error(passing).headers["retry-after"]
 
 
+def test_token_arrays_are_refused_by_name(oai: Any) -> None:
+    import openai
+
+    for call in (
+        lambda: oai.embeddings.create(model="feature-extraction", input=[[101, 2023]]),
+        lambda: oai.completions.create(model="text-generation", prompt=[101, 2023]),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert e.value.body["message"].endswith(": token arrays are not supported; send text")
+        assert e.value.param in ("input", "prompt")
+
+
+def test_a_file_over_the_body_limit_is_refused_saying_which_limit(oai: Any) -> None:
+    import openai
+
+    with pytest.raises(openai.APIStatusError) as e:  # the default limit: 2 MB + 64 KiB
+        oai.files.create(file=("big.jsonl", b"x" * 2_200_000), purpose="batch")
+    assert e.value.status_code == 413 and e.value.code == "PayloadTooLarge"
+    message = e.value.body["message"]
+    assert message.startswith("the file is over the gateway's body limit (2065536 bytes")
+    assert "limits.request_bytes" in message and "--max-body-bytes" in message
+
+
 def test_the_openai_client_does_not_resubmit_a_job_cancelled_while_it_waits(
     gateway: Any, client: Any
 ) -> None:

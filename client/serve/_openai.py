@@ -27,9 +27,10 @@ import math
 import struct
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from pipeq.errors import InvalidRequest
 
@@ -74,6 +75,18 @@ def error_envelope(status: int, message: str, code: str | None, param: str | Non
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def _text_only(value: Any) -> Any:
+    """Refuses OpenAI's token arrays (lists of token ids, as LangChain's
+    `OpenAIEmbeddings` sends by default) by name: the gateway has no tokenizer."""
+    if isinstance(value, list) and any(isinstance(v, int | list) for v in value):
+        raise PydanticCustomError("token_arrays", "token arrays are not supported; send text")
+    return value
+
+
+#: a string or a list of them (a prompt, an embedding's input), never token ids
+Texts = Annotated[str | list[str], BeforeValidator(_text_only)]
+
+
 class _Request(BaseModel):
     """Fields every OpenAI request may carry; unknown ones are refused (400)."""
 
@@ -106,7 +119,7 @@ class _Generation(_Request):
 class CompletionRequest(_Generation):
     """`POST /v1/completions`: `prompt` is a string or a list of them."""
 
-    prompt: str | list[str]
+    prompt: Texts
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -132,7 +145,7 @@ class ChatRequest(_Generation):
 class EmbeddingRequest(_Request):
     """`POST /v1/embeddings`: `input` is a string or a list of them (token ids: no)."""
 
-    input: str | list[str]
+    input: Texts
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
 
