@@ -67,6 +67,16 @@ def test_what_workers_cannot_honour_is_refused_by_name(fields: dict[str, Any]) -
         _openai.generation_params(request)
 
 
+def test_null_n_and_stream_are_their_defaults_and_stream_options_needs_a_stream() -> None:
+    request = _openai.ChatRequest(
+        model="m", messages=[{"role": "user", "content": "hi"}], n=None, stream=None
+    )
+    assert (request.n, request.stream) == (1, False)
+    alone = _openai.CompletionRequest(model="m", prompt="a", stream_options={})
+    with pytest.raises(InvalidRequest, match="stream_options: only allowed when stream is true"):
+        _openai.generation_params(alone)
+
+
 def test_text_is_cut_before_its_first_stop_string_and_pooling_follows_the_deployment() -> None:
     assert _openai.cut_at_stop("one two. three.", [".", "two"]) == ("one ", True)
     assert _openai.cut_at_stop("one", ["x"]) == ("one", False)
@@ -281,6 +291,23 @@ def test_token_arrays_are_refused_by_name(oai: Any) -> None:
             call()
         assert e.value.body["message"].endswith(": token arrays are not supported; send text")
         assert e.value.param in ("input", "prompt")
+
+
+def test_an_unknown_route_or_method_under_openai_s_paths_answers_openai_s_envelope(
+    oai: Any, gateway: Any
+) -> None:
+    import openai
+
+    with httpx.Client(base_url=gateway.url, headers=gateway.headers("alice")) as h:
+        for method, path, status in (
+            ("GET", "/v1/completions", 405),
+            ("GET", "/v1/files/file-x/nothing", 404),
+        ):
+            r = h.request(method, path)
+            assert r.status_code == status and r.headers["x-should-retry"] == "false"
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.BadRequestError, match="an empty string cannot be embedded"):
+        oai.embeddings.create(model="feature-extraction", input=["a", ""])
 
 
 def test_a_file_over_the_body_limit_is_refused_saying_which_limit(oai: Any) -> None:

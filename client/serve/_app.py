@@ -22,17 +22,6 @@ __all__ = ["CallerDep", "GatewayDep", "caller", "create_app", "gateway"]
 
 access_log = logging.getLogger("pipeq.serve.access")
 
-#: the paths of OpenAI's routes (`routes_openai`, `routes_batches`), whose errors are
-#: OpenAI's envelope
-OPENAI_PATHS = (
-    "/v1/models",
-    "/v1/completions",
-    "/v1/chat/completions",
-    "/v1/embeddings",
-    "/v1/files",
-    "/v1/batches",
-)
-
 
 class GatewayMiddleware:
     """Pure ASGI (streams pass through untouched): refuses a body over the limit before
@@ -114,7 +103,7 @@ def too_large(path: str, limit: int) -> str:
 async def _refuse(scope: dict[str, Any], send: Any, limit: int) -> None:
     message = too_large(scope["path"], limit)
     headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
-    if scope["path"].startswith(OPENAI_PATHS):  # as OpenAI's routes answer (routes_openai)
+    if scope["path"].startswith(_openai.OPENAI_PATHS):  # as OpenAI's routes answer (routes_openai)
         envelope = _openai.error_envelope(413, message, "PayloadTooLarge")
         headers.append((b"x-should-retry", b"false"))
     else:

@@ -436,6 +436,8 @@ async def run_embeddings(
     texts = body.input if isinstance(body.input, list) else [body.input]
     if not texts:
         raise InvalidRequest("input: at least one text")
+    if "" in texts:
+        raise InvalidRequest("input: an empty string cannot be embedded")
     width = target.info.get("feature_width")
     if body.dimensions is not None and body.dimensions != width:
         raise InvalidRequest(
