@@ -8,15 +8,19 @@ import json
 import signal
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeq._stack import stop_process
 from pipeq.errors import InvalidRequest
-from pipeq.serve import _openai
+from pipeq.serve import _batches, _openai
+from pipeq.serve._errors import ApiError
 
 from .conftest import paused, start_gateway
 
@@ -63,6 +67,16 @@ def test_what_workers_cannot_honour_is_refused_by_name(fields: dict[str, Any]) -
         _openai.generation_params(request)
 
 
+def test_null_n_and_stream_are_their_defaults_and_stream_options_needs_a_stream() -> None:
+    request = _openai.ChatRequest(
+        model="m", messages=[{"role": "user", "content": "hi"}], n=None, stream=None
+    )
+    assert (request.n, request.stream) == (1, False)
+    alone = _openai.CompletionRequest(model="m", prompt="a", stream_options={})
+    with pytest.raises(InvalidRequest, match="stream_options: only allowed when stream is true"):
+        _openai.generation_params(alone)
+
+
 def test_text_is_cut_before_its_first_stop_string_and_pooling_follows_the_deployment() -> None:
     assert _openai.cut_at_stop("one two. three.", [".", "two"]) == ("one ", True)
     assert _openai.cut_at_stop("one", ["x"]) == ("one", False)
@@ -72,6 +86,35 @@ def test_text_is_cut_before_its_first_stop_string_and_pooling_follows_the_deploy
     assert _openai.pool(hidden, {"mode": "max", "normalize": True}) == [0.6, 0.8]
     (data,) = _openai.embedding_data([[0.5, -1.0]], "base64")
     assert struct.unpack("<2f", base64.b64decode(data["embedding"])) == (0.5, -1.0)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    st.lists(
+        st.dictionaries(st.text(), _json_values, min_size=1, max_size=4), min_size=1, max_size=8
+    ),
+    st.sampled_from(["\n", "\r\n"]),
+)
+def test_a_jsonl_file_parses_back_to_its_objects_whatever_unicode_their_text_holds(
+    objects: list[dict[str, Any]], newline: str
+) -> None:
+    # U+2028, U+0085, \x0c... are legal raw in JSON strings: they do not end a line
+    content = newline.join(json.dumps(o, ensure_ascii=False) for o in objects).encode()
+    lines = _batches.parse_lines(content + newline.encode())
+    assert [json.loads(line) for line in lines] == objects
+
+
+def test_the_line_cap_counts_jsonl_lines_not_unicode_line_breaks() -> None:
+    line = json.dumps({"text": "one\u2028two\x85three"}, ensure_ascii=False).encode()
+    assert len(_batches.parse_lines(b"\n".join([line] * _batches.FILE_MAX_LINES))) == 50_000
+    with pytest.raises(ApiError, match="at most 50000 lines"):
+        _batches.parse_lines(b"\n".join([line] * (_batches.FILE_MAX_LINES + 1)))
 
 
 # -- OpenAI's client against the gateway --------------------------------------------------
@@ -226,6 +269,92 @@ def test_errors_are_openai_s_envelope_and_raise_the_client_s_errors(oai: Any, ga
     assert e.value.response.headers["retry-after"] and e.value.type == "rate_limit_error"
 
 
+def test_errors_a_retry_cannot_fix_tell_openai_s_clients_not_to_retry() -> None:
+    from pipeq.errors import JobCancelled, JobFailed, Overloaded
+    from pipeq.serve.routes_openai import openai_error
+
+    for final in (JobCancelled("x"), JobFailed("x"), InvalidRequest("x"), ApiError(409, "C", "x")):
+        assert openai_error(final).headers["x-should-retry"] == "false"
+    for passing in (Overloaded("x"), ApiError(503, "NoLiveWorker", "x")):
+        assert "x-should-retry" not in openai_error(passing).headers
+        assert openai_error(passing).headers["retry-after"]
+
+
+def test_token_arrays_are_refused_by_name(oai: Any) -> None:
+    import openai
+
+    for call in (
+        lambda: oai.embeddings.create(model="feature-extraction", input=[[101, 2023]]),
+        lambda: oai.completions.create(model="text-generation", prompt=[101, 2023]),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert e.value.body["message"].endswith(": token arrays are not supported; send text")
+        assert e.value.param in ("input", "prompt")
+
+
+def test_an_unknown_route_or_method_under_openai_s_paths_answers_openai_s_envelope(
+    oai: Any, gateway: Any
+) -> None:
+    import openai
+
+    with httpx.Client(base_url=gateway.url, headers=gateway.headers("alice")) as h:
+        for method, path, status in (
+            ("GET", "/v1/completions", 405),
+            ("GET", "/v1/files/file-x/nothing", 404),
+        ):
+            r = h.request(method, path)
+            assert r.status_code == status and r.headers["x-should-retry"] == "false"
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.BadRequestError, match="an empty string cannot be embedded"):
+        oai.embeddings.create(model="feature-extraction", input=["a", ""])
+
+
+def test_a_file_over_the_body_limit_is_refused_saying_which_limit(oai: Any) -> None:
+    import openai
+
+    with pytest.raises(openai.APIStatusError) as e:  # the default limit: 2 MB + 64 KiB
+        oai.files.create(file=("big.jsonl", b"x" * 2_200_000), purpose="batch")
+    assert e.value.status_code == 413 and e.value.code == "PayloadTooLarge"
+    message = e.value.body["message"]
+    assert message.startswith("the file is over the gateway's body limit (2065536 bytes")
+    assert "limits.request_bytes" in message and "--max-body-bytes" in message
+
+
+def test_the_openai_client_does_not_resubmit_a_job_cancelled_while_it_waits(
+    gateway: Any, client: Any
+) -> None:
+    import openai
+
+    from pipeq._ledger import waiting_key
+
+    sent: list[httpx.Request] = []
+    with (
+        httpx.Client(event_hooks={"request": [sent.append]}) as http,
+        openai.OpenAI(
+            base_url=f"{gateway.url}/v1", api_key=gateway.keys["alice"], http_client=http
+        ) as oai,
+    ):
+        assert oai.max_retries == 2  # the client's default
+        waiting = waiting_key("distilgpt2")
+        before = set(client.redis.zrange(waiting, 0, -1))
+        jobs: set[bytes] = set()
+        with paused(client, "distilgpt2"), ThreadPoolExecutor(1) as pool:
+            call = pool.submit(oai.completions.create, model="distilgpt2", prompt="a", max_tokens=4)
+            deadline = time.monotonic() + 60
+            while not call.done():  # cancel each job the client submits, as it waits
+                assert time.monotonic() < deadline
+                for job in set(client.redis.zrange(waiting, 0, -1)) - before - jobs:
+                    jobs.add(job)
+                    cancel = f"{gateway.url}/v1/jobs/{job.decode()}/cancel"
+                    httpx.post(cancel, headers=gateway.headers("alice")).raise_for_status()
+                time.sleep(0.05)
+            with pytest.raises(openai.ConflictError) as e:
+                call.result()
+    assert e.value.code == "JobCancelled"
+    assert len(sent) == 1 and len(jobs) == 1
+
+
 def test_langchain_s_openai_chat_and_embeddings_run_on_the_gateway(
     gateway: Any, oai: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -324,6 +453,25 @@ def test_a_batch_of_50_lines_completes_with_an_output_line_each(oai: Any) -> Non
     assert batch.input_file_id not in {f.id for f in oai.files.list(purpose="batch")}
 
 
+def test_the_client_pages_through_all_files_in_either_order(gateway: Any) -> None:
+    import openai
+
+    # bob's own files: no other test makes any
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.keys["bob"]) as bob:
+        made = [
+            bob.files.create(file=(f"{i}.jsonl", b'{"a": 1}\n'), purpose="batch").id
+            for i in range(7)
+        ]
+        newest_first = [f.id for f in bob.files.list(limit=3)]  # three pages
+        oldest_first = [f.id for f in bob.files.list(limit=3, order="asc")]
+        assert sorted(newest_first) == sorted(made) and oldest_first == newest_first[::-1]
+        page = bob.files.list(limit=3, order="asc", after=oldest_first[2])
+        assert (page.first_id, page.last_id, page.has_more) == (*oldest_first[3:6:2], True)
+        for listing in (bob.files.list, bob.batches.list):
+            with pytest.raises(openai.BadRequestError, match="after"):
+                listing(after="file-nope")
+
+
 def test_a_bad_line_goes_to_the_error_file_and_the_others_complete(oai: Any) -> None:
     lines = _lines("text-generation", 3)
     lines[1]["body"]["bogus"] = 1
@@ -349,8 +497,31 @@ def test_a_cancelled_batch_goes_through_cancelling_to_cancelled(
     assert done.status == "cancelled" and done.cancelled_at
     errors = _by_custom_id(oai, done.error_file_id)
     assert {e["error"]["code"] for e in errors.values()} == {"batch_cancelled"}
+    assert {e["error"]["message"] for e in errors.values()} == {
+        "the batch was cancelled before this line started"
+    }
     assert len(errors) == 5
     assert _job(gateway, f"{batch.id}-0")["status"] == "cancelled"
+
+
+def test_a_line_running_when_its_batch_is_cancelled_is_stopped_and_says_so(
+    oai: Any, gateway: Any
+) -> None:
+    # a continuous-batching generation: the cancel stops it at its next step
+    batch = _batch(oai, _lines("text-generation", 1, max_tokens=900))
+    job_id, deadline = f"{batch.id}-0", time.monotonic() + 30
+    while _job(gateway, job_id, until_done_s=0).get("status") != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    oai.batches.cancel(batch.id)
+    done = _until(oai, batch.id, {"cancelled", "completed"}, timeout_s=30)
+    assert done.status == "cancelled" and done.output_file_id is None
+    error = _by_custom_id(oai, done.error_file_id)["req-0"]["error"]
+    assert error == {
+        "code": "batch_cancelled",
+        "message": "the batch was cancelled while this line ran: it was stopped before it finished",
+    }
+    assert _job(gateway, job_id)["status"] == "cancelled"
 
 
 def test_a_batch_past_its_window_expires_with_its_lines_in_the_error_file(
@@ -362,6 +533,11 @@ def test_a_batch_past_its_window_expires_with_its_lines_in_the_error_file(
     assert done.status == "expired" and done.expired_at
     errors = _by_custom_id(oai, done.error_file_id)
     assert {e["error"]["code"] for e in errors.values()} == {"batch_expired"}
+    assert all(
+        e["error"]["message"].startswith("the batch reached its deadline (completion_window)")
+        and "ran" not in e["error"]["message"]
+        for e in errors.values()
+    )
     assert done.request_counts.failed == 3 and done.output_file_id is None
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 
+from pipeq.serve import _openai
 from pipeq.serve._auth import Caller, identify
 from pipeq.serve._errors import ApiError, error_body, install_handlers
 from pipeq.serve._jobs import Gateway, Settings
@@ -59,11 +60,7 @@ class GatewayMiddleware:
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if limit and seen > limit:
-                        raise ApiError(
-                            413,
-                            "PayloadTooLarge",
-                            f"the body is over {limit} bytes (limits.request_bytes)",
-                        )
+                        raise ApiError(413, "PayloadTooLarge", too_large(scope["path"], limit))
                 return message
 
             await self.app(scope, receiving if limit else receive, sending)
@@ -94,21 +91,26 @@ def _content_length(scope: dict[str, Any]) -> int | None:
     return None
 
 
-async def _refuse(scope: dict[str, Any], send: Any, limit: int) -> None:
-    body = json.dumps(
-        error_body("PayloadTooLarge", f"the body is over {limit} bytes (limits.request_bytes)")
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
+def too_large(path: str, limit: int) -> str:
+    """The 413's message: what is over the limit, and what sets the limit."""
+    what = "the file is" if path.rstrip("/") == "/v1/files" else "the body is"
+    return (
+        f"{what} over the gateway's body limit ({limit} bytes: by default the largest "
+        "limits.request_bytes of the deployments plus 64 KiB; pipeq serve --max-body-bytes)"
     )
+
+
+async def _refuse(scope: dict[str, Any], send: Any, limit: int) -> None:
+    message = too_large(scope["path"], limit)
+    headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+    if scope["path"].startswith(_openai.OPENAI_PATHS):  # as OpenAI's routes answer (routes_openai)
+        envelope = _openai.error_envelope(413, message, "PayloadTooLarge")
+        headers.append((b"x-should-retry", b"false"))
+    else:
+        envelope = error_body("PayloadTooLarge", message)
+    body = json.dumps(envelope).encode()
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -39,12 +39,13 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from pipeq._ledger import stream_key
 from pipeq.errors import BrokerUnavailable, NoLiveWorker, Overloaded, PipeqError
 from pipeq.serve._auth import Caller
 from pipeq.serve._errors import ApiError
@@ -58,6 +59,7 @@ __all__ = [
     "LEASE_S",
     "BatchStore",
     "Runner",
+    "cursor_page",
     "parse_window",
 ]
 
@@ -160,20 +162,27 @@ class BatchStore:
         await self.redis.delete(_key("file", file_id), _key("file", file_id, "content"))
         await self.redis.zrem(_files_key(owner), file_id)
 
-    async def files(self, owner: str, purpose: str | None, limit: int) -> list[dict[str, Any]]:
-        """The owner's files, newest first (those expired meanwhile left out)."""
-        out = []
-        for raw in await self.redis.zrevrange(_files_key(owner), 0, -1):
-            file_id = raw.decode()
+    async def files(
+        self, owner: str, purpose: str | None, after: str | None, limit: int, newest_first: bool
+    ) -> list[dict[str, Any]]:
+        """The owner's files by creation time after file `after` (`cursor_page`; those
+        expired meanwhile left out)."""
+
+        async def load(file_id: str) -> dict[str, Any] | None:
             record = await self.redis.hgetall(_key("file", file_id))
             if not record:
                 await self.redis.zrem(_files_key(owner), file_id)
-                continue
-            if purpose is None or record[b"purpose"].decode() == purpose:
-                out.append(file_object(file_id, record))
-            if len(out) >= limit:
-                break
-        return out
+                return None
+            if purpose is not None and record[b"purpose"].decode() != purpose:
+                return None
+            return file_object(file_id, record)
+
+        ids = await self._ids(_files_key(owner), newest_first)
+        return await cursor_page(ids, after, limit, load)
+
+    async def _ids(self, key: str, newest_first: bool) -> list[str]:
+        found = await (self.redis.zrevrange if newest_first else self.redis.zrange)(key, 0, -1)
+        return [raw.decode() for raw in found]
 
     # -- batches -------------------------------------------------------------------------
     async def create(self, who: Caller, doc: dict[str, Any], runner: str) -> dict[str, Any]:
@@ -209,17 +218,15 @@ class BatchStore:
         return doc
 
     async def batches(self, owner: str, after: str | None, limit: int) -> list[dict[str, Any]]:
-        """The owner's batches, newest first, after batch `after`."""
-        ids = [i.decode() for i in await self.redis.zrevrange(_owner_key(owner), 0, -1)]
-        if after in ids:
-            ids = ids[ids.index(after) + 1 :]
-        out = []
-        for batch_id in ids:
+        """The owner's batches, newest first, after batch `after` (`cursor_page`)."""
+
+        async def load(batch_id: str) -> dict[str, Any] | None:
             with contextlib.suppress(ApiError):  # expired meanwhile
-                out.append(await self.batch(owner, batch_id))
-            if len(out) >= limit:
-                break
-        return out
+                return await self.batch(owner, batch_id)
+            return None
+
+        ids = await self._ids(_owner_key(owner), newest_first=True)
+        return await cursor_page(ids, after, limit, load)
 
     async def cancel(self, owner: str, batch_id: str) -> dict[str, Any]:
         doc = await self.batch(owner, batch_id)
@@ -228,6 +235,30 @@ class BatchStore:
         seconds, _ = await self.redis.time()
         await self.redis.hsetnx(_key("batch", batch_id), "cancel", str(seconds))
         return await self.batch(owner, batch_id)
+
+
+async def cursor_page(
+    ids: list[str],
+    after: str | None,
+    limit: int,
+    load: Callable[[str], Awaitable[dict[str, Any] | None]],
+) -> list[dict[str, Any]]:
+    """OpenAI's cursor pagination: up to `limit` objects of `ids` (in the list's order)
+    after the id `after`, each made by `load` (None: left out, e.g. expired meanwhile).
+    ApiError 400 for an `after` not in the list: answering its first page instead would
+    make a client's auto-pagination go round again or stop short."""
+    if after is not None:
+        if after not in ids:
+            raise ApiError(400, "InvalidRequest", f"after: {after!r} is not in this list")
+        ids = ids[ids.index(after) + 1 :]
+    out = []
+    for ident in ids:
+        found = await load(ident)
+        if found is not None:
+            out.append(found)
+            if len(out) >= limit:
+                break
+    return out
 
 
 def file_object(file_id: str, record: dict[bytes, bytes]) -> dict[str, Any]:
@@ -244,13 +275,21 @@ def file_object(file_id: str, record: dict[bytes, bytes]) -> dict[str, Any]:
     }
 
 
+#: whitespace around a JSON text (RFC 8259); a line of nothing else is blank
+_JSON_SPACE = " \t\r"
+
+
 def parse_lines(content: bytes) -> list[str]:
-    """A JSONL file's non-blank lines; ApiError 400 for one not UTF-8 or over the cap."""
+    r"""A JSONL file's non-blank lines; ApiError 400 for one not UTF-8 or over the cap.
+
+    Lines end at "\n" (or "\r\n") only: `str.splitlines()` also splits at U+2028,
+    U+2029, U+0085, \x0b, \x0c and \x1c-\x1e, which JSON strings may hold raw
+    (`json.dumps(..., ensure_ascii=False)` and JavaScript's `JSON.stringify` write them)."""
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "InvalidRequest", "a batch file is UTF-8 JSONL") from None
-    lines = [line for line in text.splitlines() if line.strip()]
+    lines = [line.removesuffix("\r") for line in text.split("\n") if line.strip(_JSON_SPACE)]
     if not lines:
         raise ApiError(400, "InvalidRequest", "the file has no lines")
     if len(lines) > FILE_MAX_LINES:
@@ -292,6 +331,21 @@ def _line(number: int, text: str, endpoint: str) -> _Line:
     if not isinstance(data.get("body"), dict):
         return _Line(number, custom_id, None, "body must be a JSON object")
     return _Line(number, custom_id, data["body"])
+
+
+def stopped_error(cancelled: bool, started: bool | None) -> dict[str, str]:
+    """The error entry of a line the batch's cancel or deadline ended before it finished:
+    a line not sent or still queued never runs; a running continuous-batching generation
+    is stopped at its next step (OpenAI's: unfinished requests are cancelled). `started`:
+    whether its job had started (None: not known, e.g. after another runner took over)."""
+    why = "was cancelled" if cancelled else "reached its deadline (completion_window)"
+    when = {
+        None: "before this line finished",
+        False: "before this line started",
+        True: "while this line ran: it was stopped before it finished",
+    }[started]
+    code = "batch_cancelled" if cancelled else "batch_expired"
+    return {"code": code, "message": f"the batch {why} {when}"}
 
 
 def _releasing(slot: asyncio.Semaphore) -> Callable[[asyncio.Task[None]], None]:
@@ -406,7 +460,8 @@ class Runner:
         ids = [x.custom_id for x in lines if x.custom_id is not None]
         if len(set(ids)) != len(ids):
             return await self._end(doc, "failed", [("duplicate_custom_id", "custom_id repeats")])
-        if doc["status"] == "validating":
+        fresh = doc["status"] == "validating"
+        if fresh:
             doc.update(status="in_progress", in_progress_at=int(now))
             doc["request_counts"]["total"] = len(lines)
             await self._save(doc)
@@ -416,16 +471,22 @@ class Runner:
         stop = asyncio.Event()
         watcher = asyncio.create_task(self._watch(doc, stop))
         sent: set[asyncio.Task[None]] = set()
+        # line number -> whether its job had started when the batch's stop ended it; a
+        # first runner knows a line it never sent never started (a runner that took over
+        # does not: the one before may have sent it)
+        started: dict[int, bool] = {}
         try:
             for x in lines:  # in order; a line waits for a free slot of its deployment
                 if stop.is_set():
+                    if fresh:
+                        started.update((y.number, False) for y in lines[x.number :])
                     break
                 if x.number in seen:
                     continue
                 model = str((x.body or {}).get("model", ""))
                 slot = self._slot(model)
                 await slot.acquire()
-                task = asyncio.create_task(self._one(doc, who, x, stop))
+                task = asyncio.create_task(self._one(doc, who, x, stop, started))
                 task.add_done_callback(_releasing(slot))
                 task.add_done_callback(sent.discard)
                 sent.add(task)
@@ -434,7 +495,7 @@ class Runner:
             watcher.cancel()
             for task in sent:
                 task.cancel()
-        await self._finish(doc, who.name, lines)
+        await self._finish(doc, who.name, lines, started)
 
     async def _watch(self, doc: dict[str, Any], stop: asyncio.Event) -> None:
         """Sets `stop` when the batch is cancelled or reaches its deadline."""
@@ -451,7 +512,12 @@ class Runner:
         return self.slots.setdefault(deployment, asyncio.Semaphore(IN_FLIGHT_PER_DEPLOYMENT))
 
     async def _one(
-        self, doc: dict[str, Any], who: Caller, line: _Line, stop: asyncio.Event
+        self,
+        doc: dict[str, Any],
+        who: Caller,
+        line: _Line,
+        stop: asyncio.Event,
+        started: dict[int, bool],
     ) -> None:
         key = _key("batch", doc["id"])
         if line.problem is not None or line.body is None:
@@ -463,7 +529,7 @@ class Runner:
             left = doc["expires_at"] - time.time()
             status: int | None
             try:
-                status, body, _ = await self._running(doc, who, line, job_id, left, stop)
+                status, body, _ = await self._running(doc, who, line, job_id, left, stop, started)
             except (*_TRANSIENT, ApiError) as e:  # raised only before its job was sent
                 if not isinstance(e, ApiError) or e.status in (429, 503):
                     await asyncio.sleep(RETRY_S)
@@ -487,9 +553,12 @@ class Runner:
         job_id: str,
         left: float,
         stop: asyncio.Event,
+        started: dict[int, bool],
     ) -> tuple[int | None, Any, JobView | None]:
-        """Run the line, cancelling its job when the batch stops; (None, ...) when the job
-        was cancelled that way (or expired) before it ran."""
+        """Run the line, cancelling its job when the batch stops (a queued job never
+        runs, a continuous-batching generation stops at its next step); (None, ...) when
+        the job was cancelled that way, or expired, before it finished, with whether it
+        had started in `started`."""
         assert line.body is not None
         run = asyncio.create_task(
             self.run_line(self.gw, who, doc["endpoint"], line.body, job_id, left, doc["id"])
@@ -499,7 +568,12 @@ class Runner:
             await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not run.done():
                 with contextlib.suppress(PipeqError, ApiError):
-                    await self.gw.cancel(await self.gw.read(job_id))
+                    before = await self.gw.read(job_id)
+                    await self.gw.cancel(before)
+                    if before.status.value in ("queued", "running"):  # a generation that
+                        # began meanwhile has its stream's `start` entry
+                        began = await self.redis.exists(stream_key(job_id))
+                        started[line.number] = before.status.value == "running" or bool(began)
             status, body, view = await run
         finally:
             stopped.cancel()
@@ -527,22 +601,21 @@ class Runner:
         }
         await self.redis.hset(f"{key}:{part}", str(line.number), json.dumps(out))
 
-    async def _finish(self, doc: dict[str, Any], owner: str, lines: list[_Line]) -> None:
+    async def _finish(
+        self, doc: dict[str, Any], owner: str, lines: list[_Line], started: dict[int, bool]
+    ) -> None:
         key = _key("batch", doc["id"])
         cancelled = await self.redis.hexists(key, "cancel")
         seen = set()
         for part in ("out", "err"):
             seen |= {int(n) for n in await self.redis.hkeys(f"{key}:{part}")}
-        why = ("batch_cancelled", "the batch was cancelled before this line ran")
-        if not cancelled:
-            why = ("batch_expired", "the batch reached its deadline before this line ran")
         for x in lines:
             if x.number not in seen:
                 out = {
                     "id": f"batch_req_{doc['id']}-{x.number}",
                     "custom_id": x.custom_id,
                     "response": None,
-                    "error": {"code": why[0], "message": why[1]},
+                    "error": stopped_error(bool(cancelled), started.get(x.number)),
                 }
                 await self.redis.hset(f"{key}:err", str(x.number), json.dumps(out))
         doc.update(status="finalizing", finalizing_at=int(time.time()))

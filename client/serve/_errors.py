@@ -35,6 +35,7 @@ from pipeq.errors import (
     UnknownDeployment,
     UnknownJob,
 )
+from pipeq.serve import _openai
 
 __all__ = [
     "RETRY_AFTER_S",
@@ -176,6 +177,10 @@ def install_handlers(app: FastAPI) -> None:
         kind = _HTTP_TYPES.get(exc.status_code, "HTTPError")
         message = exc.detail if isinstance(exc.detail, str) else kind
         response = error_response(ApiError(exc.status_code, kind, message))
+        if request.url.path.startswith(_openai.OPENAI_PATHS):  # no route of OpenAI's took
+            # it (404, 405): OpenAI's envelope all the same, as `routes_openai` answers
+            body = _openai.error_envelope(exc.status_code, message, kind)
+            response = JSONResponse(body, exc.status_code, {"x-should-retry": "false"})
         response.headers.update(exc.headers or {})
         return response
 

@@ -27,14 +27,16 @@ import math
 import struct
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from pipeq.errors import InvalidRequest
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "OPENAI_PATHS",
     "ChatRequest",
     "CompletionRequest",
     "EmbeddingRequest",
@@ -52,6 +54,17 @@ DEFAULT_MAX_TOKENS = 16
 MAX_STOP = 4
 #: OpenAI's `n`, as pipeq's own `num_return_sequences` limit
 MAX_N = 16
+
+#: the paths of OpenAI's routes (`routes_openai`, `routes_batches`): every error under
+#: them is OpenAI's envelope, an unknown route's and a wrong method's included
+OPENAI_PATHS = (
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/files",
+    "/v1/batches",
+)
 
 #: OpenAI's error `type` for each HTTP status the gateway answers
 ERROR_TYPES = {
@@ -74,6 +87,24 @@ def error_envelope(status: int, message: str, code: str | None, param: str | Non
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def _text_only(value: Any) -> Any:
+    """Refuses OpenAI's token arrays (lists of token ids, as LangChain's
+    `OpenAIEmbeddings` sends by default) by name: the gateway has no tokenizer."""
+    if isinstance(value, list) and any(isinstance(v, int | list) for v in value):
+        raise PydanticCustomError("token_arrays", "token arrays are not supported; send text")
+    return value
+
+
+#: a string or a list of them (a prompt, an embedding's input), never token ids
+Texts = Annotated[str | list[str], BeforeValidator(_text_only)]
+
+
+def _null_is(default: Any) -> BeforeValidator:
+    """`null` for a field means its default (OpenAI's clients and SDKs in other languages
+    send `"n": null`, `"stream": null`)."""
+    return BeforeValidator(lambda value: default if value is None else value)
+
+
 class _Request(BaseModel):
     """Fields every OpenAI request may carry; unknown ones are refused (400)."""
 
@@ -91,10 +122,10 @@ class _Generation(_Request):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: Annotated[int, _null_is(1)] = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = None
-    stream: bool = False
+    stream: Annotated[bool, _null_is(False)] = False
     stream_options: StreamOptions | None = None
     # accepted at OpenAI's defaults only (a request that sets them means something else)
     presence_penalty: float | None = None
@@ -106,7 +137,7 @@ class _Generation(_Request):
 class CompletionRequest(_Generation):
     """`POST /v1/completions`: `prompt` is a string or a list of them."""
 
-    prompt: str | list[str]
+    prompt: Texts
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -132,12 +163,14 @@ class ChatRequest(_Generation):
 class EmbeddingRequest(_Request):
     """`POST /v1/embeddings`: `input` is a string or a list of them (token ids: no)."""
 
-    input: str | list[str]
+    input: Texts
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
 
 
 def _at_default(request: _Generation) -> None:
+    if request.stream_options is not None and not request.stream:
+        raise InvalidRequest("stream_options: only allowed when stream is true (OpenAI's rule)")
     for name, default in (("presence_penalty", 0), ("frequency_penalty", 0)):
         if getattr(request, name) not in (None, default):
             raise InvalidRequest(f"{name}: pipeq's workers support only {default}")

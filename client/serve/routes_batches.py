@@ -3,7 +3,8 @@
     POST   /v1/files                 multipart `file` + `purpose` ("batch"): a JSONL file
                                      of at most FILE_MAX_LINES lines, and bytes under the
                                      gateway's body limit
-    GET    /v1/files                 the key's files, newest first (?purpose=&limit=)
+    GET    /v1/files                 the key's files, newest first (?purpose=&after=&limit=
+                                     &order=asc|desc; OpenAI's cursor page)
     GET    /v1/files/{id}            the file object
     GET    /v1/files/{id}/content    the file itself (input, output or error JSONL)
     DELETE /v1/files/{id}
@@ -11,16 +12,18 @@
     GET    /v1/batches/{id}          status (validating, in_progress, finalizing,
                                      completed, failed, expired, cancelling, cancelled)
                                      and request_counts
-    GET    /v1/batches               the key's batches, newest first (?after=&limit=)
+    GET    /v1/batches               the key's batches, newest first (?after=&limit=; an
+                                     `after` not in the list: 400)
     POST   /v1/batches/{id}/cancel   cancelling, then cancelled once its jobs ended
 
 Each line `{"custom_id", "method": "POST", "url": <endpoint>, "body"}` is one pipeq job
 run by the routes' own code, with `expires` at the batch's deadline; its answer is one
 line of the output file (`{"id", "custom_id", "response": {"status_code", "request_id"
 (the job id), "body"}, "error": null}`), or of the error file: a request the route
-refused or whose job failed (`response` with its error), or a line that never ran
-(`error`: invalid_line, batch_expired, batch_cancelled). Files and batches belong to the
-API key that made them.
+refused or whose job failed (`response` with its error), or a line not in the format
+or that the batch's deadline or cancel ended before it finished (`error`: invalid_line,
+batch_expired, batch_cancelled; `_batches.stopped_error`). Files and batches belong to
+the API key that made them.
 """
 
 from __future__ import annotations
@@ -144,15 +147,29 @@ async def create_file(
     )
 
 
-@router.get("/files", summary="The key's files, newest first")
+def list_page(found: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+    """OpenAI's cursor page of `found`, up to `limit + 1` objects (one more: `has_more`)."""
+    data = found[:limit]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(found) > limit,
+    }
+
+
+@router.get("/files", summary="The key's files, newest first unless order=asc")
 async def list_files(
     who: Caller = CallerDep,
     gw: Gateway = GatewayDep,
     purpose: str | None = Query(None),
+    after: str | None = Query(None, description="the page after this file id"),
     limit: int = Query(10_000, ge=1, le=10_000),
+    order: Literal["asc", "desc"] = Query("desc", description="by created_at"),
 ) -> Any:
-    data = await BatchStore(gw).files(who.name, purpose, limit)
-    return {"object": "list", "data": data, "has_more": False}
+    found = await BatchStore(gw).files(who.name, purpose, after, limit + 1, order == "desc")
+    return list_page(found, limit)
 
 
 @router.get("/files/{file_id}", summary="A file's object")
@@ -228,14 +245,7 @@ async def list_batches(
     limit: int = Query(20, ge=1, le=100),
 ) -> Any:
     found = await BatchStore(gw).batches(who.name, after, limit + 1)
-    data = found[:limit]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": len(found) > limit,
-    }
+    return list_page(found, limit)
 
 
 @router.post("/batches/{batch_id}/cancel", summary="Cancel a batch")

@@ -15,7 +15,7 @@ the text (greedy decoding under continuous batching: about a token a chunk; othe
 in one chunk when done), then `data: [DONE]`; a client that goes away before the end
 cancels the job. `usage` comes from the worker's tokenizer (the stream's `end` entry).
 Every error is OpenAI's envelope (`_openai.error_envelope`), with `Retry-After` on 429
-and 503.
+and 503 and `x-should-retry: false` on the others (`RETRYABLE`).
 """
 
 from __future__ import annotations
@@ -61,6 +61,13 @@ log = logging.getLogger("pipeq.serve")
 
 #: OpenAI answers a bad request 400 (pipeq's own routes: 422)
 _OPENAI_STATUS: dict[type[PipeqError], int] = {InvalidRequest: 400}
+#: the statuses a client should send again (after `Retry-After`): a full queue, no live
+#: worker yet, Redis away. OpenAI's clients also retry 408, 409 and every 5xx unless told
+#: `x-should-retry: false`, which every other error says: a retry would submit the job
+#: again after it was cancelled, expired, failed or lost (three runs of a failing job at
+#: the client's default `max_retries`), or after a 504 whose job goes on
+RETRYABLE = (429, 503)
+NO_RETRY = {"x-should-retry": "false"}
 
 
 def openai_error(exc: BaseException) -> Response:
@@ -73,6 +80,7 @@ def openai_error(exc: BaseException) -> Response:
         return JSONResponse(
             _openai.error_envelope(400, message, "InvalidRequest", where[0] if where else None),
             status_code=400,
+            headers=NO_RETRY,
         )
     if isinstance(exc, StarletteHTTPException):
         exc = ApiError(exc.status_code, "HTTPError", str(exc.detail))
@@ -89,7 +97,11 @@ def openai_error(exc: BaseException) -> Response:
     status = response.status_code
     retry = {k: v for k, v in response.headers.items() if k.lower() == "retry-after"}
     body = _openai.error_envelope(status, message, code, param)
-    return JSONResponse(body, status_code=status, headers=retry)
+    return JSONResponse(body, status_code=status, headers={**retry, **_no_retry(status)})
+
+
+def _no_retry(status: int) -> dict[str, str]:
+    return {} if status in RETRYABLE else NO_RETRY
 
 
 class OpenAIRoute(APIRoute):
@@ -424,6 +436,8 @@ async def run_embeddings(
     texts = body.input if isinstance(body.input, list) else [body.input]
     if not texts:
         raise InvalidRequest("input: at least one text")
+    if "" in texts:
+        raise InvalidRequest("input: an empty string cannot be embedded")
     width = target.info.get("feature_width")
     if body.dimensions is not None and body.dimensions != width:
         raise InvalidRequest(
