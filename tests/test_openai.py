@@ -564,3 +564,49 @@ def test_a_batch_survives_the_kill_of_the_gateway_running_it(
         assert set(_by_custom_id(again, done.output_file_id)) == {f"req-{i}" for i in range(50)}
     finally:
         stop_process(proc)
+
+
+def test_a_request_waiting_on_a_deployment_whose_last_worker_died_gets_503_not_a_hang(
+    tmp_path: Path, deployments: dict[str, Any]
+) -> None:
+    """A completion waits for its job; the deployment's only worker is SIGKILLed and its
+    last heartbeat ages past the registry's grace (written into Redis: 1,000 s old, as if
+    that long had passed). The request ends with 503 NoLiveWorker within a re-check (about
+    5 s) instead of waiting out its 300 s for a 504, and the job stays queued."""
+    import openai
+    import redis
+
+    from pipeq._ledger import workers_key
+
+    from .cluster import Cluster, renamed
+
+    cluster = Cluster(tmp_path, {"gen": renamed(deployments["text-generation"], "gen")})
+    proc = None
+    try:
+        worker = cluster.start_worker("gen")
+        cluster.hostname(worker, "gen")
+        cluster.kill(worker)
+        url, proc, _ = start_gateway(cluster.url, tmp_path, None)
+        oai = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(
+                oai.completions.create, model="gen", prompt="hi", max_tokens=3, temperature=0
+            )
+            r = redis.Redis.from_url(cluster.url)
+            while not r.llen("pipeq.gen"):  # the job is queued: the request waits on it
+                assert not call.done(), call.result()
+                time.sleep(0.05)
+            key = workers_key("gen")
+            r.zadd(key, {m: time.time() - 1000 for m in r.zrange(key, 0, -1)})
+            aged = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as refused:
+                call.result(timeout=60)
+        assert time.monotonic() - aged < 30
+        assert refused.value.status_code == 503, refused.value
+        assert refused.value.response.headers.get("retry-after")
+        assert refused.value.code == "NoLiveWorker" and "waits in the queue" in str(refused.value)
+        assert r.llen("pipeq.gen") == 1  # still there for the next worker
+    finally:
+        if proc is not None:
+            stop_process(proc)
+        cluster.close()

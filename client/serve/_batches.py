@@ -364,11 +364,13 @@ class Runner:
         self.running: dict[str, asyncio.Task[None]] = {}
         self.slots: dict[str, asyncio.Semaphore] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._scan(), name="pipeq-batch-runner")
 
     async def close(self) -> None:
+        self._closed = True  # redis-py may turn the cancel into a ConnectionError
         tasks = [t for t in (self._task, *self.running.values()) if t is not None]
         for t in tasks:
             t.cancel()
@@ -383,7 +385,7 @@ class Runner:
             task.add_done_callback(lambda _: self.running.pop(batch_id, None))
 
     async def _scan(self) -> None:
-        while True:
+        while not self._closed:
             try:
                 for raw in await self.redis.smembers(ACTIVE_KEY):
                     batch_id = raw.decode()
@@ -393,6 +395,8 @@ class Runner:
                     if await self.redis.set(lease, self.me, nx=True, px=int(LEASE_S * 1000)):
                         self.adopt(batch_id)
             except (redis.RedisError, OSError) as e:
+                if self._closed:  # a cancel made into a ConnectionError while connecting
+                    return
                 log.warning("batch runner: Redis did not answer (%s)", e)
             await asyncio.sleep(SCAN_S)
 

@@ -36,7 +36,7 @@ from pipeq import _app, _floats, _tasks
 from pipeq._client import Client, JobState, to_pipeq_error
 from pipeq._ledger import META_PREFIX, job_key, stream_key, submitted_key
 from pipeq._registry import DEPLOYMENTS_KEY
-from pipeq.errors import InvalidRequest, NoLiveWorker, PipeqError
+from pipeq.errors import InvalidRequest, JobTimeout, NoLiveWorker, PipeqError
 from pipeq.serve._auth import LOCAL, RATE_SCRIPT, Caller, Keys
 from pipeq.serve._errors import ApiError
 from pipeq.serve._metrics import Metrics
@@ -598,6 +598,27 @@ class Gateway:
                 if not view.status.done and not await self.live(view.deployment):
                     break  # no worker will take it soon: the caller says so now
         return view
+
+    async def outcome(self, view: JobView, waited_s: float) -> Any:
+        """The result of a job a request waited `waited_s` for. Raises its error; when it
+        is not done, NoLiveWorker (503 + Retry-After) if its deployment has no live worker
+        (the job stays queued for the next one), else JobTimeout (the job goes on)."""
+        if view.error is not None:
+            raise view.error
+        if view.status is JobState.SUCCEEDED:
+            return view.result
+        if not await self.live(view.deployment):
+            raise NoLiveWorker(
+                f"no worker of {view.deployment} is serving now: the job waits in the "
+                f"queue for one (job {view.id})",
+                job_id=view.id,
+                deployment=view.deployment,
+            )
+        raise JobTimeout(
+            f"no result within {waited_s:g} s (the job goes on)",
+            job_id=view.id,
+            deployment=view.deployment,
+        )
 
     async def live(self, deployment: str) -> bool:
         """False when no worker of `deployment` beat within the registry's grace

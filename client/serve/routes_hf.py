@@ -27,10 +27,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pipeq import _tasks
-from pipeq._client import JobState
 from pipeq._ledger import stream_key
 from pipeq._registry import DEPLOYMENTS_KEY, Announced
-from pipeq.errors import JobTimeout, PipeqError, StreamRestarted
+from pipeq.errors import PipeqError, StreamRestarted
 from pipeq.serve import _hf
 from pipeq.serve._app import GatewayDep, caller
 from pipeq.serve._auth import Caller
@@ -128,18 +127,9 @@ async def _answer(gw: Gateway, who: Caller, m: str, request: Request, task: str 
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", JOB_HEADER: view.id},
         )
-    if view.error is not None:
-        raise view.error
-    if view.status is not JobState.SUCCEEDED:
-        raise JobTimeout(
-            f"no result within {SYNC_WAIT_S:g} s (the job goes on)",
-            job_id=view.id,
-            deployment=view.deployment,
-        )
+    result = await gw.outcome(view, SYNC_WAIT_S)
     pieces = await _streamed(gw, view.id) if hf.details else None
-    return JSONResponse(
-        _hf.to_hf(target.task, hf, view.result, pieces), headers={JOB_HEADER: view.id}
-    )
+    return JSONResponse(_hf.to_hf(target.task, hf, result, pieces), headers={JOB_HEADER: view.id})
 
 
 async def _streamed(gw: Gateway, job_id: str) -> dict[int, list[str]]:

@@ -35,10 +35,9 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from pipeq._client import JobState
 from pipeq._ledger import stream_key
 from pipeq._registry import Announced
-from pipeq.errors import InvalidRequest, JobTimeout, PipeqError, StreamRestarted, UnknownDeployment
+from pipeq.errors import InvalidRequest, PipeqError, StreamRestarted, UnknownDeployment
 from pipeq.serve import _hf, _openai
 from pipeq.serve._app import CallerDep, GatewayDep
 from pipeq.serve._auth import Caller
@@ -251,21 +250,9 @@ async def token_counts(gw: Gateway, job_id: str) -> list[Any] | None:
     return counts
 
 
-def _done(view: JobView) -> Any:
-    if view.error is not None:
-        raise view.error
-    if view.status is not JobState.SUCCEEDED:
-        raise JobTimeout(
-            f"no result within {SYNC_WAIT_S:g} s (the job goes on)",
-            job_id=view.id,
-            deployment=view.deployment,
-        )
-    return view.result
-
-
 async def answer_generation(gw: Gateway, gen: Generation, view: JobView) -> Any:
     """The body OpenAI returns for a done completion or chat job."""
-    result = _done(view)
+    result = await gw.outcome(view, SYNC_WAIT_S)
     answers, usage = gen.answers(result, await token_counts(gw, view.id))
     choices: list[Any] = []
     for k, (text, finish) in enumerate(answers):
@@ -400,7 +387,9 @@ async def _chunks(gw: Gateway, gen: Generation, view: JobView) -> AsyncIterator[
             yield chunk
         ended = True
         assert reader.view is not None
-        answers, usage = gen.answers(_done(reader.view), await token_counts(gw, view.id))
+        answers, usage = gen.answers(
+            await gw.outcome(reader.view, SYNC_WAIT_S), await token_counts(gw, view.id)
+        )
         for k, (text, finish) in enumerate(answers):
             said = reader.said.get(k, "")
             if not text.startswith(said):
@@ -445,7 +434,7 @@ async def run_embeddings(
         )
     submit.setdefault("wait_s", SYNC_WAIT_S)
     view, _ = await gw.submit(who, target.name, texts, **submit)
-    result = _done(view)
+    result = await gw.outcome(view, submit["wait_s"])
     how = target.info.get("pooling") or {"mode": "mean", "normalize": False}
     vectors = [_openai.pool(r, how) for r in result]
     tokens = sum(len(r[0]) if r and isinstance(r[0][0], list) else len(r) for r in result)
