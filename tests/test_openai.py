@@ -55,7 +55,6 @@ def test_temperature_zero_is_greedy_and_anything_else_samples() -> None:
     "fields",
     [
         {"temperature": 0, "n": 2},  # greedy text is one
-        {"seed": 3},  # sampling with a seed: workers have none per request
         {"presence_penalty": 0.5},
         {"stop": ["a", "b", "c", "d", "e"]},
         {"logprobs": 2},
@@ -176,6 +175,26 @@ def test_a_greedy_completion_is_the_pipeline_s_greedy_text_with_usage(
     )
     assert cut.choices[0].finish_reason == "stop"
     assert want[0]["generated_text"].startswith(cut.choices[0].text + stop)
+
+
+def test_a_seeded_sampled_completion_is_the_same_text_as_set_seed_in_process(
+    oai: Any, generator: Any
+) -> None:
+    """`seed` with sampling: the job draws from its own generator, so the same request
+    gives the same text, and it is what `torch.manual_seed(seed); pipe(...)` gives."""
+    import torch
+
+    sampled = {"max_tokens": 12, "temperature": 0.8, "top_p": 0.95, "seed": 5}
+    got = [
+        oai.completions.create(model="text-generation", prompt=PROMPT, **sampled).choices[0].text
+        for _ in range(2)
+    ]
+    torch.manual_seed(5)
+    want = generator(
+        PROMPT, max_new_tokens=12, do_sample=True, temperature=0.8, top_p=0.95,
+        return_full_text=False,
+    )[0]["generated_text"]  # fmt: skip
+    assert got == [want, want]
 
 
 def test_a_chat_streams_to_done_through_the_chat_template(oai: Any, generator: Any) -> None:

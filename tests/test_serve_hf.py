@@ -132,8 +132,10 @@ def test_text_generation_maps_tgi_parameters_and_refuses_what_workers_cannot_do(
         "text-generation", {"inputs": "Hi", "parameters": {"return_full_text": True}}
     )
     assert full.params == {"return_full_text": True} and full.full_text
-    with pytest.raises(InvalidRequest, match="seed"):
-        split_request("text-generation", {"inputs": "Hi", "parameters": {"seed": 1}})
+    seeded = split_request("text-generation", {"inputs": "Hi", "parameters": {"seed": 1}})
+    assert seeded.params == {"seed": 1, "return_full_text": False}
+    with pytest.raises(InvalidRequest, match="top_n_tokens"):
+        split_request("text-generation", {"inputs": "Hi", "parameters": {"top_n_tokens": 2}})
     with pytest.raises(InvalidRequest, match="one prompt"):
         split_request("text-generation", {"inputs": ["a", "b"], "stream": True})
 
@@ -386,8 +388,12 @@ def test_a_bad_parameter_is_tgi_s_validation_error_and_streaming_still_works_aft
     from huggingface_hub.errors import ValidationError
 
     client = hf("text-generation")
-    with pytest.raises(ValidationError, match="seed"):
-        client.text_generation("Hello", max_new_tokens=2, seed=3)
+    with pytest.raises(ValidationError, match="top_n_tokens"):
+        client.text_generation("Hello", max_new_tokens=2, top_n_tokens=3)
+    # a seeded sampled job: the same text again (its own generator, whatever its batch-mates)
+    seeded = [client.text_generation("Hello", max_new_tokens=8, seed=3, do_sample=True)]
+    seeded.append(client.text_generation("Hello", max_new_tokens=8, seed=3, do_sample=True))
+    assert seeded[0] == seeded[1]
     with pytest.raises(ValidationError, match="max_new_tokens"):
         client.text_generation("Hello", max_new_tokens=0)
     # a 400 would have made the client drop these parameters and refuse to stream

@@ -75,7 +75,6 @@ _TGI_NO_OP: dict[str, Any] = {
 }
 #: TGI parameters pipeq's workers cannot honour (with any other value than `_TGI_NO_OP`'s)
 _TGI_UNSUPPORTED = {
-    "seed": "per-request seeds",
     "best_of": "best_of (several sequences, the best kept)",
     "watermark": "watermarking",
     "decoder_input_details": "the prompt's token details",
@@ -209,6 +208,9 @@ def _tgi_parameters(params: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]
             raise InvalidRequest(
                 f"parameter {name!r}: pipeq's workers do not support {_TGI_UNSUPPORTED[name]} yet"
             )
+        if name == "seed":  # the job's own generator (sampled jobs)
+            out["seed"] = value
+            continue
         if name == "stop":
             if value == []:
                 continue

@@ -13,8 +13,8 @@ takes it); above 0, or left out (OpenAI's default is 1), samples. `max_tokens` (
 `max_completion_tokens` first) is `max_new_tokens`, 16 when left out (OpenAI's
 completions default). `stop` (up to 4 strings) is transformers' `stop_strings`; the text
 is cut before the first stop string, as OpenAI's is. `n` is `num_return_sequences`.
-`seed` is accepted with greedy decoding (which it cannot change) and refused with
-sampling: pipeq's workers have no per-request seeds yet.
+`seed` seeds a sampled job's own random generator (the same request and seed give the
+same text, whatever else the worker runs); greedy decoding ignores it.
 
 Errors are OpenAI's envelope, `{"error": {"message", "type", "param", "code"}}`, where
 `code` is pipeq's error class (`Overloaded`, `NoLiveWorker`, ...).
@@ -206,11 +206,8 @@ def generation_params(request: _Generation, max_tokens: int | None = None) -> di
         "return_full_text": False,
     }
     if sampling:
-        if request.seed is not None:
-            raise InvalidRequest(
-                "seed: pipeq's workers have no per-request seeds yet; "
-                "use temperature 0 for a repeatable answer"
-            )
+        if request.seed is not None:  # the job's own generator: the same text again
+            params["seed"] = request.seed
         params["temperature"] = 1.0 if request.temperature is None else request.temperature
         if request.top_p is not None and request.top_p < 1:
             params["top_p"] = request.top_p
