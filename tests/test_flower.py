@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from pipeq import Client, Job, JobCancelled, JobState
+from pipeq._app import queue_for
 from pipeq._stack import is_loopback, port_free, stop_process
 from pipeq.errors import InvalidRequest, UnknownDeployment
 from pipeq.worker.demo import write_config
@@ -213,6 +214,12 @@ def test_a_send_without_a_deployments_queue_fails_at_once_and_says_why(
     """Nothing is enqueued: the job fails at once, its result names what to send."""
     up = stacks["open"]
     r = redis.Redis.from_url(up.redis_url)
+    # a worker announces itself before its consumer has bound its queues and its control
+    # box (kombu's binding keys): wait for those, or they count as keys this test made
+    served = ("sentiment-analysis", "feature-extraction")
+    queues = ["celery.pidbox", *(queue_for(d) for d in served)]
+    bindings = [f"_kombu.binding.{q}" for q in queues]
+    wait_until(lambda: all(r.exists(b) for b in bindings), 60, "the workers' bindings")
     keys_before = set(r.keys("*"))
     cases = [
         ("send-task/pipeq.run", JOB, InvalidRequest, '"queue": "pipeq.<deployment>"'),
