@@ -148,9 +148,9 @@ def test_a_worker_killed_mid_stream_loses_no_job_and_the_stream_says_it_restarte
     dynamic batcher alone), its stream records a second start, and since the seed gives
     the same draws there, the reader goes on without StreamRestarted: it counts one
     restart, and what it read is the whole text, once, `set_seed(seed)`'s in-process.
-    Twenty shorter sampled jobs of random parameters and seeds run beside it, each
-    followed by a reader: whichever ran again, each reader's text and each result is
-    `set_seed(seed)`'s in-process."""
+    Ninety-nine shorter sampled jobs of random parameters and seeds run beside it (100
+    in all), each followed by a reader: whichever worker ran it, and whichever ran again
+    after the kill, each reader's text and each result is `set_seed(seed)`'s in-process."""
     d = deployments[GEN]
     cluster = cluster_of([d], worker_env={**QUICK, "PIPEQ_FAULTS_STEP_S": "0.02"})
     with cluster.client() as client:
@@ -159,10 +159,10 @@ def test_a_worker_killed_mid_stream_loses_no_job_and_the_stream_says_it_restarte
         params = {"max_new_tokens": 300, "do_sample": True, "temperature": 0.9, "seed": 5}
         job = client.submit(GEN, "A long story", **params)
         stream = job.stream(timeout=120)
-        # and 20 more sampled jobs of random parameters, each followed by a reader
+        # and 99 more sampled jobs of random parameters, each followed by a reader
         rng = random.Random(8)
         others = [(p, {**_sampled(rng), "max_new_tokens": rng.randint(20, 60)})
-                  for p, _ in prompts(20, seed=8)]  # fmt: skip
+                  for p, _ in prompts(99, seed=8)]  # fmt: skip
         followed: dict[int, Any] = {}
 
         def follow(i: int, other: Any) -> None:
