@@ -267,6 +267,33 @@ def test_embeddings_are_the_pooled_pipeline_output_as_base64_and_floats(
     )
 
 
+def test_a_long_input_is_cut_where_sentence_transformers_cuts_it(
+    oai: Any, deployments: Any
+) -> None:
+    """all-MiniLM-L6-v2's sentence_bert_config.json keeps 256 tokens of an input (its
+    model takes 512): the embedding of a ~330-token text pools its first 256, as
+    sentence-transformers' `encode` does, and `usage` counts those."""
+    import random
+
+    import numpy as np
+    from transformers import pipeline
+
+    words = "the course teaches models data tokens queues workers batches fast good".split()
+    text = " ".join(random.Random(3).choices(words, k=320))
+    reference = pipeline("feature-extraction", model=deployments["feature-extraction"].model)
+    assert len(reference.tokenizer(text)["input_ids"]) > 300
+
+    def pooled(**tokenize: Any) -> Any:
+        mean = np.array(reference(text, tokenize_kwargs=tokenize)[0]).mean(axis=0)
+        return mean / np.linalg.norm(mean)
+
+    want, whole = pooled(truncation=True, max_length=256), pooled()
+    assert not np.allclose(want, whole, atol=1e-3)  # the cut matters for this text
+    got = oai.embeddings.create(model="feature-extraction", input=text, encoding_format="float")
+    assert np.allclose(got.data[0].embedding, want, atol=1e-5)
+    assert got.usage.prompt_tokens == 256
+
+
 def test_errors_are_openai_s_envelope_and_raise_the_client_s_errors(oai: Any, gateway: Any) -> None:
     import openai
 

@@ -525,8 +525,9 @@ _ST_POOLING = {
 def sentence_pooling(model: str, revision: str | None = None) -> dict[str, Any]:
     """How a model's sentence-transformers config pools token vectors into one:
     `{"mode": "mean" | "cls" | "max" | "lasttoken", "normalize": bool}` (its Pooling
-    module's config, and whether a Normalize module follows); mean, not normalized, for a
-    model without one."""
+    module's config, and whether a Normalize module follows), and `"max_seq_length"`: the
+    tokens sentence-transformers keeps of an input (sentence_bert_config.json), where it
+    says; mean, not normalized, for a model without one."""
     import json
 
     from transformers.utils.hub import cached_file
@@ -552,6 +553,10 @@ def sentence_pooling(model: str, revision: str | None = None) -> dict[str, Any]:
                 found["mode"] = modes[0] if modes else "mean"
             elif kind.endswith("Normalize"):
                 found["normalize"] = True
+        if modules:  # sentence-transformers cuts inputs at its own length, often the shorter
+            length = (read("sentence_bert_config.json") or {}).get("max_seq_length")
+            if isinstance(length, int) and not isinstance(length, bool) and length > 0:
+                found["max_seq_length"] = length
     except Exception:  # no config to read (or an odd one): mean pooling
         return {"mode": "mean", "normalize": False}
     return found

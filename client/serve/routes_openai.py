@@ -433,9 +433,12 @@ async def run_embeddings(
             f"dimensions: this model's embeddings have {width}",
         )
     submit.setdefault("wait_s", SYNC_WAIT_S)
+    how = target.info.get("pooling") or {"mode": "mean", "normalize": False}
+    if how.get("max_seq_length"):  # as sentence-transformers encodes: its length, cut there
+        cut = {"truncation": True, "max_length": how["max_seq_length"]}
+        submit.setdefault("params", {"tokenize_kwargs": cut})
     view, _ = await gw.submit(who, target.name, texts, **submit)
     result = await gw.outcome(view, submit["wait_s"])
-    how = target.info.get("pooling") or {"mode": "mean", "normalize": False}
     vectors = [_openai.pool(r, how) for r in result]
     tokens = sum(len(r[0]) if r and isinstance(r[0][0], list) else len(r) for r in result)
     return {
