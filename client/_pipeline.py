@@ -146,12 +146,7 @@ class RemotePipeline:
         """Prompt `index` of `job` into `streamer`: its prompt (unless `skip_prompt`),
         its new text a piece at a time, then the end."""
         full = params.get("return_full_text") is not False
-        final = bool(
-            params.get(
-                "continue_final_message",
-                isinstance(item, list) and bool(item) and item[-1].get("role") == "assistant",
-            )
-        )
+        final = not isinstance(item, str) and _tasks.continues_final(item, params)
         # what the job's stream gives before the new text (the result's head)
         head = item if isinstance(item, str) else (item[-1]["content"] if final else "")
         left = len(head) if full else 0
@@ -171,12 +166,7 @@ class RemotePipeline:
         if isinstance(item, str):
             return item
         tokenizer = getattr(streamer, "tokenizer", None) or self.tokenizer
-        ids = tokenizer.apply_chat_template(
-            item,
-            add_generation_prompt=not final,
-            continue_final_message=final,
-            return_dict=True,
-        )["input_ids"]
+        ids = _tasks.chat_ids(tokenizer, item, final)
         return str(tokenizer.decode(ids, **(getattr(streamer, "decode_kwargs", None) or {})))
 
     def _split_call(

@@ -28,8 +28,10 @@ __all__ = [
     "check_item",
     "check_limits",
     "check_param_limits",
+    "chat_ids",
     "check_positions",
     "combine",
+    "continues_final",
     "is_task",
     "items_of",
     "iterated",
@@ -170,6 +172,27 @@ def with_seed(task: str, params: dict[str, Any]) -> dict[str, Any]:
     if "seed" in params or not samples(task, params):
         return params
     return {**params, "seed": secrets.randbits(63)}
+
+
+def continues_final(chat: Any, params: Mapping[str, Any]) -> bool:
+    """Whether a text-generation chat continues its last message rather than getting a
+    reply: `continue_final_message` as given, else transformers' pipeline's rule (the last
+    message is the assistant's)."""
+    final = params.get("continue_final_message")
+    if final is None:
+        return bool(chat) and isinstance(chat[-1], dict) and chat[-1].get("role") == "assistant"
+    return bool(final)
+
+
+def chat_ids(tokenizer: Any, chat: Any, final: bool) -> list[int]:
+    """A chat's prompt token ids as the text-generation pipeline renders it: the
+    tokenizer's chat template, with a generation prompt unless it continues the final
+    message (`continues_final`). Raises what `apply_chat_template` raises (ValueError
+    without a template)."""
+    rendered = tokenizer.apply_chat_template(
+        chat, add_generation_prompt=not final, continue_final_message=final, return_dict=True
+    )
+    return list(rendered["input_ids"])
 
 
 GENERATE: dict[str, Check] = {

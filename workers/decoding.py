@@ -40,6 +40,8 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingLogitsProcessor,
 )
 
+from pipeq import _tasks
+
 __all__ = ["Decoding", "DrawStep", "JobPlan", "install", "plan", "seed_of"]
 
 #: parameters the continuous batch serves besides the generation config's
@@ -185,15 +187,8 @@ def plan(pipe: Any, items: list[Any], params: dict[str, Any]) -> JobPlan | str:
     input_ids, finals = [], []
     for item in items:
         if isinstance(item, list):
-            final = params.get("continue_final_message")
-            if final is None:
-                final = bool(item) and item[-1].get("role") == "assistant"
-            ids = tokenizer.apply_chat_template(
-                item,
-                add_generation_prompt=not final,
-                continue_final_message=final,
-                return_dict=True,
-            )["input_ids"]
+            final = _tasks.continues_final(item, params)
+            ids = _tasks.chat_ids(tokenizer, item, final)
         else:
             final = False
             ids = tokenizer(item)["input_ids"]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from functools import cached_property
 from typing import Any
 
-from pipeq import _floats
+from pipeq import _floats, _tasks
 from pipeq._config import Deployment
 from pipeq._tasks import DEFAULT_LIMITS
 from pipeq.errors import InvalidRequest, JobTimeout, ModelLoadError
@@ -366,9 +366,7 @@ class Handler:
             text = str(params.get("prefix") or "") + item
             n = self._count(text, special=bool(encode.get("add_special_tokens", True)))
         elif getattr(tok, "chat_template", None):
-            final = params.get("continue_final_message")
-            if final is None:
-                final = isinstance(item[-1], dict) and item[-1].get("role") == "assistant"
+            final = _tasks.continues_final(item, params)
             try:
                 text = tok.apply_chat_template(
                     item,
