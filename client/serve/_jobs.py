@@ -620,10 +620,12 @@ class Gateway:
             deployment=view.deployment,
         )
 
-    async def live(self, deployment: str) -> bool:
+    async def live(self, deployment: str | None) -> bool:
         """False when no worker of `deployment` beat within the registry's grace
         (`Registry.require_live`: what refuses a submit with NoLiveWorker); True when one
-        did, or when Redis cannot tell."""
+        did, or when Redis cannot tell (or the job's deployment is not known here)."""
+        if deployment is None:
+            return True
         try:
             await self.in_thread(self.client.registry.require_live, deployment)
         except NoLiveWorker:
