@@ -82,6 +82,18 @@ def _str(name: str, v: Any) -> None:
         _fail(name, "a string", v)
 
 
+def _hypothesis_template(name: str, v: Any) -> None:
+    """zero-shot's template: a string the label is put into (`{}`), as transformers checks
+    (`template.format(label) == template` is its ValueError)."""
+    _str(name, v)
+    try:
+        placed = v.format("label")
+    except (IndexError, KeyError, ValueError):
+        placed = v
+    if placed == v:
+        _fail(name, "a string with one {} where the label goes, as 'This example is {}.'", v)
+
+
 def _choice(*options: str) -> Check:
     def check(name: str, v: Any) -> None:
         if not isinstance(v, str) or v.lower() not in options:
@@ -329,7 +341,11 @@ SPECS: dict[str, TaskSpec] = {
         TaskSpec(
             "zero-shot-classification",
             "text",
-            {"candidate_labels": _labels, "hypothesis_template": _str, "multi_label": _bool},
+            {
+                "candidate_labels": _labels,
+                "hypothesis_template": _hypothesis_template,
+                "multi_label": _bool,
+            },
             renamed={"multi_class": _multi_class},
             required=("candidate_labels",),
             max_batch_size=8,
@@ -538,6 +554,14 @@ def validate_params(
     for name in s.required if complete else ():
         if name not in out:
             raise InvalidRequest(f"{s.name} needs the parameter {name!r}")
+    if out.get("temperature") == 0 and samples(task, out):
+        # transformers' ValueError in the worker otherwise ("has to be a strictly positive
+        # float"); OpenAI's temperature 0, greedy decoding, is do_sample=False here
+        raise InvalidRequest(
+            "parameter 'temperature' must be > 0 when sampling (the text-generation "
+            "pipeline samples unless do_sample=False): pass do_sample=False for greedy "
+            "decoding"
+        )
     return out
 
 

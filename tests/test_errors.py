@@ -58,6 +58,14 @@ def test_bad_text_input_is_refused_at_submit_naming_the_input(client: Client, ba
         ("zero-shot-classification", {"candidate_labels": ["a"], "top_p": 2}, "top_p"),
         ("ner", {"aggregation_strategy": "sometimes"}, "aggregation_strategy"),
         ("ner", {"ignore_subwords": True}, "aggregation_strategy='first'"),
+        # what transformers raises ValueError for inside the worker (a JobFailed before)
+        (
+            "zero-shot-classification",
+            {"candidate_labels": ["a"], "hypothesis_template": "x"},
+            "hypothesis_template",
+        ),
+        ("text-generation", {"temperature": 0}, "temperature"),
+        ("text-generation", {"temperature": 0, "do_sample": True}, "do_sample=False"),
     ],
 )
 def test_bad_parameters_are_refused_at_submit_naming_the_parameter(
@@ -70,6 +78,16 @@ def test_bad_parameters_are_refused_at_submit_naming_the_parameter(
 def test_fill_mask_input_without_the_models_mask_token_is_refused(client: Client) -> None:
     with pytest.raises(InvalidRequest, match="<mask>"):
         client.submit("fill-mask", "This course will teach you all about [MASK] models.")
+
+
+def test_a_fill_mask_top_k_past_the_vocabulary_is_an_invalid_request(client: Client) -> None:
+    """torch.topk raised RuntimeError inside the pipeline for it (a JobFailed): the worker,
+    which knows the vocabulary, refuses it by name, and the same text with a top_k it
+    has is answered."""
+    text = "This course will teach you all about <mask> models."
+    with pytest.raises(InvalidRequest, match=r"top_k.*vocabulary"):
+        client.submit("fill-mask", text, top_k=10**6).result(timeout=30)
+    assert len(client.submit("fill-mask", text, top_k=3).result(timeout=30)) == 3
 
 
 def test_unknown_task_or_deployment_is_a_typed_error(client: Client) -> None:
@@ -115,11 +133,11 @@ def test_bad_input_sent_past_the_client_fails_the_job_and_not_the_worker(
 def test_an_error_inside_the_pipeline_is_a_failed_job_with_its_message(client: Client) -> None:
     job = send_raw(
         client,
-        "zero-shot-classification",
+        "text-generation",
         inputs="hello",
-        params={"candidate_labels": ["a"], "hypothesis_template": "no slot"},
+        params={"num_beams": 2, "num_return_sequences": 3, "max_new_tokens": 2},
     )
-    with pytest.raises(JobFailed, match="ValueError: The provided hypothesis_template"):
+    with pytest.raises(JobFailed, match=r"ValueError: .*num_return_sequences"):
         job.result(timeout=30)
     assert client.submit("zero-shot-classification", "hello", candidate_labels=["a", "b"]).result(
         timeout=30

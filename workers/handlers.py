@@ -285,6 +285,14 @@ class Handler:
         fill-mask, feature-extraction) and the call asks for no truncation. Tasks whose
         reference copes with long inputs (zero-shot truncates, ner truncates,
         question-answering windows) are left to it."""
+        if self.task == "fill-mask":
+            model = self.pipe.model  # type: ignore[attr-defined]
+            top_k, vocab = params.get("top_k"), model.config.vocab_size
+            if isinstance(top_k, int) and not params.get("targets") and top_k > vocab:
+                # torch.topk's RuntimeError in the pipeline otherwise ("k out of range")
+                raise InvalidRequest(
+                    f"parameter 'top_k' is {top_k}; this model's vocabulary has {vocab} tokens"
+                )
         if self.task == "text-generation":
             self._check_generation(item, params, where)
             return
