@@ -215,8 +215,13 @@ def paused(client: Client, deployment: str) -> Iterator[None]:
         assert time.monotonic() < deadline, f"{deployment}: {workers} did not pause: {replies}"
     try:
         yield
-    finally:
-        client.app.control.add_consumer(queue, destination=workers, reply=True)
+    finally:  # and again until every one says it consumes: a lost reply left one paused
+        deadline = time.monotonic() + 30
+        while True:
+            replies = client.app.control.add_consumer(queue, destination=workers, reply=True)
+            if {name for reply in replies or [] for name in reply} >= set(workers):
+                break
+            assert time.monotonic() < deadline, f"{deployment}: {workers} did not resume"
 
 
 def is_sentiment(result: Any) -> bool:

@@ -180,11 +180,11 @@ def test_every_job_reaches_flower_as_received_started_then_succeeded_or_failed(
     with flower_view(client) as (events, until):
         good = client.submit("sentiment-analysis", "You clever monster!")
         many = client.submit("sentiment-analysis", ["You clever monster!"] * 60)
-        bad = send_raw(  # fails in the pipeline: the template has no {} slot
+        bad = send_raw(  # fails in the pipeline: generate() refuses 3 sequences of 2 beams
             client,
-            "zero-shot-classification",
+            "text-generation",
             inputs="hi",
-            params={"candidate_labels": ["a"], "hypothesis_template": "x"},
+            params={"num_beams": 2, "num_return_sequences": 3, "max_new_tokens": 2},
         )
         # set aside by the worker's gate (no params): Celery never sees it, Flower must
         malformed = send_raw(client, "sentiment-analysis", inputs="hi")

@@ -540,17 +540,22 @@ def test_inference_client_raises_an_http_error_naming_a_full_queue_or_no_worker(
     assert e.value.response.status_code == 503 and e.value.response.headers["retry-after"]
 
 
-def test_a_job_that_fails_in_its_pipeline_is_424_with_tgi_s_body(hf: Any) -> None:
-    from huggingface_hub.errors import HfHubHTTPError
+def test_a_job_that_fails_in_its_pipeline_is_424_with_tgi_s_body(gateway: Any) -> None:
+    import httpx
 
-    with pytest.raises(HfHubHTTPError, match="hypothesis_template") as e:
-        hf("zero-shot-classification").zero_shot_classification(
-            TEXT, candidate_labels=["a"], hypothesis_template="no slot"
-        )
-    assert e.value.response.status_code == 424
-    body = e.value.response.json()
+    # passes every check before the pipeline, whose generate() raises ValueError for it
+    params = {"num_beams": 2, "num_return_sequences": 3, "max_new_tokens": 2}
+    reply = httpx.post(
+        f"{gateway.url}/models/text-generation",
+        json={"inputs": TEXT, "parameters": params},
+        headers=gateway.headers("alice"),
+        timeout=60,
+    )
+    assert reply.status_code == 424, reply.text
+    body = reply.json()
     assert body["error_type"] == "generation" and body["type"] == "JobFailed"
-    assert body["job_id"] and body["deployment"] == "zero-shot-classification"
+    assert "num_return_sequences" in body["error"]
+    assert body["job_id"] and body["deployment"] == "text-generation"
 
 
 def test_a_list_of_inputs_answers_a_list_in_the_task_s_shape(gateway: Any, pipe: Any) -> None:
