@@ -205,23 +205,22 @@ def paused(client: Client, deployment: str) -> Iterator[None]:
     workers = client.registry.live_workers(deployment)
     assert workers, f"no live worker of {deployment} to pause"
     queue = queue_for(deployment)
-    # a worker that has just announced itself may not answer control commands yet: ask
-    # again until every one of them says it stopped consuming
-    deadline = time.monotonic() + 30
-    while True:
-        replies = client.app.control.cancel_consumer(queue, destination=workers, reply=True)
-        if {name for reply in replies or [] for name in reply} >= set(workers):
-            break
-        assert time.monotonic() < deadline, f"{deployment}: {workers} did not pause: {replies}"
-    try:
-        yield
-    finally:  # and again until every one says it consumes: a lost reply left one paused
+
+    def until_each_answers(command: Any, what: str) -> None:
+        """`command` again until every worker answers it: one that has just announced
+        itself may not answer control commands yet, and a reply can be lost."""
         deadline = time.monotonic() + 30
         while True:
-            replies = client.app.control.add_consumer(queue, destination=workers, reply=True)
+            replies = command(queue, destination=workers, reply=True)
             if {name for reply in replies or [] for name in reply} >= set(workers):
-                break
-            assert time.monotonic() < deadline, f"{deployment}: {workers} did not resume"
+                return
+            assert time.monotonic() < deadline, f"{deployment}: {workers} did not {what}: {replies}"
+
+    until_each_answers(client.app.control.cancel_consumer, "pause")
+    try:
+        yield
+    finally:
+        until_each_answers(client.app.control.add_consumer, "resume")
 
 
 def is_sentiment(result: Any) -> bool:
