@@ -11,6 +11,7 @@ import datetime
 import functools
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,8 @@ from contextvars import ContextVar
 from functools import cached_property
 from typing import Any
 
+import redis
+import redis.sentinel
 from celery import Celery, states
 from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.events.event import EVENT_EXCHANGE_NAME
@@ -120,6 +123,9 @@ class _ResultConsumer(RedisBackend.ResultConsumer):  # type: ignore[misc]
         )
 
 
+_SHARED_CLIENT_LOCK = threading.Lock()
+
+
 class Backend(RedisBackend):  # type: ignore[misc]
     """Celery's Redis result backend, honouring result timeouts under a second,
     subscribing to a job's result channel only when someone waits for it, and storing a
@@ -158,6 +164,31 @@ class Backend(RedisBackend):  # type: ignore[misc]
             lease.lost(f"storing the result of job {task_id}")
         return result
 
+    @property
+    def ConnectionPool(self) -> Any:
+        """redis-py's pool; with `redis_max_connections` set (workers: `BACKEND_CONNECTIONS`),
+        a `BlockingConnectionPool`: a thread past the bound waits for a free connection
+        instead of opening one more (Celery's plain pool raises past it)."""
+        if self._ConnectionPool is None:  # type: ignore[has-type]
+            bounded = self.max_connections is not None
+            self._ConnectionPool = redis.BlockingConnectionPool if bounded else redis.ConnectionPool
+        return self._ConnectionPool
+
+    @cached_property
+    def client(self) -> Any:
+        """The Redis client. Celery makes a backend for each thread (`app.backend` is
+        thread-local), each with its own pool: a worker's job threads held one connection
+        each. With `redis_max_connections` set, every backend of the app shares one client,
+        so that bound is the app's."""
+        if self.max_connections is None:
+            return self._create_client(**self.connparams)
+        with _SHARED_CLIENT_LOCK:
+            shared = getattr(self.app, "_pipeq_backend_client", None)
+            if shared is None:
+                shared = self._create_client(**self.connparams)
+                self.app._pipeq_backend_client = shared
+        return shared
+
     def exception_safe_to_retry(self, exc: Exception) -> bool:
         """Celery's `result_backend_always_retry` (workers) retries a result's store
         while Redis is unreachable, and while it refuses writes (full, read-only, not
@@ -169,10 +200,26 @@ class Backend(RedisBackend):  # type: ignore[misc]
         return Ledger(self.client)
 
 
+class _BlockingSentinelPool(redis.sentinel.SentinelConnectionPool, redis.BlockingConnectionPool):
+    """The master's pool, bounded as `BlockingConnectionPool` bounds its pool."""
+
+
 class SentinelResultBackend(Backend, SentinelBackend):  # type: ignore[misc]
     """pipeq's result backend on sentinel://: Celery's Sentinel backend (which asks the
     sentinels for the master) with `Backend`'s behaviour; the ledger's scripts run on
     that master too."""
+
+    def _get_pool(self, **params: Any) -> Any:
+        if self.max_connections is None:
+            return super()._get_pool(**params)
+        sentinel = self._get_sentinel_instance(**params)
+        credentials = {k: params[k] for k in ("username", "password") if k in params}
+        return sentinel.master_for(
+            service_name=self._transport_options.get("master_name", None),
+            redis_class=self._get_client(),
+            connection_pool_class=_BlockingSentinelPool,
+            **credentials,
+        ).connection_pool
 
 
 #: message headers with a job's deadline, which the enqueue step puts in Redis (`_ledger`):

@@ -35,6 +35,8 @@ killed between two commands can neither lose a job nor hold it twice:
 - `admit` (worker, before a forward pass): drop cancelled, expired and finished jobs,
   set redelivered suspects apart, mark the rest STARTED and running;
 - `store` (worker): a result is stored once; a finished job leaves waiting and running;
+- `take` (worker): up to a batch's worth of messages more into its in-flight list in one
+  step (BLMOVE waits for the first); `ack` takes any number out of it;
 - `beat` (worker heartbeat): re-announce the deployment and, for each worker of the same
   deployment whose heartbeat stopped `dead_after_s` ago, put the jobs it held back at
   the front of the queue (only once Redis itself has been up that long: a restarted
@@ -342,25 +344,35 @@ _BEAT = (
     _CLOCK
     + """
 -- KEYS: workers, deployments, queue, waiting, running, dead-after (hash), stats (hash)
--- ARGV: me, name, info, dead_after, forget_after, (unused), max_attempts, ttl, date_done
+-- ARGV: me, name, info, dead_after, forget_after, stats ('' = unchanged), max_attempts, ttl,
+-- date_done
 -- returns {jobs put back, ids failed JobLost}, or -1 (nothing done) if `me` was fenced
 if redis.call('EXISTS', 'pipeq:fenced:' .. ARGV[1]) == 1 then return -1 end
 -- a judge silent itself for dead_after_s (Redis stalled, or this process) judges no one now:
 -- the others were silent for the same reason
 local last_beat = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or now)
 local judge = last_beat >= now - tonumber(ARGV[4])
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('HSET', KEYS[6], ARGV[1], ARGV[4])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+-- announced when new: a first beat, or a Redis that lost its data (or forgot this worker)
+if redis.call('ZADD', KEYS[1], now, ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[6], ARGV[1], ARGV[4])
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+end
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[7], ARGV[1], ARGV[6])
+  redis.call('EXPIRE', KEYS[7], math.floor(tonumber(ARGV[5])))
+end
 local moved, lost = 0, {}
--- a Redis that has just (re)started has not heard from the live workers yet
-local uptime = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)'))
+local uptime = nil
 local silent = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'WITHSCORES')
 for d = 1, #silent, 2 do
   local owner, seen = silent[d], tonumber(silent[d + 1])
   -- each worker is judged by the dead_after_s it beats for, not by the judge's own
   local dead_after = tonumber(redis.call('HGET', KEYS[6], owner) or ARGV[4])
   local inflight = 'pipeq:inflight:' .. owner
+  if judge and owner ~= ARGV[1] and seen < now - dead_after and not uptime then
+    -- a Redis that has just (re)started has not heard from the live workers yet
+    uptime = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)'))
+  end
   if judge and owner ~= ARGV[1] and seen < now - dead_after and uptime >= dead_after then
     local items = redis.call('LRANGE', inflight, 0, -1)
     -- it may be frozen, not dead: if it comes back, it owns none of these any more
@@ -449,9 +461,24 @@ return 1
 """
 
 _ACK = """
--- KEYS: inflight, fence ; ARGV: message. Acknowledged: out of the worker's list.
+-- KEYS: inflight, fence ; ARGV: messages. Acknowledged: out of the worker's list.
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
-return redis.call('LREM', KEYS[1], 1, ARGV[1])
+local removed = 0
+for i = 1, #ARGV do removed = removed + redis.call('LREM', KEYS[1], 1, ARGV[i]) end
+return removed
+"""
+
+_TAKE = """
+-- KEYS: queue, inflight, fence ; ARGV: n. Up to n more messages into the worker's list, as
+-- BLMOVE takes one (the oldest first); -1 (nothing taken) if the worker was fenced.
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+local taken = {}
+for i = 1, tonumber(ARGV[1]) do
+  local raw = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not raw then break end
+  taken[i] = raw
+end
+return taken
 """
 
 _APPEND = """
@@ -528,6 +555,7 @@ class Ledger:
                 ("requeue", _REQUEUE),
                 ("set_aside", _SET_ASIDE),
                 ("ack", _ACK),
+                ("take", _TAKE),
                 ("append", _APPEND),
                 ("live", _LIVE),
                 ("depth", _DEPTH),

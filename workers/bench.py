@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+import sys
 import tempfile
 import threading
 import time
@@ -206,8 +207,22 @@ def main(argv: list[str] | None = None) -> int:
         default="greedy",
         help="generation only: greedy prompts, or the mixed workload (bench_mixed.py)",
     )
+    p.add_argument(
+        "--queue",
+        action="store_true",
+        help="the queue's own cost instead (bench_queue.py): jobs/s, Redis commands and CPU "
+        "a job, connections, an idle worker; --jobs a burst (default 2000)",
+    )
+    p.add_argument("--producers", type=int, default=4, help="--queue: submitting threads")
+    p.add_argument("--idle-s", type=float, default=20.0, help="--queue: idle time measured")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.queue:
+        from pipeq.worker.bench_queue import queue_main
+
+        if "--jobs" not in (argv or sys.argv):
+            args.jobs = 2000
+        return queue_main(args)
 
     if args.tiny:
         from pipeq.worker import tiny_models

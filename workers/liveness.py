@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,43 +166,52 @@ class Heartbeat:
         self.inflight = inflight_key(worker)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: the statistics the last beat stored, and when (time.monotonic())
+        self._stats_sent = ""
+        self._stats_sent_at = -math.inf
 
     def beat(self) -> int:
-        """One heartbeat; the number of jobs put back (raises if Redis is unreachable)."""
-        pipe = self.ledger.redis.pipeline(transaction=False)
-        self.ledger.script("beat")(
-            [
-                workers_key(self.deployment),
-                DEPLOYMENTS_KEY,
-                queue_for(self.deployment),
-                waiting_key(self.deployment),
-                running_key(self.deployment),
-                dead_after_key(self.deployment),
-                stats_key(self.deployment),
-            ],
-            [
-                self.worker,
-                self.deployment,
-                self.info,
-                self.settings.dead_after_s,
-                self.settings.forget_after_s,
-                "",
-                self.settings.max_attempts,
-                self.result_ttl_s,
-                datetime.datetime.now(datetime.UTC).isoformat(),
-            ],
-            client=pipe,
-        )
-        key = stats_key(self.deployment)
-        pipe.hset(key, self.worker, json.dumps(self.stats()))
-        pipe.expire(key, int(self.settings.forget_after_s))
+        """One heartbeat; the number of jobs put back (raises if Redis is unreachable).
+        An idle worker's beat is one EVALSHA: its statistics go with it when they changed
+        (or every `forget_after_s` / 4, lest they expire), metrics' increments when any."""
+        stats = json.dumps(self.stats(), sort_keys=True)
+        now = time.monotonic()
+        fresh = now - self._stats_sent_at < self.settings.forget_after_s / 4
+        send_stats = "" if stats == self._stats_sent and fresh else stats
+        keys = [
+            workers_key(self.deployment),
+            DEPLOYMENTS_KEY,
+            queue_for(self.deployment),
+            waiting_key(self.deployment),
+            running_key(self.deployment),
+            dead_after_key(self.deployment),
+            stats_key(self.deployment),
+        ]
+        args = [
+            self.worker,
+            self.deployment,
+            self.info,
+            self.settings.dead_after_s,
+            self.settings.forget_after_s,
+            send_stats,
+            self.settings.max_attempts,
+            self.result_ttl_s,
+            datetime.datetime.now(datetime.UTC).isoformat(),
+        ]
         increments = self.observations.take()
-        add_increments(pipe, self.deployment, increments)
         try:
-            reply, *_ = pipe.execute()
+            if increments:
+                pipe = self.ledger.redis.pipeline(transaction=False)
+                self.ledger.script("beat")(keys, args, client=pipe)
+                add_increments(pipe, self.deployment, increments)
+                reply, *_ = pipe.execute()
+            else:
+                reply = self.ledger.script("beat")(keys, args)
         except Exception:
             self.observations.give_back(increments)  # the next beat adds them
             raise
+        if send_stats:
+            self._stats_sent, self._stats_sent_at = stats, now
         self.lease.check(reply, "its heartbeat")
         moved, lost = reply
         lost_ids = [i.decode() if isinstance(i, bytes) else str(i) for i in lost]

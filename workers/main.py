@@ -150,6 +150,14 @@ HEARTBEAT_IO_S = 5.0
 #: deployment. Measured (docs/batching.md): 4 batches group as well as 8, 2 lose a fifth
 #: of the throughput to padding.
 HELD_BATCHES = 4
+#: connections the result backend opens at most, shared by every job thread (the batcher's
+#: admission, the heartbeat, and the threads storing results); a thread past it waits for
+#: one. Before, a worker opened about one per job thread: 200 at max_batch_size 256.
+BACKEND_CONNECTIONS = 2
+#: an idle worker's wait for a job (BLMOVE's timeout), and its worker-heartbeat event's
+#: interval (s): what an idle worker sends Redis, with its pipeq heartbeat (every 2 s)
+IDLE_WAIT_S = 5.0
+EVENT_HEARTBEAT_S = 10
 
 
 def _redis_failed(name: str, url: str, e: Exception) -> int:
@@ -274,9 +282,15 @@ def run_worker(
             "pipeq_max_message_bytes": _max_message_bytes(deployment),
             "pipeq_on_malformed": on_malformed,
             "pipeq_lease": lease,
+            "pipeq_take_max": deployment.max_batch_size,
+            # an idle worker's BLMOVE waits this long (s) for a job before it asks again
+            # (kombu's brpop_timeout, 1 s by default)
+            "polling_interval": IDLE_WAIT_S,
         },
         # a result waits for Redis (up to ~10 minutes) rather than being lost
         result_backend_always_retry=True,
+        # the job threads share a few connections rather than each opening its own
+        redis_max_connections=BACKEND_CONNECTIONS,
         result_backend_max_retries=60,
         pipeq_deployment=deployment.name,  # outcomes of jobs sent around the ledger count here
         pipeq_lease=lease,  # a result is stored only while this worker owns its job
@@ -398,6 +412,9 @@ def run_worker(
                 f"--hostname={hostname}",
                 "--without-gossip",
                 "--without-mingle",
+                # Flower's worker-heartbeat event (Celery's 2 s); Flower shows a worker
+                # offline after two missed ones
+                f"--heartbeat-interval={EVENT_HEARTBEAT_S}",
                 f"--loglevel={loglevel}",
             ]
         )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from functools import cached_property
@@ -50,6 +51,10 @@ T = TypeVar("T")
 
 #: an acknowledgement or hand-back waits this long for Redis to come back
 RETRY_FOR_S = 300.0
+#: acknowledgements held at most before they are flushed whatever the consumer does
+ACKS_MAX = 256
+#: and for at most this long (seconds): the event loop's timer flushes them
+ACK_FLUSH_S = 0.25
 
 
 #: how long to wait before trying a refused or failed Redis call again (redis-py's)
@@ -94,7 +99,7 @@ class InflightQoS(kombu_redis.QoS):
         held = self.channel.held.pop(delivery_tag, None)
         if held is None:
             return super().ack(delivery_tag)  # type: ignore[no-any-return]
-        self.channel.ack_held(held[0], f"acknowledging job {held[2]}")
+        self.channel.defer_ack(held[0])
         virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
@@ -125,16 +130,30 @@ class WorkerChannel(_Channel):
     pipeq_on_malformed: Callable[[bytes, Malformed], None] | None = None
     #: the worker's claim on its in-flight list (its fence), with `pipeq_inflight`
     pipeq_lease: Lease | None = None
+    #: messages taken in one step at most (the deployment's max_batch_size)
+    pipeq_take_max: int = 1
     from_transport_options = (  # type: ignore[assignment]
         *_Channel.from_transport_options,
         "pipeq_inflight",
         "pipeq_max_message_bytes",
         "pipeq_on_malformed",
         "pipeq_lease",
+        "pipeq_take_max",
     )
     _blmove_queue: str | None = None
     #: consecutive refused takes (Redis refusing writes), for the backoff
     _refused = 0
+
+    @cached_property
+    def _commands_client(self) -> Any:
+        """One client for the commands of every channel of this connection (the task
+        consumer's and the control channel's): each channel's own made a connection each
+        to Redis for a few commands. The first channel's pool serves them; a pool closed
+        with its channel reconnects on its next command."""
+        shared = getattr(self.connection, "_pipeq_commands_client", None)
+        if shared is None:
+            shared = self.connection._pipeq_commands_client = self._create_client()
+        return shared
 
     @cached_property
     def held(self) -> dict[str, tuple[bytes, str, str]]:
@@ -148,10 +167,51 @@ class WorkerChannel(_Channel):
     def _owned(self, reply: Any, where: str) -> Any:
         return reply if self.pipeq_lease is None else self.pipeq_lease.check(reply, where)
 
+    @cached_property
+    def _acks(self) -> list[bytes]:
+        """Messages acknowledged and not yet out of the in-flight list: they leave it
+        together, before the consumer's next take (or as the channel closes)."""
+        return []
+
+    @cached_property
+    def _acks_lock(self) -> threading.Lock:
+        return threading.Lock()
+
     def ack_held(self, raw: bytes, where: str) -> None:
-        """Out of this worker's list (acknowledged, or a copy dropped), if it owns it."""
+        """Out of this worker's list now (a copy dropped), if it owns it."""
         reply = retrying(self.ledger.script("ack"), [self.pipeq_inflight, self._fence], [raw])
         self._owned(reply, where)
+
+    def defer_ack(self, raw: bytes) -> None:
+        """Acknowledged (its result is stored): out of the list with the next flush. A
+        message acknowledged but not yet flushed when its worker dies is put back by
+        the ledger like any other, and dropped before compute (its result is stored)."""
+        with self._acks_lock:
+            self._acks.append(raw)
+            full = len(self._acks) >= ACKS_MAX
+        if full:
+            self.flush_acks()
+
+    def flush_acks(self) -> None:
+        """Every acknowledged message out of the in-flight list, in one step."""
+        with self._acks_lock:
+            raws, self._acks[:] = list(self._acks), []
+        if not raws:
+            return
+        try:
+            reply = retrying(self.ledger.script("ack"), [self.pipeq_inflight, self._fence], raws)
+        except BaseException:
+            with self._acks_lock:
+                self._acks[:0] = raws  # tried again with the next flush
+            raise
+        self._owned(reply, f"acknowledging {len(raws)} job(s)")
+
+    def close(self) -> None:
+        try:
+            self.flush_acks()
+        except Exception as e:  # Redis away: the ledger puts them back, dropped as done
+            log.warning("could not flush %d acknowledgement(s): %s", len(self._acks), e)
+        super().close()
 
     def requeue(self, raw: bytes, queue: str) -> None:
         """Back to the front of its queue, if it is still in this worker's list."""
@@ -167,6 +227,7 @@ class WorkerChannel(_Channel):
         queues = list(self._active_queues)
         if not self.pipeq_inflight or len(queues) != 1:
             return super()._brpop_start(timeout)  # type: ignore[no-any-return]
+        self.flush_acks()
         self._blmove_queue = queues[0]
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
@@ -203,12 +264,32 @@ class WorkerChannel(_Channel):
                 self._refused = 0
             if raw is None:
                 raise Empty()
-            self._take(raw, queue)
+            more = self._take_more(queue)
+            delivered = 0
+            for message in (raw, *more):
+                try:
+                    self._take(message, queue)
+                    delivered += 1
+                except Empty:  # set aside, or handed back: the others go on
+                    pass
+            if not delivered:
+                raise Empty()
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]
             self._blmove_queue = None
             self._flush_brpop_reauth()
+
+    def _take_more(self, queue: str) -> list[bytes]:
+        """After BLMOVE's first message, up to a batch's worth more in one step (as many
+        as the consumer may still hold): a backlog costs a round trip a batch, not a job."""
+        room = self.qos.can_consume_max_estimate()
+        n = self.pipeq_take_max - 1 if room is None else min(self.pipeq_take_max, room) - 1
+        if n <= 0:
+            return []
+        keys = [queue, self.pipeq_inflight, self._fence]
+        reply = self._owned(retrying(self.ledger.script("take"), keys, [n]), "taking jobs")
+        return list(reply)
 
     def _take(self, raw: bytes, queue: str) -> None:
         try:
@@ -258,7 +339,23 @@ class WorkerChannel(_Channel):
         self._owned(reply, "setting a message aside")
 
 
-class Transport(kombu_redis.Transport):
+class _FlushesAcks:
+    """Flushes the channels' acknowledgements on the event loop's timer too, so that an
+    idle consumer (its BLMOVE waiting) does not hold them until the wait ends."""
+
+    channels: list[Any]
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)  # type: ignore[misc]
+        loop.call_repeatedly(ACK_FLUSH_S, self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        for channel in list(self.channels):
+            if isinstance(channel, WorkerChannel) and channel._acks:
+                channel.flush_acks()
+
+
+class Transport(_FlushesAcks, kombu_redis.Transport):
     """kombu's Redis transport with the worker's channel."""
 
     Channel = WorkerChannel
@@ -277,7 +374,7 @@ class SentinelWorkerChannel(WorkerChannel, kombu_redis.SentinelChannel):
     )
 
 
-class SentinelTransport(kombu_redis.SentinelTransport):
+class SentinelTransport(_FlushesAcks, kombu_redis.SentinelTransport):
     """kombu's Sentinel transport with the worker's channel."""
 
     Channel = SentinelWorkerChannel
