@@ -450,11 +450,13 @@ def cmd_deployments(args: argparse.Namespace) -> int:
             if args.forget not in client.deployments():
                 print(f"pipeq: no deployment {args.forget!r} announced here", file=sys.stderr)
                 return 1
-            client.call(client.registry.forget, args.forget)
+            at = client.broker(args.forget)  # its Redis (docs/redis.md, several Redis)
+            at.call(at.registry.forget, args.forget)
             print(f"forgot {args.forget}")
             return 0
         for name, d in sorted(client.deployments().items()):
-            live = len(client.call(client.registry.live_workers, name))
+            at = client.broker(name)
+            live = len(at.call(at.registry.live_workers, name))
             depth = client.depth(name)
             print(
                 f"{name}\t{d.task}\t{d.model}\t{live} live worker(s)\t{depth.waiting} waiting"

@@ -98,9 +98,10 @@ def on(url: str, job_id: str) -> bool:
     return bool(redis.Redis.from_url(url).exists(f"celery-task-meta-{job_id}"))
 
 
-def status(servers: Servers, *args: str) -> tuple[int, str, str]:
+def pipeq(servers: Servers, *args: str) -> tuple[int, str, str]:
+    """`pipeq <args>` on the default Redis, the config in $PIPEQ_CONFIG."""
     out = subprocess.run(
-        [sys.executable, "-m", "pipeq", "status", "--redis-url", servers.default, *args],
+        [sys.executable, "-m", "pipeq", *args, "--redis-url", servers.default],
         capture_output=True,
         text=True,
         env={**os.environ, "PIPEQ_CONFIG": str(servers.cluster.config)},
@@ -172,11 +173,16 @@ def test_each_deployments_jobs_go_to_its_own_redis_only(servers: Servers) -> Non
 
 
 def test_status_and_the_exporter_read_every_redis(servers: Servers) -> None:
-    code, out, err = status(servers, "--json")
+    code, out, err = pipeq(servers, "status", "--json")
     assert code == 0, (out, err)
     report = json.loads(out)
     assert [d["name"] for d in report["deployments"]] == ["alpha", "beta"]
     assert all(d["workers"] == 1 for d in report["deployments"]) and report["redis_down"] == []
+    code, out, _ = pipeq(servers, "deployments")
+    assert code == 0 and [line.split("\t")[:4:3] for line in out.splitlines()] == [
+        ["alpha", "1 live worker(s)"],
+        ["beta", "1 live worker(s)"],
+    ]
     s = scrape(servers)
     for url in servers.urls:
         assert s[("pipeq_redis_up", (("redis", masked(url)),))] == 1
@@ -207,7 +213,7 @@ def test_a_redis_going_down_fails_only_its_deployments_and_status_names_it(
             with pytest.raises(BrokerUnavailable) as e:
                 call()
             assert masked(servers.b) in str(e.value) and PASSWORD not in str(e.value)
-    code, out, err = status(servers)
+    code, out, err = pipeq(servers, "status")
     assert code == 2, (out, err)
     assert "alpha" in out and f"Redis at {masked(servers.b)} does not answer" in out
     assert "its deployments: beta" in out and PASSWORD not in out + err
