@@ -612,7 +612,7 @@ class Client:
         task = _tasks.canonical_task(target) if _tasks.is_task(target) else target
         if model is None and target in self.config:
             urls = [self.broker(target).url]
-        elif task != target or _tasks.is_task(target):
+        elif _tasks.is_task(target):
             urls += [
                 self.broker(d.name).url for d in self.config.values() if d.canonical_task == task
             ]

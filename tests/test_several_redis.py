@@ -77,9 +77,9 @@ def servers(
         },
     )
     try:
+        procs = {name: cluster.start_worker(name) for name in ("alpha", "beta")}  # at once
         for name, url in (("alpha", a), ("beta", b)):
-            proc = cluster.start_worker(name)
-            r = redis.Redis.from_url(url)
+            proc, r = procs[name], redis.Redis.from_url(url)
 
             def beats(proc: Any = proc, r: redis.Redis = r, name: str = name) -> bool:
                 assert proc.poll() is None, f"worker exited: {cluster.logs()}"
