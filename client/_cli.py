@@ -124,7 +124,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 2
     return run_worker(
         deployment,
-        redis_url=args.redis_url,
+        # a deployment that names its own Redis uses it (docs/redis.md, several Redis)
+        redis_url=deployment.redis_url or args.redis_url,
         gpu=args.gpu,
         concurrency=args.concurrency,
         loglevel=args.loglevel,
@@ -182,8 +183,17 @@ def cmd_up(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     config = _up_config(args)
+    deployments = load_deployments(config)
+    elsewhere = sorted(n for n, d in deployments.items() if d.redis_url)
+    if elsewhere:
+        print(
+            f"pipeq up: {', '.join(elsewhere)} name their own redis_url; pipeq up runs one "
+            "Redis: start those workers with `pipeq worker` (docs/redis.md, several Redis)",
+            file=sys.stderr,
+        )
+        return 2
     stack = Stack(
-        load_deployments(config),
+        deployments,
         config,
         redis_url=args.redis_url or None,
         redis_port=args.redis_port,
@@ -246,7 +256,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from pipeq import Client
 
-    return Client(args.redis_url)
+    # a config's deployments that name their own Redis are found there ($PIPEQ_CONFIG)
+    return Client(args.redis_url, config=getattr(args, "config", None))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -314,27 +325,68 @@ def _cluster_status(args: argparse.Namespace) -> int:
 
 
 def _status_once(client: Any, args: argparse.Namespace, declared: dict[str, Any]) -> int:
+    """One reading of every Redis the client knows; exit 2 when one of several does not
+    answer (its deployments named), and raises BrokerUnavailable when the only one
+    does not."""
     from pipeq import _status
+    from pipeq._redis import masked
 
-    found = client.call(_status.cluster_status, client.redis, declared)
+    found, down, refusals = [], [], []
+    for url in client.redis_urls:
+        broker = client.broker_at(url)
+        here = {n: v for n, v in declared.items() if client.broker(n) is broker}
+        try:
+            got = broker.call(_status.cluster_status, broker.redis, here)
+            refusal = broker.call(_status.write_refusal_of, broker.redis)
+        except PipeqError as e:  # BrokerUnavailable
+            if len(client.redis_urls) == 1:
+                raise
+            names = sorted(n for n in {*client.config, *declared} if client.broker(n) is broker)
+            down.append((masked(url), names, f"{type(e).__name__}: {e}"))
+            continue
+        found += [d for d in got if client.broker(d.name) is broker]
+        if refusal is not None:
+            refusals.append((masked(url), refusal))
+    found.sort(key=lambda d: d.name)
     if args.deployment:
         missing = sorted(set(args.deployment) - {d.name for d in found})
         found = [d for d in found if d.name in args.deployment]
     else:
-        missing = [] if found else ["(none announced on this Redis)"]
-    down = [d.name for d in found if d.down]
-    refusal = client.call(_status.write_refusal_of, client.redis)
+        missing = [] if found or down else ["(none announced on this Redis)"]
+    unreachable = {n for _, names, _ in down for n in names}
+    missing = [n for n in missing if n not in unreachable]
+    several = len(client.redis_urls) > 1
     if args.json:
-        lines = [_status.status_json(found, missing, refusal)]
+        lines = [
+            _status.status_json(
+                found, missing, refusals[0][1] if refusals else None, down if several else None
+            )
+        ]
     else:
         lines = _status.status_lines(found)
-        if refusal is not None:
-            lines.append(_status.refusal_line(refusal))
+        lines += [
+            (f"{where}: " if several else "") + _status.refusal_line(reason)
+            for where, reason in refusals
+        ]
+        lines += [
+            f"Redis at {where} does not answer; its deployments: {', '.join(names) or '?'}"
+            for where, names, _ in down
+        ]
     print("\n".join(lines))
-    for what, names in (("no live worker", down), ("no such deployment", missing)):
+    downs = [d.name for d in found if d.down]
+    for what, names in (("no live worker", downs), ("no such deployment", missing)):
         if names:
             print(f"{what}: {', '.join(names)}", file=sys.stderr)
-    return 1 if down or missing or refusal else 0
+    for _, _, why in down:
+        print(f"pipeq: {why}", file=sys.stderr)
+    return 2 if down else 1 if downs or missing or refusals else 0
+
+
+def _redis_urls(config: str | None) -> list[str]:
+    """The distinct Redis URLs a config's deployments name of their own (`redis_url`)."""
+    from pipeq._config import load_deployments, redis_routes
+
+    return list(dict.fromkeys(redis_routes(load_deployments(config)).values())) if config else []
 
 
 def cmd_exporter(args: argparse.Namespace) -> int:
@@ -346,7 +398,8 @@ def cmd_exporter(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
     url = _app.redis_url(args.redis_url)
     try:
-        server, _ = _status.serve_exporter(url, args.port, args.address)
+        urls = [url] + [u for u in _redis_urls(args.config) if u != url]
+        server, _ = _status.serve_exporter(urls, args.port, args.address)
     except OSError as e:
         print(f"pipeq exporter: cannot listen on {args.address}:{args.port}: {e}", file=sys.stderr)
         return 2
@@ -397,11 +450,13 @@ def cmd_deployments(args: argparse.Namespace) -> int:
             if args.forget not in client.deployments():
                 print(f"pipeq: no deployment {args.forget!r} announced here", file=sys.stderr)
                 return 1
-            client.call(client.registry.forget, args.forget)
+            at = client.broker(args.forget)  # its Redis (docs/redis.md, several Redis)
+            at.call(at.registry.forget, args.forget)
             print(f"forgot {args.forget}")
             return 0
         for name, d in sorted(client.deployments().items()):
-            live = len(client.call(client.registry.live_workers, name))
+            at = client.broker(name)
+            live = len(at.call(at.registry.live_workers, name))
             depth = client.depth(name)
             print(
                 f"{name}\t{d.task}\t{d.model}\t{live} live worker(s)\t{depth.waiting} waiting"
@@ -587,6 +642,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e = add("exporter", "serve Prometheus metrics of every deployment on this Redis", cmd_exporter)
     e.add_argument("--port", type=_port, default=9808)
+    e.add_argument(
+        "--config",
+        default=env_config,
+        help="deployments TOML: the Redis servers its deployments name are read too",
+    )
     e.add_argument(
         "--address", default="0.0.0.0", help="address to bind (default all: Prometheus scrapes it)"
     )

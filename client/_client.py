@@ -5,27 +5,27 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import os
 import time
 import uuid
-import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
-import redis
 from celery import states
 from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
-from kombu.exceptions import OperationalError
 from tqdm import tqdm
 
 from pipeq import _app, _floats, _tasks
-from pipeq._ledger import Depth, Ledger, stream_key
-from pipeq._redis import WRITE_REFUSALS, masked, scrub, write_refusal
-from pipeq._registry import NO_WORKER_GRACE_S, Announced, Registry
+from pipeq._broker import BROKER_ERRORS, Broker, drop_result_channels
+from pipeq._config import Deployment, load_deployments, redis_routes
+from pipeq._ledger import Depth, stream_key
+from pipeq._redis import masked
+from pipeq._registry import NO_WORKER_GRACE_S, Announced
 from pipeq.errors import (
-    BrokerRefusesWrites,
     BrokerUnavailable,
     InvalidRequest,
     ItemsFailed,
@@ -36,6 +36,7 @@ from pipeq.errors import (
     Overloaded,
     PipeqError,
     StreamRestarted,
+    UnknownDeployment,
     UnknownJob,
     from_wire,
 )
@@ -55,38 +56,8 @@ T = TypeVar("T")
 _LOOKUP_CACHE_S = 2.0
 #: a call finding Redis unreachable tries again for this long, then BrokerUnavailable
 BROKER_TIMEOUT_S = 10.0
-#: a Client's Redis connections: each `Job.stream()` reader holds one while it waits for
-#: a piece (redis-py's default pool of 100 failed the 101st of many readers at once)
-MAX_CONNECTIONS = 10_000
 #: `Job.result` reads the stored result at least this often while it waits
 RESULT_RECHECK_S = 1.0
-_BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, OperationalError, OSError)
-
-
-def _cause(e: BaseException | None, kind: type[BaseException]) -> BaseException | None:
-    """`e`, or the exception it was raised from (kombu and Celery wrap redis-py's), if
-    it is a `kind`."""
-    seen = 0
-    while e is not None and seen < 8:
-        if isinstance(e, kind):
-            return e
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return None
-
-
-def _said(e: BaseException, url: str) -> str:
-    """An error's type and message on one line, without any password of `url` (a
-    server may echo what it was sent)."""
-    return scrub(" ".join(f"{type(e).__name__}: {e}".split()), url)
-
-
-def drop_result_channels(app: Any) -> None:
-    """Celery's AsyncResult unsubscribes from its result channel when it is garbage
-    collected, reconnecting (for many seconds) if Redis is gone. Jobs that outlive their
-    client, or the interpreter's exit, must not do that: drop the subscription connection."""
-    consumer = app.backend.result_consumer
-    consumer.stop()
-    consumer._pubsub = None
 
 
 def _short_repr(value: Any, limit: int = 1024) -> str:
@@ -209,7 +180,12 @@ class Job:
         self.id = job_id
         self.deployment = deployment
         self._client = client
-        self._async: AsyncResult = client.app.AsyncResult(job_id)
+        #: the Redis of its deployment; for a bare id on a Client of several, found at the
+        #: first call that needs it (`Client.locate`)
+        self._at: Broker | None = (
+            client.broker(deployment) if deployment or len(client.redis_urls) == 1 else None
+        )
+        self._result: AsyncResult | None = None
         #: None: not known yet. A handle from `Client.job` (no deployment) asks Redis at
         #: its first `result()`, since the Client's Celery may still hold the result of a
         #: job another handle forgot (a result message that came after its wait ended is
@@ -222,13 +198,27 @@ class Job:
     def __repr__(self) -> str:
         return f"<Job {self.id} deployment={self.deployment}>"
 
+    @property
+    def _broker(self) -> Broker:
+        """The Redis this job lives on."""
+        if self._at is None:
+            self._at, deployment = self._client.locate(self.id)
+            self.deployment = self.deployment or deployment
+        return self._at
+
+    @property
+    def _async(self) -> AsyncResult:
+        if self._result is None:
+            self._result = self._broker.app.AsyncResult(self.id)
+        return self._result
+
     def status(self) -> JobState:
         """Where the job is now (one Redis read; two while it waits)."""
-        return self._client.call(self._status)
+        return self._broker.call(self._status)
 
     def _status(self) -> JobState:
         state = self._async.state
-        if state == states.PENDING and not self._client.ledger.is_known(self.id):
+        if state == states.PENDING and not self._broker.ledger.is_known(self.id):
             return JobState.UNKNOWN
         if state == states.REVOKED and _is_expiry(self._async.result):
             return JobState.EXPIRED
@@ -248,10 +238,10 @@ class Job:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             step = RESULT_RECHECK_S if left is None else max(0.001, min(RESULT_RECHECK_S, left))
             try:
-                self._client.call(self._async.get, timeout=step, propagate=False, interval=0.05)
+                self._broker.call(self._async.get, timeout=step, propagate=False, interval=0.05)
                 break
             except CeleryTimeout:
-                state = self._client.call(lambda: self._async.state)
+                state = self._broker.call(lambda: self._async.state)
                 if state in states.READY_STATES:
                     break  # stored, its message missed
                 if state == states.PENDING:
@@ -283,7 +273,13 @@ class Job:
         goes on where it was (`.restarts` counts it); StreamRestarted if the new attempt
         makes different text (a sampled job sent without a seed: pipeq's producers give
         each one). InvalidRequest for a deployment that does not generate."""
-        announced = self._client.deployments().get(self.deployment) if self.deployment else None
+        if self.deployment is None:
+            self._broker  # noqa: B018 (a bare id's record names its deployment)
+        announced = (
+            self._broker.call(self._broker.registry.deployments).get(self.deployment)
+            if self.deployment
+            else None
+        )
         if announced is not None and _tasks.canonical_task(announced.task) not in _tasks.STREAMING:
             raise InvalidRequest(
                 f"{announced.name} serves {announced.task}: only text-generation, "
@@ -302,7 +298,7 @@ class Job:
         the dynamic batcher: what continuous batching does not serve), "seed" (where it
         draws). None before a worker took it, or for a deployment that batches
         dynamically only."""
-        raw: Any = self._client.call(self._client.ledger.redis.xrange, stream_key(self.id))
+        raw: Any = self._broker.call(self._broker.ledger.redis.xrange, stream_key(self.id))
         starts = [f for _, f in raw or [] if b"start" in f]
         if not starts:
             return None
@@ -317,12 +313,12 @@ class Job:
         if it could not be cancelled: another kind of job whose forward pass has begun
         (it will finish), a finished job, or one pipeq never accepted (`status()` tells
         which)."""
-        outcome = self._client.call(
+        outcome = self._broker.call(
             _app.cancel_job,
-            self._client.app,
+            self._broker.app,
             self.id,
             "cancelled by the producer",
-            self._client.ledger,
+            self._broker.ledger,
         )
         return outcome == "cancelled"
 
@@ -333,17 +329,17 @@ class Job:
         Redis (a retried send) is dropped before compute. True if it was forgotten; False
         for a job not finished (nothing is done: it would store its result later; cancel
         it first, or forget it once it is done) or unknown."""
-        outcome = self._client.call(self._client.ledger.forget, self.id, _app.RESULT_TTL_S)
+        outcome = self._broker.call(self._broker.ledger.forget, self.id, _app.RESULT_TTL_S)
         if outcome == "forgotten":
             self._forgotten = True
-            self._async = self._client.app.AsyncResult(self.id)  # Celery's cached result
+            self._result = self._broker.app.AsyncResult(self.id)  # Celery's cached result
         return outcome == "forgotten"
 
     def _check_forgotten(self, *, ask: bool = True) -> None:
         """UnknownJob if the job was forgotten: by this handle, or (`ask`, one Redis round
         trip) by any."""
         if self._forgotten is None or (ask and not self._forgotten):
-            self._forgotten = self._client.call(self._client.ledger.forgotten, self.id)
+            self._forgotten = self._broker.call(self._broker.ledger.forgotten, self.id)
         if self._forgotten:
             raise UnknownJob(
                 "the job was forgotten (Job.forget()): its result is gone",
@@ -400,16 +396,17 @@ class TextStream(Iterator[str]):
         return next(self._pieces)
 
     def _entries(self, last: str | None) -> list[tuple[str, dict[bytes, bytes]]]:
-        redis_ = self.job._client.ledger.redis
+        broker = self.job._broker
+        redis_ = broker.ledger.redis
         key = stream_key(self.job.id)
         got: list[Any]
         if last is None:  # the first read: everything so far, from the last attempt on
-            everything: Any = self.job._client.call(redis_.xrange, key)
+            everything: Any = broker.call(redis_.xrange, key)
             got = list(everything or [])
             starts = [n for n, (_, f) in enumerate(got) if b"start" in f]
             got = got[starts[-1] if starts else 0 :]
         else:
-            reply: Any = self.job._client.call(redis_.xread, {key: last}, None, self.BLOCK_MS)
+            reply: Any = broker.call(redis_.xread, {key: last}, None, self.BLOCK_MS)
             got = reply[0][1] if reply else []
         return [(i.decode(), f) for i, f in got]
 
@@ -491,6 +488,9 @@ class Client:
 
     `Client(redis_url=None)` uses the URL given, else $PIPEQ_REDIS_URL, else
     redis://127.0.0.1:6399/0 (where `pipeq up` starts its embedded Redis).
+    `config`: a deployments TOML (a path, or its deployments), else $PIPEQ_CONFIG if set;
+    the deployments in it that name their own `redis_url` live on that Redis, every other
+    one on the default (docs/redis.md, "Several Redis servers").
     `broker_timeout_s`: a call that finds Redis unreachable tries again for this long,
     then raises BrokerUnavailable. `no_worker_grace_s`: a deployment whose last worker
     beat this recently still accepts jobs (they wait for its next worker).
@@ -500,23 +500,26 @@ class Client:
         self,
         redis_url: str | None = None,
         *,
+        config: str | Path | Mapping[str, Deployment] | None = None,
         broker_timeout_s: float = BROKER_TIMEOUT_S,
         no_worker_grace_s: float = NO_WORKER_GRACE_S,
     ) -> None:
         self.redis_url = _app.redis_url(redis_url)
         self.broker_timeout_s = broker_timeout_s
-        try:
-            self.redis = _app.redis_client(
-                self.redis_url, socket_timeout=broker_timeout_s, max_connections=MAX_CONNECTIONS
-            )
-            self.app = _app.make_app(self.redis_url)
-        except ValueError as e:  # not a URL of `_redis`'s forms, or a bad port
-            raise InvalidRequest(f"invalid Redis URL {masked(self.redis_url)}: {e}") from None
-        self.registry = Registry(self.redis, no_worker_grace_s=no_worker_grace_s)
-        self.ledger = Ledger(self.redis)
+        self.no_worker_grace_s = no_worker_grace_s
+        if config is None:
+            config = os.environ.get("PIPEQ_CONFIG") or {}
+        #: the deployments the config declares, and those of them on a Redis of their own
+        self.config = config if isinstance(config, Mapping) else load_deployments(config)
+        self.routes = redis_routes(self.config)
+        self._brokers: dict[str, Broker] = {}
+        default = self.broker_at(self.redis_url)
+        for url in self.routes.values():
+            self.broker_at(url)  # a URL it cannot read is refused now, not at a submit
+        #: the default Redis' clients (the only ones, unless the config names others)
+        self.redis, self.app = default.redis, default.app
+        self.registry, self.ledger = default.registry, default.ledger
         self._lookups: dict[tuple[str, str | None], tuple[float, Announced]] = {}
-        # a client never closed (`pipeline()` makes one) still exits at once without Redis
-        weakref.finalize(self, drop_result_channels, self.app)
 
     def __enter__(self) -> Client:
         return self
@@ -525,56 +528,68 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        drop_result_channels(self.app)
-        self.app.close()
-        self.redis.close()
+        for broker in self._brokers.values():
+            broker.close()
+
+    @property
+    def redis_urls(self) -> list[str]:
+        """Every Redis this client talks to, the default first."""
+        return list(self._brokers)
+
+    def broker_at(self, url: str) -> Broker:
+        """The Broker of one of `redis_urls` (made at its first use)."""
+        if url not in self._brokers:
+            self._brokers[url] = Broker(
+                url,
+                broker_timeout_s=self.broker_timeout_s,
+                no_worker_grace_s=self.no_worker_grace_s,
+            )
+        return self._brokers[url]
+
+    def broker(self, deployment: str | None) -> Broker:
+        """The Redis a deployment lives on: its config's `redis_url`, else the default."""
+        return self._brokers[self.routes.get(deployment or "", self.redis_url)]
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """`fn(*args, **kwargs)`, tried again while Redis is unreachable, for up to
-        `broker_timeout_s`; then BrokerUnavailable naming the URL (password masked)."""
-        deadline: float | None = None
-        while True:
+        """`fn(*args, **kwargs)` on the default Redis, tried again while it is unreachable,
+        for up to `broker_timeout_s`; then BrokerUnavailable naming the URL (password
+        masked). `broker(deployment).call` does the same on a deployment's Redis."""
+        return self._brokers[self.redis_url].call(fn, *args, **kwargs)
+
+    def locate(self, job_id: str) -> tuple[Broker, str | None]:
+        """The Redis holding a job known by its id alone, and its deployment if its record
+        says: each Redis is asked once; those that did not answer are asked again (for
+        `broker_timeout_s`) only when no other knows the job. The default Redis when
+        none does (the job is then UNKNOWN there); BrokerUnavailable if one stays down."""
+        unreachable = []
+        for broker in self._brokers.values():
             try:
-                return fn(*args, **kwargs)
-            except Exception as e:
-                reason = write_refusal(e)
-                if reason is not None:  # Redis answers: waiting would not help, say why now
-                    raise BrokerRefusesWrites(
-                        f"Redis at {masked(self.redis_url)} refuses writes: {reason}; accepted "
-                        f"jobs are kept, and it takes new ones once {WRITE_REFUSALS[reason]} "
-                        f"({_said(e, self.redis_url)})",
-                        reason=reason,
-                    ) from None
-                if not isinstance(
-                    e, (*_BROKER_ERRORS, RuntimeError, redis.exceptions.InvalidResponse)
-                ):
-                    raise
-                garbled = _cause(e, redis.exceptions.InvalidResponse)
-                if garbled is not None:  # no Redis there: waiting will not make one
-                    raise BrokerUnavailable(
-                        f"the server at {masked(self.redis_url)} does not speak Redis "
-                        f"({_said(garbled, self.redis_url)}): is it Redis' host and port?"
-                    ) from None
-                # Celery's result consumer wraps a lost connection in a RuntimeError
-                if isinstance(e, RuntimeError) and not isinstance(e.__cause__, _BROKER_ERRORS):
-                    raise
-                now = time.monotonic()
-                deadline = deadline or now + self.broker_timeout_s
-                if now >= deadline:
-                    raise BrokerUnavailable(
-                        f"Redis at {masked(self.redis_url)} did not answer for "
-                        f"{self.broker_timeout_s:g} s ({_said(e, self.redis_url)})"
-                    ) from None
-                time.sleep(min(0.25, deadline - now))
+                known, deployment = broker.holds(job_id)
+            except BROKER_ERRORS:
+                unreachable.append(broker)
+                continue
+            if known:
+                return broker, deployment
+        for broker in unreachable:
+            known, deployment = broker.call(broker.holds, job_id)
+            if known:
+                return broker, deployment
+        return self._brokers[self.redis_url], None
 
     def deployments(self) -> dict[str, Announced]:
-        """The deployments workers have announced on this Redis."""
-        return self.call(self.registry.deployments)
+        """The deployments workers have announced, on every Redis (each one on the Redis
+        it lives on); BrokerUnavailable if one of them does not answer."""
+        out: dict[str, Announced] = {}
+        for url, broker in self._brokers.items():
+            announced = broker.call(broker.registry.deployments)
+            out.update({n: d for n, d in announced.items() if self.broker(n).url == url})
+        return out
 
     def depth(self, deployment: str) -> Depth:
         """The deployment's jobs accepted and not yet running, wherever they wait, the age
         of the oldest (s), and the jobs running now."""
-        return self.call(self.ledger.depth, deployment)
+        broker = self.broker(deployment)
+        return broker.call(broker.ledger.depth, deployment)
 
     def resolve(self, deployment_or_task: str, model: str | None = None) -> Announced:
         """The deployment a request for this name (and model) goes to; checks it is live."""
@@ -582,10 +597,46 @@ class Client:
         hit = self._lookups.get(key)
         if hit and time.monotonic() - hit[0] < _LOOKUP_CACHE_S:
             return hit[1]
-        found = self.call(self.registry.resolve, deployment_or_task, model)
-        self.call(self.registry.require_live, found.name)
+        found = self._find(deployment_or_task, model)
+        broker = self.broker(found.name)
+        broker.call(broker.registry.require_live, found.name)
         self._lookups[key] = (time.monotonic(), found)
         return found
+
+    def _find(self, target: str, model: str | None) -> Announced:
+        """`Registry.resolve` on each Redis that may hold the deployment: the one its name
+        is routed to, or for a task the default and those of the config's deployments of
+        that task. A deployment counts only on the Redis it is routed to; of several found,
+        the one named after the task, then a live one, then by name."""
+        urls = [self.redis_url]
+        task = _tasks.canonical_task(target) if _tasks.is_task(target) else target
+        if model is None and target in self.config:
+            urls = [self.broker(target).url]
+        elif _tasks.is_task(target):
+            urls += [
+                self.broker(d.name).url for d in self.config.values() if d.canonical_task == task
+            ]
+        urls = list(dict.fromkeys(urls))
+        if len(urls) == 1:
+            broker = self._brokers[urls[0]]
+            return broker.call(broker.registry.resolve, target, model)
+        found: list[tuple[tuple[bool, bool, str], Announced]] = []
+        errors: list[PipeqError] = []
+        for url in urls:
+            broker = self._brokers[url]
+            try:
+                d = broker.call(broker.registry.resolve, target, model)
+                if self.broker(d.name) is not broker:
+                    continue  # announced here, but the config puts it elsewhere
+                live = bool(broker.call(broker.registry.live_workers, d.name))
+            except (UnknownDeployment, BrokerUnavailable) as e:
+                errors.append(e)
+                continue
+            found.append(((d.name not in (target, task), not live, d.name), d))
+        if found:
+            return min(found, key=lambda f: f[0])[1]
+        down = [e for e in errors if isinstance(e, BrokerUnavailable)]
+        raise (down or errors or [UnknownDeployment(f"no deployment or task named {target!r}")])[0]
 
     def submit(
         self,
@@ -656,13 +707,14 @@ class Client:
             headers = {_app.EXPIRES_AT_HEADER: expires.timestamp()}
         else:
             headers = {} if expires is None else {_app.EXPIRES_IN_HEADER: float(expires)}
+        broker = self.broker(target.name)
         try:
             # sending subscribes to nothing (_app.Backend.on_task_call): the Job's handle
             # reads the stored result first and subscribes only while it waits. With 512
             # jobs subscribed at once, Celery's result drainer fell behind (p95 of a
             # 512-job burst: 57 s instead of 10 s).
-            self.call(
-                self.app.send_task,
+            broker.call(
+                broker.app.send_task,
                 _app.RUN_TASK,
                 kwargs=kwargs,
                 queue=_app.queue_for(target.name),

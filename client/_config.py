@@ -17,6 +17,8 @@ attn_implementation = "sdpa" # optional; "sdpa", "eager", "flash_attention_2" (d
 compile = false              # optional; torch.compile the forward (warmed up before it serves)
 trust_remote_code = false    # optional; run the model repository's own Python code
 gpu_memory_fraction = 0.5    # optional; this worker's share of its GPU (or gpu_memory_bytes)
+redis_url = "redis://:PW@redis-b:6379/0"  # optional; its own Redis (docs/redis.md, "Several
+                             # Redis servers"); default: the worker's --redis-url
 
 [deployments.sentiment-analysis.limits]   # optional; each bounds what one request may ask
 request_bytes = 2000000      # the JSON of inputs and parameters (TEI's payload limit)
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeq import _tasks
+from pipeq._redis import masked, parse
 from pipeq._tasks import DEFAULT_LIMITS
 from pipeq.errors import InvalidRequest, UnknownDeployment
 
@@ -48,6 +51,7 @@ __all__ = [
     "Deployment",
     "default_deployments",
     "load_deployments",
+    "redis_routes",
 ]
 
 
@@ -113,6 +117,10 @@ class Deployment:
     gpu_memory_fraction: float = 0.0
     #: the same cap in bytes (0: none); at most one of the two
     gpu_memory_bytes: int = 0
+    #: the Redis its queue, results and workers live on, in any form `_redis.parse` reads
+    #: (password, TLS, Sentinel); None: the default one (--redis-url, $PIPEQ_REDIS_URL).
+    #: Never announced (`to_dict`) nor shown (repr): it may hold a password
+    redis_url: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -142,6 +150,7 @@ class Deployment:
         if not isinstance(self.scale_to_zero, bool):
             raise InvalidRequest(f"deployment {self.name!r}: scale_to_zero must be true or false")
         self._check_model_settings()
+        self._check_redis_url()
         if self.job_timeout_s <= 0:
             raise InvalidRequest(f"deployment {self.name!r}: job_timeout_s must be positive")
         unknown = set(self.limits) - set(DEFAULT_LIMITS)
@@ -204,13 +213,28 @@ class Deployment:
             raise InvalidRequest(f"{where}: set gpu_memory_fraction or gpu_memory_bytes, not both")
         object.__setattr__(self, "gpu_memory_fraction", float(fraction))
 
+    def _check_redis_url(self) -> None:
+        """InvalidRequest, the URL masked, for a `redis_url` that `_redis.parse` refuses."""
+        if self.redis_url is None:
+            return
+        if not isinstance(self.redis_url, str):
+            raise InvalidRequest(f"deployment {self.name!r}: redis_url must be a string")
+        try:
+            parse(self.redis_url)
+        except ValueError as e:
+            raise InvalidRequest(
+                f"deployment {self.name!r}: redis_url {masked(self.redis_url)}: {e}"
+            ) from None
+
     @property
     def canonical_task(self) -> str:
         return _tasks.canonical_task(self.task)
 
     def to_dict(self) -> dict[str, Any]:
+        """The deployment as its workers announce it in Redis: without `redis_url`."""
         out = asdict(self)
         out["limits"] = dict(self.limits)
+        del out["redis_url"]
         return out
 
     @classmethod
@@ -249,6 +273,12 @@ def load_deployments(path: str | Path | None) -> dict[str, Deployment]:
     if not isinstance(tables, dict) or not tables:
         raise InvalidRequest(f"config file {path} declares no [deployments.<name>] table")
     return {name: Deployment.from_dict(name, raw) for name, raw in tables.items()}
+
+
+def redis_routes(deployments: Mapping[str, Deployment]) -> dict[str, str]:
+    """Deployment -> its own Redis URL, for the deployments that name one (`redis_url`);
+    the others live on the default Redis."""
+    return {n: d.redis_url for n, d in deployments.items() if d.redis_url is not None}
 
 
 def pick(deployments: Mapping[str, Deployment], name: str) -> Deployment:

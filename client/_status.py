@@ -177,10 +177,15 @@ def cluster_status(
 class Collector:
     """A prometheus-client collector that reads the whole cluster from Redis at each
     scrape (the metrics and their meaning: `pipeq._metrics.METRICS`). When Redis cannot
-    be read, the scrape answers `pipeq_redis_up 0` and nothing else."""
+    be read, the scrape answers `pipeq_redis_up 0` and nothing else.
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.client = client
+    Several Redis servers (`clients`: masked URL -> client; docs/redis.md): each one's
+    deployments, and `pipeq_redis_up` and `pipeq_redis_writes_refused` once per Redis
+    with a `redis` label, its masked URL; one that cannot be read has only its
+    `pipeq_redis_up 0`."""
+
+    def __init__(self, client: redis.Redis | dict[str, redis.Redis]) -> None:
+        self.clients = client if isinstance(client, dict) else {"": client}
 
     def describe(self) -> list[Any]:
         return []  # nothing to check at registration: the names are pipeq's own
@@ -201,22 +206,32 @@ class Collector:
             }[m.type]
             return kind(name, m.help, labels=list(m.labels))
 
-        up = family("pipeq_redis_up")
-        try:
-            deployments = cluster_status(self.client, recent=False)  # no metric of it
-        except redis.RedisError:
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
+        several = len(self.clients) > 1
+        per_redis = ["redis"] if several else []
+        up = GaugeMetricFamily("pipeq_redis_up", METRICS["pipeq_redis_up"].help, labels=per_redis)
+        refused = GaugeMetricFamily(
+            "pipeq_redis_writes_refused",
+            METRICS["pipeq_redis_writes_refused"].help,
+            labels=[*per_redis, "reason"],
+        )
+        deployments: list[DeploymentStatus] = []
+        for where, client in self.clients.items():
+            label = [where] if several else []
+            try:
+                deployments += cluster_status(client, recent=False)  # no metric of it
+            except redis.RedisError:
+                up.add_metric(label, 0)
+                continue
+            up.add_metric(label, 1)
+            try:
+                reason = write_refusal_of(client)
+            except redis.RedisError:
+                reason = None
+            for r in WRITE_REFUSALS:
+                refused.add_metric([*label, r], int(r == reason))
         yield up
-        refused = family("pipeq_redis_writes_refused")
-        try:
-            reason = write_refusal_of(self.client)
-        except redis.RedisError:
-            reason = None
-        for r in WRITE_REFUSALS:
-            refused.add_metric([r], int(r == reason))
+        if not any(sample.value for sample in up.samples):
+            return  # no Redis could be read: that is the only sample
         yield refused
         gauges = {
             name: family(name)
@@ -258,16 +273,20 @@ class Collector:
         yield from histograms.values()
 
 
-def serve_exporter(url: str, port: int, address: str) -> tuple[Any, threading.Thread]:
-    """Serve /metrics on address:port in a thread; returns prometheus-client's server and
-    its thread (`server.shutdown()` stops it). Raises OSError when the port is taken."""
+def serve_exporter(url: str | list[str], port: int, address: str) -> tuple[Any, threading.Thread]:
+    """Serve /metrics on address:port in a thread, of one Redis or of several (`url`: a
+    list; docs/redis.md); returns prometheus-client's server and its thread
+    (`server.shutdown()` stops it). Raises OSError when the port is taken, ValueError for
+    a URL `_redis` cannot read."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     from pipeq._app import redis_client
+    from pipeq._redis import masked
 
-    client = redis_client(url, socket_timeout=5)
+    urls = [url] if isinstance(url, str) else url
+    clients = {masked(u): redis_client(u, socket_timeout=5) for u in urls}
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Collector(client))
+    registry.register(Collector(clients))
     server, thread = start_http_server(port, addr=address, registry=registry)
     return server, thread
 
@@ -312,17 +331,25 @@ def supervision_line(name: str, record: dict[str, Any]) -> str:
 
 
 def status_json(
-    deployments: list[DeploymentStatus], missing: list[str], refusal: str | None = None
+    deployments: list[DeploymentStatus],
+    missing: list[str],
+    refusal: str | None = None,
+    down: list[tuple[str, list[str], str]] | None = None,
 ) -> str:
     """`pipeq status --json`; `healthy` is exactly when the command exits 0.
-    `redis_refuses_writes`: why Redis refuses writes now (`write_refusal_of`), or null."""
-    return json.dumps(
-        {
-            "healthy": not missing and not any(d.down for d in deployments) and not refusal,
-            "missing": missing,
-            "redis_refuses_writes": refusal,
-            "recent_window_s": RECENT_S,
-            "deployments": [d.as_dict() for d in deployments],
-        },
-        indent=2,
-    )
+    `redis_refuses_writes`: why Redis refuses writes now (`write_refusal_of`), or null.
+    `redis_down` (several Redis servers only): each one that did not answer, by its
+    masked URL, with the deployments it holds and the error."""
+    out: dict[str, Any] = {
+        "healthy": not missing and not any(d.down for d in deployments) and not refusal,
+        "missing": missing,
+        "redis_refuses_writes": refusal,
+        "recent_window_s": RECENT_S,
+        "deployments": [d.as_dict() for d in deployments],
+    }
+    if down is not None:
+        out["healthy"] = out["healthy"] and not down
+        out["redis_down"] = [
+            {"redis": where, "deployments": names, "error": why} for where, names, why in down
+        ]
+    return json.dumps(out, indent=2)

@@ -79,7 +79,8 @@ def write_config(deployments: dict[str, Deployment], path: Path) -> Path:
     lines = []
     for name, d in deployments.items():
         lines.append(f"[deployments.{name}]")
-        for key, value in d.to_dict().items():
+        # to_dict leaves out redis_url (it is what workers announce); a config keeps it
+        for key, value in {**d.to_dict(), "redis_url": d.redis_url}.items():
             if isinstance(value, dict):  # a TOML inline table
                 pairs = ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
                 lines.append(f"{key} = {{ {pairs} }}")

@@ -340,7 +340,11 @@ class Gateway:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.client = Client(settings.redis_url, broker_timeout_s=settings.broker_timeout_s)
+        # one Redis: its waits, streams, rate limits and webhooks read that one, so its
+        # Client must not route to others a config names (docs/redis.md, several Redis)
+        self.client = Client(
+            settings.redis_url, config={}, broker_timeout_s=settings.broker_timeout_s
+        )
         self.aredis = _app.redis_target(self.client.redis_url).aclient(
             max_connections=ASYNC_CONNECTIONS,
             timeout=settings.broker_timeout_s * 5,
