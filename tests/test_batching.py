@@ -352,3 +352,24 @@ def test_a_zero_shot_job_runs_its_labels_in_one_forward_pass(models_dir: Path) -
         reference = [handler.pipe(t, **params) for t in texts]  # a pair a forward pass
         assert len(passes) == 1 + 2 * 3
         assert_close([*alone, *both], [reference[0], *reference], tol=1e-5)
+
+
+def test_question_answering_jobs_each_get_their_own_forward_pass(client: Client) -> None:
+    """pipeq's own pipelines (question-answering, summarization, translation) run a batch's
+    items one at a time, so their batcher takes one item a batch: a burst's results come
+    back as each is done, not together at the end of a batch (at real size a batch of 8
+    contexts held pipeq's p50 at 2.5x in-process's), and each job's job_timeout_s counts
+    its own forward pass, not the batch's (8 real-size summaries on a CPU take longer
+    than the default 300 s, and the whole batch failed with JobTimeout)."""
+    context = "My name is Sylvain and I work at Hugging Face in Brooklyn. " * 5
+    jobs = [
+        client.submit(
+            "question-answering", {"question": f"Where do I work, {i}?", "context": context}
+        )
+        for i in range(12)
+    ]
+    for job in jobs:
+        job.result(timeout=60)
+    time.sleep(2.5)  # the next heartbeat carries the batch statistics
+    sizes = _batch_sizes(client, "question-answering")
+    assert sizes and set(sizes) == {"1"}, sizes
