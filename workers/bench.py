@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeq.worker import tiny_models
 
         path = tiny_models.build(args.tiny, Path(args.models_dir).resolve())
-        d = Deployment(name="bench", task=tiny_models.TINY_MODELS[args.tiny], model=str(path))
+        d = Deployment(name="bench", task=tiny_models.task_of(args.tiny), model=str(path))
     else:
         if not args.deployment:
             p.error("name a deployment (with --config) or pass --tiny CHECKPOINT")
@@ -941,8 +941,11 @@ def _row_progress(label: str, x: dict[str, Any]) -> None:
 
 
 def _row_summary(runs: dict[str, list[Any]], sizes: tuple[int, ...]) -> dict[str, Any]:
-    """Medians of the rounds; the best B by median items/s; pipeq / that round's best
-    in-process, per round, and their median."""
+    """Medians of the rounds (of two: their mean, where the rest of the bench takes the
+    upper one); the best B by median items/s; pipeq / that round's best in-process, per
+    round, and their median."""
+    from statistics import median as _median
+
     rounds = len(runs["pipeq"])
 
     def rate(key: str) -> float:
