@@ -949,7 +949,7 @@ def _row_summary(runs: dict[str, list[Any]], sizes: tuple[int, ...]) -> dict[str
     rounds = len(runs["pipeq"])
 
     def rate(key: str) -> float:
-        return _median([x["items_per_s"] for x in runs[key]])
+        return float(_median([x["items_per_s"] for x in runs[key]]))
 
     best_b = max(sizes, key=lambda b: rate(f"in_process_b{b}"))
     best = runs[f"in_process_b{best_b}"]

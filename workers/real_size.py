@@ -30,6 +30,7 @@ import functools
 import json
 import pathlib
 import random
+from collections.abc import Sequence
 from typing import Any
 
 from pipeq.worker import tiny_models
@@ -124,14 +125,14 @@ _GENERATORS = ("ForConditionalGeneration", "LMHeadModel", "MTModel")
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
-def sentences(words: tuple[str, ...] | list[str], n: int, lo: int, hi: int, seed: int) -> list[str]:
+def sentences(words: Sequence[str], n: int, lo: int, hi: int, seed: int) -> list[str]:
     """n texts of `lo` to `hi` words drawn from `words`, each ending with a full stop (fixed
     seed: every run gets the same texts)."""
     rng = random.Random(seed)
     return [" ".join(rng.choices(words, k=rng.randint(lo, hi))) + "." for _ in range(n)]
 
 
-def _training_text(words: tuple[str, ...]) -> list[str]:
+def _training_text(words: Sequence[str]) -> list[str]:
     return [*tiny_models.CORPUS, *sentences(words, 400, 5, 30, seed=99)]
 
 
