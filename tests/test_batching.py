@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -323,3 +324,52 @@ def test_a_stopping_worker_finishes_the_jobs_it_began_and_hands_back_the_others(
         assert isinstance(waiting.futures[0].exception(timeout=5), HandBack)
     finally:
         batcher.stop()
+
+
+def test_a_zero_shot_job_runs_its_labels_in_one_forward_pass(models_dir: Path) -> None:
+    """zero-shot's pipeline is a chunk pipeline: its batch_size counts (text, label) pairs.
+    Left at its default, a lone job with 3 labels made 3 forward passes of one pair, and a
+    batch of 2 texts passes of 2 pairs (half of in-process B=8's rate at bart-large-mnli's
+    real size, docs/batching.md); now every pair of a batch shares one pass, with the
+    results of the pipeline's own pair-at-a-time calls."""
+    from pipeq._config import Deployment
+    from pipeq.worker import tiny_models
+    from pipeq.worker.handlers import load_handler
+
+    path = tiny_models.build("bart-large-mnli", models_dir)
+    handler = load_handler(Deployment(name="z", task="zero-shot-classification", model=str(path)))
+    passes: list[int] = []
+    handler.pipe.model.register_forward_hook(lambda *_: passes.append(1))
+    texts = ["The team won the game on Monday.", "The minister said prices will fall."]
+    for labels in (["politics", "sport", "music"], "politics, sport, music"):
+        params = {"candidate_labels": labels}
+        passes.clear()
+        alone = handler.run(texts[:1], params)
+        assert len(passes) == 1
+        passes.clear()
+        both = handler.run(texts, params)
+        assert len(passes) == 1
+        reference = [handler.pipe(t, **params) for t in texts]  # a pair a forward pass
+        assert len(passes) == 1 + 2 * 3
+        assert_close([*alone, *both], [reference[0], *reference], tol=1e-5)
+
+
+def test_question_answering_jobs_each_get_their_own_forward_pass(client: Client) -> None:
+    """pipeq's own pipelines (question-answering, summarization, translation) run a batch's
+    items one at a time, so their batcher takes one item a batch: a burst's results come
+    back as each is done, not together at the end of a batch (at real size a batch of 8
+    contexts held pipeq's p50 at 2.5x in-process's), and each job's job_timeout_s counts
+    its own forward pass, not the batch's (8 real-size summaries on a CPU take longer
+    than the default 300 s, and the whole batch failed with JobTimeout)."""
+    context = "My name is Sylvain and I work at Hugging Face in Brooklyn. " * 5
+    jobs = [
+        client.submit(
+            "question-answering", {"question": f"Where do I work, {i}?", "context": context}
+        )
+        for i in range(12)
+    ]
+    for job in jobs:
+        job.result(timeout=60)
+    time.sleep(2.5)  # the next heartbeat carries the batch statistics
+    sizes = _batch_sizes(client, "question-answering")
+    assert sizes and set(sizes) == {"1"}, sizes

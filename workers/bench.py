@@ -38,7 +38,14 @@ from pipeq import Client, _tasks
 from pipeq._config import Deployment, load_deployments, pick
 from pipeq._stack import Stack, exit_on_sigterm, free_port_from
 
-__all__ = ["bench_inputs", "generation_main", "generation_workload", "main"]
+__all__ = [
+    "bench_inputs",
+    "generation_main",
+    "generation_workload",
+    "main",
+    "real_size_inputs",
+    "real_size_main",
+]
 
 _WORDS = (
     "the a course model learn data train token text queue worker batch fast slow "
@@ -104,11 +111,18 @@ def single_call_latency(
     return _latencies_ms(latencies)
 
 
-def burst(client: Client, name: str, inputs: list[Any], params: dict[str, Any]) -> dict[str, Any]:
-    """Submit every input as its own job at once; time until the last result."""
+def burst(
+    client: Client,
+    name: str,
+    inputs: list[Any],
+    params: dict[str, Any],
+    settle_s: float = 2.5,
+) -> dict[str, Any]:
+    """Submit every input as its own job at once; time until the last result. The worker's
+    batching statistics from heartbeats `settle_s` before and after (none when 0)."""
     worker = client.registry.live_workers(name)[0]
-    time.sleep(2.5)  # a fresh heartbeat: batching statistics before
-    before = client.registry.stats(name)[worker]
+    time.sleep(settle_s)  # a fresh heartbeat: batching statistics before
+    before = client.registry.stats(name)[worker] if settle_s else None
     started = time.perf_counter()
     sent = [(client.submit(name, item, **params), time.perf_counter()) for item in inputs]
     latencies = []
@@ -116,13 +130,11 @@ def burst(client: Client, name: str, inputs: list[Any], params: dict[str, Any]) 
         job.result(timeout=600)
         latencies.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - started
-    time.sleep(2.5)  # and after
-    after = client.registry.stats(name)[worker]
-    return {
-        "items_per_s": len(inputs) / elapsed,
-        "latency_ms": _latencies_ms(latencies),
-        **_batching(before, after),
-    }
+    figures = {"items_per_s": len(inputs) / elapsed, "latency_ms": _latencies_ms(latencies)}
+    if before is None:
+        return figures
+    time.sleep(settle_s)  # and after
+    return {**figures, **_batching(before, client.registry.stats(name)[worker])}
 
 
 def _batching(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -215,6 +227,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--producers", type=int, default=4, help="--queue: submitting threads")
     p.add_argument("--idle-s", type=float, default=20.0, help="--queue: idle time measured")
+    p.add_argument(
+        "--real-size",
+        action="store_true",
+        help="the course's nine tasks with their models' real sizes (random weights), "
+        "in-process at each B against pipeq: a table (docs/batching.md)",
+    )
+    p.add_argument("--tasks", help="--real-size: these tasks only (comma-separated)")
+    p.add_argument(
+        "--small",
+        action="store_true",
+        help="--real-size with tiny layers and 4 items a row: a check that it runs",
+    )
+    p.add_argument(
+        "--jobs-scale", type=float, default=1.0, help="--real-size: times each row's items"
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.queue:
@@ -223,12 +250,21 @@ def main(argv: list[str] | None = None) -> int:
         if "--jobs" not in (argv or sys.argv):
             args.jobs = 2000
         return queue_main(args)
+    if args.real_size:
+        return real_size_main(
+            args.tasks.split(",") if args.tasks else None,
+            small=args.small,
+            rounds=args.rounds,
+            models_dir=Path(args.models_dir).resolve(),
+            jobs_scale=args.jobs_scale,
+            json_path=args.json,
+        )
 
     if args.tiny:
         from pipeq.worker import tiny_models
 
         path = tiny_models.build(args.tiny, Path(args.models_dir).resolve())
-        d = Deployment(name="bench", task=tiny_models.TINY_MODELS[args.tiny], model=str(path))
+        d = Deployment(name="bench", task=tiny_models.task_of(args.tiny), model=str(path))
     else:
         if not args.deployment:
             p.error("name a deployment (with --config) or pass --tiny CHECKPOINT")
@@ -710,3 +746,261 @@ def _fmt_counts(counts: list[int], n: int) -> str:
         + " identical"
         + (" (per round)" if len(counts) > 1 else "")
     )
+
+
+# --------------------------------------------------------------------------- real size
+
+
+@dataclasses.dataclass(frozen=True)
+class RealSizeRow:
+    """A row of the real-size table: a task, its inputs and parameters, and how many items
+    each contender runs (full size; `--small` runs `SMALL_JOBS`)."""
+
+    label: str
+    task: str  # a key of real_size.REAL_SIZE: which checkpoint and deployment
+    jobs: int
+    batch_sizes: tuple[int, ...]
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    batching: str = ""  # the deployment's `batching` ("": the task's default)
+
+    @property
+    def deployment(self) -> str:
+        return self.task + (f"-{self.batching}" if self.batching else "")
+
+
+#: ten labels of a zero-shot call (the first three: the three-label row's)
+ZERO_SHOT_LABELS = (
+    "politics",
+    "sport",
+    "business",
+    "science",
+    "music",
+    "film",
+    "health",
+    "technology",
+    "education",
+    "travel",
+)
+#: random weights never choose end-of-sequence: each generation runs to its limit, so the
+#: limits are the lengths the real models make (a sentence's translation: about as many
+#: tokens as the sentence, up to 40 words here; a CNN summary: distilbart's min_length 56)
+REAL_SIZE_ROWS = (
+    RealSizeRow("sentiment-analysis", "sentiment-analysis", 48, (8, 32)),
+    RealSizeRow(
+        "zero-shot, 3 labels",
+        "zero-shot-classification",
+        8,
+        (8, 32),
+        {"candidate_labels": list(ZERO_SHOT_LABELS[:3])},
+    ),
+    RealSizeRow(
+        "zero-shot, 10 labels",
+        "zero-shot-classification",
+        3,
+        (8, 32),
+        {"candidate_labels": list(ZERO_SHOT_LABELS)},
+    ),
+    RealSizeRow(
+        "text-generation",
+        "text-generation",
+        8,
+        (1, 8),
+        {"max_new_tokens": 30, "do_sample": False},
+    ),
+    RealSizeRow(
+        "text-generation, dynamic batching",
+        "text-generation",
+        8,
+        (8,),
+        {"max_new_tokens": 30, "do_sample": False},
+        "dynamic",
+    ),
+    RealSizeRow("fill-mask", "fill-mask", 48, (8, 32)),
+    RealSizeRow("ner", "ner", 16, (8, 32), {"aggregation_strategy": "simple"}),
+    # pipeq's own pipelines (transformers 5 has none) run items one at a time whatever B
+    RealSizeRow("question-answering", "question-answering", 8, (1,)),
+    RealSizeRow("summarization", "summarization", 2, (1,), {"truncation": True, "max_length": 80}),
+    RealSizeRow("translation", "translation", 8, (1,), {"max_new_tokens": 48}),
+    RealSizeRow("feature-extraction", "feature-extraction", 48, (8, 32)),
+)
+#: `--small`: items a contender runs per row (the in-process batch sizes: the row's, at most 4)
+SMALL_JOBS = 4
+
+
+def real_size_inputs(row: RealSizeRow, n: int, mask_token: str | None = None) -> list[Any]:
+    """The row's n inputs (fixed seeds): texts of 5-40 words (ner: 10-60), QA contexts of
+    100-600 words, summarization articles of 300-900 words, French sentences to translate."""
+    from pipeq.worker.real_size import WORDS_EN, WORDS_FR, sentences
+
+    if row.task == "question-answering":
+        contexts = sentences(WORDS_EN, n, 100, 600, seed=11)
+        return [{"question": "What did the president say?", "context": c} for c in contexts]
+    if row.task == "summarization":
+        return sentences(WORDS_EN, n, 300, 900, seed=12)
+    if row.task == "translation":
+        return sentences(WORDS_FR, n, 5, 40, seed=13)
+    if row.task == "ner":
+        return sentences(WORDS_EN, n, 10, 60, seed=14)
+    texts = sentences(WORDS_EN, n, 5, 40, seed=15)
+    if row.task == "fill-mask":
+        return [f"{t[:-1]} {mask_token or '<mask>'}." for t in texts]
+    return texts
+
+
+def in_process_run(
+    pipe: Any, inputs: list[Any], params: dict[str, Any], batch_size: int
+) -> dict[str, Any]:
+    """The inputs in order, `batch_size` a call (`pipe(chunk, batch_size=B)`): items/s, and
+    each item's latency from the start to the end of its call."""
+    ends = []
+    started = time.perf_counter()
+    for at in range(0, len(inputs), batch_size):
+        chunk = inputs[at : at + batch_size]
+        pipe(chunk, batch_size=batch_size, **params)
+        ends += [time.perf_counter() - started] * len(chunk)
+    return {"items_per_s": len(inputs) / ends[-1], "latency_ms": _latencies_ms(ends)}
+
+
+def real_size_main(
+    tasks: list[str] | None,
+    *,
+    small: bool,
+    rounds: int,
+    models_dir: Path,
+    jobs_scale: float,
+    json_path: str | None,
+) -> int:
+    """Each selected row: its real-size checkpoint (`small`: the same architecture, tiny)
+    in-process at each B and through one pipeq worker with the task's default batching,
+    one contender at a time, `rounds` times; a table of items/s and latency p50/p95."""
+    import gc
+
+    from pipeq.worker import real_size
+    from pipeq.worker.handlers import load_handler
+
+    # the in-process contenders with the worker's OpenMP setting (`pipeq worker` sets it):
+    # threads that spin after each parallel region made in-process runs several times
+    # slower than the worker's on a shared 2-core host (docs/batching.md)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    rows = [r for r in REAL_SIZE_ROWS if not tasks or r.task in tasks or r.label in tasks]
+    unknown = set(tasks or ()) - {r.task for r in rows} - {r.label for r in rows}
+    if unknown:
+        raise SystemExit(f"unknown task(s) {sorted(unknown)}; known: {list(real_size.REAL_SIZE)}")
+    deployments = {}
+    for row in rows:
+        path = real_size.build(row.task, models_dir, small=small)
+        deployments[row.deployment] = Deployment(
+            name=row.deployment,
+            task=row.task,
+            model=str(path),
+            hub_id=real_size.hub_id(row.task),
+            batching=row.batching,
+        )
+    report: dict[str, Any] = {"small": small, "rounds": rounds, "rows": []}
+    with running_stack(deployments) as client:
+        for row in rows:
+            d = deployments[row.deployment]
+            handler = load_handler(d)
+            n = SMALL_JOBS if small else max(1, round(row.jobs * jobs_scale))
+            sizes = (
+                tuple(sorted({min(b, 4) for b in row.batch_sizes})) if small else row.batch_sizes
+            )
+            inputs = real_size_inputs(row, n, handler.info().get("mask_token"))
+            print(f"{row.label}: {n} items, {Path(d.model).name}", flush=True)
+            warm = inputs[: min(4, n)]
+            in_process_run(handler.pipe, warm, row.params, len(warm))
+            burst(client, d.name, warm, row.params, settle_s=0)
+            runs: dict[str, list[Any]] = {f"in_process_b{b}": [] for b in sizes}
+            runs["pipeq"] = []
+            for r in range(rounds):
+                # pipeq last in odd rounds, first in even ones: a drift of the host's load
+                # during a round favours neither side
+                order = [*sizes, 0] if r % 2 == 0 else [0, *sizes]
+                for b in order:
+                    if b:
+                        x = in_process_run(handler.pipe, inputs, row.params, b)
+                        runs[f"in_process_b{b}"].append(x)
+                        _row_progress(f"  round {r + 1}: in-process B={b}", x)
+                        continue
+                    x = burst(client, d.name, inputs, row.params, settle_s=0 if small else 2.5)
+                    runs["pipeq"].append(x)
+                    _row_progress(f"  round {r + 1}: pipeq", x)
+            report["rows"].append(
+                {
+                    "label": row.label,
+                    "task": row.task,
+                    "model": real_size.hub_id(row.task),
+                    "items": n,
+                    "params": row.params,
+                    "max_batch_size": d.max_batch_size,
+                    "runs": runs,
+                    **_row_summary(runs, sizes),
+                }
+            )
+            del handler
+            gc.collect()
+    _print_real_size(report)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _row_progress(label: str, x: dict[str, Any]) -> None:
+    lat = x["latency_ms"]
+    print(
+        f"{label:<28} {x['items_per_s']:8.2f} items/s  p50 {lat['p50']:.0f} ms  "
+        f"p95 {lat['p95']:.0f} ms",
+        flush=True,
+    )
+
+
+def _row_summary(runs: dict[str, list[Any]], sizes: tuple[int, ...]) -> dict[str, Any]:
+    """Medians of the rounds (of two: their mean, where the rest of the bench takes the
+    upper one); the best B by median items/s; pipeq / that round's best in-process, per
+    round, and their median."""
+    from statistics import median as _median
+
+    rounds = len(runs["pipeq"])
+
+    def rate(key: str) -> float:
+        return float(_median([x["items_per_s"] for x in runs[key]]))
+
+    best_b = max(sizes, key=lambda b: rate(f"in_process_b{b}"))
+    best = runs[f"in_process_b{best_b}"]
+    ratios = [
+        runs["pipeq"][i]["items_per_s"]
+        / max(runs[f"in_process_b{b}"][i]["items_per_s"] for b in sizes)
+        for i in range(rounds)
+    ]
+    return {
+        "best_b": best_b,
+        "in_process_items_per_s": rate(f"in_process_b{best_b}"),
+        "in_process_p50_ms": _median([x["latency_ms"]["p50"] for x in best]),
+        "in_process_p95_ms": _median([x["latency_ms"]["p95"] for x in best]),
+        "pipeq_items_per_s": rate("pipeq"),
+        "pipeq_p50_ms": _median([x["latency_ms"]["p50"] for x in runs["pipeq"]]),
+        "pipeq_p95_ms": _median([x["latency_ms"]["p95"] for x in runs["pipeq"]]),
+        "ratio": _median(ratios),
+        "ratios": ratios,
+        "pipeq_mean_batch_size": _median(
+            [x.get("mean_batch_size", float("nan")) for x in runs["pipeq"]]
+        ),
+    }
+
+
+def _print_real_size(r: dict[str, Any]) -> None:
+    size = "small (tiny layers)" if r["small"] else "real size, random weights"
+    print(f"\n{size}; {r['rounds']} round(s); medians; latency from the burst's start")
+    print(
+        "| task | items | in-process best B | items/s | p50 / p95 ms | pipeq items/s | "
+        "p50 / p95 ms | pipeq ÷ in-process (per round) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for x in r["rows"]:
+        print(
+            f"| {x['label']} | {x['items']} | {x['best_b']} | {x['in_process_items_per_s']:.2f} | "
+            f"{x['in_process_p50_ms']:.0f} / {x['in_process_p95_ms']:.0f} | "
+            f"{x['pipeq_items_per_s']:.2f} | {x['pipeq_p50_ms']:.0f} / {x['pipeq_p95_ms']:.0f} | "
+            f"**{x['ratio']:.2f}x** {_fmt(x['ratios'], 2)} |"
+        )

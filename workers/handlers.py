@@ -134,12 +134,17 @@ class Handler:
             return self._features(items, params)
         if self.streams is not None and hasattr(self.pipe, "streamer_for"):
             return [self._streamed(k, item, params) for k, item in enumerate(items)]
+        if self.task == "zero-shot-classification" and self.native:
+            # a chunk pipeline: its batch_size counts (text, label) pairs, not texts; left
+            # at 1 (a lone job: the pipeline's default), each label was a forward pass
+            pairs = len(items) * _label_count(params.get("candidate_labels"))
+            params = {**params, "batch_size": pairs}
         if len(items) == 1 or not self.native or _stops_per_row(self.task, params):
             # pipeq's own pipelines run items one at a time anyway, and a call with a list
             # reshapes the results of a list (4.57 flattens one-result lists): each item
             # gets exactly what `pipe(item)` gives, whatever shares its batch
             return [to_jsonable(self.pipe(item, **params)) for item in items]
-        outs = self.pipe(items, batch_size=len(items), **params)
+        outs = self.pipe(items, **{"batch_size": len(items), **params})
         if self.task == "text-classification" and "top_k" not in params:
             # what pipe(one string) returns: its dict in a list (a text pair: the dict)
             outs = [[o] if isinstance(i, str) else o for i, o in zip(items, outs, strict=True)]
@@ -496,6 +501,14 @@ def _stops_per_row(task: str, params: dict[str, Any]) -> bool:
     has an end-of-sequence token; without one the row goes on generating in a shared
     batch, and its text differs from the item run alone. Such items run alone."""
     return task in GENERATING and bool(params.get("stop_strings"))
+
+
+def _label_count(labels: Any) -> int:
+    """How many labels a zero-shot call's `candidate_labels` holds, as transformers parses
+    them (a string: comma-separated), at least 1."""
+    if isinstance(labels, str):
+        labels = [x for x in labels.split(",") if x.strip()]
+    return max(1, len(labels) if isinstance(labels, list | tuple) else 1)
 
 
 def _truncates(params: dict[str, Any]) -> bool:

@@ -320,7 +320,10 @@ def run_worker(
         run = slot.paused(run)  # one forward pass on the model at a time
     batcher = Batcher(
         run,
-        max_batch_size=deployment.max_batch_size,
+        # pipeq's own pipelines (question-answering, summarization, translation) run the
+        # items of a batch one at a time: a batch of them only held every result, and its
+        # job_timeout_s clock, until the last was done (docs/batching.md, real size)
+        max_batch_size=deployment.max_batch_size if handler.native else 1,
         max_batch_wait_ms=deployment.max_batch_wait_ms,
         admit=admission,
         settled=admission.settled,

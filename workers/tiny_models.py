@@ -283,8 +283,10 @@ def _copy_minilm_tokenizer(out: pathlib.Path, tokenizer_class: str = "BertTokeni
     return len(vocab)
 
 
-def _train_byte_level_bpe(specials: Sequence[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE ``tokenizers.Tokenizer`` on :data:`CORPUS`."""
+def _train_byte_level_bpe(
+    specials: Sequence[str], vocab_size: int, corpus: Iterable[str] = CORPUS
+) -> Tokenizer:
+    """Train a byte-level BPE ``tokenizers.Tokenizer`` on :data:`CORPUS` (or `corpus`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -297,8 +299,35 @@ def _train_byte_level_bpe(specials: Sequence[str], vocab_size: int) -> Tokenizer
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(CORPUS, trainer=trainer)
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
     return tokenizer
+
+
+def _pad_bpe_vocab(tokenizer: Tokenizer, size: int | None) -> Tokenizer:
+    """The tokenizer with filler tokens (``Ġqx`` and letters: no merge makes them) appended to
+    its BPE vocabulary up to `size` entries, so that every id of a real-size model's
+    vocabulary decodes to some text; itself when `size` is None."""
+    if size is None:
+        return tokenizer
+    from tokenizers import Tokenizer
+
+    data = json.loads(tokenizer.to_str())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    for i in range(size):
+        if len(vocab) >= size:
+            break
+        vocab.setdefault("\u0120qx" + _letters(i), len(vocab))
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def _letters(i: int) -> str:
+    """0 -> "a", 25 -> "z", 26 -> "ba": a filler token's distinct tail."""
+    out = ""
+    while True:
+        out = chr(ord("a") + i % 26) + out
+        i //= 26
+        if i == 0:
+            return out
 
 
 def _save_bpe_files(tokenizer: Tokenizer, out: pathlib.Path) -> dict[str, int]:
@@ -313,11 +342,21 @@ def _save_bpe_files(tokenizer: Tokenizer, out: pathlib.Path) -> dict[str, int]:
     return ordered
 
 
-def _roberta_tokenizer(out: pathlib.Path, tokenizer_class: str, max_length: int) -> dict[str, int]:
-    """Byte-level BPE in the RoBERTa/BART layout: <s>=0 <pad>=1 </s>=2 <unk>=3 ... <mask>=last."""
+def _roberta_tokenizer(
+    out: pathlib.Path,
+    tokenizer_class: str,
+    max_length: int,
+    *,
+    corpus: Iterable[str] = CORPUS,
+    trained: int = 1000,
+    size: int | None = None,
+) -> dict[str, int]:
+    """Byte-level BPE in the RoBERTa/BART layout: <s>=0 <pad>=1 </s>=2 <unk>=3 ... <mask>=last;
+    `trained` entries learnt from `corpus`, then fillers up to `size` entries in all."""
     from tokenizers import AddedToken, processors
 
-    tokenizer = _train_byte_level_bpe(BPE_SPECIALS, vocab_size=1000)
+    tokenizer = _train_byte_level_bpe(BPE_SPECIALS, vocab_size=trained, corpus=corpus)
+    tokenizer = _pad_bpe_vocab(tokenizer, None if size is None else size - 1)
     tokenizer.add_special_tokens(
         [AddedToken("<mask>", lstrip=True, normalized=False, special=True)]
     )
@@ -347,11 +386,20 @@ def _roberta_tokenizer(out: pathlib.Path, tokenizer_class: str, max_length: int)
     return vocab
 
 
-def _gpt2_tokenizer(out: pathlib.Path, max_length: int) -> dict[str, int]:
-    """Byte-level BPE in the GPT-2 layout: a single <|endoftext|> token, last in the vocabulary."""
+def _gpt2_tokenizer(
+    out: pathlib.Path,
+    max_length: int,
+    *,
+    corpus: Iterable[str] = CORPUS,
+    trained: int = 1000,
+    size: int | None = None,
+) -> dict[str, int]:
+    """Byte-level BPE in the GPT-2 layout: a single <|endoftext|> token, last in the vocabulary
+    (`trained`, `size`: as `_roberta_tokenizer`'s)."""
     from tokenizers import AddedToken
 
-    tokenizer = _train_byte_level_bpe((), vocab_size=1000)
+    tokenizer = _train_byte_level_bpe((), vocab_size=trained, corpus=corpus)
+    tokenizer = _pad_bpe_vocab(tokenizer, None if size is None else size - 1)
     tokenizer.add_special_tokens([AddedToken(GPT2_EOS, normalized=False, special=True)])
     vocab = _save_bpe_files(tokenizer, out)
     _write_tokenizer_config(
@@ -398,16 +446,30 @@ def _spm_pieces(model: bytes) -> list[str]:
     return [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
 
 
-def _marian_tokenizer(out: pathlib.Path, max_length: int = 512) -> dict[str, int]:
+def _marian_tokenizer(
+    out: pathlib.Path,
+    max_length: int = 512,
+    *,
+    corpus: Iterable[str] = FRENCH + ENGLISH,
+    trained: int = 600,
+    size: int | None = None,
+) -> dict[str, int]:
     """Joint fr/en sentencepiece model (as source.spm and target.spm) plus Marian's vocab.json.
 
     Marian maps sentencepiece pieces to ids through vocab.json: </s>=0, <unk>=1, the pieces,
-    then <pad> last (it doubles as the decoder start token).
+    then <pad> last (it doubles as the decoder start token). `size`: filler pieces (``▁qx``
+    and letters) before <pad>, up to that many entries in all.
     """
-    model = _train_sentencepiece(FRENCH + ENGLISH, vocab_size=600)
+    model = _train_sentencepiece(corpus, vocab_size=trained)
     (out / "source.spm").write_bytes(model)
     (out / "target.spm").write_bytes(model)
     pieces = [p for p in _spm_pieces(model) if p not in ("<unk>", "<s>", "</s>")]
+    known = set(pieces)
+    fillers = (f"\u2581qx{_letters(i)}" for i in range(size or 0))
+    while size is not None and len(pieces) + 3 < size:
+        piece = next(fillers)
+        if piece not in known:
+            pieces.append(piece)
     tokens = ["</s>", "<unk>", *pieces, "<pad>"]
     vocab = {token: i for i, token in enumerate(tokens)}
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=2) + "\n", "utf-8")
@@ -784,36 +846,38 @@ def _build_t5(out: pathlib.Path, seed: int) -> None:
 
 
 @dataclass(frozen=True)
-class _Spec:
+class Spec:
+    """A checkpoint: the task it serves, its weights' seed, what builds it into a directory."""
+
     task: str
     seed: int
     builder: Callable[[pathlib.Path, int], None]
 
 
-_SPECS: dict[str, _Spec] = {
-    "distilbert-base-cased-distilled-squad": _Spec("question-answering", 1001, _build_squad),
-    "distilbart-cnn-12-6": _Spec("summarization", 1002, _build_distilbart_cnn),
-    "opus-mt-fr-en": _Spec("translation", 1003, _build_marian),
-    "t5-small": _Spec("translation", 1004, _build_t5),
-    "distilbert-base-uncased-finetuned-sst-2-english": _Spec(
+_SPECS: dict[str, Spec] = {
+    "distilbert-base-cased-distilled-squad": Spec("question-answering", 1001, _build_squad),
+    "distilbart-cnn-12-6": Spec("summarization", 1002, _build_distilbart_cnn),
+    "opus-mt-fr-en": Spec("translation", 1003, _build_marian),
+    "t5-small": Spec("translation", 1004, _build_t5),
+    "distilbert-base-uncased-finetuned-sst-2-english": Spec(
         "text-classification", 1005, _build_sst2
     ),
-    "bart-large-mnli": _Spec("zero-shot-classification", 1006, _build_bart_mnli),
-    "gpt2": _Spec("text-generation", 1007, _build_gpt2),
-    "distilgpt2": _Spec("text-generation", 1008, _build_gpt2),
-    "distilroberta-base": _Spec("fill-mask", 1009, _build_roberta_mlm),
-    "bert-large-cased-finetuned-conll03-english": _Spec("token-classification", 1010, _build_conll),
-    "distilbert-base-cased": _Spec("feature-extraction", 1011, _build_distilbert_base),
-    BENCH_SENTIMENT: _Spec("text-classification", 1012, _build_bench_sentiment),
-    BENCH_GENERATOR: _Spec("text-generation", 1013, _build_bench_generator),
+    "bart-large-mnli": Spec("zero-shot-classification", 1006, _build_bart_mnli),
+    "gpt2": Spec("text-generation", 1007, _build_gpt2),
+    "distilgpt2": Spec("text-generation", 1008, _build_gpt2),
+    "distilroberta-base": Spec("fill-mask", 1009, _build_roberta_mlm),
+    "bert-large-cased-finetuned-conll03-english": Spec("token-classification", 1010, _build_conll),
+    "distilbert-base-cased": Spec("feature-extraction", 1011, _build_distilbert_base),
+    BENCH_SENTIMENT: Spec("text-classification", 1012, _build_bench_sentiment),
+    BENCH_GENERATOR: Spec("text-generation", 1013, _build_bench_generator),
     # a context of 64 tokens: tests of what fits a model's context reach its edge quickly
-    SHORT_CONTEXT["text-generation"]: _Spec(
+    SHORT_CONTEXT["text-generation"]: Spec(
         "text-generation", 1014, functools.partial(_build_gpt2, positions=SHORT_POSITIONS)
     ),
-    SHORT_CONTEXT["summarization"]: _Spec(
+    SHORT_CONTEXT["summarization"]: Spec(
         "summarization", 1015, functools.partial(_build_distilbart_cnn, positions=SHORT_POSITIONS)
     ),
-    SHORT_CONTEXT["translation"]: _Spec(
+    SHORT_CONTEXT["translation"]: Spec(
         "translation", 1016, functools.partial(_build_marian, positions=SHORT_POSITIONS)
     ),
 }
@@ -825,8 +889,26 @@ TINY_MODELS: dict[str, str] = {name: spec.task for name, spec in _SPECS.items()}
 # --------------------------------------------------------------------------- building
 
 
+def spec_of(name: str) -> Spec:
+    """The checkpoint `name`: a tiny one (:data:`TINY_MODELS`) or a real-size one
+    (``pipeq.worker.real_size``, built only when asked for by name)."""
+    if name in _SPECS:
+        return _SPECS[name]
+    from pipeq.worker import real_size
+
+    if name in real_size.SPECS:
+        return real_size.SPECS[name]
+    known = sorted([*_SPECS, *real_size.SPECS])
+    raise KeyError(f"unknown tiny model {name!r}; known: {', '.join(known)}")
+
+
+def task_of(name: str) -> str:
+    """The canonical task the checkpoint `name` serves."""
+    return spec_of(name).task
+
+
 def _marker(name: str) -> dict[str, Any]:
-    spec = _SPECS[name]
+    spec = spec_of(name)
     return {"name": name, "task": spec.task, "seed": spec.seed, "build_version": BUILD_VERSION}
 
 
@@ -874,8 +956,7 @@ def _remove_stale_temps(root: pathlib.Path, name: str) -> None:
 
 def build(name: str, root: str | os.PathLike[str]) -> pathlib.Path:
     """Build the tiny checkpoint ``name`` into ``root/name`` unless it is already complete."""
-    if name not in _SPECS:
-        raise KeyError(f"unknown tiny model {name!r}; known: {', '.join(sorted(_SPECS))}")
+    spec = spec_of(name)
     root_path = pathlib.Path(root)
     target = root_path / name
     if _is_complete(target, name):
@@ -884,7 +965,6 @@ def build(name: str, root: str | os.PathLike[str]) -> pathlib.Path:
     _remove_stale_temps(root_path, name)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root_path))
     try:
-        spec = _SPECS[name]
         spec.builder(tmp, spec.seed)
         _write_json(tmp / MARKER, _marker(name))
         _make_readable(tmp)
@@ -911,11 +991,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("root", help="directory that receives one sub-directory per checkpoint")
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"default: all of {list(_SPECS)}")
     args = parser.parse_args(argv)
-    unknown = [name for name in args.names if name not in _SPECS]
+    unknown = []
+    for name in args.names:
+        try:
+            spec_of(name)
+        except KeyError:
+            unknown.append(name)
     if unknown:
         parser.error(f"unknown tiny model(s): {', '.join(unknown)}")
     for name, path in build_all(args.root, args.names or None).items():
-        print(f"{name}\t{TINY_MODELS[name]}\t{path}")
+        print(f"{name}\t{task_of(name)}\t{path}")
     return 0
 
 
