@@ -7,8 +7,10 @@ worker back only after a visibility timeout (an hour by default), and those of a
 worker whose job outlasts the timeout as well, so long jobs ran several times.
 
 A pipeq worker instead moves each message with BLMOVE from its deployment's queue to
-`pipeq:inflight:<worker>` (one atomic step), acknowledges by removing it from there, and
-hands it back by moving it to the front of the queue. Its heartbeat owns that list: the
+`pipeq:inflight:<worker>` (one atomic step; then up to a batch's worth more in one script,
+`take`), acknowledges by removing it from there (the acknowledged ones together, before the
+next take or every `ACK_FLUSH_S`), and hands it back by moving it to the front of the
+queue. Its heartbeat owns that list: the
 other workers of the deployment put the messages back only once the heartbeat stopped
 (`_ledger` beat), however long a job runs. Each message passes the gate (`gate`) before
 kombu sees it; one that fails is set aside in the dead-letter list.
