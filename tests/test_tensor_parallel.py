@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from pipeq._config import Deployment
+from pipeq.errors import InvalidRequest
 from pipeq.worker import tiny_models
 from pipeq.worker.demo import write_config
 
@@ -82,6 +83,22 @@ def test_a_two_rank_worker_gives_one_ranks_results_and_a_killed_follower_loses_n
     config, cluster.config = cluster.config, cluster.one_rank  # type: ignore[attr-defined]
     one = cluster.start_worker("tp")
     cluster.config = config
+    # what transformers gives in one process, made while the workers load: greedy and
+    # seeded sampled jobs (continuous batching), beam search (the dynamic batcher, which
+    # every rank runs), and long jobs, running when a rank is killed
+    from transformers import set_seed
+
+    pipe = reference(llama)
+    calls = [({"max_new_tokens": n, "do_sample": False}, p) for p, n in PROMPTS]
+    calls.append(({"max_new_tokens": 10, "do_sample": True, "top_k": 20, "seed": 7}, PROMPTS[0][0]))
+    calls.append(({"max_new_tokens": 6, "num_beams": 2, "do_sample": False}, PROMPTS[1][0]))
+    wants = []
+    for params, prompt in calls:
+        if "seed" in params:  # pipeq's seed: set_seed(seed), then the pipeline
+            set_seed(params["seed"])
+        wants.append(pipe(prompt, **{k: v for k, v in params.items() if k != "seed"}))
+    long_wants = [pipe(p, max_new_tokens=LONG, do_sample=False) for p, _ in PROMPTS]
+
     two_name = cluster.hostname(two, "tp", timeout_s=180)
     one_name = cluster.hostname(one, "tp", timeout_s=180)
     client = cluster.client()
@@ -92,38 +109,16 @@ def test_a_two_rank_worker_gives_one_ranks_results_and_a_killed_follower_loses_n
         30,
         "the one-rank worker stops consuming",
     )
-    pipe = reference(llama)
-
-    # greedy and seeded sampled jobs (continuous batching), beam search (the dynamic
-    # batcher, which every rank runs): one rank's results, token for token
-    jobs = [
-        (
-            client.submit("tp", p, max_new_tokens=n, do_sample=False),
-            pipe(p, max_new_tokens=n, do_sample=False),
-        )
-        for p, n in PROMPTS
-    ]
-    from transformers import set_seed
-
-    set_seed(7)
-    sampled = pipe(PROMPTS[0][0], max_new_tokens=10, do_sample=True, top_k=20)
-    jobs.append(
-        (
-            client.submit("tp", PROMPTS[0][0], max_new_tokens=10, do_sample=True, top_k=20, seed=7),
-            sampled,
-        )
-    )
-    beams = pipe(PROMPTS[1][0], max_new_tokens=6, num_beams=2, do_sample=False)
-    jobs.append(
-        (client.submit("tp", PROMPTS[1][0], max_new_tokens=6, num_beams=2, do_sample=False), beams)
-    )
-    for job, want in jobs:
-        assert job.result(timeout=60) == want
+    jobs = [client.submit("tp", prompt, **params) for params, prompt in calls]
+    for job, want in zip(jobs, wants, strict=True):
+        assert job.result(timeout=60) == want  # token for token
         assert job.engine()["worker"] == two_name
-    assert [job.engine()["engine"] for job, _ in jobs] == ["continuous"] * 5 + ["dynamic"]
+    assert [job.engine()["engine"] for job in jobs] == ["continuous"] * 5 + ["dynamic"]
+    # a wall-clock limit inside a batch would stop the ranks at different steps
+    with pytest.raises(InvalidRequest, match="max_time"):
+        client.submit("tp", "x", max_new_tokens=2, max_time=5.0).result(timeout=60)
 
     # long jobs, all held by the two-rank worker; then its follower is killed
-    wants = [pipe(p, max_new_tokens=LONG, do_sample=False) for p, _ in PROMPTS]
     long_jobs = [client.submit("tp", p, max_new_tokens=LONG, do_sample=False) for p, _ in PROMPTS]
     wait_until(
         lambda: cluster.inflight(two_name) == len(long_jobs), 30, "the two ranks hold the jobs"
@@ -140,7 +135,7 @@ def test_a_two_rank_worker_gives_one_ranks_results_and_a_killed_follower_loses_n
     exited = time.monotonic() - killed
     wait_until(lambda: cluster.inflight(two_name) == 0, 30, "its jobs are put back")
     reclaimed = time.monotonic() - killed
-    for job, want in zip(long_jobs, wants, strict=True):
+    for job, want in zip(long_jobs, long_wants, strict=True):
         assert job.result(timeout=60) == want  # nothing lost, the same text
         assert job.engine()["worker"] == one_name
     done = time.monotonic() - killed

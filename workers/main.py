@@ -309,8 +309,6 @@ def run_worker(
         lease=lease,
     )
     run: Callable[..., Any] = partial(handler.run, time_limit_s=deployment.job_timeout_s)
-    if group is not None:  # every rank runs each batch (tensor_parallel.py)
-        run = group.mirrored(run)
     slot = None
     if deployment.batching == "continuous":
         start: Callable[[], Any] = partial(
@@ -322,6 +320,8 @@ def run_worker(
         # restarted when its loop ends on an error: one request never stops the worker
         slot = ManagerSlot(start if group is None else group.manager(start))
         run = slot.paused(run)  # one forward pass on the model at a time
+    if group is not None:  # every rank runs each batch (tensor_parallel.py)
+        run = group.mirrored(run, slot.lock if slot is not None else None)
     batcher = Batcher(
         run,
         max_batch_size=deployment.max_batch_size,

@@ -30,6 +30,7 @@ ranks would reach at different steps) is refused on such a worker.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -163,9 +164,13 @@ class Group:
 
         return started
 
-    def mirrored(self, run: Callable[..., T]) -> Callable[..., T]:
-        """`run(items, params, time_limit_s=...)` (a dynamic batch, under the managers'
-        pause) on every rank, after the same random seed."""
+    def mirrored(
+        self, run: Callable[..., T], lock: contextlib.AbstractContextManager[Any] | None = None
+    ) -> Callable[..., T]:
+        """`run(items, params, time_limit_s=...)` (a dynamic batch) on every rank, after
+        the same random seed. Under `lock` (the manager slot's: no restart in between),
+        the followers are told before `run` pauses rank 0's manager: every rank's manager
+        must enter the pause, or the group's loops wait for each other for ever."""
 
         def run_everywhere(items: list[Any], params: dict[str, Any], **_: Any) -> T:
             import torch
@@ -176,11 +181,14 @@ class Group:
                     "would stop at different steps (job_timeout_s bounds the job)"
                 )
             seed = random.getrandbits(63)
-            self.command("run", items, params, seed)
-            torch.manual_seed(seed)
-            # no wall-clock limit inside the batch, which ranks would reach at different
-            # steps: job_timeout_s still ends the job's wait
-            return run(items, params, time_limit_s=None)
+            with lock or contextlib.nullcontext():
+                self.command("run", items, params, seed)
+                # nothing draws from torch's global generator on rank 0 until `run` (the
+                # manager decodes greedily; a row's draw has a generator of its own)
+                torch.manual_seed(seed)
+                # no wall-clock limit inside the batch, which ranks would reach at
+                # different steps: job_timeout_s still ends the job's wait
+                return run(items, params, time_limit_s=None)
 
         return run_everywhere
 
@@ -254,7 +262,6 @@ def _watch_parent(parent: int) -> None:
 def follow(rank: int, port: int, loglevel: str) -> int:
     """A follower: load its shard, then run what rank 0 sends until it says stop."""
     from pipeq.worker.liveness import EXIT_UNHEALTHY
-    from pipeq.worker.main import EXIT_MODEL_LOAD_FAILED
 
     logging.basicConfig(
         level=loglevel, format=f"%(asctime)s %(levelname)s %(name)s[rank {rank}]: %(message)s"
@@ -279,6 +286,8 @@ def follow(rank: int, port: int, loglevel: str) -> int:
     try:
         handler = placement.load(deployment)
     except ModelLoadError as e:
+        from pipeq.worker.main import EXIT_MODEL_LOAD_FAILED
+
         print(f"pipeq worker {deployment.name} rank {rank}: {e.message}", file=sys.stderr)
         return EXIT_MODEL_LOAD_FAILED
     commands = _commands_group()
@@ -294,7 +303,13 @@ def follow(rank: int, port: int, loglevel: str) -> int:
             break
         if cmd[0] == "manager":
             if manager is not None and manager.is_running():
+                # rank 0's loop ended on an error: it told the group (transformers'
+                # HARD_STOP), unless a BaseException ended it, which leaves this loop
+                # waiting for it in a collective: the group cannot go on
                 manager.stop(block=True, timeout=10)
+                if manager.is_running():
+                    log.critical("this rank's generation loop does not stop: exiting")
+                    return EXIT_UNHEALTHY
             manager = start_manager(handler.pipe, deployment.max_batch_size)
         elif cmd[0] == "run":
             _, items, params, seed = cmd
@@ -307,8 +322,6 @@ def follow(rank: int, port: int, loglevel: str) -> int:
 def _run_paused(manager: Any, handler: Any, items: Any, params: Any, seed: int) -> None:
     """What rank 0's dynamic batch runs, under this rank's pause of its manager (as
     `ManagerSlot.paused` does on rank 0); its outcome is rank 0's to report."""
-    import contextlib
-
     import torch
 
     with contextlib.ExitStack() as stack:
@@ -325,4 +338,8 @@ def _run_paused(manager: Any, handler: Any, items: Any, params: Any, seed: int) 
 
 
 if __name__ == "__main__":
-    sys.exit(follow(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))
+    status = follow(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    # at once: the manager's loop (not a daemon thread) may be stuck in a collective
+    # with a rank that is gone, and would hold a normal exit for ever
+    logging.shutdown()
+    os._exit(status)
