@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from pipeq._config import Deployment
 from pipeq.errors import InvalidRequest
@@ -122,26 +122,41 @@ class Group:
         atexit.register(self.kill)
 
     def _run_watch(self) -> None:
+        while not self._stopping.wait(WATCH_S):
+            self.check()
+
+    def check(self) -> None:
+        """Exit at once when a follower has ended (unless the group is stopping)."""
+        for rank, proc in enumerate(self.followers, start=1):
+            code = proc.poll()
+            if code is not None and not self._stopping.is_set():
+                self.broken(f"rank {rank} (pid {proc.pid}) ended (exit status {code})", code)
+
+    def broken(self, why: str, code: int | None = None) -> NoReturn:
+        """The group cannot run its model: exit now, storing nothing more, so that the
+        jobs this worker holds go back to the queue (EXIT_UNHEALTHY; EXIT_MODEL_LOAD_FAILED
+        when a follower could not load the model)."""
         from pipeq.worker.liveness import EXIT_UNHEALTHY
         from pipeq.worker.main import EXIT_MODEL_LOAD_FAILED
 
-        while not self._stopping.wait(WATCH_S):
-            for rank, proc in enumerate(self.followers, start=1):
-                code = proc.poll()
-                if code is None or self._stopping.is_set():
-                    continue
-                log.critical(
-                    "tensor-parallel rank %d (pid %d) ended (exit status %s): the group "
-                    "cannot run its model; exiting so that its jobs are taken back",
-                    rank,
-                    proc.pid,
-                    code,
-                )
-                self.kill()
-                logging.shutdown()
-                os._exit(
-                    EXIT_MODEL_LOAD_FAILED if code == EXIT_MODEL_LOAD_FAILED else EXIT_UNHEALTHY
-                )
+        log.critical(
+            "tensor parallel: %s: the group cannot run its model; exiting so that its "
+            "jobs are taken back",
+            why,
+        )
+        self.kill()
+        logging.shutdown()
+        os._exit(EXIT_MODEL_LOAD_FAILED if code == EXIT_MODEL_LOAD_FAILED else EXIT_UNHEALTHY)
+
+    def _failed(self, e: BaseException) -> None:
+        """After an error in a collective's path: exit if it was the group's (a follower
+        gone, a connection lost), rather than fail the batch's jobs with it; else return
+        (the jobs' own error, which every rank met)."""
+        self.check()
+        if isinstance(e, RuntimeError) and (
+            type(e).__name__ == "DistBackendError" or "gloo" in str(e) or "NCCL" in str(e)
+        ):
+            self.broken(f"a collective failed: {e}")
 
     def joined(self) -> None:
         """The model has loaded on every rank: open the commands' channel."""
@@ -152,7 +167,11 @@ class Group:
         import torch.distributed as dist
 
         with self._lock:
-            dist.broadcast_object_list([list(cmd)], src=0, group=self.commands)
+            try:
+                dist.broadcast_object_list([list(cmd)], src=0, group=self.commands)
+            except Exception as e:
+                self._failed(e)
+                self.broken(f"the followers did not take a command: {e}")
 
     def manager(self, start: Callable[[], T]) -> Callable[[], T]:
         """`start` (a new continuous-batching manager), with every follower starting its own:
@@ -186,9 +205,13 @@ class Group:
                 # nothing draws from torch's global generator on rank 0 until `run` (the
                 # manager decodes greedily; a row's draw has a generator of its own)
                 torch.manual_seed(seed)
-                # no wall-clock limit inside the batch, which ranks would reach at
-                # different steps: job_timeout_s still ends the job's wait
-                return run(items, params, time_limit_s=None)
+                try:
+                    # no wall-clock limit inside the batch, which ranks would reach at
+                    # different steps: job_timeout_s still ends the job's wait
+                    return run(items, params, time_limit_s=None)
+                except Exception as e:  # a follower's death fails no job: it exits here
+                    self._failed(e)
+                    raise
 
         return run_everywhere
 
