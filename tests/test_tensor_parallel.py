@@ -143,5 +143,7 @@ def test_a_two_rank_worker_gives_one_ranks_results_and_a_killed_follower_loses_n
         f"rank 0 exited {exited:.2f} s after its follower was killed; jobs put back after "
         f"{reclaimed:.2f} s (dead_after_s {DEAD_AFTER_S}); all done after {done:.2f} s"
     )
-    assert reclaimed < DEAD_AFTER_S + 3
+    # a dead worker's jobs go back dead_after_s + heartbeat_s after its last beat at most
+    # (liveness.py); 1.5 s more for a loaded machine's late beat
+    assert reclaimed < DEAD_AFTER_S + 0.5 + 1.5
     assert one.poll() is None

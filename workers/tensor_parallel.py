@@ -19,12 +19,14 @@ run the model, in lockstep with it:
   seed. A dynamic batch runs while the managers of all ranks are paused (transformers'
   `pause()` must be entered on every rank).
 
-No half-alive group: rank 0 watches its followers (`Group.watch`) and exits at once
-(EXIT_UNHEALTHY; a follower that failed to load its model: EXIT_MODEL_LOAD_FAILED) when
-one of them ends, so it stops beating and the other workers take its jobs back after
-`dead_after_s`, as with any dead worker; a follower exits when rank 0 is gone (its parent
-changes) or a collective with it fails. A job's `max_time` (a wall-clock limit, which
-ranks would reach at different steps) is refused on such a worker.
+No half-alive group: rank 0 watches its followers (`Group.check`, every `WATCH_S`) and
+exits at once (EXIT_UNHEALTHY; a follower that failed to load its model:
+EXIT_MODEL_LOAD_FAILED) when one of them ends, or when a command or a batch meets a failed
+collective (before any job is failed with that error), so it stops beating and the other
+workers take its jobs back after `dead_after_s`, as with any dead worker; a follower exits
+when rank 0 is gone (its parent changes) or a collective with it fails. A job's
+`max_time` (a wall-clock limit, which ranks would reach at different steps) is refused on
+such a worker.
 """
 
 from __future__ import annotations
@@ -153,8 +155,10 @@ class Group:
         gone, a connection lost), rather than fail the batch's jobs with it; else return
         (the jobs' own error, which every rank met)."""
         self.check()
-        if isinstance(e, RuntimeError) and (
-            type(e).__name__ == "DistBackendError" or "gloo" in str(e) or "NCCL" in str(e)
+        if (
+            not self._stopping.is_set()
+            and isinstance(e, RuntimeError)
+            and (type(e).__name__ == "DistBackendError" or "gloo" in str(e) or "NCCL" in str(e))
         ):
             self.broken(f"a collective failed: {e}")
 
@@ -170,6 +174,8 @@ class Group:
             try:
                 dist.broadcast_object_list([list(cmd)], src=0, group=self.commands)
             except Exception as e:
+                if self._stopping.is_set():  # the group is going anyway: stop() says so
+                    raise
                 self._failed(e)
                 self.broken(f"the followers did not take a command: {e}")
 
