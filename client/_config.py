@@ -76,6 +76,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
+#: the most ranks `tensor_parallel` may ask for (one host's GPUs)
+MAX_TENSOR_PARALLEL = 16
+
+
 @dataclass(frozen=True)
 class Deployment:
     """One (task, model, device) a worker serves; one queue each."""
@@ -121,6 +125,11 @@ class Deployment:
     #: (password, TLS, Sentinel); None: the default one (--redis-url, $PIPEQ_REDIS_URL).
     #: Never announced (`to_dict`) nor shown (repr): it may hold a password
     redis_url: str | None = field(default=None, repr=False)
+    #: ranks of one worker (torch.distributed tensor parallelism: `from_pretrained(
+    #: tp_plan="auto")`, a model with a tp plan such as Llama's): `pipeq worker` starts
+    #: N - 1 follower processes beside itself, gloo on the CPU, NCCL on `device = "cuda"`
+    #: (rank r on cuda:r); text-generation only (docs/generation.md). 1: one process
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -212,6 +221,27 @@ class Deployment:
         if fraction and size:
             raise InvalidRequest(f"{where}: set gpu_memory_fraction or gpu_memory_bytes, not both")
         object.__setattr__(self, "gpu_memory_fraction", float(fraction))
+        self._check_tensor_parallel()
+
+    def _check_tensor_parallel(self) -> None:
+        """InvalidRequest, naming `tensor_parallel`, for a rank count the worker cannot run."""
+        where = f"deployment {self.name!r}: tensor_parallel"
+        n = self.tensor_parallel
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TENSOR_PARALLEL:
+            raise InvalidRequest(f"{where} must be an integer from 1 to {MAX_TENSOR_PARALLEL}")
+        if n == 1:
+            return
+        if self.canonical_task != "text-generation":
+            raise InvalidRequest(f"{where} serves text-generation only (its models have tp plans)")
+        if self.device not in ("cpu", "cuda"):
+            raise InvalidRequest(
+                f"{where} needs device 'cpu' (gloo) or 'cuda' (NCCL, rank r on cuda:r), "
+                f"not {self.device!r}"
+            )
+        if self.compile:
+            raise InvalidRequest(f"{where} with compile is not supported")
+        if self.gpu_memory_fraction or self.gpu_memory_bytes:
+            raise InvalidRequest(f"{where} with a GPU memory cap is not supported")
 
     def _check_redis_url(self) -> None:
         """InvalidRequest, the URL masked, for a `redis_url` that `_redis.parse` refuses."""

@@ -63,6 +63,11 @@ BAD_SETTINGS = [
     ("gpu_memory_fraction", True),
     ("gpu_memory_bytes", -1),
     ("gpu_memory_bytes", 1.5),
+    ("tensor_parallel", 0),
+    ("tensor_parallel", "2"),
+    ("tensor_parallel", 2.0),
+    ("tensor_parallel", True),
+    ("tensor_parallel", 17),
 ]
 
 
@@ -90,6 +95,26 @@ def test_a_bad_model_setting_fails_the_config_load_naming_its_key(
         ({"task": "text-generation", "attn_implementation": "eager"}, "continuous"),
         ({"task": "text-generation", "compile": True}, "continuous"),
         ({"gpu_memory_fraction": 0.5, "gpu_memory_bytes": 2**30}, "not both"),
+        ({"tensor_parallel": 2}, "tensor_parallel serves text-generation only"),
+        ({"task": "text-generation", "tensor_parallel": 2, "device": "cuda:1"}, "rank r on cuda:r"),
+        (
+            {
+                "task": "text-generation",
+                "tensor_parallel": 2,
+                "batching": "dynamic",
+                "compile": True,
+            },
+            "tensor_parallel with compile",
+        ),
+        (
+            {
+                "task": "text-generation",
+                "tensor_parallel": 2,
+                "device": "cuda",
+                "gpu_memory_bytes": 1,
+            },
+            "tensor_parallel with a GPU memory cap",
+        ),
     ],
 )
 def test_model_settings_that_cannot_go_together_are_refused(
@@ -112,11 +137,15 @@ def test_model_settings_round_trip_through_a_config_file(tmp_path: Path) -> None
         trust_remote_code=True,
         gpu_memory_fraction=0.25,
     )
+    tp = Deployment(name="tp", task="text-generation", model="m", device="cuda", tensor_parallel=4)
+    loaded_tp = load_deployments(write_config({"tp": tp}, tmp_path / "tp.toml"))["tp"]
+    assert loaded_tp == tp
     loaded = load_deployments(write_config({"s": d}, tmp_path / "pipeq.toml"))["s"]
     assert loaded == d
     defaults = Deployment(name="s", task="ner", model="m")
     assert (defaults.dtype, defaults.attn_implementation, defaults.compile) == ("auto", "", False)
     assert (defaults.trust_remote_code, defaults.gpu_memory_fraction) == (False, 0.0)
+    assert defaults.tensor_parallel == 1
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda:0"])

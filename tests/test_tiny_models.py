@@ -104,7 +104,7 @@ def test_zero_shot_classification(root: pathlib.Path) -> None:
     assert sum(out["scores"]) == pytest.approx(1.0, abs=1e-4)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "distilgpt2"])
+@pytest.mark.parametrize("name", ["gpt2", "distilgpt2", tiny_models.TP_GENERATOR])
 def test_text_generation(root: pathlib.Path, name: str) -> None:
     pipe = _pipe(root, name)
     prompt = "In this course, we will teach you how to"

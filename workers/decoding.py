@@ -239,6 +239,10 @@ class DrawStep(ContinuousBatchingLogitsProcessor):
     def __init__(self) -> None:
         self.rows: dict[str, Decoding] = {}
         self._step: list[tuple[Decoding | None, Any]] = []
+        #: tensor parallel: the ranks' group and its rank 0 (the driver, whose rows these
+        #: are), whose processed scores every rank takes, so that all pick the same token
+        self.tp_group: Any = None
+        self.tp_root = 0
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.zero_()
@@ -266,6 +270,13 @@ class DrawStep(ContinuousBatchingLogitsProcessor):
                 scores[i] = row[0]
             except Exception as e:  # this request fails alone (the driver sees it)
                 decoding.error = e
+        if self.tp_group is not None:
+            import torch.distributed as dist
+
+            shared = scores.contiguous()
+            dist.broadcast(shared, src=self.tp_root, group=self.tp_group)
+            if shared.data_ptr() != scores.data_ptr():
+                scores.copy_(shared)
         return scores
 
 
@@ -273,6 +284,9 @@ def install(manager: Any) -> DrawStep:
     """Put a `DrawStep` in a manager not started yet, as its only logits processor (a
     greedy manager has none of its own). Returns it."""
     draw = DrawStep()
+    helper = getattr(manager, "distributed_helper", None)
+    if helper is not None and helper.tp_size > 1:
+        draw.tp_group, draw.tp_root = helper.tp_group, helper.tp_root_global_rank
     processors = manager.logit_processor
     processors.logits_processor = LogitsProcessorList([draw])
     processors.tensors_required = 1  # one row of the batch's argument tensor

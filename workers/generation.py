@@ -371,6 +371,9 @@ class ManagerSlot:
     def __init__(self, start: Callable[[], Any]) -> None:
         self._start = start
         self._lock = threading.RLock()
+        #: held by a forward pass outside the manager and by a restart (reentrant): a
+        #: tensor-parallel rank 0 sends its followers a batch under it, before the pause
+        self.lock = self._lock
         self.restarts = 0
         #: the manager running now; None once one could not be started again
         self.current: Any | None = start()

@@ -608,12 +608,18 @@ def load_handler(deployment: Deployment) -> Handler:
 
         kwargs = model_kwargs(deployment)  # dtype, trust_remote_code, attn_implementation
         attn = kwargs.pop("attn_implementation", None)
+        loading: dict[str, Any] = {"attn_implementation": attn} if attn else {}
+        if deployment.tensor_parallel > 1:
+            # this rank's shard (tensor_parallel.py: the process group is joined), on the
+            # device transformers binds the rank to
+            loading["tp_plan"] = "auto"
+        else:
+            kwargs["device"] = device
         pipe = pipeline(
             task,  # type: ignore[call-overload]
             model=deployment.model,
             revision=deployment.revision,
-            device=device,
-            model_kwargs={"attn_implementation": attn} if attn else None,
+            model_kwargs=loading or None,
             **kwargs,
         )
     except Exception as e:  # any failure to load is reported the same way

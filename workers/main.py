@@ -239,10 +239,25 @@ def run_worker(
     term_early = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: term_early.set())
     started = time.monotonic()
+    group = None
+    if deployment.tensor_parallel > 1:
+        if gpu is not None:
+            print(
+                f"pipeq worker {deployment.name}: --gpu picks one GPU; tensor_parallel = "
+                f"{deployment.tensor_parallel} runs rank r on cuda:r of CUDA_VISIBLE_DEVICES",
+                file=sys.stderr,
+            )
+            return EXIT_FATAL
+        from pipeq.worker import tensor_parallel
+
+        # the followers start and join the process group; each loads its shard below
+        group = tensor_parallel.launch(deployment, loglevel)
     try:
         # capped, loaded with its dtype and attention, compiled and warmed up
         handler = placement.load(deployment)
     except ModelLoadError as e:
+        if group is not None:
+            group.kill()
         print(f"pipeq worker {deployment.name}: {e.message}", file=sys.stderr, flush=True)
         try:
             registry.load_failed(deployment.name, deployment.to_dict(), e.message)
@@ -250,6 +265,8 @@ def run_worker(
             pass
         return EXIT_MODEL_LOAD_FAILED
     log.info("loaded %s in %.1f s", deployment.model, time.monotonic() - started)
+    if group is not None:
+        group.joined()
     if term_early.is_set():
         log.info("asked to stop while loading: stopping before taking a job")
         return 0
@@ -308,16 +325,17 @@ def run_worker(
     run: Callable[..., Any] = partial(handler.run, time_limit_s=deployment.job_timeout_s)
     slot = None
     if deployment.batching == "continuous":
-        # restarted when its loop ends on an error: one request never stops the worker
-        slot = ManagerSlot(
-            partial(
-                start_manager,
-                handler.pipe,
-                deployment.max_batch_size,
-                gpu_memory_cap_bytes=handler.gpu_memory_cap_bytes,
-            )
+        start: Callable[[], Any] = partial(
+            start_manager,
+            handler.pipe,
+            deployment.max_batch_size,
+            gpu_memory_cap_bytes=handler.gpu_memory_cap_bytes,
         )
+        # restarted when its loop ends on an error: one request never stops the worker
+        slot = ManagerSlot(start if group is None else group.manager(start))
         run = slot.paused(run)  # one forward pass on the model at a time
+    if group is not None:  # every rank runs each batch (tensor_parallel.py)
+        run = group.mirrored(run, slot.lock if slot is not None else None)
     batcher = Batcher(
         run,
         # pipeq's own pipelines (question-answering, summarization, translation) run the
@@ -364,6 +382,7 @@ def run_worker(
         **handler.info(),
         **placement.loaded_info(handler),
         "heartbeat_s": liveness.heartbeat_s,
+        "tensor_parallel": deployment.tensor_parallel,
         "dead_after_s": liveness.dead_after_s,
     }
     engine_stopped = threading.Event()  # by this function: not a failure to exit 70 for
@@ -424,6 +443,8 @@ def run_worker(
     finally:
         engine_stopped.set()
         engine.stop()  # the continuous batcher stops its fallback too
+        if group is not None:
+            group.stop()
         heartbeat.stop()
     if isinstance(status, int) and status != 0:
         return status

@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 
 BENCH_SENTIMENT = "distilbert-base-sst2-random"
 BENCH_GENERATOR = "distilgpt2-random"
+#: a Llama-shaped generator: its model class has a tensor-parallel plan (GPT-2 has none)
+TP_GENERATOR = "llama-tp-random"
 #: the position limit of the short-context checkpoints (SHORT_CONTEXT)
 SHORT_POSITIONS = 64
 #: task -> a checkpoint like the course's tiny one but with SHORT_POSITIONS positions
@@ -773,6 +775,30 @@ def _build_bench_generator(out: pathlib.Path, seed: int) -> None:
     _save_model(GPT2LMHeadModel(config), out, seed, generation)
 
 
+def _build_llama(out: pathlib.Path, seed: int, positions: int = 256) -> None:
+    """A tiny Llama (4 query heads, 2 key/value heads: each splits over 2 ranks) with the
+    GPT-2 tokenizer: `LlamaForCausalLM` has a `base_model_tp_plan`, so it loads with
+    `tp_plan="auto"` (tensor_parallel = 2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = _gpt2_tokenizer(out, max_length=positions)
+    eos = vocab[GPT2_EOS]
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=positions,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    generation = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "max_length": 50}
+    _save_model(LlamaForCausalLM(config), out, seed, generation)
+
+
 def _build_marian(out: pathlib.Path, seed: int, positions: int = 512) -> None:
     from transformers import MarianConfig, MarianMTModel
 
@@ -870,6 +896,7 @@ _SPECS: dict[str, Spec] = {
     "distilbert-base-cased": Spec("feature-extraction", 1011, _build_distilbert_base),
     BENCH_SENTIMENT: Spec("text-classification", 1012, _build_bench_sentiment),
     BENCH_GENERATOR: Spec("text-generation", 1013, _build_bench_generator),
+    TP_GENERATOR: Spec("text-generation", 1017, _build_llama),
     # a context of 64 tokens: tests of what fits a model's context reach its edge quickly
     SHORT_CONTEXT["text-generation"]: Spec(
         "text-generation", 1014, functools.partial(_build_gpt2, positions=SHORT_POSITIONS)
