@@ -47,7 +47,7 @@ def test_a_worker_holding_a_thousand_jobs_keeps_eight_connections(
                 held = max(held, cluster.inflight(hostname))
                 job.result(timeout=120)
             after = _connections_to(proc.pid, cluster.port)
-        assert held >= 512, f"{held} jobs held at most: the premise failed"
+        assert held > 256, f"{held} jobs held at most: the premise (more than a batch) failed"
         assert 0 < after <= 8, f"{after} connections after 1,100 jobs"
         assert peak <= 8, f"{peak} connections at the peak"
     finally:

@@ -194,17 +194,23 @@ class WorkerChannel(_Channel):
         if full:
             self.flush_acks()
 
-    def flush_acks(self) -> None:
-        """Every acknowledged message out of the in-flight list, in one step."""
+    def flush_acks(self, wait: bool = True) -> None:
+        """Every acknowledged message out of the in-flight list, in one step. `wait`:
+        while Redis is away or refuses writes, try again (`retrying`); else leave them
+        for the next flush (the event loop's timer never waits on Redis)."""
         with self._acks_lock:
             raws, self._acks[:] = list(self._acks), []
         if not raws:
             return
+        ack = self.ledger.script("ack")
+        keys = [self.pipeq_inflight, self._fence]
         try:
-            reply = retrying(self.ledger.script("ack"), [self.pipeq_inflight, self._fence], raws)
-        except BaseException:
+            reply = retrying(ack, keys, raws) if wait else ack(keys, raws)
+        except BaseException as e:
             with self._acks_lock:
                 self._acks[:0] = raws  # tried again with the next flush
+            if not wait and isinstance(e, redis.RedisError):
+                return
             raise
         self._owned(reply, f"acknowledging {len(raws)} job(s)")
 
@@ -213,6 +219,14 @@ class WorkerChannel(_Channel):
             self.flush_acks()
         except Exception as e:  # Redis away: the ledger puts them back, dropped as done
             log.warning("could not flush %d acknowledgement(s): %s", len(self._acks), e)
+        if self._in_poll and self._blmove_queue is not None:
+            # kombu would wait for the BLMOVE's reply (up to its timeout, IDLE_WAIT_S) to
+            # hand back what it took: drop the connection instead. A message it took
+            # meanwhile is in this worker's list, which the heartbeat's withdraw (the last
+            # step of a stop) gives to the other workers at once, like a dead worker's.
+            self.client.connection.disconnect()
+            self._in_poll = None  # type: ignore[assignment]
+            self._blmove_queue = None
         super().close()
 
     def requeue(self, raw: bytes, queue: str) -> None:
@@ -354,7 +368,7 @@ class _FlushesAcks:
     def _flush_acks(self) -> None:
         for channel in list(self.channels):
             if isinstance(channel, WorkerChannel) and channel._acks:
-                channel.flush_acks()
+                channel.flush_acks(wait=False)
 
 
 class Transport(_FlushesAcks, kombu_redis.Transport):
