@@ -168,6 +168,20 @@ def single_jobs(
     return _latencies_ms(latencies)
 
 
+def with_overrides(d: Deployment, args: argparse.Namespace) -> Deployment:
+    """`d` with the batching settings given on the command line (`--max-batch-size`,
+    `--max-batch-wait-ms`), where given."""
+    overrides = {
+        k: v
+        for k, v in (
+            ("max_batch_size", args.max_batch_size),
+            ("max_batch_wait_ms", args.max_batch_wait_ms),
+        )
+        if v is not None
+    }
+    return dataclasses.replace(d, **overrides)
+
+
 @contextmanager
 def running_stack(deployments: dict[str, Deployment]) -> Iterator[Client]:
     """A Stack of one worker per deployment on an embedded Redis, ready; its Client."""
@@ -269,15 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.deployment:
             p.error("name a deployment (with --config) or pass --tiny CHECKPOINT")
         d = pick(load_deployments(args.config), args.deployment)
-    overrides = {
-        k: v
-        for k, v in (
-            ("max_batch_size", args.max_batch_size),
-            ("max_batch_wait_ms", args.max_batch_wait_ms),
-        )
-        if v is not None
-    }
-    d = dataclasses.replace(d, **overrides)
+    d = with_overrides(d, args)
     unbatched = dataclasses.replace(d, name=f"{d.name}-unbatched", max_batch_size=1)
 
     from pipeq.worker.handlers import load_handler

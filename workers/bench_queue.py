@@ -38,7 +38,7 @@ import redis
 
 from pipeq import Client
 from pipeq._config import Deployment
-from pipeq.worker.bench import bench_inputs
+from pipeq.worker.bench import bench_inputs, with_overrides
 
 __all__ = ["queue_main"]
 
@@ -194,15 +194,7 @@ def queue_main(args: argparse.Namespace) -> int:
 
     path = tiny_models.build(CHECKPOINT, Path(args.models_dir).resolve())
     d = Deployment(name="queue", task=tiny_models.TINY_MODELS[CHECKPOINT], model=str(path))
-    overrides = {
-        k: v
-        for k, v in (
-            ("max_batch_size", args.max_batch_size),
-            ("max_batch_wait_ms", args.max_batch_wait_ms),
-        )
-        if v is not None
-    }
-    d = dataclasses.replace(d, **overrides)
+    d = with_overrides(d, args)
     inputs = bench_inputs(d.task, args.jobs)
     runs: dict[str, list[Any]] = {"one_worker": [], "two_workers": []}
     report: dict[str, Any] = {

@@ -741,13 +741,21 @@ def _build_distilbart_cnn(out: pathlib.Path, seed: int, positions: int = 1024) -
     _save_model(model, out, seed, generation)
 
 
+def _gpt2_vocab(out: pathlib.Path, positions: int) -> tuple[int, int, dict[str, Any]]:
+    """The GPT-2 tokenizer written to `out`: its size, its end-of-text id (also the start
+    and the padding) and the generation settings a GPT-2-tokenized generator saves."""
+    vocab = _gpt2_tokenizer(out, max_length=positions)
+    eos = vocab[GPT2_EOS]
+    generation = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "max_length": 50}
+    return len(vocab), eos, generation
+
+
 def _build_gpt2(out: pathlib.Path, seed: int, positions: int = 1024) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    vocab = _gpt2_tokenizer(out, max_length=positions)
-    eos = vocab[GPT2_EOS]
+    size, eos, generation = _gpt2_vocab(out, positions)
     config = GPT2Config(
-        vocab_size=len(vocab),
+        vocab_size=size,
         n_positions=positions,
         n_embd=HIDDEN,
         n_layer=LAYERS,
@@ -757,7 +765,6 @@ def _build_gpt2(out: pathlib.Path, seed: int, positions: int = 1024) -> None:
         eos_token_id=eos,
         pad_token_id=eos,
     )
-    generation = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "max_length": 50}
     _save_model(GPT2LMHeadModel(config), out, seed, generation)
 
 
@@ -766,12 +773,10 @@ def _build_bench_generator(out: pathlib.Path, seed: int) -> None:
     tiny 1,001-token vocabulary) for generation benchmarks."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    vocab = _gpt2_tokenizer(out, max_length=1024)
-    eos = vocab[GPT2_EOS]
+    size, eos, generation = _gpt2_vocab(out, 1024)
     config = GPT2Config(
-        vocab_size=len(vocab), n_layer=6, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos
+        vocab_size=size, n_layer=6, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos
     )
-    generation = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "max_length": 50}
     _save_model(GPT2LMHeadModel(config), out, seed, generation)
 
 
@@ -781,10 +786,9 @@ def _build_llama(out: pathlib.Path, seed: int, positions: int = 256) -> None:
     `tp_plan="auto"` (tensor_parallel = 2)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    vocab = _gpt2_tokenizer(out, max_length=positions)
-    eos = vocab[GPT2_EOS]
+    size, eos, generation = _gpt2_vocab(out, positions)
     config = LlamaConfig(
-        vocab_size=len(vocab),
+        vocab_size=size,
         hidden_size=HIDDEN,
         intermediate_size=FFN,
         num_hidden_layers=LAYERS,
@@ -795,7 +799,6 @@ def _build_llama(out: pathlib.Path, seed: int, positions: int = 256) -> None:
         eos_token_id=eos,
         pad_token_id=eos,
     )
-    generation = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "max_length": 50}
     _save_model(LlamaForCausalLM(config), out, seed, generation)
 
 
