@@ -96,7 +96,11 @@ def test_a_job_that_expires_while_its_worker_holds_it_is_dropped_before_compute(
     with cluster.client() as client:
         cluster.hostname(cluster.start_worker("slow"), "slow")
         long = client.submit("slow", "takes a while pipeq-fault:sleep=3")
-        time.sleep(0.5)  # the long one is in its forward pass
+        wait_until(  # the long one is in its forward pass
+            lambda: any("takes a while" in text for _, text in cluster.forwards()),
+            30,
+            "the long job's forward pass",
+        )
         late = client.submit("slow", "will expire in the worker", expires=1.0)
         on_time = client.submit("slow", "no deadline")
         with pytest.raises(JobExpired):
