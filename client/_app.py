@@ -30,7 +30,7 @@ from celery.utils.time import utcoffset
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
-from pipeq._ledger import FENCED, Ledger, meta_json, queue_for
+from pipeq._ledger import FENCED, PRIORITY_HEADER, Ledger, level_queue, meta_json, queue_for
 from pipeq._redis import RedisTarget, parse, write_refusal
 from pipeq.errors import Overloaded
 
@@ -261,7 +261,8 @@ class _Channel(kombu_redis.Channel):
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         """A job for a deployment is pushed, counted as waiting and checked against the
         deployment's limit in one step (`_ledger` enqueue); anything else as kombu does.
-        Priorities are not kept: a deployment's queue is one list."""
+        Its level is pipeq's header (`PRIORITY_HEADER`), not Celery's `priority` (kombu's
+        emulation: one list per step, which a worker's prefetch defeats)."""
         headers = message.get("headers") or {}
         job_id = headers.get("id")
         batched = kwargs.get("_publish_batch") is not None  # kombu's producer batching
@@ -280,6 +281,7 @@ class _Channel(kombu_redis.Channel):
             expires_in_s=headers.get(EXPIRES_IN_HEADER),
             expires_at=headers.get(EXPIRES_AT_HEADER),
             submitted=enqueue_submitted.get(),
+            priority=headers.get(PRIORITY_HEADER) or "normal",
         )
         if outcome == 2:
             raise JobIdTaken(job_id)
@@ -310,7 +312,8 @@ class _Channel(kombu_redis.Channel):
             "root_id": headers.get("root_id"),
             "parent_id": headers.get("parent_id"),
             "queue": queue,
-            "routing_key": queue,
+            # Flower's task page shows it: the level's list (`_ledger` Priorities)
+            "routing_key": level_queue(queue, headers.get(PRIORITY_HEADER) or "normal"),
             "hostname": _producer_name(pid),
             "pid": pid,
             "utcoffset": utcoffset(),

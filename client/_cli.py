@@ -445,6 +445,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_deployments(args: argparse.Namespace) -> int:
+    from pipeq._status import waiting_shown
+
     with _client(args) as client:
         if args.forget:
             if args.forget not in client.deployments():
@@ -458,8 +460,9 @@ def cmd_deployments(args: argparse.Namespace) -> int:
             at = client.broker(name)
             live = len(at.call(at.registry.live_workers, name))
             depth = client.depth(name)
+            waiting = waiting_shown(depth.waiting, depth.levels)
             print(
-                f"{name}\t{d.task}\t{d.model}\t{live} live worker(s)\t{depth.waiting} waiting"
+                f"{name}\t{d.task}\t{d.model}\t{live} live worker(s)\t{waiting} waiting"
                 f" (oldest {depth.oldest_age_s:.1f} s)\t{depth.running} running"
             )
     return 0

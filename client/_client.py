@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeq import _app, _floats, _tasks
 from pipeq._broker import BROKER_ERRORS, Broker, drop_result_channels
 from pipeq._config import Deployment, load_deployments, redis_routes
-from pipeq._ledger import Depth, stream_key
+from pipeq._ledger import PRIORITIES, PRIORITY_HEADER, Depth, stream_key
 from pipeq._redis import masked
 from pipeq._registry import NO_WORKER_GRACE_S, Announced
 from pipeq.errors import (
@@ -102,6 +102,14 @@ def _result_bound(info: dict[str, Any], item: Any, params: dict[str, Any]) -> in
 
 #: the furthest `expires` may be: past it, a deadline means nothing (and overflows dates)
 MAX_EXPIRES_S = 10 * 365 * 24 * 3600.0
+
+
+def _priority(priority: Any) -> str:
+    """A job's level, one of `PRIORITIES` (docs/scale.md "Priorities"); InvalidRequest
+    names the levels otherwise."""
+    if isinstance(priority, str) and priority in PRIORITIES:
+        return priority
+    raise InvalidRequest(f"priority is one of {', '.join(map(repr, PRIORITIES))}, got {priority!r}")
 
 
 def _expires(expires: float | datetime.datetime | None) -> float | datetime.datetime | None:
@@ -481,6 +489,7 @@ class Prepared:
     inputs: Any
     params: dict[str, Any]
     expires: float | datetime.datetime | None
+    priority: str = "normal"
 
 
 class Client:
@@ -645,6 +654,7 @@ class Client:
         *,
         model: str | None = None,
         expires: float | datetime.datetime | None = None,
+        priority: str = "normal",
         **params: Any,
     ) -> Job:
         """Validate and enqueue one request; returns at once with its Job.
@@ -653,10 +663,16 @@ class Client:
         past it the job is dropped before any compute and ends with JobExpired. Both are
         judged on Redis' clock (seconds count from when Redis accepts the job), never on
         this machine's.
+        `priority`: "high", "normal" (the default) or "low". Workers take a deployment's
+        waiting jobs high first, then normal, then low (each level oldest first), and form
+        batches the same way: a high job waits for the batch running and at most one more
+        (docs/scale.md "Priorities"). No level ages into another: low jobs wait while
+        higher ones keep coming.
         Raises InvalidRequest, UnknownDeployment, NoLiveWorker, Overloaded (when
         `max_queue_length` jobs of the deployment wait already), BrokerUnavailable.
         """
-        return self.send(self.prepare(deployment_or_task, inputs, model, expires, params))
+        prepared = self.prepare(deployment_or_task, inputs, model, expires, params, priority)
+        return self.send(prepared)
 
     def prepare(
         self,
@@ -665,13 +681,15 @@ class Client:
         model: str | None = None,
         expires: float | datetime.datetime | None = None,
         params: dict[str, Any] | None = None,
+        priority: str = "normal",
     ) -> Prepared:
         """`submit`'s first half, for producers that enqueue in steps (`pipeq serve`):
         the deployment found (live) and the request validated; raises what `submit` does
         before anything is sent."""
+        level = _priority(priority)
         target = self.resolve(deployment_or_task, model)
         inputs, params = self.check(target, inputs, params or {})
-        return Prepared(target, inputs, params, _expires(expires))
+        return Prepared(target, inputs, params, _expires(expires), level)
 
     def send(self, prepared: Prepared, job_id: str | None = None) -> Job:
         """`submit`'s second half: enqueue a prepared request as job `job_id` (a new
@@ -682,6 +700,7 @@ class Client:
             prepared.params,
             expires=prepared.expires,
             job_id=job_id,
+            priority=prepared.priority,
         )
 
     def _send(
@@ -693,6 +712,7 @@ class Client:
         per_item: bool = False,
         expires: float | datetime.datetime | None = None,
         job_id: str | None = None,
+        priority: str = "normal",
     ) -> Job:
         job_id = job_id or str(uuid.uuid4())
         kwargs = {"inputs": inputs, "params": params}
@@ -703,10 +723,13 @@ class Client:
         limit = _app.enqueue_limit.set(int(target.info.get("max_queue_length") or 0))
         # the deadline goes in pipeq's headers, not Celery's `expires`: Redis counts it on
         # its own clock (`_ledger` enqueue), so a producer's skewed clock cannot move it
+        headers: dict[str, Any] = {}
         if isinstance(expires, datetime.datetime):
-            headers = {_app.EXPIRES_AT_HEADER: expires.timestamp()}
-        else:
-            headers = {} if expires is None else {_app.EXPIRES_IN_HEADER: float(expires)}
+            headers[_app.EXPIRES_AT_HEADER] = expires.timestamp()
+        elif expires is not None:
+            headers[_app.EXPIRES_IN_HEADER] = float(expires)
+        if priority != "normal":
+            headers[PRIORITY_HEADER] = priority
         broker = self.broker(target.name)
         try:
             # sending subscribes to nothing (_app.Backend.on_task_call): the Job's handle
@@ -775,6 +798,7 @@ class Client:
         progress: bool | None = None,
         return_exceptions: bool = False,
         expires: float | datetime.datetime | None = None,
+        priority: str = "normal",
         **params: Any,
     ) -> list[Any]:
         """Run many inputs; results in input order, each what `pipe(item)` returns.
@@ -790,8 +814,10 @@ class Client:
         Overloaded), before sending the next. With `return_exceptions`, failed items hold
         their error in the list; otherwise ItemsFailed is raised once all are done,
         carrying every result and error. A progress bar shows on a terminal for 64 inputs
-        or more.
+        or more. `priority` as in `submit`, and "normal" here too: a map is as often a
+        request's own items as a bulk run; pass "low" for bulk work.
         """
+        level = _priority(priority)
         items = list(inputs)
         target = self.resolve(deployment_or_task, model)
         params = self.check_params(target, params)
@@ -804,7 +830,14 @@ class Client:
         outcomes: list[Any] = []
         with bar:
             for outcome in self._outcomes(
-                target, items, params, chunk_size, timeout, _expires(expires), window=MAP_WINDOW
+                target,
+                items,
+                params,
+                chunk_size,
+                timeout,
+                _expires(expires),
+                window=MAP_WINDOW,
+                priority=level,
             ):
                 outcomes.append(outcome)
                 bar.update(1)
@@ -828,17 +861,26 @@ class Client:
         window: int = 16,
         timeout: float | None = None,
         expires: float | datetime.datetime | None = None,
+        priority: str = "normal",
         **params: Any,
     ) -> Iterator[Any]:
         """Results of any iterable of inputs (a generator, a dataset), in input order, as
         they come: inputs are read and sent while earlier results arrive, at most
         `window` messages in flight, so an endless or very large input never sits in
         memory. A failed item raises its error when its turn comes, as a transformers
-        pipeline's iterator does. Messages and limits as in `map`."""
+        pipeline's iterator does. Messages, limits and `priority` as in `map`."""
+        level = _priority(priority)
         target = self.resolve(deployment_or_task, model)
         params = self.check_params(target, params)
         for outcome in self._outcomes(
-            target, inputs, params, chunk_size, timeout, _expires(expires), window=window
+            target,
+            inputs,
+            params,
+            chunk_size,
+            timeout,
+            _expires(expires),
+            window=window,
+            priority=level,
         ):
             if isinstance(outcome, PipeqError):
                 raise outcome
@@ -854,6 +896,7 @@ class Client:
         expires: float | datetime.datetime | None,
         *,
         window: int | None,
+        priority: str = "normal",
     ) -> Iterator[Any]:
         """Each input's result or PipeqError, in input order. Inputs go `chunk_size` to a
         message within the deployment's request_bytes and result_bytes; at most `window`
@@ -910,7 +953,9 @@ class Client:
             """Each item as a job of its own: only the one that kills fails (JobLost)."""
             outs = []
             for item in good:
-                job = self._send(target, [item], params, per_item=True, expires=expires)
+                job = self._send(
+                    target, [item], params, per_item=True, expires=expires, priority=priority
+                )
                 try:
                     outs.extend(job.result(timeout=timeout))
                 except BrokerUnavailable:
@@ -939,7 +984,9 @@ class Client:
             give_up = None if timeout is None else time.monotonic() + timeout
             while good:
                 try:
-                    job = self._send(target, good, params, per_item=True, expires=expires)
+                    job = self._send(
+                        target, good, params, per_item=True, expires=expires, priority=priority
+                    )
                     break
                 except Overloaded as e:
                     if in_flight:  # the queue is full: wait for one of ours to finish

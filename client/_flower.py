@@ -42,6 +42,7 @@ from celery import Celery
 from kombu.transport import TRANSPORT_ALIASES
 
 from pipeq import _app
+from pipeq._ledger import PRIORITIES
 from pipeq._registry import Announced, Registry
 from pipeq._stack import FLOWER_DEPLOYMENTS_ENV, is_loopback
 from pipeq.errors import InvalidRequest, PipeqError, UnknownDeployment
@@ -58,12 +59,14 @@ class FlowerApp(Celery):  # type: ignore[misc]
 
     def deployment_queues(self) -> list[str]:
         """The queues of the configured deployments and of every one announced in Redis
-        now (the configured ones only, when Redis does not answer)."""
+        now (the configured ones only, when Redis does not answer), each level's
+        (`_ledger` Priorities: `pipeq.<deployment>:high`, `...:low`) beside it."""
         try:
             announced = set(Registry(self.backend.client).deployments())
         except redis.RedisError:
             announced = set()
-        return sorted(_app.queue_for(n) for n in announced | set(self.configured))
+        names = announced | set(self.configured)
+        return sorted(_app.queue_for(n, level) for n in names for level in PRIORITIES)
 
     def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         task_id = options.pop("task_id", None) or str(uuid.uuid4())

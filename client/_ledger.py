@@ -1,10 +1,14 @@
 """Where every job is, in Redis, and the atomic steps that move it from place to place.
 
-    pipeq.<deployment>            list    messages waiting (LPUSH in, BLMOVE out from the right)
+    pipeq.<deployment>            list    messages waiting (LPUSH in, BLMOVE out from the right),
+                                          and a doorbell when high or low ones wait (below)
+    pipeq.<deployment>:high       list    messages of high priority waiting (`PRIORITIES`)
+    pipeq.<deployment>:low        list    messages of low priority waiting
     pipeq:inflight:<worker>       list    messages a worker took and has not acknowledged yet
     pipeq:fenced:<worker>         string  the worker was declared dead and its list put back:
                                           it owns nothing any more (see "Fencing" below)
-    pipeq:waiting:<deployment>    zset    job id -> accepted at: accepted, not yet running
+    pipeq:waiting:<deployment>    zset    job id -> accepted at (+ its level's offset, below):
+                                          accepted, not yet running
     pipeq:running:<deployment>    zset    job id -> accepted at: forward pass begun, no result yet
     pipeq:workers:<deployment>    zset    worker -> its last heartbeat
     pipeq:dead-after:<deployment> hash    worker -> the silence after which it counts as dead
@@ -36,12 +40,25 @@ killed between two commands can neither lose a job nor hold it twice:
   set redelivered suspects apart, mark the rest STARTED and running;
 - `store` (worker): a result is stored once; a finished job leaves waiting and running;
 - `take` (worker): up to a batch's worth of messages more into its in-flight list in one
-  step (BLMOVE waits for the first); `ack` takes any number out of it;
+  step (BLMOVE waits for the first), high before normal before low; `ack` takes any number
+  out of it;
 - `beat` (worker heartbeat): re-announce the deployment and, for each worker of the same
   deployment whose heartbeat stopped `dead_after_s` ago, put the jobs it held back at
   the front of the queue (only once Redis itself has been up that long: a restarted
   Redis has not heard from live workers yet). A job whose worker died while running it
   counts an attempt; at `max_attempts` it fails with JobLost instead.
+
+Priorities. A job of level `high` or `low` waits in its level's own list; one of `normal`
+(the default, and every producer that names none) in the deployment's queue as before.
+Workers wait (BLMOVE) on the queue alone, so `enqueue` puts a doorbell (`DOORBELL`) at the
+back of the queue with a high or low job unless one is there already: a waiting worker
+wakes, and its `take` moves messages high first, then the queue's own (dropping the
+doorbells it meets), then low. A `take` that leaves high or low jobs behind an empty queue
+rings again, so they never wait with no doorbell for the workers. A message put back (its
+worker died, or handed it back as it stopped) goes to the front of the queue, whatever its
+level: it was taken once already. In `waiting` a job's score is its acceptance time plus
+its level's offset (`LEVEL_OFFSET`: high 1e10 s, low 2e10 s, normal 0, as before), so
+depth and age by level are ranges of one sorted set and leaving it is one ZREM, as before.
 
 Fencing. A worker's in-flight list is its own while it beats; a worker silent for
 `dead_after_s` (frozen by SIGSTOP, a paused VM, a long stall) may still be alive. When
@@ -62,7 +79,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -78,7 +95,12 @@ __all__ = [
     "deadline_key",
     "fence_key",
     "inflight_key",
+    "DOORBELL",
+    "LEVEL_OFFSET",
+    "PRIORITIES",
+    "PRIORITY_HEADER",
     "job_key",
+    "level_queue",
     "meta_json",
     "queue_for",
     "stream_key",
@@ -93,10 +115,27 @@ DEAD_LETTER_KEEP = 1000
 READY = ("SUCCESS", "FAILURE", "REVOKED")  # celery.states.READY_STATES
 #: what a worker's script answers, writing nothing, once the worker was fenced
 FENCED = -1
+#: priority levels, most urgent first: a job's `priority` (default "normal"). Three, not
+#: Celery's 0-9 on Redis (0 first) or AMQP's 0-255 (255 first): interactive, the default,
+#: bulk are the distinctions producers make, and names cannot be read the wrong way round.
+PRIORITIES = ("high", "normal", "low")
+#: a level's offset in the `waiting` sorted set's scores (seconds; acceptance times are
+#: unix seconds, below 1e10 until the year 2286)
+LEVEL_OFFSET = {"high": 1e10, "normal": 0.0, "low": 2e10}
+#: what `enqueue` puts in a deployment's queue to wake a worker for a high or low job
+DOORBELL = b"pipeq:doorbell"
+#: the message header that carries a job's level (absent: normal)
+PRIORITY_HEADER = "pipeq_priority"
 
 
-def queue_for(deployment: str) -> str:
-    return f"pipeq.{deployment}"
+def queue_for(deployment: str, priority: str = "normal") -> str:
+    """The list a deployment's jobs of `priority` wait in."""
+    return level_queue(f"pipeq.{deployment}", priority)
+
+
+def level_queue(queue: str, priority: str) -> str:
+    """The list of a deployment's queue's jobs of `priority`."""
+    return queue if priority == "normal" else f"{queue}:{priority}"
 
 
 def waiting_key(deployment: str) -> str:
@@ -178,6 +217,12 @@ end
 local function ready(status)
   return status == 'SUCCESS' or status == 'FAILURE' or status == 'REVOKED'
 end
+-- a `waiting` score's acceptance time (its level's offset taken off: LEVEL_OFFSET)
+local function accepted_at(score)
+  if not score then return nil end
+  return math.fmod(tonumber(score), 1e10)
+end
+local LEVEL_OFFSET = {high = 1e10, low = 2e10}
 -- a job ended with this outcome (`_metrics`): once, where its final state is first stored
 local function count_outcome(deployment, outcome)
   if not deployment or outcome == '' then return end
@@ -191,29 +236,33 @@ end
 _ENQUEUE = (
     _CLOCK
     + """
--- KEYS: queue, waiting, job, deadline[, submitted, meta]
+-- KEYS: queue, waiting, job, deadline, level's queue (the queue itself for normal)[,
+-- submitted, meta]
 -- ARGV: message, id, limit, ttl, deployment, event, channel, expires in s from now
--- ('' = none), expires at (unix s, '' = none)[, owner, digest]
+-- ('' = none), expires at (unix s, '' = none), level ('' = normal)[, owner, digest]
 -- returns 1 (pushed), 0 (the queue is full), 2 (with `submitted`: the id is taken)
-if KEYS[5] and (redis.call('EXISTS', KEYS[5]) == 1 or redis.call('EXISTS', KEYS[3]) == 1
-    or redis.call('EXISTS', KEYS[6]) == 1) then
+if KEYS[6] and (redis.call('EXISTS', KEYS[6]) == 1 or redis.call('EXISTS', KEYS[3]) == 1
+    or redis.call('EXISTS', KEYS[7]) == 1) then
   return 2
 end
 local limit = tonumber(ARGV[3])
 if limit > 0 and redis.call('ZCARD', KEYS[2]) >= limit then return 0 end
-redis.call('ZADD', KEYS[2], 'NX', now, ARGV[2])
+redis.call('ZADD', KEYS[2], 'NX', now + (LEVEL_OFFSET[ARGV[10]] or 0), ARGV[2])
 redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[4])
 if ARGV[8] ~= '' then
   redis.call('SET', KEYS[4], tostring(now + tonumber(ARGV[8])), 'EX', ARGV[4])
 elseif ARGV[9] ~= '' then
   redis.call('SET', KEYS[4], ARGV[9], 'EX', ARGV[4])
 end
-if KEYS[5] then
-  redis.call('HSET', KEYS[5], 'owner', ARGV[10], 'deployment', ARGV[5], 'digest', ARGV[11],
+if KEYS[6] then
+  redis.call('HSET', KEYS[6], 'owner', ARGV[11], 'deployment', ARGV[5], 'digest', ARGV[12],
     'created_at', tostring(now))
-  redis.call('EXPIRE', KEYS[5], ARGV[4])
+  redis.call('EXPIRE', KEYS[6], ARGV[4])
 end
-redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('LPUSH', KEYS[5], ARGV[1])
+if KEYS[5] ~= KEYS[1] and redis.call('LINDEX', KEYS[1], 0) ~= 'pipeq:doorbell' then
+  redis.call('LPUSH', KEYS[1], 'pipeq:doorbell')  -- wakes a waiting worker (Priorities)
+end
 if ARGV[6] and ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[6]) end
 return 1
 """
@@ -323,7 +372,7 @@ for i = 1, n do
     redis.call('SET', key, started, 'EX', ARGV[1])
     redis.call('PUBLISH', key, started)
     if redis.call('EXISTS', 'pipeq:job:' .. id) == 1 then  -- counted only if accepted here
-      local accepted = redis.call('ZSCORE', KEYS[1], id)
+      local accepted = accepted_at(redis.call('ZSCORE', KEYS[1], id))
       -- its first forward pass only: a job back from a dead worker has run before
       if accepted and redis.call('EXISTS', 'pipeq:attempts:' .. id) == 0 then
         waited[i] = tostring(now - tonumber(accepted))
@@ -396,6 +445,8 @@ for d = 1, #silent, 2 do
           local attempts = redis.call('INCR', 'pipeq:attempts:' .. id)
           redis.call('EXPIRE', 'pipeq:attempts:' .. id, ARGV[8])
           local accepted = redis.call('ZSCORE', KEYS[5], id)
+          local level = type(msg['headers']['pipeq_priority']) == 'string'
+            and LEVEL_OFFSET[msg['headers']['pipeq_priority']] or 0
           redis.call('ZREM', KEYS[5], id)
           if attempts >= tonumber(ARGV[7]) then
             local why = 'its worker died while running it ' .. attempts .. ' times'
@@ -409,7 +460,7 @@ for d = 1, #silent, 2 do
             lost[#lost + 1] = id
           else
             redis.call('DEL', key)
-            if accepted then redis.call('ZADD', KEYS[4], accepted, id) end
+            if accepted then redis.call('ZADD', KEYS[4], tonumber(accepted) + level, id) end
             redis.call('RPUSH', KEYS[3], item)
             moved = moved + 1
           end
@@ -469,16 +520,39 @@ return removed
 """
 
 _TAKE = """
--- KEYS: queue, inflight, fence ; ARGV: n. Up to n more messages into the worker's list, as
--- BLMOVE takes one (the oldest first); -1 (nothing taken) if the worker was fenced.
+-- KEYS: queue, inflight, fence, high queue, low queue ; ARGV: n, rang ('1': what BLMOVE
+-- took, at the head of the worker's list, is a doorbell). Up to n more messages into the
+-- worker's list, as BLMOVE takes one (the oldest first): high, then the queue's own, then
+-- low (ledger's Priorities). What BLMOVE took leaves the list: a doorbell always, a
+-- message when high ones wait (back to the front of the queue; n more are taken instead).
+-- Returns {1 if what BLMOVE took left the list else 0, {messages taken}}; -1 (nothing
+-- done) if the worker was fenced.
 if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
-local taken = {}
-for i = 1, tonumber(ARGV[1]) do
-  local raw = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
-  if not raw then break end
-  taken[i] = raw
+local n, taken, gone = tonumber(ARGV[1]), {}, 0
+if ARGV[2] == '1' then
+  redis.call('LPOP', KEYS[2])
+  gone, n = 1, n + 1
+elseif redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('RPUSH', KEYS[1], redis.call('LPOP', KEYS[2]))
+  gone, n = 1, n + 1
 end
-return taken
+for _, queue in ipairs({KEYS[4], KEYS[1], KEYS[5]}) do
+  while #taken < n do
+    local raw = redis.call('LMOVE', queue, KEYS[2], 'RIGHT', 'LEFT')
+    if not raw then break end
+    if raw == 'pipeq:doorbell' then
+      redis.call('LPOP', KEYS[2])
+    else
+      taken[#taken + 1] = raw
+    end
+  end
+end
+-- high or low ones left behind an empty queue: ring for them
+if redis.call('LLEN', KEYS[1]) == 0
+    and (redis.call('LLEN', KEYS[4]) > 0 or redis.call('LLEN', KEYS[5]) > 0) then
+  redis.call('LPUSH', KEYS[1], 'pipeq:doorbell')
+end
+return {gone, taken}
 """
 
 _APPEND = """
@@ -514,24 +588,33 @@ return {live, tostring(age)}
 """
 
 _DEPTH = """
--- KEYS: waiting, running
+-- KEYS: waiting, running ; returns {running, then for high, normal, low: waiting, age of the
+-- oldest (s)}: each level a range of scores (LEVEL_OFFSET)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-local age = 0
-if #oldest == 2 then age = now - tonumber(oldest[2]) end
-return {redis.call('ZCARD', KEYS[1]), tostring(age), redis.call('ZCARD', KEYS[2])}
+local out = {redis.call('ZCARD', KEYS[2])}
+for _, offset in ipairs({1e10, 0, 2e10}) do
+  local low, high = offset, '(' .. string.format('%.0f', offset + 1e10)
+  local oldest = redis.call('ZRANGEBYSCORE', KEYS[1], low, high, 'WITHSCORES', 'LIMIT', 0, 1)
+  local age = 0
+  if #oldest == 2 then age = now - (tonumber(oldest[2]) - offset) end
+  out[#out + 1] = redis.call('ZCOUNT', KEYS[1], low, high)
+  out[#out + 1] = tostring(age)
+end
+return out
 """
 
 
 @dataclass(frozen=True)
 class Depth:
     """A deployment's jobs accepted and not yet running, wherever they wait (the queue in
-    Redis or a worker's hands), the age of the oldest, and the jobs running now."""
+    Redis or a worker's hands), the age of the oldest (s), and the jobs running now;
+    `levels`: the same by priority, level -> (waiting, age of its oldest in s)."""
 
     waiting: int
     oldest_age_s: float
     running: int
+    levels: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 class Ledger:
@@ -580,6 +663,7 @@ class Ledger:
         expires_in_s: float | None = None,
         expires_at: float | None = None,
         submitted: tuple[str, str] | None = None,
+        priority: str = "normal",
     ) -> int:
         """Push a job's message unless `limit` (> 0) jobs already wait: 1 pushed, 0
         refused. An accepted job's `event` (Celery's task-sent, for Flower) is published
@@ -587,11 +671,14 @@ class Ledger:
         from now on Redis' clock, or `expires_at` (unix s), judged on Redis' clock by
         `admit`. `submitted` (owner, digest): `pipeq serve`'s record of the job, written
         in the same step; 2 (nothing done) if the id is taken (recorded, known, or with a
-        result)."""
+        result). `priority`: one of `PRIORITIES` (ValueError else)."""
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}: {priority!r}")
         keys = [queue_for(deployment), waiting_key(deployment), job_key(job_id)]
-        keys.append(deadline_key(job_id))
+        keys += [deadline_key(job_id), queue_for(deployment, priority)]
         args = [message, job_id, limit, ttl_s, deployment, event, event_channel]
         args += ["" if t is None else repr(float(t)) for t in (expires_in_s, expires_at)]
+        args.append("" if priority == "normal" else priority)
         if submitted is not None:
             keys += [submitted_key(job_id), META_PREFIX + job_id]
             args += list(submitted)
@@ -626,10 +713,16 @@ class Ledger:
         return mark == b"forgotten" and not records
 
     def depth(self, deployment: str) -> Depth:
-        waiting, age, running = self.script("depth")(
+        running, *by_level = self.script("depth")(
             [waiting_key(deployment), running_key(deployment)]
         )
-        return Depth(int(waiting), max(0.0, float(age)), int(running))
+        levels = {
+            level: (int(by_level[2 * i]), max(0.0, float(by_level[2 * i + 1])))
+            for i, level in enumerate(PRIORITIES)
+        }
+        waiting = sum(n for n, _ in levels.values())
+        oldest = max((age for n, age in levels.values() if n), default=0.0)
+        return Depth(waiting, oldest, int(running), levels)
 
     def live(self, deployment: str, live_for_s: float) -> tuple[list[str], float | None]:
         """Workers whose heartbeat is younger than `live_for_s`, and the age of the last

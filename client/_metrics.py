@@ -67,14 +67,15 @@ METRICS: dict[str, Metric] = {
         Metric(
             "pipeq_queue_depth",
             "gauge",
-            ("deployment",),
-            "Jobs accepted and not yet running, wherever they wait (queue or a worker's hands).",
+            ("deployment", "priority"),
+            "Jobs accepted and not yet running, wherever they wait (queue or a worker's hands), "
+            "by priority (high, normal, low).",
         ),
         Metric(
             "pipeq_queue_oldest_age_seconds",
             "gauge",
-            ("deployment",),
-            "Age of the oldest job accepted and not yet running (0 when none waits).",
+            ("deployment", "priority"),
+            "Age of the oldest job accepted and not yet running, by priority (0 when none waits).",
         ),
         Metric("pipeq_workers", "gauge", ("deployment",), "Live workers (heartbeat recent)."),
         Metric(

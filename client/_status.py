@@ -70,6 +70,8 @@ class DeploymentStatus:
     #: how `pipeq up` restarted its worker, or gave up (`Registry.supervised`, with
     #: `age_s`), if it did
     supervised: dict[str, Any] | None = None
+    #: priority -> (waiting, age of its oldest in s), for each of high, normal, low
+    levels: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     @property
     def down(self) -> bool:
@@ -169,6 +171,7 @@ def cluster_status(
                 worker_stats=stats,
                 counters=counters,
                 supervised=supervised.get(name),
+                levels=depth.levels,
             )
         )
     return out
@@ -250,8 +253,9 @@ class Collector:
         engines = family("pipeq_generation_jobs_total")
         histograms = {h: family(f"pipeq_{h}") for h in HISTOGRAMS}
         for d in deployments:
-            gauges["pipeq_queue_depth"].add_metric([d.name], d.waiting)
-            gauges["pipeq_queue_oldest_age_seconds"].add_metric([d.name], d.oldest_age_s)
+            for level, (waiting, age) in d.levels.items():
+                gauges["pipeq_queue_depth"].add_metric([d.name, level], waiting)
+                gauges["pipeq_queue_oldest_age_seconds"].add_metric([d.name, level], age)
             gauges["pipeq_workers"].add_metric([d.name], d.workers)
             gauges["pipeq_jobs_running"].add_metric([d.name], d.running)
             gauges["pipeq_scale_to_zero"].add_metric([d.name], int(d.scale_to_zero))
@@ -307,7 +311,7 @@ def status_lines(deployments: Iterable[DeploymentStatus]) -> list[str]:
                     if d.workers == 0 and not d.down
                     else str(d.workers)
                 ),
-                str(d.waiting),
+                waiting_shown(d.waiting, d.levels),
                 f"{d.oldest_age_s:.1f}s",
                 str(d.running),
                 str(d.recent["succeeded"]),
@@ -317,6 +321,14 @@ def status_lines(deployments: Iterable[DeploymentStatus]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return table + [supervision_line(d.name, d.supervised) for d in deployments if d.supervised]
+
+
+def waiting_shown(waiting: int, levels: dict[str, tuple[int, float]]) -> str:
+    """The jobs waiting, with the high and low ones among them when there are any:
+    "12 (high 2, low 10)"."""
+    counts = {level: n for level, (n, _) in levels.items()}
+    parts = [f"{level} {counts[level]}" for level in ("high", "low") if counts.get(level)]
+    return f"{waiting} ({', '.join(parts)})" if parts else str(waiting)
 
 
 def supervision_line(name: str, record: dict[str, Any]) -> str:

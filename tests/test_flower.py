@@ -274,12 +274,18 @@ def test_a_job_sent_through_flower_counts_in_the_depth_and_the_queue_length(
         assert is_sentiment(client.job(sent["task-id"]).result(timeout=30))
 
 
+def _with_levels(*deployments: str) -> set[str]:
+    """The queues Flower lists for these deployments: each one's, and its high and low
+    jobs' lists (docs/scale.md, Priorities)."""
+    return {f"pipeq.{d}{level}" for d in deployments for level in ("", ":high", ":low")}
+
+
 def test_the_broker_page_lists_the_deployments_queues_from_the_start(
     stacks: dict[str, Up],
 ) -> None:
     up = stacks["open"]
     names = {q["name"] for q in up.first_queues["active_queues"]}
-    assert names == {"pipeq.sentiment-analysis", "pipeq.feature-extraction"}, up.first_queues
+    assert names == _with_levels("sentiment-analysis", "feature-extraction"), up.first_queues
     for name in names:
         assert name in up.first_broker_page
 
@@ -292,8 +298,8 @@ def test_the_api_asks_for_the_password_when_auth_is_configured(stacks: dict[str,
     assert up.call("POST", "/api/task/send-task/pipeq.run", JOB, auth=None)[0] == 401
     status, lengths = up.call("GET", "/api/queues/length")
     assert status == 200, lengths
-    queues = sorted(q["name"] for q in lengths["active_queues"])
-    assert queues == ["pipeq.distilgpt2", "pipeq.sentiment-analysis"]
+    queues = {q["name"] for q in lengths["active_queues"]}
+    assert queues == _with_levels("distilgpt2", "sentiment-analysis")
     status, sent = up.call(
         "POST", "/api/task/send-task/pipeq.run", {**JOB, "queue": "pipeq.sentiment-analysis"}
     )
@@ -490,7 +496,7 @@ def test_flower_run_by_hand_answers_its_api_on_loopback(
         status, lengths = by_hand.call("GET", "/api/queues/length")
         assert status == 200, lengths
         names = {q["name"] for q in lengths["active_queues"]}
-        assert names == {"pipeq.sentiment-analysis", "pipeq.feature-extraction"}, lengths
+        assert names == _with_levels("sentiment-analysis", "feature-extraction"), lengths
         status, sent = by_hand.call(
             "POST", "/api/task/send-task/pipeq.run", {**JOB, "queue": "pipeq.sentiment-analysis"}
         )
@@ -507,11 +513,13 @@ def _task_info(up: Up, job_id: str) -> dict[str, Any] | None:
 def test_a_waiting_job_has_its_flower_row_from_submit(stacks: dict[str, Up]) -> None:
     """Flower learns of a job from Celery's task-sent event, which pipeq's enqueue
     publishes: a job still in the queue is PENDING there (it was a 404 until a worker
-    took it), sent by pipeq's client or through Flower itself."""
+    took it), sent by pipeq's client or through Flower itself; a high job's routing key
+    is its level's list."""
     up = stacks["open"]
     with Client(up.redis_url) as client:
         with paused(client, "sentiment-analysis"):
             job = client.submit("sentiment-analysis", TEXT, top_k=2)
+            high = client.submit("sentiment-analysis", TEXT, priority="high")
             status, sent = up.call(
                 "POST",
                 "/api/task/send-task/pipeq.run",
@@ -524,6 +532,8 @@ def test_a_waiting_job_has_its_flower_row_from_submit(stacks: dict[str, Up]) -> 
                 assert row["name"] == "pipeq.run[sentiment-analysis]", row
                 assert row["routing_key"] == "pipeq.sentiment-analysis", row
                 assert row["client"], row  # the producer that sent it
+            row = wait_until(lambda: _task_info(up, high.id), 10, "the high job's row")
+            assert row["routing_key"] == "pipeq.sentiment-analysis:high", row  # its level
             assert client.job(job.id).status() is JobState.QUEUED  # no worker has it yet
             assert "'top_k': 2" in (_task_info(up, job.id) or {})["kwargs"]
         assert len(job.result(timeout=30)[0]) == 2

@@ -158,8 +158,8 @@ def test_every_metric_is_right_across_two_workers_a_restart_and_every_outcome(
         assert value(s, "pipeq_workers", deployment="sentiment") == 2
         assert value(s, "pipeq_workers", deployment="tagger") == 1
         for d in ("sentiment", "tagger"):
-            assert value(s, "pipeq_queue_depth", deployment=d) == 0
-            assert value(s, "pipeq_queue_oldest_age_seconds", deployment=d) == 0
+            assert value(s, "pipeq_queue_depth", deployment=d, priority="normal") == 0
+            assert value(s, "pipeq_queue_oldest_age_seconds", deployment=d, priority="normal") == 0
             assert value(s, "pipeq_jobs_running", deployment=d) == 0
         assert value(s, "pipeq_redis_up") == 1
         # every metric of the contract is served (GPU memory only where a worker has a GPU,
@@ -192,8 +192,11 @@ def test_every_metric_is_right_across_two_workers_a_restart_and_every_outcome(
         waiting = [client.submit("sentiment", f"queued {i}") for i in range(5)]
         time.sleep(1.0)
         s = exporter.scrape()
-        assert value(s, "pipeq_queue_depth", deployment="sentiment") == 5
-        assert value(s, "pipeq_queue_oldest_age_seconds", deployment="sentiment") >= 1.0
+        assert value(s, "pipeq_queue_depth", deployment="sentiment", priority="normal") == 5
+        assert (
+            value(s, "pipeq_queue_oldest_age_seconds", deployment="sentiment", priority="normal")
+            >= 1.0
+        )
         assert value(s, "pipeq_jobs_total", deployment="sentiment", outcome="succeeded") == 40
         code, out, err = status(cluster)
         assert code == 1, out
@@ -211,7 +214,7 @@ def test_every_metric_is_right_across_two_workers_a_restart_and_every_outcome(
         )
         assert value(s, "pipeq_jobs_total", deployment="sentiment", outcome="succeeded") == 45
         assert value(s, "pipeq_queue_wait_seconds_count", deployment="sentiment") == 45
-        assert value(s, "pipeq_queue_depth", deployment="sentiment") == 0
+        assert value(s, "pipeq_queue_depth", deployment="sentiment", priority="normal") == 0
         assert value(s, "pipeq_workers", deployment="sentiment") == 1
     tagger.send_signal(signal.SIGTERM)
     tagger.wait(30)
@@ -394,7 +397,7 @@ def test_a_deployment_that_scales_to_zero_takes_jobs_with_no_worker_and_shows_it
                 s = exporter.scrape()
                 assert value(s, "pipeq_scale_to_zero", deployment="cold") == 1
                 assert value(s, "pipeq_workers", deployment="cold") == 0
-                assert value(s, "pipeq_queue_depth", deployment="cold") == 1
+                assert value(s, "pipeq_queue_depth", deployment="cold", priority="normal") == 1
                 code, _, err = status(cluster, "--json")
                 assert code == 1 and "no live worker: cold" in err
                 start(cluster, "cold")

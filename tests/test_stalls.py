@@ -324,6 +324,38 @@ def test_a_full_redis_is_a_pause_and_every_accepted_job_is_answered_once(
         cluster.close()
 
 
+def test_a_worker_that_starts_while_redis_is_full_waits_and_then_serves(
+    tmp_path: Any,
+    sentiment: Deployment,  # noqa: F811
+) -> None:
+    """A worker whose consumer starts after Redis filled (its queue declared: LLENs in a
+    MULTI, which a full Redis refuses; here 3 s after its first heartbeat) waits for room
+    instead of stopping ("Unrecoverable error", seen under load), and serves once memory
+    is freed."""
+    cluster = Cluster(
+        tmp_path,
+        {"sentiment": sentiment},
+        redis_args=("--maxmemory", "20mb", "--maxmemory-policy", "noeviction"),
+        worker_env={**QUICK, "PIPEQ_FAULTS_DECLARE_S": "3"},
+    )
+    try:
+        r = cluster.redis()
+        worker = cluster.start_worker("sentiment")
+        cluster.hostname(worker, "sentiment")
+        filled = _fill(r)
+        r.config_set("maxmemory", int(r.info("memory")["used_memory"]) - 2**21)  # over it
+        time.sleep(6.0)  # its consumer declares its queue meanwhile: refused
+        alive = worker.poll()
+        r.delete(*[f"filler:{n}" for n in range(filled)])
+        r.config_set("maxmemory", "20mb")
+        with cluster.client() as client:
+            assert client.submit("sentiment", "room again").result(timeout=60)
+        assert alive is None, cluster.logs()
+        assert worker.poll() is None, cluster.logs()
+    finally:
+        cluster.close()
+
+
 def test_a_primary_turned_replica_is_a_pause_and_every_accepted_job_is_answered_once(
     cluster_of: Any,  # noqa: F811
     sentiment: Deployment,  # noqa: F811

@@ -11,7 +11,11 @@ Batches take the waiting items in order of input length, sweeping up from where 
 last batch ended and wrapping round (an elevator's sweep), so a batch holds inputs of
 near-equal length and padding stays small, while no item waits longer than one sweep
 of the waiting pool. Items with different parameters never share a forward pass; the
-oldest waiting item's parameters go first. When a batch raises, its items are
+oldest waiting item's parameters go first. A job's priority (`PRIORITIES`: 0 high, 1
+normal, 2 low) comes before all that: the oldest item of the most urgent level present
+leads, and a batch takes its peers level by level, sweeping within the last level it
+reaches (so a high job waits for the batch running now, not for the normal or low items
+held before it). When a batch raises, its items are
 run one by one so a bad item fails alone; a CUDA out-of-memory error halves the batch.
 Before each forward pass the `admit(job_ids, alone)` hook says which jobs must not run
 (and why: cancelled, expired, finished already) and which must run apart from the rest
@@ -77,6 +81,8 @@ class Submission:
     #: the job's task waits this much past its time limit: the engine enforces the limit
     #: itself and completes the futures (continuous batching), the wait is a backstop
     grace_s: float = 0.0
+    #: the job's priority: 0 (high), 1 (normal) or 2 (low)
+    rank: int = 1
 
 
 @dataclass
@@ -89,6 +95,10 @@ class _Item:
     arrived: float = field(default_factory=time.monotonic)
     future: Future[Any] = field(default_factory=Future)
     alone: bool = False  # quarantined: shares a forward pass with its own job's items only
+
+    @property
+    def rank(self) -> int:
+        return self.job.rank
 
     @property
     def job_id(self) -> str:
@@ -206,10 +216,13 @@ class Batcher:
             self._cond.notify_all()
         self._thread.join(timeout=10)
 
-    def submit(self, job_id: str, items: list[Any], params: dict[str, Any]) -> Submission:
-        """Queue a job's items; each future gets that item's result or error."""
+    def submit(
+        self, job_id: str, items: list[Any], params: dict[str, Any], rank: int = 1
+    ) -> Submission:
+        """Queue a job's items; each future gets that item's result or error. `rank`: the
+        job's priority, 0 (high), 1 (normal) or 2 (low)."""
         key = json.dumps(params, sort_keys=True)
-        job = Submission(job_id, [])
+        job = Submission(job_id, [], rank=rank)
         new = [_Item(job, v, params, key) for v in items]
         job.futures = [i.future for i in new]
         with self._cond:
@@ -245,7 +258,17 @@ class Batcher:
     # -- the batcher thread --------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            batch = self._next_batch()
+            try:
+                batch = self._next_batch()
+            except BaseException as e:  # a fault in forming a batch: fail what waits, go on
+                if not contained(e):
+                    raise
+                log.exception("forming a batch failed")
+                with self._cond:
+                    failed, self._pending = self._pending, []
+                for item in failed:
+                    _resolve(item.future, error=e)
+                continue
             if batch is None:
                 return
             try:
@@ -281,23 +304,38 @@ class Batcher:
                         break
                     self._cond.wait(0.02)  # earlier jobs' results are being stored
                     continue
-                oldest = self._pending[0]
+                oldest = min(self._pending, key=lambda i: i.rank)  # the first of its level
                 peers = [i for i in self._pending if i.key == oldest.key]
                 wait = oldest.arrived + self.max_batch_wait_s - time.monotonic()
                 if len(peers) >= self.max_batch_size or wait <= 0:
-                    batch = self._sweep(peers)
+                    batch = self._by_level(peers)
                     break
                 self._cond.wait(wait)
             chosen = {id(i) for i in batch}
             self._pending = [i for i in self._pending if id(i) not in chosen]
         return batch
 
-    def _sweep(self, peers: list[_Item]) -> list[_Item]:
-        """The next `max_batch_size` items up the length axis from the last batch, wrapping
-        round to the shortest at the top (an elevator's sweep): batches of near-equal
-        lengths, and no item waits more than one sweep of the waiting pool. Items are
-        measured only when there is a choice: a single job never pays for it."""
-        if len(peers) <= self.max_batch_size:
+    def _by_level(self, peers: list[_Item]) -> list[_Item]:
+        """`max_batch_size` of `peers`, most urgent level first; the last level reached
+        is swept (`_sweep`)."""
+        batch: list[_Item] = []
+        for rank in sorted({i.rank for i in peers}):
+            level = [i for i in peers if i.rank == rank]
+            room = self.max_batch_size - len(batch)
+            if len(level) > room:
+                return batch + (self._sweep(level, room) if room else [])
+            batch += level
+        self._sweep_at = -1  # all of them fit
+        return batch
+
+    def _sweep(self, peers: list[_Item], room: int | None = None) -> list[_Item]:
+        """The next `room` (default `max_batch_size`) items up the length axis from the
+        last batch, wrapping round to the shortest at the top (an elevator's sweep):
+        batches of near-equal lengths, and no item waits more than one sweep of the
+        waiting pool. Items are measured only when there is a choice: a single job never
+        pays for it."""
+        room = self.max_batch_size if room is None else room
+        if len(peers) <= room:
             self._sweep_at = -1
             return peers
         for item in peers:
@@ -305,8 +343,8 @@ class Batcher:
                 item.size = self._measure(item.value)
         peers.sort(key=lambda i: i.size)
         start = next((n for n, i in enumerate(peers) if i.size > self._sweep_at), 0)
-        start = max(0, min(start, len(peers) - self.max_batch_size))
-        batch = peers[start : start + self.max_batch_size]
+        start = max(0, min(start, len(peers) - room))
+        batch = peers[start : start + room]
         self._sweep_at = batch[-1].size if start + len(batch) < len(peers) else -1
         return batch
 

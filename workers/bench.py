@@ -239,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the queue's own cost instead (bench_queue.py): jobs/s, Redis commands and CPU "
         "a job, connections, an idle worker; --jobs a burst (default 2000)",
     )
+    p.add_argument(
+        "--priority",
+        action="store_true",
+        help="priorities instead (bench_queue.py): a backlog of --jobs low jobs (default "
+        "2000) alone and with high jobs during it: its jobs/s, the high jobs' wait",
+    )
     p.add_argument("--producers", type=int, default=4, help="--queue: submitting threads")
     p.add_argument("--idle-s", type=float, default=20.0, help="--queue: idle time measured")
     p.add_argument(
@@ -258,12 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.queue:
-        from pipeq.worker.bench_queue import queue_main
+    if args.queue or args.priority:
+        from pipeq.worker.bench_queue import priority_main, queue_main
 
         if "--jobs" not in (argv or sys.argv):
             args.jobs = 2000
-        return queue_main(args)
+        return priority_main(args) if args.priority else queue_main(args)
     if args.real_size:
         return real_size_main(
             args.tasks.split(",") if args.tasks else None,

@@ -40,7 +40,7 @@ from pipeq import Client
 from pipeq._config import Deployment
 from pipeq.worker.bench import bench_inputs, with_overrides
 
-__all__ = ["queue_main"]
+__all__ = ["priority_main", "queue_main"]
 
 CHECKPOINT = "distilbert-base-uncased-finetuned-sst-2-english"
 
@@ -293,3 +293,131 @@ def _print(r: dict[str, Any]) -> None:
         f"for it {idle['commands_per_s_by_name']}; "
         f"{idle['worker_cpu_percent']:.2f}% of a core"
     )
+
+
+def _backlog(
+    client: Client, name: str, inputs: list[Any], producers: int, high_every_s: float | None
+) -> dict[str, Any]:
+    """`inputs` as low jobs from `producers` threads, until each is answered; with
+    `high_every_s`, one high job after another meanwhile (each submitted `high_every_s`
+    after the last one's result), each one's wait (submit to result) recorded."""
+    lows: list[Any] = [None] * len(inputs)
+    waits: list[float] = []
+    done = threading.Event()
+
+    def send(start: int) -> None:
+        for i in range(start, len(inputs), producers):
+            lows[i] = client.submit(name, inputs[i], priority="low")
+
+    def highs() -> None:
+        n = 0
+        while not done.wait(high_every_s):
+            t0 = time.perf_counter()
+            client.submit(name, f"urgent {n}", priority="high").result(timeout=600)
+            waits.append(time.perf_counter() - t0)
+            n += 1
+
+    stats0 = _batch_stats(client, name, settle_s=3.0)
+    started = time.perf_counter()
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(producers)]
+    if high_every_s is not None:
+        threads.append(threading.Thread(target=highs))
+    for t in threads:
+        t.start()
+    for t in threads[:producers]:
+        t.join()
+    for job in lows:
+        job.result(timeout=600)
+    elapsed = time.perf_counter() - started
+    done.set()
+    for t in threads[producers:]:
+        t.join()
+    stats1 = _batch_stats(client, name, settle_s=3.0)
+    batches = stats1["batches"] - stats0["batches"]
+    for job in lows:
+        job.forget()
+    waits.sort()
+    return {
+        "low_jobs": len(inputs),
+        "seconds": elapsed,
+        "low_jobs_per_s": len(inputs) / elapsed,
+        "batches": batches,
+        "batch_cycle_s": elapsed / batches if batches else None,
+        "forward_s_per_batch": (stats1["forward_s"] - stats0["forward_s"]) / batches
+        if batches
+        else None,
+        "high_jobs": len(waits),
+        "high_wait_s": waits,
+        "high_wait_p50_s": waits[len(waits) // 2] if waits else None,
+        "high_wait_p95_s": waits[min(len(waits) - 1, int(0.95 * len(waits)))] if waits else None,
+    }
+
+
+def _batch_stats(client: Client, name: str, settle_s: float = 0.0) -> dict[str, float]:
+    """The deployment's batches and forward seconds so far, as its workers' heartbeats
+    report them, after `settle_s` (a heartbeat every 2 s reports what ran before it)."""
+    time.sleep(settle_s)
+    stats = client.registry.stats(name).values()
+    return {
+        "batches": float(sum(s.get("batches", 0) for s in stats)),
+        "forward_s": float(sum(s.get("forward_s", 0.0) for s in stats)),
+    }
+
+
+def priority_main(args: argparse.Namespace) -> int:
+    """`pipeq bench --priority`: a backlog of `--jobs` low jobs through one worker, alone
+    and with high jobs submitted one after another during it, `--rounds` times each,
+    alternately: the backlog's jobs/s both ways, and each high job's wait (submit to
+    result) against the batch cycle (the backlog's seconds per batch)."""
+    from pipeq._stack import Stack, exit_on_sigterm, free_port_from
+    from pipeq.worker import tiny_models
+    from pipeq.worker.demo import write_config
+
+    path = tiny_models.build(CHECKPOINT, Path(args.models_dir).resolve())
+    d = Deployment(name="queue", task=tiny_models.TINY_MODELS[CHECKPOINT], model=str(path))
+    d = with_overrides(d, args)
+    inputs = bench_inputs(d.task, args.jobs)
+    runs: dict[str, list[Any]] = {"backlog_alone": [], "backlog_and_high_jobs": []}
+    exit_on_sigterm()
+    port = free_port_from(6500)
+    with tempfile.TemporaryDirectory(prefix="pipeq-bench-priority-") as tmp:
+        config = write_config({d.name: d}, Path(tmp) / "bench.toml")
+        stack = Stack(
+            {d.name: d}, str(config), redis_port=port, flower_port=None, exporter_port=None
+        )
+        try:
+            stack.start()
+            if any(v != "ready" for v in stack.wait_ready().values()):
+                raise RuntimeError(f"the worker did not start: see {stack.log_dir}")
+            with Client(stack.url) as client:
+                print("warm-up ...", flush=True)
+                _backlog(client, d.name, inputs[:200], args.producers, None)
+                for r in range(args.rounds):
+                    print(f"round {r + 1}/{args.rounds} ...", flush=True)
+                    runs["backlog_alone"].append(
+                        _backlog(client, d.name, inputs, args.producers, None)
+                    )
+                    runs["backlog_and_high_jobs"].append(
+                        _backlog(client, d.name, inputs, args.producers, 0.05)
+                    )
+        finally:
+            stack.stop()
+    report = {"deployment": dataclasses.asdict(d), "jobs": args.jobs, "runs": runs}
+    print(
+        f"\npriority benchmark: a backlog of {args.jobs} low jobs, one worker, "
+        f"max_batch_size {d.max_batch_size}, {args.rounds} rounds"
+    )
+    for alone, mixed in zip(runs["backlog_alone"], runs["backlog_and_high_jobs"], strict=True):
+        cycle = mixed["batch_cycle_s"] or float("nan")
+        print(
+            f"backlog alone {alone['low_jobs_per_s']:.0f} jobs/s; with high jobs "
+            f"{mixed['low_jobs_per_s']:.0f} jobs/s "
+            f"({100 * (mixed['low_jobs_per_s'] / alone['low_jobs_per_s'] - 1):+.1f}%); "
+            f"{mixed['high_jobs']} high jobs waited p50 {mixed['high_wait_p50_s'] * 1000:.0f} ms, "
+            f"p95 {mixed['high_wait_p95_s'] * 1000:.0f} ms = "
+            f"{mixed['high_wait_p95_s'] / cycle:.2f} batch cycles of {cycle * 1000:.0f} ms "
+            f"(forward {mixed['forward_s_per_batch'] * 1000:.0f} ms a batch)"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0

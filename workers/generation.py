@@ -522,10 +522,14 @@ class ContinuousBatcher:
         except Exception as e:  # the reference pipeline says what is wrong
             return f"could not plan it ({type(e).__name__})"
 
-    def submit(self, job_id: str, items: list[Any], params: dict[str, Any]) -> Submission:
+    def submit(
+        self, job_id: str, items: list[Any], params: dict[str, Any], rank: int = 1
+    ) -> Submission:
         """Queue a job's items; each future gets `pipe(item, **params)`'s result. Which
         engine runs the job goes in its stream's `start` entry (`engine`, and `reason`
-        for the dynamic batcher) and in the deployment's `generation_jobs_total`."""
+        for the dynamic batcher) and in the deployment's `generation_jobs_total`. `rank`:
+        its priority (`Batcher.submit`); the manager takes the requests that came since
+        its last step most urgent first."""
         how = self.plan(items, params)
         if isinstance(how, str):
             self._count("generation_jobs_total", "dynamic")
@@ -546,10 +550,10 @@ class ContinuousBatcher:
                 )
             except Exception:  # a record only: the job runs anyway
                 log.warning("could not record the engine of %s", job_id, exc_info=True)
-            return self.fallback.submit(job_id, items, params)
+            return self.fallback.submit(job_id, items, params, rank)
         # the driver stops a job at its time limit, after its last piece; the task's own
         # wait, a backstop, comes later so that its stream's `end` is the last entry
-        job = Submission(job_id, [], grace_s=STOP_GRACE_S)
+        job = Submission(job_id, [], grace_s=STOP_GRACE_S, rank=rank)
         requests: list[_Request] = []
         model = self.pipe.model
         stop = None
@@ -584,6 +588,7 @@ class ContinuousBatcher:
                 if self._stopping:
                     return
                 new, self._new = self._new, []
+                new.sort(key=lambda r: r.job.rank)  # stable: each level oldest first
             try:
                 if not self.slot.running() and self.manager is not None:
                     self._restart()
@@ -698,7 +703,7 @@ class ContinuousBatcher:
         alone: the same seed, so the same text); its future gets the record."""
         r.rerouted = True
         self._forget(r.rid)
-        sub = self.fallback.submit(r.job.job_id, [r.item], r.single_params())
+        sub = self.fallback.submit(r.job.job_id, [r.item], r.single_params(), r.job.rank)
 
         def copy(f: Future[Any]) -> None:
             if r.job.started_at is None:

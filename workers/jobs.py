@@ -32,7 +32,7 @@ from celery.exceptions import Ignore, Reject
 from celery.worker.request import Request as CeleryRequest
 
 from pipeq import _app, _floats, _tasks
-from pipeq._ledger import Ledger, running_key, waiting_key
+from pipeq._ledger import PRIORITIES, PRIORITY_HEADER, Ledger, running_key, waiting_key
 from pipeq.errors import (
     InvalidRequest,
     JobCancelled,
@@ -255,13 +255,14 @@ def register_task(
         """One job. `per_item`: items fail alone, the result is one outcome per item.
         `packed`: the producer reads arrays of floats in their packed form (`_floats`)."""
         job_id = self.request.id
+        rank = _rank(getattr(self.request, PRIORITY_HEADER, None))
         deadline = _deadline(self.request.expires)
         if deadline is not None:
             admission.expires[job_id] = deadline
         outcome = "failed"
         usage: list[Any] = []
         try:
-            result = run_job(job_id, inputs, params, per_item, packed, usage)
+            result = run_job(job_id, inputs, params, per_item, packed, usage, rank)
             outcome = "succeeded"
             return result
         except HandBack:
@@ -305,6 +306,7 @@ def register_task(
         per_item: bool,
         packed: bool,
         usage: list[Any],
+        rank: int,
     ) -> Any:
         from pipeq.worker.handlers import to_jsonable
 
@@ -318,7 +320,8 @@ def register_task(
             for i, item in enumerate(items):
                 check_input(item, params, f"inputs[{i}]" if many else "inputs")
             check_result(items, params, packed, "inputs")
-            results = wait_for(batcher.submit(job_id, items, params), deployment.job_timeout_s)
+            submitted = batcher.submit(job_id, items, params, rank)
+            results = wait_for(submitted, deployment.job_timeout_s)
             for r in results:
                 if isinstance(r, _STOPS):
                     raise r
@@ -343,7 +346,8 @@ def register_task(
             limit,
         )
         results = wait_for(
-            batcher.submit(job_id, [items[i] for i in good], params), deployment.job_timeout_s
+            batcher.submit(job_id, [items[i] for i in good], params, rank),
+            deployment.job_timeout_s,
         )
         for r in results:
             if isinstance(r, _STOPS):
@@ -351,6 +355,12 @@ def register_task(
         for i, r in zip(good, results, strict=True):
             outcomes[i] = r
         return [_outcome(shown(o), to_jsonable) for o in outcomes]
+
+
+def _rank(priority: Any) -> int:
+    """A job's priority header as the batcher's rank: 0 high, 1 normal (also for anything
+    else: a producer's own header is no reason to fail a job), 2 low."""
+    return PRIORITIES.index(priority) if priority in PRIORITIES else 1
 
 
 def _as_sent(value: Any) -> Any:

@@ -41,7 +41,7 @@ from kombu.transport import virtual
 from redis.backoff import ExponentialBackoff
 
 from pipeq._app import _Channel
-from pipeq._ledger import DEAD_LETTER, DEAD_LETTER_KEEP
+from pipeq._ledger import DEAD_LETTER, DEAD_LETTER_KEEP, DOORBELL, level_queue
 from pipeq._redis import write_refusal
 from pipeq.worker.gate import Malformed, check_message
 from pipeq.worker.liveness import Lease
@@ -239,6 +239,14 @@ class WorkerChannel(_Channel):
         Redis refuses writes rather than stopping the worker."""
         retrying(super()._queue_bind, *args)
 
+    def _size(self, queue: str) -> int:
+        """kombu's length of a queue (LLENs in a MULTI, when the consumer declares its
+        queue: as it starts or restarts), waiting while Redis refuses them: a full Redis
+        refuses a transaction, even of reads: a worker whose consumer started after
+        Redis filled stopped at once, "Unrecoverable error" (seen under load in
+        test_stalls' full Redis: the heartbeat begins before the consumer)."""
+        return int(retrying(super()._size, queue))
+
     def _brpop_start(self, timeout: float | None = None) -> None:
         queues = list(self._active_queues)
         if not self.pipeq_inflight or len(queues) != 1:
@@ -280,9 +288,11 @@ class WorkerChannel(_Channel):
                 self._refused = 0
             if raw is None:
                 raise Empty()
-            more = self._take_more(queue)
+            # a doorbell (high or low jobs wait, `_ledger` Priorities), or a message that
+            # high ones go before: out of the list now, and not delivered
+            gone, more = self._take_more(queue, rang=raw == DOORBELL)
             delivered = 0
-            for message in (raw, *more):
+            for message in more if gone else [raw, *more]:
                 try:
                     self._take(message, queue)
                     delivered += 1
@@ -296,16 +306,21 @@ class WorkerChannel(_Channel):
             self._blmove_queue = None
             self._flush_brpop_reauth()
 
-    def _take_more(self, queue: str) -> list[bytes]:
+    def _take_more(self, queue: str, rang: bool) -> tuple[bool, list[bytes]]:
         """After BLMOVE's first message, up to a batch's worth more in one step (as many
-        as the consumer may still hold): a backlog costs a round trip a batch, not a job."""
+        as the consumer may still hold), high first, then normal, then low: a backlog
+        costs a round trip a batch, not a job. `rang`: what BLMOVE took is a doorbell.
+        Returns whether what BLMOVE took left the in-flight list (a doorbell; a message
+        that high ones waiting go before, back at the front of its queue), and the
+        messages taken."""
         room = self.qos.can_consume_max_estimate()
-        n = self.pipeq_take_max - 1 if room is None else min(self.pipeq_take_max, room) - 1
-        if n <= 0:
-            return []
+        n = self.pipeq_take_max if room is None else min(self.pipeq_take_max, room)
         keys = [queue, self.pipeq_inflight, self._fence]
-        reply = self._owned(retrying(self.ledger.script("take"), keys, [n]), "taking jobs")
-        return list(reply)
+        keys += [level_queue(queue, "high"), level_queue(queue, "low")]
+        take = self.ledger.script("take")
+        reply = self._owned(retrying(take, keys, [max(n - 1, 0), int(rang)]), "taking jobs")
+        gone, taken = reply
+        return bool(gone), list(taken)
 
     def _take(self, raw: bytes, queue: str) -> None:
         try:

@@ -420,13 +420,15 @@ class Gateway:
         wait_s: float = 0.0,
         webhook: str | None = None,
         webhook_events: tuple[str, ...] = ("completed",),
+        priority: str = "normal",
     ) -> tuple[JobView, bool]:
         """Validate and enqueue through `Client` (in a thread): the job (once done, if
         it is within `wait_s`), and whether this call created it (False: an idempotent
         repeat of `job_id` with the same `digest`). `webhook`: a URL the job's
         `webhook_events` are POSTed to (`_webhooks`). Raises what `Client.submit` raises,
         ApiError 403 for a deployment the caller may not use, 409 for a `job_id` taken
-        by another request, InvalidRequest for a webhook this gateway may not call."""
+        by another request, InvalidRequest for a webhook this gateway may not call.
+        `priority`: as `Client.submit`'s."""
         job_id = job_id or _new_id()
         hooks = self.webhooks
         registered = False
@@ -446,6 +448,7 @@ class Gateway:
                     expires,
                     job_id,
                     digest,
+                    priority,
                 )
             except Exception:  # not sent (a cancelled request's send may go on: kept)
                 if hooks is not None and registered:
@@ -473,11 +476,12 @@ class Gateway:
         expires: float | None,
         job_id: str,
         digest: str,
+        priority: str,
     ) -> tuple[JobView, bool]:
         client = self.client
         found = client.resolve(target, model)
         caller.require(found.name)
-        prepared = client.prepare(found.name, inputs, None, expires, params)
+        prepared = client.prepare(found.name, inputs, None, expires, params, priority)
         # who submitted it is recorded by the enqueue step itself, which refuses an id
         # already taken: one round trip, and no record of a job that was not sent
         token = _app.enqueue_submitted.set((caller.name, digest))

@@ -127,6 +127,9 @@ class _Generation(_Request):
     seed: int | None = None
     stream: Annotated[bool, _null_is(False)] = False
     stream_options: StreamOptions | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = Field(
+        None, description='"priority": a high pipeq job; "flex": a low one; others: normal'
+    )
     # accepted at OpenAI's defaults only (a request that sets them means something else)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -166,6 +169,13 @@ class EmbeddingRequest(_Request):
     input: Texts
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
+
+
+def priority_of(service_tier: str | None) -> str | None:
+    """OpenAI's `service_tier` as a pipeq priority: "priority" (OpenAI's faster, dearer
+    tier) is high, "flex" (its slower, cheaper one) is low; "auto", "default", "scale" and
+    none name no level (None: the route's own)."""
+    return {"priority": "high", "flex": "low"}.get(service_tier or "")
 
 
 def _at_default(request: _Generation) -> None:

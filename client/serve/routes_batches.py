@@ -91,6 +91,8 @@ async def run_line(
         "expires": max(expires_s, 0.001),
         "digest": digest,
         "wait_s": min(SYNC_WAIT_S * 100, expires_s + _PAST_DEADLINE_S),
+        # a batch is bulk work: its lines wait behind interactive requests (docs/scale.md)
+        "priority": "low",
     }
     try:
         if body.get("stream"):
@@ -108,6 +110,7 @@ async def run_line(
             chat = _openai.ChatRequest.model_validate(body)
             target = await target_of(gw, chat.model, "text-generation", endpoint)
             gen = chat_request(chat, target.name)
+        submit["priority"] = gen.priority or submit["priority"]  # a line's own service_tier
         view, _ = await gw.submit(who, target.name, gen.inputs, params=gen.params, **submit)
         return 200, await answer_generation(gw, gen, view), view
     except ValidationError as e:

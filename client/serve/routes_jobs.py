@@ -52,6 +52,9 @@ class JobRequest(BaseModel):
     expires: float | None = Field(
         None, gt=0, allow_inf_nan=False, description="seconds by which it must have started"
     )
+    priority: Literal["high", "normal", "low"] = Field(
+        "normal", description="high jobs are taken and batched before normal, normal before low"
+    )
     webhook: str | None = Field(
         None,
         max_length=2048,
@@ -123,6 +126,7 @@ async def _submit(
         wait_s=wait,
         webhook=job.webhook,
         webhook_events=tuple(dict.fromkeys(job.webhook_events_filter or ["completed"])),
+        priority=job.priority,
     )
     if wait and not created:  # a repeated PUT: the job may be done by now
         view = await _waiting(gw, view, wait)

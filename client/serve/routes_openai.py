@@ -172,6 +172,8 @@ class Generation:
     n: int
     include_usage: bool = False
     stops: list[str] = field(default_factory=list)
+    #: the level its service_tier names (`_openai.priority_of`), None: the route's own
+    priority: str | None = None
 
     @property
     def live(self) -> bool:
@@ -286,6 +288,7 @@ def completion_request(body: _openai.CompletionRequest, target: str) -> Generati
         n=body.n,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         stops=_openai.stops_of(body),
+        priority=_openai.priority_of(body.service_tier),
     )
 
 
@@ -299,6 +302,7 @@ def chat_request(body: _openai.ChatRequest, target: str) -> Generation:
         n=body.n,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         stops=_openai.stops_of(body),
+        priority=_openai.priority_of(body.service_tier),
     )
 
 
@@ -307,10 +311,16 @@ async def _generate(
 ) -> Response:
     if not stream:
         view, _ = await gw.submit(
-            who, target.name, gen.inputs, params=gen.params, wait_s=SYNC_WAIT_S
+            who,
+            target.name,
+            gen.inputs,
+            params=gen.params,
+            wait_s=SYNC_WAIT_S,
+            priority=gen.priority or "normal",
         )
         return JSONResponse(await answer_generation(gw, gen, view), headers={JOB_HEADER: view.id})
-    view, _ = await gw.submit(who, target.name, gen.inputs, params=gen.params)
+    level = gen.priority or "normal"
+    view, _ = await gw.submit(who, target.name, gen.inputs, params=gen.params, priority=level)
     return StreamingResponse(
         _chunks(gw, gen, view),
         media_type="text/event-stream",

@@ -15,7 +15,8 @@ and a line "<pid>\tpipeq-oom:<batch size>".
 
 Every forward pass sleeps $PIPEQ_FAULTS_FORWARD_S first (a slow model), every
 continuous-batching decoding step $PIPEQ_FAULTS_STEP_S (a slow generator), and a
-continuous-batching manager's stop $PIPEQ_FAULTS_STOP_S after it stopped (a slow stop). With
+continuous-batching manager's stop $PIPEQ_FAULTS_STOP_S after it stopped (a slow stop), and
+the consumer's declaring of its queue $PIPEQ_FAULTS_DECLARE_S first (a slow start). With
 $PIPEQ_FAULTS_LOG, each forward appends one line per input: "<pid>\t<input>".
 
 A continuous-batching job whose prompt contains `pipeq-fault:step-error` (or
@@ -102,3 +103,13 @@ if os.environ.get("PIPEQ_FAULTS"):
         time.sleep(float(os.environ.get("PIPEQ_FAULTS_STOP_S") or 0))
 
     continuous_api.ContinuousBatchingManager.stop = _slow_stop
+
+    from kombu.transport import redis as kombu_redis
+
+    _size = kombu_redis.Channel._size
+
+    def _slow_size(self, queue):  # type: ignore[no-untyped-def]
+        time.sleep(float(os.environ.get("PIPEQ_FAULTS_DECLARE_S") or 0))
+        return _size(self, queue)
+
+    kombu_redis.Channel._size = _slow_size
