@@ -14,7 +14,7 @@
     pipeq:dead-after:<deployment> hash    worker -> the silence after which it counts as dead
     pipeq:job:<id>                string  the deployment of a job pipeq accepted
     pipeq:submitted:<id>          hash    who submitted it through `pipeq serve` (owner,
-                                          deployment, digest, created_at)
+                                          deployment, digest, created_at, priority)
     pipeq:cancel:<id>             string  the job must not run: cancelled, or forgotten
     pipeq:deadline:<id>           string  the job's `expires` deadline, on Redis' clock (unix s)
     pipeq:stream:<id>             stream  a generation's text as it is made (`Job.stream`)
@@ -256,7 +256,7 @@ elseif ARGV[9] ~= '' then
 end
 if KEYS[6] then
   redis.call('HSET', KEYS[6], 'owner', ARGV[11], 'deployment', ARGV[5], 'digest', ARGV[12],
-    'created_at', tostring(now))
+    'created_at', tostring(now), 'priority', ARGV[10] ~= '' and ARGV[10] or 'normal')
   redis.call('EXPIRE', KEYS[6], ARGV[4])
 end
 redis.call('LPUSH', KEYS[5], ARGV[1])

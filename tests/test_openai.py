@@ -197,6 +197,37 @@ def test_a_seeded_sampled_completion_is_the_same_text_as_set_seed_in_process(
     assert got == [want, want]
 
 
+def test_service_tier_picks_the_job_s_priority_and_batch_lines_are_low(
+    oai: Any, gateway: Any
+) -> None:
+    """OpenAI's `service_tier`: "priority" is a high job, "flex" a low one, "default" and
+    none normal (the job, read back through `/v1/jobs`, says its level); a batch's lines
+    are low; a tier OpenAI does not have is refused by name."""
+    from openai import BadRequestError
+
+    levels = {}
+    for tier in ("priority", "flex", "default", None):
+        # chat.completions.create takes service_tier; completions, OpenAI's legacy
+        # route, has no such argument: the field goes as extra_body
+        extra = {} if tier is None else {"extra_body": {"service_tier": tier}}
+        raw = oai.completions.with_raw_response.create(
+            model="text-generation", prompt=PROMPT, max_tokens=2, temperature=0, **extra
+        )
+        levels[tier] = _job(gateway, raw.headers["x-pipeq-job-id"])["priority"]
+    assert levels == {"priority": "high", "flex": "low", "default": "normal", None: "normal"}
+    with pytest.raises(BadRequestError, match="service_tier"):
+        oai.completions.create(
+            model="text-generation",
+            prompt=PROMPT,
+            max_tokens=2,
+            extra_body={"service_tier": "urgent"},
+        )
+    batch = _batch(oai, _lines("text-generation", 2))
+    done = _until(oai, batch.id, {"completed", "failed", "expired"})
+    out = _by_custom_id(oai, done.output_file_id)
+    assert _job(gateway, out["req-0"]["response"]["request_id"])["priority"] == "low"
+
+
 def test_a_chat_streams_to_done_through_the_chat_template(oai: Any, generator: Any) -> None:
     messages = [{"role": "user", "content": "What will this course teach me?"}]
     want = generator(messages, max_new_tokens=10, do_sample=False, return_full_text=False)

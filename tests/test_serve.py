@@ -102,6 +102,19 @@ def test_a_job_is_accepted_polled_and_read(http: httpx.Client, client: Client) -
     assert "retry-after" not in status.headers
 
 
+def test_a_job_s_priority_is_taken_shown_and_checked(http: httpx.Client) -> None:
+    """`priority` in the request is the job's level (docs/scale.md), shown with the job;
+    normal when left out; anything but high, normal or low is 422 naming the levels."""
+    for level in ("high", "low", None):
+        body = {"task": "sentiment-analysis", "inputs": "fine"}
+        r = http.post("/v1/jobs", json=body if level is None else {**body, "priority": level})
+        assert r.status_code == 202, r.text
+        assert r.json()["priority"] == (level or "normal")
+        assert http.get(r.json()["urls"]["self"]).json()["priority"] == (level or "normal")
+    r = http.post("/v1/jobs", json={"task": "sentiment-analysis", "inputs": "x", "priority": 1})
+    assert r.status_code == 422 and "'high', 'normal' or 'low'" in error_of(r)["message"], r.text
+
+
 def test_a_queued_job_is_cancelled_once_then_409(http: httpx.Client, client: Client) -> None:
     with paused(client, "summarization"):
         job = http.post("/v1/jobs", json={"deployment": "summarization", "inputs": "a b c"}).json()

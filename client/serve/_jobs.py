@@ -133,6 +133,8 @@ class JobView:
     error: PipeqError | None = None
     #: its webhook's delivery (`_webhooks.delivery_state`); None: it has none
     webhook: dict[str, Any] | None = None
+    #: its level (docs/scale.md, Priorities); None: not recorded (sent around the gateway)
+    priority: str | None = None
 
     def urls(self) -> dict[str, str]:
         base = f"/v1/jobs/{self.id}"
@@ -150,6 +152,8 @@ class JobView:
             "status": self.status.value,
             "created_at": _iso(self.created_at),
         }
+        if self.priority is not None:
+            out["priority"] = self.priority
         if self.status is JobState.SUCCEEDED:
             out["result"] = self.result
         if self.error is not None:
@@ -499,7 +503,9 @@ class Gateway:
             ) from None
         finally:
             _app.enqueue_submitted.reset(token)
-        return JobView(job_id, found.name, JobState.QUEUED, created_at=time.time()), True
+        view = JobView(job_id, found.name, JobState.QUEUED, created_at=time.time())
+        view.priority = prepared.priority
+        return view, True
 
     # -- reading jobs --------------------------------------------------------------------
     def read_sync(self, job_id: str) -> JobView:
@@ -545,7 +551,10 @@ class Gateway:
         name = (deployment or record.get(b"deployment") or b"").decode() or None
         created = record.get(b"created_at")
         meta = json.loads(meta_raw) if meta_raw else None
-        return self._from_meta(job_id, name, float(created) if created else None, meta, record)
+        view = self._from_meta(job_id, name, float(created) if created else None, meta, record)
+        level = record.get(b"priority")
+        view.priority = level.decode() if level else None
+        return view
 
     def _from_meta(
         self,
@@ -598,9 +607,9 @@ class Gateway:
             watch.event.clear()
             if data is not None:  # the state just stored
                 meta = json.loads(data)
-                hook = view.webhook
+                hook, level = view.webhook, view.priority
                 view = self._from_meta(view.id, view.deployment, view.created_at, meta, True)
-                view.webhook = hook
+                view.webhook, view.priority = hook, level
             else:  # a re-read: no message (or the subscription came back)
                 view = await self.read(view.id)
                 if not view.status.done and not await self.live(view.deployment):
