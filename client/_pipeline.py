@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pipeq import _tasks
-from pipeq._client import Client
+from pipeq._client import Client, _priority
 from pipeq.errors import InvalidRequest
 
 __all__ = ["RemotePipeline", "pipeline"]
@@ -61,10 +61,12 @@ class RemotePipeline:
         timeout: float | None,
         defaults: dict[str, Any],
         expires: Any = None,
+        priority: str = "normal",
     ) -> None:
         self.client = client
         self.timeout = timeout
         self.expires = expires
+        self.priority = _priority(priority)
         self.deployment = client.resolve(task, model)
         self.task = self.deployment.canonical_task
         self.model = str(self.deployment.info.get("hub_id") or self.deployment.model)
@@ -95,12 +97,20 @@ class RemotePipeline:
             self._tokenizer = AutoTokenizer.from_pretrained(where, revision=revision)
         return self._tokenizer
 
-    def __call__(self, *args: Any, expires: Any = None, streamer: Any = None, **kwargs: Any) -> Any:
+    def __call__(
+        self,
+        *args: Any,
+        expires: Any = None,
+        streamer: Any = None,
+        priority: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """What the transformers pipeline returns for these arguments: a result for one
         input, a list for a list, and an iterator of results for a generator or any
         other iterable (sent as it is read, a bounded window at a time). `expires`
         (seconds from now, or a datetime): jobs not started by then end with
-        JobExpired; default the pipeline's own.
+        JobExpired; default the pipeline's own. `priority` ("high", "normal", "low"):
+        default the pipeline's own (docs/scale.md, Priorities).
 
         `streamer` (text-generation: a prompt, a chat, or a list of them): as
         `generate(streamer=...)` in transformers, an object whose
@@ -116,26 +126,27 @@ class RemotePipeline:
         inputs, params = self._split_call(args, {**self.defaults, **kwargs})
         name = self.deployment.name
         expires = self.expires if expires is None else expires
+        level = {"expires": expires, "priority": priority or self.priority}
         if streamer is not None:
             if self.task != "text-generation" or _streamed(inputs):
                 raise InvalidRequest("streamer= takes text-generation prompts (a list at most)")
             items, _ = _tasks.items_of(self.deployment.task, inputs)
-            job = self.client.submit(name, inputs, expires=expires, **params)
+            job = self.client.submit(name, inputs, **level, **params)
             for i, item in enumerate(items):
                 self._stream_into(streamer, job, i, item, params)
             return job.result(timeout=self.timeout)
         if _streamed(inputs):
             checked = self.client.check_params(self.deployment, params)
-            stream = self.client.imap(name, inputs, timeout=self.timeout, expires=expires, **params)
+            stream = self.client.imap(name, inputs, timeout=self.timeout, **level, **params)
             if self.task == "question-answering":  # 4.57 answered a generator with a list
                 return _tasks.combine(self.task, checked, list(stream))
             return (_tasks.iterated(self.task, checked, r) for r in stream)
         items, many = _tasks.items_of(self.deployment.task, inputs)
         if not many:
-            job = self.client.submit(name, inputs, expires=expires, **params)
+            job = self.client.submit(name, inputs, **level, **params)
             return job.result(timeout=self.timeout)
         # a list: items spread over messages and workers, then put back in transformers' shape
-        results = self.client.map(name, items, timeout=self.timeout, expires=expires, **params)
+        results = self.client.map(name, items, timeout=self.timeout, **level, **params)
         return _tasks.combine(
             self.deployment.task, self.client.check_params(self.deployment, params), results
         )
@@ -235,6 +246,7 @@ def pipeline(
     timeout: float | None = None,
     expires: Any = None,
     revision: str | None = None,
+    priority: str = "normal",
     **params: Any,
 ) -> RemotePipeline:
     """A callable like `transformers.pipeline(task, model, **params)`, served by workers.
@@ -243,7 +255,8 @@ def pipeline(
     org-less name such as "distilgpt2", a path, or a deployment's name); none, or
     several, is UnknownDeployment. `timeout` bounds each call's wait for its result;
     `expires` (seconds, or a datetime) drops a call's jobs not started by then
-    (JobExpired). `revision`, when given, must be the deployment's. Arguments about
+    (JobExpired); `priority` ("high", "normal", "low") is its jobs' level
+    (docs/scale.md, Priorities). `revision`, when given, must be the deployment's. Arguments about
     where the model runs (`device`, `dtype`, `batch_size`, ...) belong to the deployment
     and have no effect; objects (`tokenizer=`, `config=`) cannot travel to a worker and
     are refused. Other keyword arguments are defaults for every call, as in
@@ -256,7 +269,9 @@ def pipeline(
             "own; choose the deployment by its model (model=...)"
         )
     params = {k: v for k, v in params.items() if k not in DEPLOYMENT_OWNED and k not in _OBJECTS}
-    remote = RemotePipeline(task, model, client or Client(redis_url), timeout, params, expires)
+    remote = RemotePipeline(
+        task, model, client or Client(redis_url), timeout, params, expires, priority
+    )
     served = remote.deployment.info.get("revision")
     if revision is not None and revision != served:
         raise InvalidRequest(

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeq import Client, InvalidRequest, JobCancelled, JobExpired
+from pipeq import Client, InvalidRequest, JobCancelled, JobExpired, pipeline
 
 from .cluster import Cluster, renamed, wait_until
 from .test_metrics import Exporter, start, value
@@ -180,7 +180,11 @@ def test_a_priority_not_among_the_levels_is_a_typed_error(client: Client) -> Non
             client.submit("sentiment-analysis", "hi", priority=bad)  # type: ignore[arg-type]
         with pytest.raises(InvalidRequest, match="priority"):
             client.map("sentiment-analysis", ["hi"], priority=bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="priority"):
+        pipeline("sentiment-analysis", client=client, priority="urgent")
     assert client.submit("sentiment-analysis", "hi", priority="low").result(timeout=30)
+    classify = pipeline("sentiment-analysis", client=client, priority="low")
+    assert classify("hi", priority="high") == classify(["hi"])[0:1] == classify("hi")
 
 
 def test_a_fault_in_forming_a_batch_fails_the_waiting_items_and_the_batcher_goes_on() -> None:
