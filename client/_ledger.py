@@ -520,30 +520,33 @@ return removed
 """
 
 _TAKE = """
--- KEYS: queue, inflight, fence, high queue, low queue ; ARGV: n, rang ('1': what BLMOVE
--- took, at the head of the worker's list, is a doorbell). Up to n more messages into the
--- worker's list, as BLMOVE takes one (the oldest first): high, then the queue's own, then
--- low (ledger's Priorities). What BLMOVE took leaves the list: a doorbell always, a
--- message when high ones wait (back to the front of the queue; n more are taken instead).
+-- KEYS: queue, inflight, fence, high queue, low queue ; ARGV: n, first, rest. What BLMOVE
+-- took is at the head of the worker's list: `first` says from where ('bell': a doorbell
+-- from the queue, 'main': a message from the queue, 'high': one from the high list).
+-- Up to n more messages into the worker's list, as BLMOVE takes one (the oldest first):
+-- high, then the queue's own, then low (ledger's Priorities), of which `rest` at most are
+-- not high. What BLMOVE took leaves the list when it is a doorbell, or a message of the
+-- queue while high ones wait (back to the front of the queue; one more is taken instead).
 -- Returns {1 if what BLMOVE took left the list else 0, {messages taken}}; -1 (nothing
 -- done) if the worker was fenced.
 if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
-local n, taken, gone = tonumber(ARGV[1]), {}, 0
-if ARGV[2] == '1' then
+local n, rest, taken, gone = tonumber(ARGV[1]), tonumber(ARGV[3]), {}, 0
+if ARGV[2] == 'bell' then
   redis.call('LPOP', KEYS[2])
   gone, n = 1, n + 1
-elseif redis.call('EXISTS', KEYS[4]) == 1 then
+elseif ARGV[2] == 'main' and redis.call('EXISTS', KEYS[4]) == 1 then
   redis.call('RPUSH', KEYS[1], redis.call('LPOP', KEYS[2]))
-  gone, n = 1, n + 1
+  gone, n, rest = 1, n + 1, rest + 1
 end
-for _, queue in ipairs({KEYS[4], KEYS[1], KEYS[5]}) do
-  while #taken < n do
+for i, queue in ipairs({KEYS[4], KEYS[1], KEYS[5]}) do
+  while #taken < n and (i == 1 or rest > 0) do
     local raw = redis.call('LMOVE', queue, KEYS[2], 'RIGHT', 'LEFT')
     if not raw then break end
     if raw == 'pipeq:doorbell' then
       redis.call('LPOP', KEYS[2])
     else
       taken[#taken + 1] = raw
+      if i > 1 then rest = rest - 1 end
     end
   end
 end

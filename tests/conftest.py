@@ -275,6 +275,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group("stack"))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """With $PIPEQ_TEST_TIMELINE set to a file, each test's test process, start, end (unix
+    s, setup and teardown included) and node id, one line each: which process ran what
+    when, to see what holds the suite's wall time up."""
+    started = time.time()
+    yield
+    path = os.environ.get("PIPEQ_TEST_TIMELINE")
+    if path:
+        who = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        with open(path, "a") as f:
+            f.write(f"{who}\t{started:.2f}\t{time.time():.2f}\t{item.nodeid}\n")
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """The grouping above failed silently twice (every process then starts a stack of
     its own: a third more time and memory, 22 GB at the peak): when this hook ran after

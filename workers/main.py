@@ -150,6 +150,9 @@ HEARTBEAT_IO_S = 5.0
 #: deployment. Measured (docs/batching.md): 4 batches group as well as 8, 2 lose a fifth
 #: of the throughput to padding.
 HELD_BATCHES = 4
+#: and room for this many batches' worth of high jobs beside them (docs/scale.md,
+#: Priorities): a high job is taken while the worker is full, and runs in the next batch
+HIGH_ROOM_BATCHES = 1
 #: connections the result backend opens at most, shared by every job thread (the batcher's
 #: admission, the heartbeat, and the threads storing results); a thread past it waits for
 #: one. Before, a worker opened about one per job thread: 200 at max_batch_size 256.
@@ -289,6 +292,9 @@ def run_worker(
         for job_id in job_ids:
             events.send("task-failed", job_id, exception=repr(JobLost("its worker died")))
 
+    held = HELD_BATCHES * deployment.max_batch_size
+    threads = concurrency or held + HIGH_ROOM_BATCHES * deployment.max_batch_size
+    high_room = max(0, min(threads - held, HIGH_ROOM_BATCHES * deployment.max_batch_size))
     app = _app.make_app(
         url,
         worker_consumer=f"{__name__}:Consumer",
@@ -300,6 +306,7 @@ def run_worker(
             "pipeq_on_malformed": on_malformed,
             "pipeq_lease": lease,
             "pipeq_take_max": deployment.max_batch_size,
+            "pipeq_high_room": high_room,
             # an idle worker's BLMOVE waits this long (s) for a job before it asks again
             # (kombu's brpop_timeout, 1 s by default)
             "polling_interval": IDLE_WAIT_S,
@@ -423,7 +430,6 @@ def run_worker(
         if term_early.is_set():  # Celery's handler is in place now: a warm shutdown
             os.kill(os.getpid(), signal.SIGTERM)
 
-    threads = concurrency or HELD_BATCHES * deployment.max_batch_size
     try:
         status = app.start(
             [

@@ -57,6 +57,10 @@ RETRY_FOR_S = 300.0
 ACKS_MAX = 256
 #: and for at most this long (seconds): the event loop's timer flushes them
 ACK_FLUSH_S = 0.25
+#: a worker that holds its share of normal and low jobs waits this long (s) at a time for
+#: a high one (BLMOVE on the high list), then looks again at what it may take: short, so
+#: that room made by a batch that ended is filled before the batches it holds run out
+HIGH_ONLY_WAIT_S = 0.05
 
 
 #: how long to wait before trying a refused or failed Redis call again (redis-py's)
@@ -134,6 +138,8 @@ class WorkerChannel(_Channel):
     pipeq_lease: Lease | None = None
     #: messages taken in one step at most (the deployment's max_batch_size)
     pipeq_take_max: int = 1
+    #: room kept for high jobs: with no more room than this, the worker takes high ones only
+    pipeq_high_room: int = 0
     from_transport_options = (  # type: ignore[assignment]
         *_Channel.from_transport_options,
         "pipeq_inflight",
@@ -141,8 +147,11 @@ class WorkerChannel(_Channel):
         "pipeq_on_malformed",
         "pipeq_lease",
         "pipeq_take_max",
+        "pipeq_high_room",
     )
     _blmove_queue: str | None = None
+    #: where the BLMOVE waiting now takes from: "main" (the queue) or "high" (its high list)
+    _blmove_from = "main"
     #: consecutive refused takes (Redis refusing writes), for the backoff
     _refused = 0
 
@@ -256,8 +265,15 @@ class WorkerChannel(_Channel):
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
         wait_s = self.brpop_timeout if timeout is None else timeout
+        room = self.qos.can_consume_max_estimate()
+        source = queues[0]
+        self._blmove_from = "main"
+        if self.pipeq_high_room and room is not None and room <= self.pipeq_high_room:
+            # it holds its share of normal and low jobs: the room left is for high ones
+            source, wait_s = level_queue(source, "high"), HIGH_ONLY_WAIT_S
+            self._blmove_from = "high"
         self.client.connection.send_command(
-            "BLMOVE", queues[0], self.pipeq_inflight, "RIGHT", "LEFT", wait_s or 0
+            "BLMOVE", source, self.pipeq_inflight, "RIGHT", "LEFT", wait_s or 0
         )
 
     def _brpop_read(self, **options: Any) -> bool:
@@ -290,7 +306,8 @@ class WorkerChannel(_Channel):
                 raise Empty()
             # a doorbell (high or low jobs wait, `_ledger` Priorities), or a message that
             # high ones go before: out of the list now, and not delivered
-            gone, more = self._take_more(queue, rang=raw == DOORBELL)
+            first = "bell" if raw == DOORBELL else self._blmove_from
+            gone, more = self._take_more(queue, first)
             delivered = 0
             for message in more if gone else [raw, *more]:
                 try:
@@ -306,20 +323,23 @@ class WorkerChannel(_Channel):
             self._blmove_queue = None
             self._flush_brpop_reauth()
 
-    def _take_more(self, queue: str, rang: bool) -> tuple[bool, list[bytes]]:
+    def _take_more(self, queue: str, first: str) -> tuple[bool, list[bytes]]:
         """After BLMOVE's first message, up to a batch's worth more in one step (as many
-        as the consumer may still hold), high first, then normal, then low: a backlog
-        costs a round trip a batch, not a job. `rang`: what BLMOVE took is a doorbell.
-        Returns whether what BLMOVE took left the in-flight list (a doorbell; a message
-        that high ones waiting go before, back at the front of its queue), and the
-        messages taken."""
+        as the consumer may still hold, less the room kept for high jobs unless they are
+        high), high first, then normal, then low: a backlog costs a round trip a batch, not
+        a job. `first`: what BLMOVE took ("bell": a doorbell, "main": a message of the
+        queue, "high": one of its high list). Returns whether what BLMOVE took left the
+        in-flight list (a doorbell; a message that high ones waiting go before, back at the
+        front of its queue), and the messages taken."""
         room = self.qos.can_consume_max_estimate()
         n = self.pipeq_take_max if room is None else min(self.pipeq_take_max, room)
+        rest = n if room is None else min(n, room - self.pipeq_high_room)
+        rest -= 1 if first == "main" else 0  # what BLMOVE took is one of them
         keys = [queue, self.pipeq_inflight, self._fence]
         keys += [level_queue(queue, "high"), level_queue(queue, "low")]
         take = self.ledger.script("take")
-        reply = self._owned(retrying(take, keys, [max(n - 1, 0), int(rang)]), "taking jobs")
-        gone, taken = reply
+        args = [max(n - 1, 0), first, max(rest, 0)]
+        gone, taken = self._owned(retrying(take, keys, args), "taking jobs")
         return bool(gone), list(taken)
 
     def _take(self, raw: bytes, queue: str) -> None:
