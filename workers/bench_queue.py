@@ -22,6 +22,7 @@ cost too), and the benchmark's own reads of `INFO` are taken out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,6 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from statistics import median_high as _median
 from typing import Any
@@ -191,12 +193,40 @@ def _wait_workers(client: Client, name: str, n: int) -> None:
         time.sleep(0.2)
 
 
-def queue_main(args: argparse.Namespace) -> int:
+def _tiny_deployment(args: argparse.Namespace) -> Deployment:
+    """The tiny classifier's deployment, with the run's overrides (`with_overrides`)."""
     from pipeq.worker import tiny_models
 
     path = tiny_models.build(CHECKPOINT, Path(args.models_dir).resolve())
     d = Deployment(name="queue", task=tiny_models.TINY_MODELS[CHECKPOINT], model=str(path))
-    d = with_overrides(d, args)
+    return with_overrides(d, args)
+
+
+@contextlib.contextmanager
+def _one_worker(d: Deployment, prefix: str) -> Iterator[tuple[Any, Path]]:
+    """A Redis of its own and one worker of `d` on it, ready: (the stack, its config)."""
+    from pipeq._stack import Stack, exit_on_sigterm, free_port_from
+    from pipeq.worker.demo import write_config
+
+    exit_on_sigterm()
+    port = free_port_from(6500)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        config = write_config({d.name: d}, Path(tmp) / "bench.toml")
+        stack = Stack(
+            {d.name: d}, str(config), redis_port=port, flower_port=None, exporter_port=None
+        )
+        try:
+            stack.start()
+            print(f"worker logs: {stack.log_dir}", flush=True)
+            if any(v != "ready" for v in stack.wait_ready().values()):
+                raise RuntimeError(f"the worker did not start: see {stack.log_dir}")
+            yield stack, config
+        finally:
+            stack.stop()
+
+
+def queue_main(args: argparse.Namespace) -> int:
+    d = _tiny_deployment(args)
     inputs = bench_inputs(d.task, args.jobs)
     runs: dict[str, list[Any]] = {"one_worker": [], "two_workers": []}
     report: dict[str, Any] = {
@@ -205,22 +235,10 @@ def queue_main(args: argparse.Namespace) -> int:
         "producers": args.producers,
         "cpu_threads": os.cpu_count(),
     }
-    from pipeq._stack import Stack, exit_on_sigterm, free_port_from
-    from pipeq.worker.demo import write_config
-
-    exit_on_sigterm()
-    port = free_port_from(6500)
-    with tempfile.TemporaryDirectory(prefix="pipeq-bench-queue-") as tmp:
-        config = write_config({d.name: d}, Path(tmp) / "bench.toml")
-        stack = Stack(
-            {d.name: d}, str(config), redis_port=port, flower_port=None, exporter_port=None
-        )
+    with _one_worker(d, "pipeq-bench-queue-") as (stack, config):
+        port = stack.redis_port
         second = None
         try:
-            stack.start()
-            print(f"worker logs: {stack.log_dir}", flush=True)
-            if any(v != "ready" for v in stack.wait_ready().values()):
-                raise RuntimeError(f"the worker did not start: see {stack.log_dir}")
             first = stack.workers[d.name].pid
             with Client(stack.url) as client:
                 print("warm-up ...", flush=True)
@@ -254,7 +272,6 @@ def queue_main(args: argparse.Namespace) -> int:
             if second is not None:
                 second.terminate()
                 second.wait(30)
-            stack.stop()
     report["runs"] = runs
     _print(report)
     if args.json:
@@ -393,39 +410,18 @@ def priority_main(args: argparse.Namespace) -> int:
     and with high jobs submitted one after another during it, `--rounds` times each,
     alternately: the backlog's jobs/s both ways, and each high job's wait (submit to
     result) against the batch cycle (the backlog's seconds per batch)."""
-    from pipeq._stack import Stack, exit_on_sigterm, free_port_from
-    from pipeq.worker import tiny_models
-    from pipeq.worker.demo import write_config
-
-    path = tiny_models.build(CHECKPOINT, Path(args.models_dir).resolve())
-    d = Deployment(name="queue", task=tiny_models.TINY_MODELS[CHECKPOINT], model=str(path))
-    d = with_overrides(d, args)
+    d = _tiny_deployment(args)
     inputs = bench_inputs(d.task, args.jobs)
     runs: dict[str, list[Any]] = {"backlog_alone": [], "backlog_and_high_jobs": []}
-    exit_on_sigterm()
-    port = free_port_from(6500)
-    with tempfile.TemporaryDirectory(prefix="pipeq-bench-priority-") as tmp:
-        config = write_config({d.name: d}, Path(tmp) / "bench.toml")
-        stack = Stack(
-            {d.name: d}, str(config), redis_port=port, flower_port=None, exporter_port=None
-        )
-        try:
-            stack.start()
-            if any(v != "ready" for v in stack.wait_ready().values()):
-                raise RuntimeError(f"the worker did not start: see {stack.log_dir}")
-            with Client(stack.url) as client:
-                print("warm-up ...", flush=True)
-                _backlog(client, d.name, inputs[:200], args.producers, None)
-                for r in range(args.rounds):
-                    print(f"round {r + 1}/{args.rounds} ...", flush=True)
-                    runs["backlog_alone"].append(
-                        _backlog(client, d.name, inputs, args.producers, None)
-                    )
-                    runs["backlog_and_high_jobs"].append(
-                        _backlog(client, d.name, inputs, args.producers, 0.05)
-                    )
-        finally:
-            stack.stop()
+    with _one_worker(d, "pipeq-bench-priority-") as (stack, _), Client(stack.url) as client:
+        print("warm-up ...", flush=True)
+        _backlog(client, d.name, inputs[:200], args.producers, None)
+        for r in range(args.rounds):
+            print(f"round {r + 1}/{args.rounds} ...", flush=True)
+            runs["backlog_alone"].append(_backlog(client, d.name, inputs, args.producers, None))
+            runs["backlog_and_high_jobs"].append(
+                _backlog(client, d.name, inputs, args.producers, 0.05)
+            )
     report = {"deployment": dataclasses.asdict(d), "jobs": args.jobs, "runs": runs}
     print(
         f"\npriority benchmark: a backlog of {args.jobs} low jobs, one worker, "
