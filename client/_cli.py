@@ -529,7 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", default=env_config, help="deployments TOML (default: the course's nine)"
     )
     w.add_argument("--gpu", type=int, help="use only this GPU (sets CUDA_VISIBLE_DEVICES)")
-    w.add_argument("--concurrency", type=int, help="jobs held at once (default 4 x max_batch_size)")
+    w.add_argument(
+        "--concurrency",
+        type=int,
+        help="jobs held at once (default 5 x max_batch_size: 4 batches of any priority, "
+        "and what is past 4 batches for high-priority jobs only)",
+    )
     w.add_argument("--loglevel", default="INFO")
     w.add_argument(
         "--heartbeat-s",

@@ -50,9 +50,9 @@ killed between two commands can neither lose a job nor hold it twice:
 
 Priorities. A job of level `high` or `low` waits in its level's own list; one of `normal`
 (the default, and every producer that names none) in the deployment's queue as before.
-Workers wait (BLMOVE) on the queue alone, so `enqueue` puts a doorbell (`DOORBELL`) at the
-back of the queue with a high or low job unless one is there already: a waiting worker
-wakes, and its `take` moves messages high first, then the queue's own (dropping the
+Workers wait (BLMOVE) on the queue alone, so `enqueue` puts a doorbell (`DOORBELL`) in the
+queue with a high or low job when the queue is empty (else no worker waits on it): a
+waiting worker wakes, and its `take` moves messages high first, then the queue's own (dropping the
 doorbells it meets), then low. A `take` that leaves high or low jobs behind an empty queue
 rings again, so they never wait with no doorbell for the workers. A message put back (its
 worker died, or handed it back as it stopped) goes to the front of the queue, whatever its
@@ -260,8 +260,10 @@ if KEYS[6] then
   redis.call('EXPIRE', KEYS[6], ARGV[4])
 end
 redis.call('LPUSH', KEYS[5], ARGV[1])
-if KEYS[5] ~= KEYS[1] and redis.call('LINDEX', KEYS[1], 0) ~= 'pipeq:doorbell' then
-  redis.call('LPUSH', KEYS[1], 'pipeq:doorbell')  -- wakes a waiting worker (Priorities)
+-- wakes a waiting worker (Priorities): only an empty queue has workers waiting on it; one
+-- that holds anything is taken from, and every take looks at the levels' lists first
+if KEYS[5] ~= KEYS[1] and redis.call('LLEN', KEYS[1]) == 0 then
+  redis.call('LPUSH', KEYS[1], 'pipeq:doorbell')
 end
 if ARGV[6] and ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[6]) end
 return 1

@@ -126,7 +126,7 @@ class RemotePipeline:
         inputs, params = self._split_call(args, {**self.defaults, **kwargs})
         name = self.deployment.name
         expires = self.expires if expires is None else expires
-        level = {"expires": expires, "priority": priority or self.priority}
+        level = {"expires": expires, "priority": self.priority if priority is None else priority}
         if streamer is not None:
             if self.task != "text-generation" or _streamed(inputs):
                 raise InvalidRequest("streamer= takes text-generation prompts (a list at most)")

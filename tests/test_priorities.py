@@ -116,6 +116,8 @@ def test_a_worker_takes_high_before_normal_before_low_and_each_level_oldest_firs
             assert depth.levels["high"][0] == 10 and depth.levels["low"][0] == 10
             assert depth.levels["normal"][0] == 10 and depth.waiting == 30
             assert depth.levels["high"][1] > 0.3 and depth.oldest_age_s >= depth.levels["high"][1]
+            # the queue holds the 10 normal jobs and one doorbell, not one a high or low job
+            assert cold.redis().llen("pipeq.cold") == 11
             listed = subprocess.run(
                 [sys.executable, "-m", "pipeq", "deployments", "--redis-url", cold.url],
                 capture_output=True,
@@ -183,6 +185,9 @@ def test_a_priority_not_among_the_levels_is_a_typed_error(client: Client) -> Non
     assert client.submit("sentiment-analysis", "hi", priority="low").result(timeout=30)
     classify = pipeline("sentiment-analysis", client=client, priority="low")
     assert classify("hi", priority="high") == classify(["hi"])[0:1] == classify("hi")
+    for bad in ("", 0, False):  # a call's own priority is checked too, falsy or not
+        with pytest.raises(InvalidRequest, match="priority"):
+            classify("hi", priority=bad)  # type: ignore[arg-type]
 
 
 def test_a_fault_in_forming_a_batch_fails_the_waiting_items_and_the_batcher_goes_on() -> None:
