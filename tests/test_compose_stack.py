@@ -202,6 +202,12 @@ def wheelhouse(where: Path) -> Path:
     return where
 
 
+#: the wheelhouse's port, the same from run to run: the build's arguments name it, and an
+#: argument that changes makes Docker's classic builder run every RUN step again (torch's
+#: install included) where it would reuse the layers of the last build
+WHEELHOUSE_PORT = 38731
+
+
 @contextlib.contextmanager
 def served(directory: Path) -> Iterator[str]:
     """`directory` over HTTP on 127.0.0.1 (pip's --find-links reads its listing)."""
@@ -211,7 +217,10 @@ def served(directory: Path) -> Iterator[str]:
             pass
 
     handler = functools.partial(Quiet, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", WHEELHOUSE_PORT), handler)
+    except OSError:  # taken: any other (the build then misses Docker's layer cache)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
