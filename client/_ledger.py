@@ -97,6 +97,7 @@ __all__ = [
     "inflight_key",
     "DOORBELL",
     "LEVEL_OFFSET",
+    "LEVEL_SPAN",
     "PRIORITIES",
     "PRIORITY_HEADER",
     "job_key",
@@ -119,9 +120,11 @@ FENCED = -1
 #: Celery's 0-9 on Redis (0 first) or AMQP's 0-255 (255 first): interactive, the default,
 #: bulk are the distinctions producers make, and names cannot be read the wrong way round.
 PRIORITIES = ("high", "normal", "low")
-#: a level's offset in the `waiting` sorted set's scores (seconds; acceptance times are
-#: unix seconds, below 1e10 until the year 2286)
-LEVEL_OFFSET = {"high": 1e10, "normal": 0.0, "low": 2e10}
+#: the scores of one level in the `waiting` sorted set span this much (s): acceptance times
+#: are unix seconds, below 1e10 until the year 2286
+LEVEL_SPAN = 1e10
+#: a level's offset in those scores (normal 0: as before priorities)
+LEVEL_OFFSET = {"high": LEVEL_SPAN, "normal": 0.0, "low": 2 * LEVEL_SPAN}
 #: what `enqueue` puts in a deployment's queue to wake a worker for a high or low job
 DOORBELL = b"pipeq:doorbell"
 #: the message header that carries a job's level (absent: normal)
@@ -204,7 +207,19 @@ def error_result(exc_type: str, message: str, module: str = "pipeq.errors") -> d
 
 # every script that writes after reading TIME needs effects replication on Redis 6.2
 # (the default from Redis 7 on, where this call is a no-op)
-_CLOCK = """
+#: the two above for the scripts: the offset by level, and the offsets in `PRIORITIES` order
+_LEVELS = (
+    f"local LEVEL_SPAN = {LEVEL_SPAN:.0f}\n"
+    + "local LEVEL_OFFSET = {"
+    + ", ".join(f"{level} = {offset:.0f}" for level, offset in LEVEL_OFFSET.items())
+    + "}\nlocal LEVEL_OFFSETS = {"
+    + ", ".join(f"{LEVEL_OFFSET[level]:.0f}" for level in PRIORITIES)
+    + "}\n"
+)
+
+_CLOCK = (
+    _LEVELS
+    + """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -220,9 +235,8 @@ end
 -- a `waiting` score's acceptance time (its level's offset taken off: LEVEL_OFFSET)
 local function accepted_at(score)
   if not score then return nil end
-  return math.fmod(tonumber(score), 1e10)
+  return math.fmod(tonumber(score), LEVEL_SPAN)
 end
-local LEVEL_OFFSET = {high = 1e10, low = 2e10}
 -- a job ended with this outcome (`_metrics`): once, where its final state is first stored
 local function count_outcome(deployment, outcome)
   if not deployment or outcome == '' then return end
@@ -232,6 +246,7 @@ local function count_outcome(deployment, outcome)
   redis.call('EXPIRE', slot, 400)
 end
 """
+)
 
 _ENQUEUE = (
     _CLOCK
@@ -592,14 +607,16 @@ if #last == 2 then age = now - tonumber(last[2]) end
 return {live, tostring(age)}
 """
 
-_DEPTH = """
+_DEPTH = (
+    _LEVELS
+    + """
 -- KEYS: waiting, running ; returns {running, then for high, normal, low: waiting, age of the
 -- oldest (s)}: each level a range of scores (LEVEL_OFFSET)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local out = {redis.call('ZCARD', KEYS[2])}
-for _, offset in ipairs({1e10, 0, 2e10}) do
-  local low, high = offset, '(' .. string.format('%.0f', offset + 1e10)
+for _, offset in ipairs(LEVEL_OFFSETS) do
+  local low, high = offset, '(' .. string.format('%.0f', offset + LEVEL_SPAN)
   local oldest = redis.call('ZRANGEBYSCORE', KEYS[1], low, high, 'WITHSCORES', 'LIMIT', 0, 1)
   local age = 0
   if #oldest == 2 then age = now - (tonumber(oldest[2]) - offset) end
@@ -608,6 +625,7 @@ for _, offset in ipairs({1e10, 0, 2e10}) do
 end
 return out
 """
+)
 
 
 @dataclass(frozen=True)
