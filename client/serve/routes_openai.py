@@ -309,17 +309,12 @@ def chat_request(body: _openai.ChatRequest, target: str) -> Generation:
 async def _generate(
     gw: Gateway, who: Caller, target: Announced, gen: Generation, stream: bool
 ) -> Response:
+    level = gen.priority or "normal"
     if not stream:
         view, _ = await gw.submit(
-            who,
-            target.name,
-            gen.inputs,
-            params=gen.params,
-            wait_s=SYNC_WAIT_S,
-            priority=gen.priority or "normal",
+            who, target.name, gen.inputs, params=gen.params, wait_s=SYNC_WAIT_S, priority=level
         )
         return JSONResponse(await answer_generation(gw, gen, view), headers={JOB_HEADER: view.id})
-    level = gen.priority or "normal"
     view, _ = await gw.submit(who, target.name, gen.inputs, params=gen.params, priority=level)
     return StreamingResponse(
         _chunks(gw, gen, view),
