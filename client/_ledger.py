@@ -232,17 +232,26 @@ end
 local function ready(status)
   return status == 'SUCCESS' or status == 'FAILURE' or status == 'REVOKED'
 end
+-- `cmd key values...` in steps of 1,000 values: one command a batch, within the limit of
+-- Lua's `unpack` (8,000 values in Redis' Lua 5.1). `step`: values an item (ZADD's 2)
+local function call_many(cmd, key, values, step)
+  local size = 1000 * (step or 1)
+  for i = 1, #values, size do
+    redis.call(cmd, key, unpack(values, i, math.min(#values, i + size - 1)))
+  end
+end
 -- a `waiting` score's acceptance time (its level's offset taken off: LEVEL_OFFSET)
 local function accepted_at(score)
   if not score then return nil end
   return math.fmod(tonumber(score), LEVEL_SPAN)
 end
--- a job ended with this outcome (`_metrics`): once, where its final state is first stored
-local function count_outcome(deployment, outcome)
+-- `n` jobs (1 if not given) ended with this outcome (`_metrics`): counted once, where each
+-- one's final state is first stored
+local function count_outcome(deployment, outcome, n)
   if not deployment or outcome == '' then return end
-  redis.call('HINCRBY', 'pipeq:metrics:' .. deployment, 'jobs_total:' .. outcome, 1)
+  redis.call('HINCRBY', 'pipeq:metrics:' .. deployment, 'jobs_total:' .. outcome, n or 1)
   local slot = 'pipeq:recent:' .. deployment .. ':' .. string.format('%d', math.floor(now / 10))
-  redis.call('HINCRBY', slot, outcome, 1)
+  redis.call('HINCRBY', slot, outcome, n or 1)
   redis.call('EXPIRE', slot, 400)
 end
 """
@@ -330,27 +339,45 @@ return 'forgotten'
 _STORE = (
     _CLOCK
     + """
--- KEYS: meta ; ARGV: value, ttl, id, is_ready, outcome ('' for none), the worker's deployment,
--- the worker ('' for none)
-if ARGV[7] and ARGV[7] ~= '' and redis.call('EXISTS', 'pipeq:fenced:' .. ARGV[7]) == 1 then
-  return -1
+-- the results of jobs that ended together (a worker's group commit: `_app.Backend`), in one
+-- step. KEYS: meta[n] ; ARGV: the worker ('' for none), the worker's deployment ('' for
+-- none), then for each key: value, ttl, id, is_ready, outcome ('' for none)
+-- returns for each key 1 (stored) or 0 (a finished job's result is kept), or -1 (nothing
+-- done) if the worker was fenced
+if ARGV[1] ~= '' and redis.call('EXISTS', 'pipeq:fenced:' .. ARGV[1]) == 1 then return -1 end
+local out, ended, counts = {}, {}, {}
+for i, key in ipairs(KEYS) do
+  local b = 2 + 5 * (i - 1)
+  local value, ttl, id = ARGV[b + 1], tonumber(ARGV[b + 2]), ARGV[b + 3]
+  local got = redis.call('MGET', key, 'pipeq:job:' .. id)  -- a missing one is false
+  if ready(status_of(got[1])) then
+    out[i] = 0
+  else
+    if ttl > 0 then redis.call('SET', key, value, 'EX', ttl) else redis.call('SET', key, value) end
+    redis.call('PUBLISH', key, value)
+    local deployment = got[2]
+    if ARGV[b + 4] == '1' and deployment then
+      ended[deployment] = ended[deployment] or {}
+      table.insert(ended[deployment], id)
+    end
+    -- a job sent around pipeq's client (not in the ledger) counts for the worker that ran it
+    if not deployment and ARGV[2] ~= '' then deployment = ARGV[2] end
+    local outcome = ARGV[b + 5]
+    if deployment and outcome ~= '' then
+      counts[deployment] = counts[deployment] or {}
+      counts[deployment][outcome] = (counts[deployment][outcome] or 0) + 1
+    end
+    out[i] = 1
+  end
 end
-if ready(status_of(redis.call('GET', KEYS[1]))) then return 0 end
-if tonumber(ARGV[2]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
+for deployment, ids in pairs(ended) do
+  call_many('ZREM', 'pipeq:waiting:' .. deployment, ids)
+  call_many('ZREM', 'pipeq:running:' .. deployment, ids)
 end
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-local deployment = redis.call('GET', 'pipeq:job:' .. ARGV[3])
-if ARGV[4] == '1' and deployment then
-  redis.call('ZREM', 'pipeq:waiting:' .. deployment, ARGV[3])
-  redis.call('ZREM', 'pipeq:running:' .. deployment, ARGV[3])
+for deployment, by_outcome in pairs(counts) do
+  for outcome, n in pairs(by_outcome) do count_outcome(deployment, outcome, n) end
 end
--- a job sent around pipeq's client (not in the ledger) counts for the worker that ran it
-if not deployment and ARGV[6] and ARGV[6] ~= '' then deployment = ARGV[6] end
-count_outcome(deployment, ARGV[5] or '')
-return 1
+return out
 """
 )
 
@@ -364,22 +391,31 @@ _ADMIT = (
 if redis.call('EXISTS', 'pipeq:fenced:' .. ARGV[2]) == 1 then return -1 end
 local n = tonumber(ARGV[5])
 local stoppable = ARGV[6 + 2 * n] == '1' and ', "stoppable": true' or ''
-local out, waited = {}, {}
+local out, waited, left, ran, ids = {}, {}, {}, {}, {}
+for i = 1, n do ids[i] = ARGV[5 + i] end
+local scores = {}  -- each job's `waiting` score (false: not waiting), one command a batch
+for i = 1, n, 1000 do
+  local part = redis.call('ZMSCORE', KEYS[1], unpack(ids, i, math.min(n, i + 999)))
+  for k, score in ipairs(part) do scores[i + k - 1] = score end
+end
 for i = 1, n do
-  local id = ARGV[5 + i]
-  local expires = ARGV[5 + n + i]
+  local id = ids[i]
   local key = 'celery-task-meta-' .. id
+  -- the job's keys in one read (a missing one is false)
+  local got = redis.call('MGET', 'pipeq:deadline:' .. id, 'pipeq:attempts:' .. id,
+    'pipeq:cancel:' .. id, key, 'pipeq:job:' .. id)
   -- pipeq's Client sets the deadline in Redis (`enqueue`); another producer's `expires`
   -- header comes as an argument
-  local deadline = redis.call('GET', 'pipeq:deadline:' .. id) or expires
+  local deadline = got[1] or ARGV[5 + n + i]
+  local attempts = tonumber(got[2] or '0')
   local verdict
-  if redis.call('EXISTS', 'pipeq:cancel:' .. id) == 1 then
+  if got[3] then
     verdict = 'cancelled'
-  elseif ready(status_of(redis.call('GET', key))) then
+  elseif ready(status_of(got[4])) then
     verdict = 'done'
   elseif deadline ~= '' and now > tonumber(deadline) then
     verdict = 'expired'
-  elseif ARGV[4] == '0' and tonumber(redis.call('GET', 'pipeq:attempts:' .. id) or '0') > 0 then
+  elseif ARGV[4] == '0' and attempts > 0 then
     verdict = 'quarantine'
   else
     verdict = 'run'
@@ -388,20 +424,22 @@ for i = 1, n do
       .. '"date_done": null, "task_id": ' .. cjson.encode(id) .. '}'
     redis.call('SET', key, started, 'EX', ARGV[1])
     redis.call('PUBLISH', key, started)
-    if redis.call('EXISTS', 'pipeq:job:' .. id) == 1 then  -- counted only if accepted here
-      local accepted = accepted_at(redis.call('ZSCORE', KEYS[1], id))
+    if got[5] then  -- counted only if accepted here
+      local accepted = accepted_at(scores[i])
       -- its first forward pass only: a job back from a dead worker has run before
-      if accepted and redis.call('EXISTS', 'pipeq:attempts:' .. id) == 0 then
-        waited[i] = tostring(now - tonumber(accepted))
-      end
-      redis.call('ZREM', KEYS[1], id)
-      redis.call('ZADD', KEYS[2], accepted or now, id)
+      if accepted and attempts == 0 then waited[i] = tostring(now - tonumber(accepted)) end
+      table.insert(left, id)
+      table.insert(ran, accepted or now)
+      table.insert(ran, id)
     end
   end
-  if verdict ~= 'run' and verdict ~= 'quarantine' then redis.call('ZREM', KEYS[1], id) end
+  if verdict ~= 'run' and verdict ~= 'quarantine' then table.insert(left, id) end
   out[i] = verdict
   waited[i] = waited[i] or ''
 end
+-- the batch leaves `waiting` (and enters `running`) in one command each
+call_many('ZREM', KEYS[1], left)
+call_many('ZADD', KEYS[2], ran, 2)
 return {out, waited}
 """
 )
@@ -555,16 +593,24 @@ elseif ARGV[2] == 'main' and redis.call('EXISTS', KEYS[4]) == 1 then
   redis.call('RPUSH', KEYS[1], redis.call('LPOP', KEYS[2]))
   gone, n, rest = 1, n + 1, rest + 1
 end
+-- a run of messages moves in three commands (LRANGE, LTRIM, LPUSH), as LMOVE would move
+-- them one by one: oldest first, doorbells dropped; at most 1,000 a step (Lua's `unpack`)
 for i, queue in ipairs({KEYS[4], KEYS[1], KEYS[5]}) do
   while #taken < n and (i == 1 or rest > 0) do
-    local raw = redis.call('LMOVE', queue, KEYS[2], 'RIGHT', 'LEFT')
-    if not raw then break end
-    if raw == 'pipeq:doorbell' then
-      redis.call('LPOP', KEYS[2])
-    else
-      taken[#taken + 1] = raw
-      if i > 1 then rest = rest - 1 end
+    local k = math.min(n - #taken, 1000)
+    if i > 1 then k = math.min(k, rest) end
+    local run = redis.call('LRANGE', queue, -k, -1)
+    if #run == 0 then break end
+    redis.call('LTRIM', queue, 0, -#run - 1)
+    local moved = {}
+    for j = #run, 1, -1 do
+      if run[j] ~= 'pipeq:doorbell' then
+        moved[#moved + 1] = run[j]
+        taken[#taken + 1] = run[j]
+      end
     end
+    if #moved > 0 then redis.call('LPUSH', KEYS[2], unpack(moved)) end
+    if i > 1 then rest = rest - #moved end
   end
 end
 -- high or low ones left behind an empty queue: ring for them

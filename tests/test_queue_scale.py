@@ -6,12 +6,17 @@ own sockets (psutil), not from what the code says it opens.
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeq._ledger import meta_json
 
 from .cluster import Cluster, renamed
 
@@ -53,3 +58,181 @@ def test_a_worker_holding_a_thousand_jobs_keeps_eight_connections(
         assert peak <= 8, f"{peak} connections at the peak"
     finally:
         cluster.close()
+
+
+def _stored_by_group(n: int, run: Any) -> tuple[list[Any], list[int]]:
+    """`n` threads each store a job's SUCCESS through one `StoreGroup`; the first group
+    is held in `run` until the other `n - 1` stores wait behind it. (replies, group sizes)"""
+    import threading
+    import time
+
+    from pipeq._app import StoreGroup
+
+    group = StoreGroup()
+    sizes: list[int] = []
+    first = threading.Event()
+
+    def held(keys: list[str], args: list[Any]) -> Any:
+        sizes.append(len(keys))
+        if not first.is_set():
+            first.set()
+            deadline = time.monotonic() + 30
+            while len(group._pending) < n - 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return run(keys, args)
+
+    replies: list[Any] = [None] * n
+
+    def store(i: int) -> None:
+        meta = meta_json(f"{PREFIX}{i}", "SUCCESS", [i], done=True)
+        args = [meta, 600, f"{PREFIX}{i}", 1, "succeeded"]
+        try:
+            replies[i] = group.store(f"celery-task-meta-{PREFIX}{i}", args, held)
+        except Exception as e:  # the group's error, raised in each of its threads
+            replies[i] = e
+
+    threads = [threading.Thread(target=store, args=(i,)) for i in range(n)]
+    threads[0].start()
+    first.wait(10)
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return replies, sizes
+
+
+PREFIX = "store-group-"
+
+
+def test_results_that_end_together_are_stored_in_one_script_each_with_its_own_reply(
+    redis_url: str,
+) -> None:
+    """Group commit (`_app.StoreGroup`, `_ledger` store): 64 results stored while one is on
+    its way go in one script; each is stored, published and counted once; a result stored
+    again keeps the first (a duplicate delivery's); a fenced worker's group stores none."""
+    import redis
+
+    from pipeq._ledger import FENCED, Ledger
+
+    r = redis.Redis.from_url(redis_url)
+    ledger = Ledger(r)
+    n, deployment = 64, "store-group"
+    for i in range(n):
+        r.set(f"pipeq:job:{PREFIX}{i}", deployment, ex=600)
+        r.zadd(f"pipeq:running:{deployment}", {f"{PREFIX}{i}": 1.0})
+    r.delete(f"pipeq:metrics:{deployment}")
+
+    def run(keys: list[str], args: list[Any]) -> Any:
+        return ledger.script("store")(keys, ["", deployment, *args])
+
+    replies, sizes = _stored_by_group(n, run)
+    assert replies == [1] * n
+    assert sizes == [1, n - 1], "the stores waiting behind the first went in one script"
+    for i in range(n):
+        assert json.loads(r.get(f"celery-task-meta-{PREFIX}{i}"))["result"] == [i]
+    assert r.zcard(f"pipeq:running:{deployment}") == 0
+    assert int(r.hget(f"pipeq:metrics:{deployment}", "jobs_total:succeeded")) == n
+
+    # stored again (a second delivery's result): each keeps its first, none counted again
+    again, _ = _stored_by_group(n, run)
+    assert again == [0] * n
+    assert int(r.hget(f"pipeq:metrics:{deployment}", "jobs_total:succeeded")) == n
+
+    # a fenced worker: every store of the group answers FENCED and writes nothing
+    r.delete(*(f"celery-task-meta-{PREFIX}{i}" for i in range(n)))
+    r.set("pipeq:fenced:w1", 1, ex=600)
+
+    def fenced(keys: list[str], args: list[Any]) -> Any:
+        return ledger.script("store")(keys, ["w1", deployment, *args])
+
+    out, _ = _stored_by_group(n, fenced)
+    assert out == [FENCED] * n
+    assert not any(r.exists(f"celery-task-meta-{PREFIX}{i}") for i in range(n))
+
+
+def test_an_error_reaching_redis_is_raised_in_each_thread_of_its_group_and_the_next_runs() -> None:
+    calls = []
+
+    def failing_once(keys: list[str], args: list[Any]) -> Any:
+        calls.append(len(keys))
+        if len(calls) == 2:
+            raise ConnectionError("Redis went away")
+        return [1] * len(keys)
+
+    replies, sizes = _stored_by_group(16, failing_once)
+    assert sizes == [1, 15]
+    assert replies[0] == 1
+    assert all(isinstance(e, ConnectionError) for e in replies[1:]), replies
+    replies, _ = _stored_by_group(4, lambda keys, args: [1] * len(keys))
+    assert replies == [1] * 4, "a failed group leaves no store waiting behind it"
+
+
+#: the take script's loop as it was, moving one message a command (LMOVE): the reference
+#: the batched moves (LRANGE, LTRIM, LPUSH) must match, message for message
+_TAKE_ONE_BY_ONE = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+local n, rest, taken, gone = tonumber(ARGV[1]), tonumber(ARGV[3]), {}, 0
+if ARGV[2] == 'bell' then
+  redis.call('LPOP', KEYS[2])
+  gone, n = 1, n + 1
+elseif ARGV[2] == 'main' and redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('RPUSH', KEYS[1], redis.call('LPOP', KEYS[2]))
+  gone, n, rest = 1, n + 1, rest + 1
+end
+for i, queue in ipairs({KEYS[4], KEYS[1], KEYS[5]}) do
+  while #taken < n and (i == 1 or rest > 0) do
+    local raw = redis.call('LMOVE', queue, KEYS[2], 'RIGHT', 'LEFT')
+    if not raw then break end
+    if raw == 'pipeq:doorbell' then
+      redis.call('LPOP', KEYS[2])
+    else
+      taken[#taken + 1] = raw
+      if i > 1 then rest = rest - 1 end
+    end
+  end
+end
+if redis.call('LLEN', KEYS[1]) == 0
+    and (redis.call('LLEN', KEYS[4]) > 0 or redis.call('LLEN', KEYS[5]) > 0) then
+  redis.call('LPUSH', KEYS[1], 'pipeq:doorbell')
+end
+return {gone, taken}
+"""
+
+_messages = st.lists(
+    st.one_of(st.sampled_from(["pipeq:doorbell"]), st.text("abc", min_size=1, max_size=3)),
+    max_size=12,
+)
+
+
+@given(
+    lists=st.tuples(_messages, _messages, _messages, _messages),
+    n=st.integers(0, 15),
+    rest=st.integers(0, 15),
+    first=st.sampled_from(["bell", "main", "high", "none"]),
+    fenced=st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_take_moves_what_one_message_at_a_time_would(
+    redis_url: str, lists: tuple[list[str], ...], n: int, rest: int, first: str, fenced: bool
+) -> None:
+    """The take script (`_ledger` take) against the one-by-one reference, on the same
+    queue, high, low and in-flight lists (doorbells among them): the same reply, the same
+    lists after."""
+    import redis
+
+    from pipeq._ledger import Ledger
+
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    reference = r.register_script(_TAKE_ONE_BY_ONE)
+    results = []
+    for name, script in (("batched", Ledger(r).script("take")), ("one-by-one", reference)):
+        keys = [f"take-{name}:{k}" for k in ("queue", "inflight", "fence", "high", "low")]
+        r.delete(*keys)
+        for key, items in zip((keys[0], keys[1], keys[3], keys[4]), lists, strict=True):
+            if items:
+                r.rpush(key, *items)
+        if fenced:
+            r.set(keys[2], 1)
+        reply = script(keys, [n, first, rest])
+        results.append((reply, [r.lrange(k, 0, -1) for k in keys if k != keys[2]]))
+    assert results[0] == results[1]
