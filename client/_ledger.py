@@ -557,6 +557,29 @@ end
 return 0
 """
 
+_ORPHANS = """
+-- KEYS: inflight, queue, fence ; ARGV: the messages the worker holds or acknowledged
+-- Every other message of its list goes back to the front of the queue (the oldest first):
+-- a step that took it (BLMOVE, take) lost its reply with its connection, so it was never
+-- delivered, and the worker's heartbeat would keep it there. Doorbells are dropped.
+-- Returns how many went back; -1 (nothing done) if the worker was fenced.
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+local known, back = {}, 0
+for _, raw in ipairs(ARGV) do known[raw] = (known[raw] or 0) + 1 end
+for _, raw in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if (known[raw] or 0) > 0 then
+    known[raw] = known[raw] - 1
+  else
+    redis.call('LREM', KEYS[1], -1, raw)
+    if raw ~= 'pipeq:doorbell' then
+      redis.call('RPUSH', KEYS[2], raw)
+      back = back + 1
+    end
+  end
+end
+return back
+"""
+
 _SET_ASIDE = """
 -- KEYS: inflight, dead-letter, fence ; ARGV: message, entry, keep
 if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
@@ -705,6 +728,7 @@ class Ledger:
                 ("beat", _BEAT),
                 ("withdraw", _WITHDRAW),
                 ("requeue", _REQUEUE),
+                ("orphans", _ORPHANS),
                 ("set_aside", _SET_ASIDE),
                 ("ack", _ACK),
                 ("take", _TAKE),

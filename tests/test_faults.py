@@ -699,3 +699,31 @@ def test_a_hung_forward_pass_makes_its_worker_give_up_its_jobs(
         cluster.start_worker("sentiment")
         for job in held:
             assert job.result(timeout=60)
+
+
+@pytest.mark.parametrize("lost", ["blmove=2", "take=2"])
+def test_a_take_whose_reply_is_lost_leaves_no_job_in_the_worker_list(
+    cluster_of: Any, sentiment: Deployment, lost: str
+) -> None:
+    """Redis moves messages into a worker's list (BLMOVE, the take script) and the reply
+    is lost with the connection: the messages were never delivered, and the worker, alive,
+    beats on, so no peer would ever take them back. Its next take puts them back in the
+    queue: every job is answered, once, and the list ends empty."""
+    cluster = cluster_of(
+        [sentiment],
+        worker_env={"PIPEQ_FAULTS_FORWARD_S": "0.2", "PIPEQ_FAULTS_LOSE_REPLIES": lost},
+    )
+    inputs = texts(40, "lost reply ")
+    with cluster.client() as client:
+        worker = cluster.start_worker("sentiment")
+        hostname = cluster.hostname(worker, "sentiment")
+        jobs = [client.submit("sentiment", t) for t in inputs]
+        results = [j.result(timeout=90) for j in jobs]
+    for text, got in zip(inputs, results, strict=True):
+        assert_close(got, expected(sentiment.model, text), tol=1e-5)
+    assert worker.poll() is None, cluster.logs()
+    logs = "".join(p.read_text(errors="replace") for p in cluster.tmp.glob("worker-*.log"))
+    assert logs.count("pipeq-fault: the reply of a") == 2, logs
+    assert "back in the queue" in logs, logs
+    wait_until(lambda: cluster.inflight(hostname) == 0, 10, "the worker's list is empty")
+    assert outcomes(cluster, "sentiment") == {**NONE, "succeeded": len(inputs)}

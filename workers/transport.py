@@ -30,10 +30,11 @@ import json
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from functools import cached_property
 from queue import Empty  # what kombu's channels raise for "no message"
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import redis
 from kombu.transport import redis as kombu_redis
@@ -62,6 +63,11 @@ ACK_FLUSH_S = 0.25
 #: that room made by a batch that ended is filled before the batches it holds run out
 HIGH_ONLY_WAIT_S = 0.05
 
+
+#: in-flight lists in which a message may sit undelivered: a step that takes (BLMOVE,
+#: `take`) lost its connection before its reply came, or a channel closed while its BLMOVE
+#: waited. The consumer's next take puts such messages back first (`_ledger` orphans).
+_ORPHANS_POSSIBLE: set[str | None] = set()
 
 #: how long to wait before trying a refused or failed Redis call again (redis-py's)
 BACKOFF = ExponentialBackoff(cap=1.0, base=0.05)
@@ -150,6 +156,9 @@ class WorkerChannel(_Channel):
         "pipeq_high_room",
     )
     _blmove_queue: str | None = None
+    #: this process's channels (a reconnection makes a new one while job threads still hold
+    #: the old one's messages): together they hold what its in-flight list should
+    _channels: ClassVar[weakref.WeakSet[WorkerChannel]] = weakref.WeakSet()
     #: where the BLMOVE waiting now takes from: "main" (the queue) or "high" (its high list)
     _blmove_from = "main"
     #: consecutive refused takes (Redis refusing writes), for the backoff
@@ -233,6 +242,7 @@ class WorkerChannel(_Channel):
             # hand back what it took: drop the connection instead. A message it took
             # meanwhile is in this worker's list, which the heartbeat's withdraw (the last
             # step of a stop) gives to the other workers at once, like a dead worker's.
+            _ORPHANS_POSSIBLE.add(self.pipeq_inflight)  # a reconnection, not a stop
             self.client.connection.disconnect()
             self._in_poll = None  # type: ignore[assignment]
             self._blmove_queue = None
@@ -261,6 +271,9 @@ class WorkerChannel(_Channel):
         if not self.pipeq_inflight or len(queues) != 1:
             return super()._brpop_start(timeout)  # type: ignore[no-any-return]
         self.flush_acks()
+        WorkerChannel._channels.add(self)
+        if self.pipeq_inflight in _ORPHANS_POSSIBLE:
+            self._put_back_orphans(queues[0])
         self._blmove_queue = queues[0]
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
@@ -284,6 +297,7 @@ class WorkerChannel(_Channel):
             try:
                 raw = self.client.parse_response(self.client.connection, "BLMOVE", **options)
             except self.connection_errors:
+                _ORPHANS_POSSIBLE.add(self.pipeq_inflight)  # it may have taken one
                 self.client.connection.disconnect()
                 raise
             except redis.ResponseError as e:
@@ -339,8 +353,39 @@ class WorkerChannel(_Channel):
         keys += [level_queue(queue, "high"), level_queue(queue, "low")]
         take = self.ledger.script("take")
         args = [max(n - 1, 0), first, max(rest, 0)]
-        gone, taken = self._owned(retrying(take, keys, args), "taking jobs")
+        try:  # tried again only while Redis refuses writes (it then took nothing)
+            reply = retrying(take, keys, args, retry_for_s=0)
+        except (redis.ConnectionError, redis.TimeoutError):
+            # it may have taken them and lost the reply: BLMOVE's message and those wait
+            # in the list, undelivered, until the next take puts them back
+            _ORPHANS_POSSIBLE.add(self.pipeq_inflight)
+            raise
+        gone, taken = self._owned(reply, "taking jobs")
         return bool(gone), list(taken)
+
+    def _put_back_orphans(self, queue: str) -> None:
+        """Messages of the in-flight list that no channel of this process holds back to
+        the front of `queue` (`_ledger` orphans): taken by a step whose reply was lost,
+        they were never delivered. Acknowledged ones leave the list first. (A message
+        whose job thread is acknowledging it at this very instant may go back too: it is
+        dropped before compute, its result being stored.)"""
+        _ORPHANS_POSSIBLE.discard(self.pipeq_inflight)
+        try:
+            channels = [
+                c for c in WorkerChannel._channels if c.pipeq_inflight == self.pipeq_inflight
+            ]
+            for channel in channels:
+                channel.flush_acks()
+            held = [raw for c in channels for raw, _, _ in c.held.copy().values()]
+            keys = [self.pipeq_inflight, queue, self._fence]
+            back = self._owned(retrying(self.ledger.script("orphans"), keys, held), "reclaiming")
+        except BaseException:
+            _ORPHANS_POSSIBLE.add(self.pipeq_inflight)
+            raise
+        if back:
+            log.warning(
+                "%d message(s) taken by a step whose reply was lost: back in the queue", back
+            )
 
     def _take(self, raw: bytes, queue: str) -> None:
         try:

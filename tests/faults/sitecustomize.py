@@ -19,6 +19,11 @@ continuous-batching manager's stop $PIPEQ_FAULTS_STOP_S after it stopped (a slow
 the consumer's declaring of its queue $PIPEQ_FAULTS_DECLARE_S first (a slow start). With
 $PIPEQ_FAULTS_LOG, each forward appends one line per input: "<pid>\t<input>".
 
+With $PIPEQ_FAULTS_LOSE_REPLIES="blmove=<n>,take=<m>", the first n BLMOVE replies that
+carry a message and the first m `take` replies that carry any are lost after Redis ran
+the command: the connection drops (redis.ConnectionError), as when Redis or the network
+fails between the two.
+
 A continuous-batching job whose prompt contains `pipeq-fault:step-error` (or
 `pipeq-fault:step-panic`) makes the manager's next decoding step raise IndexError (or
 PanicException) once, as an over-long request did inside transformers' loop.
@@ -113,3 +118,51 @@ if os.environ.get("PIPEQ_FAULTS"):
         return _size(self, queue)
 
     kombu_redis.Channel._size = _slow_size
+
+    _lose = dict(
+        (kind, int(n))
+        for kind, _, n in (
+            part.partition("=")
+            for part in (os.environ.get("PIPEQ_FAULTS_LOSE_REPLIES") or "").split(",")
+            if part
+        )
+    )
+    if _lose:
+        import redis
+
+        from pipeq._ledger import Ledger
+
+        def _lost(kind: str) -> bool:
+            if _lose.get(kind, 0) <= 0:
+                return False
+            _lose[kind] -= 1
+            print(f"pipeq-fault: the reply of a {kind} is lost", flush=True)
+            return True
+
+        _parse = redis.Redis.parse_response
+
+        def _lossy_parse(self, connection, command_name, **options):  # type: ignore[no-untyped-def]
+            reply = _parse(self, connection, command_name, **options)
+            if command_name == "BLMOVE" and reply is not None and _lost("blmove"):
+                connection.disconnect()
+                raise redis.ConnectionError("the BLMOVE reply was lost (injected)")
+            return reply
+
+        redis.Redis.parse_response = _lossy_parse
+
+        _script = Ledger.script
+
+        def _lossy_script(self, name):  # type: ignore[no-untyped-def]
+            script = _script(self, name)
+            if name != "take":
+                return script
+
+            def take(keys, args, client=None):  # type: ignore[no-untyped-def]
+                reply = script(keys, args, client=client)
+                if isinstance(reply, list) and (reply[0] or reply[1]) and _lost("take"):
+                    raise redis.ConnectionError("the take reply was lost (injected)")
+                return reply
+
+            return take
+
+        Ledger.script = _lossy_script
