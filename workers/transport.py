@@ -69,6 +69,10 @@ HIGH_ONLY_WAIT_S = 0.05
 #: waited. The consumer's next take puts such messages back first (`_ledger` orphans).
 _ORPHANS_POSSIBLE: set[str | None] = set()
 
+#: acknowledged messages not yet out of their in-flight list, by list (`_acks`)
+_PENDING_ACKS: dict[str | None, list[bytes]] = {}
+_PENDING_LOCK = threading.Lock()
+
 #: how long to wait before trying a refused or failed Redis call again (redis-py's)
 BACKOFF = ExponentialBackoff(cap=1.0, base=0.05)
 
@@ -187,15 +191,18 @@ class WorkerChannel(_Channel):
     def _owned(self, reply: Any, where: str) -> Any:
         return reply if self.pipeq_lease is None else self.pipeq_lease.check(reply, where)
 
-    @cached_property
+    @property
     def _acks(self) -> list[bytes]:
         """Messages acknowledged and not yet out of the in-flight list: they leave it
-        together, before the consumer's next take (or as the channel closes)."""
-        return []
+        together, before the consumer's next take (or as the channel closes). One list a
+        worker, whichever of its channels a message came through: a reconnection replaces
+        the channel while job threads still acknowledge the old one's messages, and
+        nothing flushed a replaced channel's (they stayed in the list)."""
+        return _PENDING_ACKS.setdefault(self.pipeq_inflight, [])
 
-    @cached_property
+    @property
     def _acks_lock(self) -> threading.Lock:
-        return threading.Lock()
+        return _PENDING_LOCK
 
     def ack_held(self, raw: bytes, where: str) -> None:
         """Out of this worker's list now (a copy dropped), if it owns it."""
@@ -371,11 +378,10 @@ class WorkerChannel(_Channel):
         dropped before compute, its result being stored.)"""
         _ORPHANS_POSSIBLE.discard(self.pipeq_inflight)
         try:
+            self.flush_acks()  # the acknowledged ones leave the list
             channels = [
                 c for c in WorkerChannel._channels if c.pipeq_inflight == self.pipeq_inflight
             ]
-            for channel in channels:
-                channel.flush_acks()
             held = [raw for c in channels for raw, _, _ in c.held.copy().values()]
             keys = [self.pipeq_inflight, queue, self._fence]
             back = self._owned(retrying(self.ledger.script("orphans"), keys, held), "reclaiming")
