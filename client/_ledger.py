@@ -23,6 +23,8 @@
     pipeq:dead-letter             list    messages no worker could read, and why (newest first)
     pipeq:metrics:<deployment>    hash    outcome counters, histogram buckets (`_metrics`)
     pipeq:recent:<deployment>:<t> hash    outcomes in one 10 s slot (`_metrics`)
+    pipeq:flushed:<worker>        string  the number of the worker's last flush of its
+                                          observations into `pipeq:metrics:` (`increments`)
 
 Times are Redis' own clock (`TIME`, unix seconds), so machines with skewed clocks agree
 on ages and on who is dead. Each step that moves a job is one Lua script, so a process
@@ -557,6 +559,23 @@ end
 return 0
 """
 
+_INCREMENTS = """
+-- KEYS: metrics (hash), the worker's last flush (string) ; ARGV: flush number, ttl, then
+-- field, value of each increment (a field ending in ':sum' takes a float)
+-- A worker's flush of its observations, applied once: one sent again (its reply was lost
+-- with the connection) is skipped. Returns 1 (applied) or 0 (applied already).
+if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+for i = 3, #ARGV, 2 do
+  if string.sub(ARGV[i], -4) == ':sum' then
+    redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
+  else
+    redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+return 1
+"""
+
 _ORPHANS = """
 -- KEYS: inflight, queue, fence ; ARGV: the messages the worker holds or acknowledged
 -- Every other message of its list goes back to the front of the queue (the oldest first):
@@ -729,6 +748,7 @@ class Ledger:
                 ("withdraw", _WITHDRAW),
                 ("requeue", _REQUEUE),
                 ("orphans", _ORPHANS),
+                ("increments", _INCREMENTS),
                 ("set_aside", _SET_ASIDE),
                 ("ack", _ACK),
                 ("take", _TAKE),

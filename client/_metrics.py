@@ -242,21 +242,14 @@ class Observations:
             out, self._pending = self._pending, {}
         return out
 
-    def give_back(self, increments: dict[str, float]) -> None:
-        """Increments taken that did not reach Redis: added to the next take."""
-        with self._lock:
-            for field, inc in increments.items():
-                self._pending[field] = self._pending.get(field, 0.0) + inc
 
-
-def add_increments(pipe: Any, deployment: str, increments: dict[str, float]) -> None:
-    """Queue the increments on a redis-py pipeline (counts as integers, sums as floats)."""
-    key = metrics_key(deployment)
+def increment_args(flush: int, ttl_s: int, increments: dict[str, float]) -> list[Any]:
+    """The `_ledger` increments script's arguments for flush number `flush`: counts as
+    integers, sums (fields ending in ':sum') as floats."""
+    args: list[Any] = [flush, ttl_s]
     for field, inc in increments.items():
-        if field.endswith(":sum"):
-            pipe.hincrbyfloat(key, field, inc)
-        else:
-            pipe.hincrby(key, field, int(inc))
+        args += [field, repr(float(inc)) if field.endswith(":sum") else int(inc)]
+    return args
 
 
 def histogram_buckets(name: str, raw: dict[str, str]) -> tuple[list[tuple[str, float]], float]:

@@ -704,14 +704,16 @@ def test_a_hung_forward_pass_makes_its_worker_give_up_its_jobs(
             assert job.result(timeout=60)
 
 
-@pytest.mark.parametrize("lost", ["blmove=2", "take=2"])
-def test_a_take_whose_reply_is_lost_leaves_no_job_in_the_worker_list(
+@pytest.mark.parametrize("lost", ["blmove=2", "take=2", "flush=2"])
+def test_a_reply_lost_after_redis_ran_the_step_loses_no_job_and_counts_each_once(
     cluster_of: Any, sentiment: Deployment, lost: str
 ) -> None:
-    """Redis moves messages into a worker's list (BLMOVE, the take script) and the reply
-    is lost with the connection: the messages were never delivered, and the worker, alive,
-    beats on, so no peer would ever take them back. Its next take puts them back in the
-    queue: every job is answered, once, and the list ends empty."""
+    """Redis runs a step and its reply is lost with the connection. A take (BLMOVE, the
+    take script): the messages it moved were never delivered, and the worker, alive,
+    beats on, so no peer would ever take them back; its next take puts them back in the
+    queue. A heartbeat that flushed metrics' increments: sent again, they were counted
+    twice; now each flush is applied once. Every job is answered once, the worker's list
+    ends empty, and every count (outcomes, items through the forward pass) is exact."""
     cluster = cluster_of(
         [sentiment],
         worker_env={"PIPEQ_FAULTS_FORWARD_S": "0.2", "PIPEQ_FAULTS_LOSE_REPLIES": lost},
@@ -724,9 +726,20 @@ def test_a_take_whose_reply_is_lost_leaves_no_job_in_the_worker_list(
         results = [j.result(timeout=90) for j in jobs]
     for text, got in zip(inputs, results, strict=True):
         assert_close(got, expected(sentiment.model, text), tol=1e-5)
+    r = cluster.redis()
+
+    def counted(field: str) -> float:
+        return float(r.hget(metrics_key("sentiment"), field) or 0)
+
+    # the observations reach Redis with a heartbeat (every 2 s; two lost first with flush=2)
+    wait_until(lambda: counted("batch_size:sum") >= len(inputs), 20, "the batch sizes flushed")
+    time.sleep(3)  # and a beat more: a flush sent twice would show now
     assert worker.poll() is None, cluster.logs()
     logs = "".join(p.read_text(errors="replace") for p in cluster.tmp.glob("worker-*.log"))
     assert logs.count("pipeq-fault: the reply of a") == 2, logs
-    assert "back in the queue" in logs, logs
+    if not lost.startswith("flush"):
+        assert "back in the queue" in logs, logs
     wait_until(lambda: cluster.inflight(hostname) == 0, 10, "the worker's list is empty")
     assert outcomes(cluster, "sentiment") == {**NONE, "succeeded": len(inputs)}
+    assert counted("batch_size:sum") == len(inputs)
+    assert counted("queue_wait_seconds:count") == len(inputs)

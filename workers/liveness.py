@@ -51,7 +51,7 @@ from pipeq._ledger import (
     waiting_key,
     workers_key,
 )
-from pipeq._metrics import Observations, add_increments
+from pipeq._metrics import Observations, increment_args, metrics_key
 from pipeq._redis import write_refusal
 from pipeq._registry import DEPLOYMENTS_KEY, stats_key
 
@@ -169,6 +169,10 @@ class Heartbeat:
         #: the statistics the last beat stored, and when (time.monotonic())
         self._stats_sent = ""
         self._stats_sent_at = -math.inf
+        #: the increments not yet known to be in Redis, each with its flush number: sent
+        #: again as they were until a reply says so (`_ledger` increments applies each once)
+        self._unsent: list[tuple[int, dict[str, float]]] = []
+        self._flushes = 0
 
     def beat(self) -> int:
         """One heartbeat; the number of jobs put back (raises if Redis is unreachable).
@@ -198,18 +202,14 @@ class Heartbeat:
             self.result_ttl_s,
             datetime.datetime.now(datetime.UTC).isoformat(),
         ]
-        increments = self.observations.take()
-        try:
-            if increments:
-                pipe = self.ledger.redis.pipeline(transaction=False)
-                self.ledger.script("beat")(keys, args, client=pipe)
-                add_increments(pipe, self.deployment, increments)
-                reply, *_ = pipe.execute()
-            else:
-                reply = self.ledger.script("beat")(keys, args)
-        except Exception:
-            self.observations.give_back(increments)  # the next beat adds them
-            raise
+        if self._flush_queued():
+            pipe = self.ledger.redis.pipeline(transaction=False)
+            self.ledger.script("beat")(keys, args, client=pipe)
+            self._send_increments(pipe)
+            reply, *_ = pipe.execute()
+            self._unsent.clear()
+        else:
+            reply = self.ledger.script("beat")(keys, args)
         if send_stats:
             self._stats_sent, self._stats_sent_at = stats, now
         self.lease.check(reply, "its heartbeat")
@@ -273,9 +273,27 @@ class Heartbeat:
         except redis.RedisError as e:
             log.warning("could not withdraw from %s: %s", self.deployment, e)
 
+    def _flush_queued(self) -> bool:
+        """Whether increments wait to be sent: those of a flush whose reply was lost (as
+        they were, under their number) and those observed since, under the next."""
+        taken = self.observations.take()
+        if taken:
+            self._flushes += 1
+            self._unsent.append((self._flushes, taken))
+        return bool(self._unsent)
+
+    def _send_increments(self, pipe: Any) -> None:
+        keys = [metrics_key(self.deployment), f"pipeq:flushed:{self.worker}"]
+        ttl = int(self.settings.forget_after_s)
+        for flush, increments in self._unsent:
+            self.ledger.script("increments")(
+                keys, increment_args(flush, ttl, increments), client=pipe
+            )
+
     def _withdraw(self) -> None:
         pipe = self.ledger.redis.pipeline(transaction=False)
-        add_increments(pipe, self.deployment, self.observations.take())
+        if self._flush_queued():
+            self._send_increments(pipe)
         keys, args = [workers_key(self.deployment)], [self.worker, self.settings.dead_after_s]
         self.ledger.script("withdraw")(keys, args, client=pipe)
         pipe.execute()

@@ -19,10 +19,11 @@ continuous-batching manager's stop $PIPEQ_FAULTS_STOP_S after it stopped (a slow
 the consumer's declaring of its queue $PIPEQ_FAULTS_DECLARE_S first (a slow start). With
 $PIPEQ_FAULTS_LOG, each forward appends one line per input: "<pid>\t<input>".
 
-With $PIPEQ_FAULTS_LOSE_REPLIES="blmove=<n>,take=<m>", the first n BLMOVE replies that
-carry a message and the first m `take` replies that carry any are lost after Redis ran
-the command: the connection drops (redis.ConnectionError), as when Redis or the network
-fails between the two.
+With $PIPEQ_FAULTS_LOSE_REPLIES="blmove=<n>,take=<m>,flush=<k>", the first n BLMOVE
+replies that carry a message, the first m `take` replies that carry any, and the first k
+replies of a heartbeat that flushes metrics' increments are lost after Redis ran the
+command: the connection drops (redis.ConnectionError), as when Redis or the network fails
+between the two.
 
 A continuous-batching job whose prompt contains `pipeq-fault:step-error` (or
 `pipeq-fault:step-panic`) makes the manager's next decoding step raise IndexError (or
@@ -149,6 +150,17 @@ if os.environ.get("PIPEQ_FAULTS"):
             return reply
 
         redis.Redis.parse_response = _lossy_parse
+
+        _execute = redis.client.Pipeline.execute
+
+        def _lossy_execute(self, raise_on_error=True):  # type: ignore[no-untyped-def]
+            flushes = any("pipeq:metrics:" in str(args) for args, _ in self.command_stack)
+            reply = _execute(self, raise_on_error)
+            if flushes and _lost("flush"):
+                raise redis.ConnectionError("the heartbeat's reply was lost (injected)")
+            return reply
+
+        redis.client.Pipeline.execute = _lossy_execute
 
         _script = Ledger.script
 
