@@ -266,11 +266,16 @@ _ENQUEUE = (
 -- submitted, meta]
 -- ARGV: message, id, limit, ttl, deployment, event, channel, expires in s from now
 -- ('' = none), expires at (unix s, '' = none), level ('' = normal)[, owner, digest]
--- returns 1 (pushed), 0 (the queue is full), 2 (with `submitted`: the id is taken)
+-- returns 1 (pushed, or pushed already), 0 (the queue is full), 2 (with `submitted`: the
+-- id is taken)
 if KEYS[6] and (redis.call('EXISTS', KEYS[6]) == 1 or redis.call('EXISTS', KEYS[3]) == 1
     or redis.call('EXISTS', KEYS[7]) == 1) then
   return 2
 end
+-- a send tried again after its reply was lost (Celery's publish retry) finds its job
+-- accepted already: one message is enough (two workers would each run a copy). A
+-- producer's job ids are new (uuid4), so no other send finds the job's key.
+if not KEYS[6] and redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
 local limit = tonumber(ARGV[3])
 if limit > 0 and redis.call('ZCARD', KEYS[2]) >= limit then return 0 end
 redis.call('ZADD', KEYS[2], 'NX', now + (LEVEL_OFFSET[ARGV[10]] or 0), ARGV[2])

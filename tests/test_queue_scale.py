@@ -236,3 +236,36 @@ def test_a_take_moves_what_one_message_at_a_time_would(
         reply = script(keys, [n, first, rest])
         results.append((reply, [r.lrange(k, 0, -1) for k in keys if k != keys[2]]))
     assert results[0] == results[1]
+
+
+def test_a_send_tried_again_after_its_reply_was_lost_pushes_one_message(
+    client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The enqueue runs in Redis and its reply is lost with the connection: Celery sends
+    again (`task_publish_retry_policy`). The job is in the queue once, not twice (two
+    workers would each have run a copy: a breaking session saw ~1 job in 1,200 computed
+    twice while connections were being killed)."""
+    import redis
+
+    from pipeq._ledger import Ledger, queue_for
+
+    from .conftest import is_sentiment, paused
+
+    real = Ledger.enqueue
+    lost: list[str] = []
+
+    def enqueue(self: Ledger, *args: Any, **kwargs: Any) -> int:
+        out = real(self, *args, **kwargs)
+        if not lost:
+            lost.append(args[1])
+            raise redis.ConnectionError("the enqueue's reply was lost (injected)")
+        return out
+
+    with paused(client, "sentiment-analysis"):
+        monkeypatch.setattr(Ledger, "enqueue", enqueue)
+        job = client.submit("sentiment-analysis", "sent twice")
+        monkeypatch.undo()
+        assert lost == [job.id], "the fault did not happen"
+        waiting = client.redis.lrange(queue_for("sentiment-analysis"), 0, -1)
+        assert sum(job.id.encode() in m for m in waiting) == 1
+    assert is_sentiment(job.result(timeout=60))
