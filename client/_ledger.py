@@ -235,12 +235,17 @@ local function ready(status)
   return status == 'SUCCESS' or status == 'FAILURE' or status == 'REVOKED'
 end
 -- `cmd key values...` in steps of 1,000 values: one command a batch, within the limit of
--- Lua's `unpack` (8,000 values in Redis' Lua 5.1). `step`: values an item (ZADD's 2)
+-- Lua's `unpack` (8,000 values in Redis' Lua 5.1). `step`: values an item (ZADD's 2).
+-- Returns the steps' list replies joined (ZMSCORE's scores; false where there is none)
 local function call_many(cmd, key, values, step)
-  local size = 1000 * (step or 1)
+  local size, out = 1000 * (step or 1), {}
   for i = 1, #values, size do
-    redis.call(cmd, key, unpack(values, i, math.min(#values, i + size - 1)))
+    local reply = redis.call(cmd, key, unpack(values, i, math.min(#values, i + size - 1)))
+    if type(reply) == 'table' then
+      for k = 1, #reply do out[#out + 1] = reply[k] end
+    end
   end
+  return out
 end
 -- a `waiting` score's acceptance time (its level's offset taken off: LEVEL_OFFSET)
 local function accepted_at(score)
@@ -268,14 +273,13 @@ _ENQUEUE = (
 -- ('' = none), expires at (unix s, '' = none), level ('' = normal)[, owner, digest]
 -- returns 1 (pushed, or pushed already), 0 (the queue is full), 2 (with `submitted`: the
 -- id is taken)
-if KEYS[6] and (redis.call('EXISTS', KEYS[6]) == 1 or redis.call('EXISTS', KEYS[3]) == 1
-    or redis.call('EXISTS', KEYS[7]) == 1) then
+-- the job accepted already: for `pipeq serve`, an id taken; for a producer (whose ids are
+-- new uuid4s), its own send tried again after the reply was lost (Celery's publish retry):
+-- one message is enough (two workers would each run a copy)
+if redis.call('EXISTS', KEYS[3]) == 1 then return KEYS[6] and 2 or 1 end
+if KEYS[6] and (redis.call('EXISTS', KEYS[6]) == 1 or redis.call('EXISTS', KEYS[7]) == 1) then
   return 2
 end
--- a send tried again after its reply was lost (Celery's publish retry) finds its job
--- accepted already: one message is enough (two workers would each run a copy). A
--- producer's job ids are new (uuid4), so no other send finds the job's key.
-if not KEYS[6] and redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
 local limit = tonumber(ARGV[3])
 if limit > 0 and redis.call('ZCARD', KEYS[2]) >= limit then return 0 end
 redis.call('ZADD', KEYS[2], 'NX', now + (LEVEL_OFFSET[ARGV[10]] or 0), ARGV[2])
@@ -400,11 +404,8 @@ local n = tonumber(ARGV[5])
 local stoppable = ARGV[6 + 2 * n] == '1' and ', "stoppable": true' or ''
 local out, waited, left, ran, ids = {}, {}, {}, {}, {}
 for i = 1, n do ids[i] = ARGV[5 + i] end
-local scores = {}  -- each job's `waiting` score (false: not waiting), one command a batch
-for i = 1, n, 1000 do
-  local part = redis.call('ZMSCORE', KEYS[1], unpack(ids, i, math.min(n, i + 999)))
-  for k, score in ipairs(part) do scores[i + k - 1] = score end
-end
+-- each job's `waiting` score (false: not waiting), one command a batch
+local scores = call_many('ZMSCORE', KEYS[1], ids)
 for i = 1, n do
   local id = ids[i]
   local key = 'celery-task-meta-' .. id
@@ -582,7 +583,8 @@ return 1
 """
 
 _ORPHANS = """
--- KEYS: inflight, queue, fence ; ARGV: the messages the worker holds or acknowledged
+-- KEYS: inflight, queue, fence ; ARGV: the messages the worker holds (its acknowledged
+-- ones left the list before)
 -- Every other message of its list goes back to the front of the queue (the oldest first):
 -- a step that took it (BLMOVE, take) lost its reply with its connection, so it was never
 -- delivered, and the worker's heartbeat would keep it there. Doorbells are dropped.

@@ -373,12 +373,11 @@ class WorkerChannel(_Channel):
     def _put_back_orphans(self, queue: str) -> None:
         """Messages of the in-flight list that no channel of this process holds back to
         the front of `queue` (`_ledger` orphans): taken by a step whose reply was lost,
-        they were never delivered. Acknowledged ones leave the list first. (A message
-        whose job thread is acknowledging it at this very instant may go back too: it is
-        dropped before compute, its result being stored.)"""
+        they were never delivered. The caller flushed the acknowledged ones just before
+        (`_brpop_start`). (A message whose job thread is acknowledging it at this very
+        instant may go back too: it is dropped before compute, its result being stored.)"""
         _ORPHANS_POSSIBLE.discard(self.pipeq_inflight)
         try:
-            self.flush_acks()  # the acknowledged ones leave the list
             channels = [
                 c for c in WorkerChannel._channels if c.pipeq_inflight == self.pipeq_inflight
             ]
