@@ -15,6 +15,8 @@ batching = "dynamic"         # optional; "continuous" (text-generation's default
 dtype = "auto"               # optional; "auto" (the checkpoint's), "float32", "bfloat16", "float16"
 attn_implementation = "sdpa" # optional; "sdpa", "eager", "flash_attention_2" (default: the model's)
 compile = false              # optional; torch.compile the forward (warmed up before it serves)
+pipelining = false           # optional; tokenize the next batch and post-process the last one
+                             # while the model runs (encoder tasks; docs/batching.md)
 trust_remote_code = false    # optional; run the model repository's own Python code
 gpu_memory_fraction = 0.5    # optional; this worker's share of its GPU (or gpu_memory_bytes)
 redis_url = "redis://:PW@redis-b:6379/0"  # optional; its own Redis (docs/redis.md, "Several
@@ -113,6 +115,11 @@ class Deployment:
     #: torch.compile the model's forward; the worker compiles and warms it up before it
     #: announces itself (docs/operations.md). Dynamic batching only for now
     compile: bool = False
+    #: pipelining (docs/batching.md): while a batch's forward pass runs, the next one is
+    #: formed and tokenized and the last one post-processed, each on a thread of its own.
+    #: The encoder tasks of transformers' own pipelines (sentiment-analysis, ner,
+    #: fill-mask, zero-shot-classification, feature-extraction); others ignore it
+    pipelining: bool = False
     #: `from_pretrained(trust_remote_code=)`: run Python code from the model's repository
     trust_remote_code: bool = False
     #: on a GPU: the share of its memory this worker may take (0 < x <= 1; 0: no cap), so
@@ -201,7 +208,7 @@ class Deployment:
                 f"{where}: attn_implementation 'eager' with continuous batching: transformers' "
                 "paged cache runs on 'sdpa' or 'flash_attention_2' (or set batching = 'dynamic')"
             )
-        for key in ("compile", "trust_remote_code"):
+        for key in ("compile", "trust_remote_code", "pipelining"):
             if not isinstance(getattr(self, key), bool):
                 raise InvalidRequest(f"{where}: {key} must be true or false")
         if self.compile and self.batching == "continuous":

@@ -59,7 +59,12 @@ def models_dir() -> Path:
 def deployments(models_dir: Path) -> dict[str, Any]:
     from pipeq.worker.demo import demo_config
 
-    return demo_config(models_dir)
+    found = demo_config(models_dir)
+    # two deployments pipeline their batches (tests/test_pipelining.py): every test of
+    # theirs runs that path, the others the plain one
+    for name in ("ner", "feature-extraction"):
+        found[name] = dataclasses.replace(found[name], pipelining=True)
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,8 @@ def test_the_gpu_check_runs_on_the_cpu_and_writes_its_report(
     assert set(sharing["ready"].values()) == {"ready"}
     assert {a["loaded_dtype"] for a in sharing["announced"].values()} == {"bfloat16"}
     assert sharing["generation_jobs"] > 0 and sharing["classifier_answer"][0]["label"]
+    piped = report["sections"]["pipelining"]["result"]["all-MiniLM-L6-v2"]
+    assert piped["off"] > 0 and piped["on"] > 0 and len(piped["ratios"]) == 1
     md = (out / "gpu-check.md").read_text()
     assert "Every section passed: **True**" in md
     assert all(f"| {name} |" in md for name in DEMO_DEPLOYMENTS)

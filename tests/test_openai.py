@@ -587,7 +587,9 @@ def test_a_line_running_when_its_batch_is_cancelled_is_stopped_and_says_so(
     # a continuous-batching generation: the cancel stops it at its next step
     batch = _batch(oai, _lines("text-generation", 1, max_tokens=900))
     job_id, deadline = f"{batch.id}-0", time.monotonic() + 30
-    while _job(gateway, job_id, until_done_s=0).get("status") != "running":
+    url, alice = f"{gateway.url}/v1/jobs/{job_id}", gateway.headers("alice")
+    # a 404 until the batch's runner has sent the line (a loaded machine: seconds)
+    while httpx.get(url, headers=alice).json().get("status") != "running":
         assert time.monotonic() < deadline
         time.sleep(0.05)
     oai.batches.cancel(batch.id)

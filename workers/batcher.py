@@ -26,6 +26,14 @@ once the jobs already begun have run their remaining items and `settled(job_id)`
 no other job is between its forward pass and its stored result (were the suspect to
 kill the worker, such a job would count an attempt it did not cause).
 
+With `stage` (pipelining, docs/batching.md), a batch runs in three steps on three
+threads: while the batcher thread runs one batch's forward pass (`Staged.forward`), the
+`_ahead` lane forms the next batch if a full one waits and tokenizes it (`stage`), and
+the `_behind` lane post-processes the last one (`Staged.finish`). A batch formed ahead
+is admitted only when its turn comes, and goes back to the waiting items if a more
+urgent one came meanwhile. A failed forward or post-processing runs the batch again
+through `run`.
+
 `hand_back()` (the worker is stopping) fails every waiting item of a job that has not
 started with `HandBack`, so its message goes back to the queue at once; the jobs begun
 (the batch running now, the rest of a long list) finish.
@@ -41,6 +49,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -170,6 +179,28 @@ def _is_oom(e: BaseException) -> bool:
     return type(e).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError
 
 
+class _Lane:
+    """One daemon thread that runs the calls submitted to it, in order."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]]
+        self._calls = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        done: Future[Any] = Future()
+        self._calls.put((done, fn, args))
+        return done
+
+    def _serve(self) -> None:
+        while True:
+            done, fn, args = self._calls.get()
+            try:
+                done.set_result(fn(*args))
+            except BaseException as e:  # handed to the caller, which decides
+                done.set_exception(e)
+
+
 class Batcher:
     """Feeds `run(items, params) -> results` with batches of waiting items."""
 
@@ -184,6 +215,7 @@ class Batcher:
         on_oom: Callable[[], None] = lambda: None,
         size: Callable[[Any], int] = length_in_chars,
         observe: Callable[[str, float], None] = lambda name, value: None,
+        stage: Callable[[list[Any], dict[str, Any]], Any] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -195,6 +227,12 @@ class Batcher:
         self._on_oom = on_oom
         self._size = size
         self._observe = observe
+        self._stage = stage
+        #: pipelining (`stage`): the next batch is formed and tokenized on one lane while
+        #: the model runs, and the last one post-processed on the other
+        self._ahead = _Lane("pipeq-batcher-ahead") if stage is not None else None
+        self._behind = _Lane("pipeq-batcher-behind") if stage is not None else None
+        self._redo: list[list[_Item]] = []  # batches whose post-processing failed
         self._pending: list[_Item] = []
         self._sweep_at = -1  # input size the last batch ended at
         self._cond = threading.Condition()
@@ -257,22 +295,29 @@ class Batcher:
 
     # -- the batcher thread --------------------------------------------------------
     def _loop(self) -> None:
+        ahead: tuple[list[_Item], Any] | None = None  # formed and staged while the model ran
         while True:
+            batch, staged = None, None
             try:
-                batch = self._next_batch()
+                if ahead is not None:
+                    batch, staged = self._prepared(ahead)
+                if batch is None:
+                    batch = self._next_batch()
             except BaseException as e:  # a fault in forming a batch: fail what waits, go on
                 if not contained(e):
                     raise
                 log.exception("forming a batch failed")
                 with self._cond:
                     failed, self._pending = self._pending, []
-                for item in failed:
+                for item in failed + (ahead[0] if ahead is not None else []):
                     _resolve(item.future, error=e)
+                ahead = None
                 continue
+            ahead = None
             if batch is None:
                 return
             try:
-                self._execute(batch)
+                ahead = self._execute(batch, staged)
             except BaseException as e:  # never let the thread die: fail this batch instead
                 if not contained(e):
                     raise
@@ -283,10 +328,12 @@ class Batcher:
     def _next_batch(self) -> list[_Item] | None:
         with self._cond:
             while True:
-                while not self._pending and not self._stopping:
+                while not self._pending and not self._stopping and not self._redo:
                     self._cond.wait()
                 if self._stopping:
                     return None
+                if self._redo:  # admitted already: run again by `run`, an item at a time
+                    return self._redo.pop(0)
                 suspect = next((i for i in self._pending if i.alone), None)
                 if suspect is not None:
                     # first the rest of the jobs already begun, then the suspect alone
@@ -357,7 +404,12 @@ class Batcher:
             log.exception("could not measure an input; grouping it as size 0")
             return 0
 
-    def _execute(self, batch: list[_Item]) -> None:
+    def _execute(self, batch: list[_Item], staged: Any = None) -> tuple[list[_Item], Any] | None:
+        """Admit and run `batch`; with pipelining, the next batch formed and staged while
+        this one's forward pass ran (`_ahead`), else None."""
+        if batch and all(i.future.running() for i in batch):  # a redo: admitted, begun
+            self._forward(batch)
+            return None
         now = time.monotonic()
         jobs = {i.job_id for i in batch}
         try:
@@ -383,21 +435,122 @@ class Batcher:
                 else:
                     self._pending[:0] = suspects
         if not live:
-            return
+            return None
+        if self._stage is not None and (staged is None or len(live) < len(batch)):
+            staged = self._staged(live)  # not staged ahead, or staged with jobs refused now
         started = time.monotonic()
         for item in live:
             if item.job.started_at is None:
                 item.job.started_at = started
         self.forward_since = started
+        ahead = None
         try:
-            self._forward(live)
+            if staged is None:
+                self._forward(live)
+            else:
+                ahead = self._pipelined(live, staged)
         finally:
             self.forward_since = None
         forward_s = time.monotonic() - started
+        try:
+            ahead = ahead.result() if ahead is not None else None
+        except Exception:  # nothing was taken from the waiting items: they form the next
+            log.exception("forming the next batch ahead failed")
+            ahead = None
         self.stats.record(len(live), [now - i.arrived for i in live], forward_s)
         self._observe("batch_size", len(live))
         self._observe("forward_seconds", forward_s)
-        log.debug("batch of %d ran in %.1f ms", len(live), 1000 * (time.monotonic() - started))
+        log.debug("batch of %d ran in %.1f ms", len(live), 1000 * forward_s)
+        return ahead
+
+    # -- pipelining (`stage`) ------------------------------------------------------
+    def _pipelined(self, items: list[_Item], staged: Any) -> Future[Any]:
+        """`staged`'s forward pass on this thread while the next full batch is formed and
+        staged on `_ahead`; its post-processing goes to `_behind`. Returns `_ahead`'s
+        future. A failed forward runs the items again through `run` (which halves a batch
+        out of memory and singles out a bad item) once `_ahead` is done with the
+        tokenizer."""
+        assert self._ahead is not None and self._behind is not None
+        self.forwarding = [(i.job_id, i.job.futures.index(i.future)) for i in items]
+        ahead = self._ahead.submit(self._form_ahead)
+        try:
+            staged.forward()
+        except BaseException as e:
+            if not contained(e):
+                raise
+            ahead.exception()  # waits: `run` tokenizes with the pipeline's tokenizer
+            self._forward(items)
+            return ahead
+        self._behind.submit(self._finish, items, staged)
+        return ahead
+
+    def _staged(self, items: list[_Item]) -> Any:
+        """`stage` of the items (tokenized and padded), None where it does not apply or
+        fails (then `run` runs them, and reports the error)."""
+        assert self._stage is not None
+        try:
+            return self._stage([i.value for i in items], items[0].params)
+        except BaseException as e:
+            if not contained(e):
+                raise
+            log.debug("staging a batch failed (%s); it runs unstaged", e)
+            return None
+
+    def _form_ahead(self) -> tuple[list[_Item], Any] | None:
+        """On `_ahead`, while the model runs: the next batch, if a full one waits (a
+        partial one would be smaller than the one formed after the forward pass), and
+        its staging. Not admitted: a cancel or a deadline is judged when it runs."""
+        with self._cond:
+            if self._stopping or self._handing_back or self._redo or not self._pending:
+                return None
+            if any(i.alone for i in self._pending):
+                return None
+            oldest = min(self._pending, key=lambda i: i.rank)
+            peers = [i for i in self._pending if i.key == oldest.key]
+            if len(peers) < self.max_batch_size:
+                return None
+            batch = self._by_level(peers)
+            chosen = {id(i) for i in batch}
+            self._pending = [i for i in self._pending if id(i) not in chosen]
+        return batch, self._staged(batch)
+
+    def _prepared(self, ahead: tuple[list[_Item], Any]) -> tuple[list[_Item] | None, Any]:
+        """The batch formed ahead, unless a more urgent item came meanwhile (then its
+        items go back and the next batch is formed anew: a high job waits for no batch
+        formed before it came). Items of jobs not begun are handed back if the worker
+        is stopping."""
+        batch, staged = ahead
+        back = []
+        with self._cond:
+            if self._handing_back:
+                back = [i for i in batch if i.job.started_at is None]
+                batch = [i for i in batch if i.job.started_at is not None]
+            worst = max((i.rank for i in batch), default=0)
+            if batch and any(i.rank < worst or i.alone for i in self._pending):
+                self._pending[:0] = batch
+                batch = []
+        for item in back:
+            _resolve(item.future, error=HandBack())
+        if not batch or back:  # formed anew, or staged with items handed back
+            staged = None
+        return batch or None, staged
+
+    def _finish(self, items: list[_Item], staged: Any) -> None:
+        """On `_behind`: the batch's results; if post-processing fails, the batch goes
+        back to the batcher thread, which runs it again through `run` (a bad item fails
+        alone)."""
+        try:
+            results = staged.finish()
+        except BaseException as e:
+            if not contained(e):
+                raise
+            log.debug("post-processing a batch failed (%s); it runs again unstaged", e)
+            with self._cond:
+                self._redo.append(items)
+                self._cond.notify()
+            return
+        for item, result in zip(items, results, strict=True):
+            _resolve(item.future, result)
 
     def _forward(self, items: list[_Item]) -> None:
         #: (job id, item index in its job) of each value `run` is called with now

@@ -17,6 +17,9 @@ Sections:
                `SHARE` of it (`gpu_memory_fraction`), as two real workers on one Redis:
                both start, both answer, what each announced and holds; the generator's
                burst of greedy jobs through continuous batching (tokens/s)
+  pipelining   a backlog of single-item jobs through a worker's batcher without and
+               with `pipelining` (`bench_pipelining.compare`): the packaged MiniLM and,
+               on a GPU, the real-size classifier; items/s and each round's ratio
 
 `--cpu` runs the same on the CPU with the tiny checkpoints and small sizes: CI runs it
 (tests/test_gpu_check.py) so that the script cannot rot while no GPU is at hand. Not in
@@ -296,8 +299,22 @@ def run_check(cpu: bool, models_dir: Path) -> dict[str, Any]:
             NEW_TOKENS[size],
         ),
     )
+    section("pipelining", lambda: _pipelining(cpu, device, models_dir))
     report["ok"] = all(s["ok"] for s in report["sections"].values())
     return report
+
+
+def _pipelining(cpu: bool, device: str, models_dir: Path) -> dict[str, Any]:
+    """`bench_pipelining.compare` on the device: {checkpoint: {off, on, ratios}}."""
+    from pipeq.worker import bench_pipelining, tiny_models
+
+    names = [None] if cpu else [None, tiny_models.BENCH_SENTIMENT]
+    jobs, batch, rounds = (24, 4, 1) if cpu else (1024, 32, 3)
+    out = {}
+    for name in names:
+        handler = bench_pipelining.load(name, models_dir, device)
+        out[name or "all-MiniLM-L6-v2"] = bench_pipelining.compare(handler, jobs, batch, rounds)
+    return out
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -334,6 +351,15 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("```")
     else:
         lines.append(f"Failed: `{share['error']}`")
+    lines += ["", "## Pipelining off and on (items/s of a backlog, the batcher alone)", ""]
+    piped = s["pipelining"]
+    if piped["ok"]:
+        lines += ["| model | off | on | on/off per round |", "|---|---|---|---|"]
+        for name, r in piped["result"].items():
+            ratios = ", ".join(f"{x:.2f}" for x in r["ratios"])
+            lines.append(f"| {name} | {r['off']:.1f} | {r['on']:.1f} | {ratios} |")
+    else:
+        lines.append(f"Failed: `{piped['error']}`")
     lines += ["", "Section times (s): " + ", ".join(f"{k} {v['seconds']}" for k, v in s.items())]
     return "\n".join(lines) + "\n"
 

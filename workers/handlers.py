@@ -23,6 +23,17 @@ __all__ = ["GENERATING", "Handler", "TimeLimitExceeded", "load_handler", "to_jso
 
 #: tasks whose forward pass is `generate`, which stops at `max_time`
 GENERATING = frozenset({"text-generation", "summarization", "translation"})
+#: tasks whose batches can be pipelined (`Handler.stage`): transformers' own pipelines with
+#: one forward pass, where tokenizing and post-processing cost as much as a GPU's forward
+STAGED = frozenset(
+    {
+        "text-classification",
+        "zero-shot-classification",
+        "fill-mask",
+        "token-classification",
+        "feature-extraction",
+    }
+)
 
 
 class TimeLimitExceeded(BatchError, JobTimeout):
@@ -145,12 +156,43 @@ class Handler:
             # gets exactly what `pipe(item)` gives, whatever shares its batch
             return [to_jsonable(self.pipe(item, **params)) for item in items]
         outs = self.pipe(items, **{"batch_size": len(items), **params})
+        return self._shaped(items, params, outs)
+
+    def _shaped(self, items: list[Any], params: dict[str, Any], outs: list[Any]) -> list[Any]:
+        """A native pipeline's results of a list of `items`, each as `pipe(item)` gives it."""
         if self.task == "text-classification" and "top_k" not in params:
             # what pipe(one string) returns: its dict in a list (a text pair: the dict)
             outs = [[o] if isinstance(i, str) else o for i, o in zip(items, outs, strict=True)]
         if len(outs) != len(items):
             raise RuntimeError(f"pipeline returned {len(outs)} results for {len(items)} items")
         return [to_jsonable(o) for o in outs]
+
+    def stage(self, items: list[Any], params: dict[str, Any]) -> Staged | None:
+        """`run(items, params)` in three steps that may run on three threads (the
+        batcher's pipelining): tokenized and padded now, `Staged.forward()` (the model, on
+        the batcher thread), `Staged.finish()` (post-processing, on another thread): the
+        same results. None where `run` takes another path: fewer than 2 items, a seed, a
+        stream, generating tasks, pipeq's own pipelines."""
+        if (
+            len(items) < 2
+            or not self.native
+            or self.task not in STAGED
+            or "seed" in params
+            or self.streams is not None
+        ):
+            return None
+        return Staged(self, items, params)
+
+    @cached_property
+    def finisher(self) -> Any:
+        """A copy of the pipeline with a tokenizer of its own, for `Staged.finish` on a
+        thread of its own (a tokenizer call resets its truncation and padding: two threads
+        at once can fail with tokenizers' "Already borrowed")."""
+        import copy
+
+        pipe: Any = copy.copy(self.pipe)
+        pipe.tokenizer = copy.deepcopy(pipe.tokenizer)
+        return pipe
 
     def _streamed(self, k: int, item: Any, params: dict[str, Any]) -> Any:
         """`pipe(item, **params)` of pipeq's seq2seq handlers, its text streamed a token
@@ -168,13 +210,20 @@ class Handler:
         (`pipeq._floats`: 5.3 bytes a value where Python lists take 32 and JSON 21), so
         that a job's results wait for its last batch, and are encoded, in little memory;
         `unpack` gives exactly the lists `pipe(item)` returns."""
+        outs = self.pipe(items, batch_size=len(items), **{**params, "return_tensors": True})
+        return self._packed(items, params, outs, self.pipe.tokenizer)  # type: ignore[attr-defined]
+
+    def _packed(
+        self, items: list[Any], params: dict[str, Any], outs: list[Any], tokenizer: Any
+    ) -> list[Any]:
+        """`_features`' results from the pipeline's tensors `outs` (`tokenizer` measures
+        each item, so that its padding is cut off)."""
         import torch
 
-        outs = self.pipe(items, batch_size=len(items), **{**params, "return_tensors": True})
         if len(outs) != len(items):
             raise RuntimeError(f"pipeline returned {len(outs)} results for {len(items)} items")
-        lengths = self._lengths(items, params) if len(items) > 1 else [None]
-        left = getattr(self.pipe.tokenizer, "padding_side", "right") == "left"  # type: ignore[attr-defined]
+        lengths = self._lengths(items, params, tokenizer) if len(items) > 1 else [None]
+        left = getattr(tokenizer, "padding_side", "right") == "left"
         packed = []
         for out, n in zip(outs, lengths, strict=True):
             # a batch pads every item to the longest: cut that padding off, so a result
@@ -188,9 +237,8 @@ class Handler:
             packed.append(_floats.pack_float32(data.tobytes(), list(out.shape)))
         return packed
 
-    def _lengths(self, items: list[Any], params: dict[str, Any]) -> list[int]:
+    def _lengths(self, items: list[Any], params: dict[str, Any], tok: Any) -> list[int]:
         """Each item's length in tokens as the pipeline tokenizes it (its truncation too)."""
-        tok = self.pipe.tokenizer  # type: ignore[attr-defined]
         kwargs = dict(params.get("tokenize_kwargs") or {})
         if "truncation" in params:
             kwargs["truncation"] = params["truncation"]
@@ -493,6 +541,66 @@ _TRUNCATE_HOW = {
 _GENERATE_LENGTHS = frozenset(
     {"max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "num_beams"}
 )
+
+
+class Staged:
+    """A batch of a native pipeline in its three steps, as `pipe(items, batch_size=n)` runs
+    them (transformers' `Pipeline.get_iterator`: `preprocess` of each item, padded into
+    one batch by `pad_collate_fn`; `forward`; unbatched and `postprocess`ed), so that
+    each may run on its own thread. Made by `Handler.stage`, which tokenizes and pads."""
+
+    def __init__(self, handler: Handler, items: list[Any], params: dict[str, Any]) -> None:
+        from torch.utils.data import DataLoader
+        from transformers.pipelines.base import ChunkPipeline, pad_collate_fn
+        from transformers.pipelines.pt_utils import PipelineChunkIterator, PipelineDataset
+
+        pipe: Any = handler.pipe
+        self.handler, self.items, self.params = handler, items, params
+        call = dict(params)
+        n = len(items)
+        if handler.task == "zero-shot-classification":  # as `_run`: pairs, not texts
+            n *= _label_count(params.get("candidate_labels"))
+        if handler.task == "feature-extraction":
+            call["return_tensors"] = True
+        pre, self._forward_params, post = pipe._sanitize_parameters(**call)
+        pre = {**pipe._preprocess_params, **pre}
+        self._forward_params = {**pipe._forward_params, **self._forward_params}
+        self._post_params = {**pipe._postprocess_params, **post}
+        self._chunked = isinstance(pipe, ChunkPipeline)
+        dataset = (PipelineChunkIterator if self._chunked else PipelineDataset)(
+            items, pipe.preprocess, pre
+        )
+        extractor = pipe.feature_extractor or pipe.image_processor
+        collate = pad_collate_fn(pipe.tokenizer, extractor)  # type: ignore[no-untyped-call]
+        self._size = n
+        self._batches = list(DataLoader(dataset, batch_size=n, collate_fn=collate))
+        self._outputs: list[Any] = []
+
+    def forward(self) -> None:
+        """The model's forward pass(es) of the batch (the thread that owns the model)."""
+        pipe: Any = self.handler.pipe
+        self._outputs = [pipe.forward(b, **self._forward_params) for b in self._batches]
+        self._batches = []
+
+    def finish(self) -> list[Any]:
+        """Each item's result, as `Handler.run` gives it, from the forward's outputs, by a
+        copy of the pipeline with a tokenizer of its own (`Handler.finisher`): a tokenizer
+        is not to be used by two threads at once."""
+        from transformers.pipelines.pt_utils import PipelineIterator, PipelinePackIterator
+
+        pipe = self.handler.finisher
+        unbatch: Any = PipelinePackIterator if self._chunked else PipelineIterator
+        unbatched = unbatch(self._outputs, _same, {}, loader_batch_size=self._size)
+        post: Any = PipelineIterator
+        outs = list(post(unbatched, pipe.postprocess, self._post_params))
+        self._outputs = []
+        if self.handler.task == "feature-extraction":
+            return self.handler._packed(self.items, self.params, outs, pipe.tokenizer)
+        return self.handler._shaped(self.items, self.params, outs)
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def _stops_per_row(task: str, params: dict[str, Any]) -> bool:

@@ -355,6 +355,8 @@ def run_worker(
         on_oom=_free_cuda_memory,
         size=handler.size,
         observe=observations.observe,
+        # one thread calls the model: not with continuous batching or tensor parallelism
+        stage=handler.stage if deployment.pipelining and slot is None and group is None else None,
     ).start()
     if deployment.canonical_task in ("summarization", "translation"):
         # their text streams a token at a time where generate() takes a streamer

@@ -46,6 +46,10 @@ if os.environ.get("PIPEQ_FAULTS"):
         """What pyo3 raises for a Rust panic: not an Exception."""
 
     def _faulty_run(self, items, params):  # type: ignore[no-untyped-def]
+        _inject(items)
+        return _run(self, items, params)
+
+    def _inject(items):  # type: ignore[no-untyped-def]
         texts = [str(i) for i in items]
         log = os.environ.get("PIPEQ_FAULTS_LOG")
         if log:
@@ -70,9 +74,15 @@ if os.environ.get("PIPEQ_FAULTS"):
             found = _SLEEP.search(t)
             if found:
                 time.sleep(float(found.group(1)))
-        return _run(self, items, params)
 
     handlers.Handler._run = _faulty_run
+    _forward = handlers.Staged.forward
+
+    def _faulty_forward(self):  # type: ignore[no-untyped-def]
+        _inject(self.items)  # a pipelined batch's forward pass (`pipelining = true`)
+        return _forward(self)
+
+    handlers.Staged.forward = _faulty_forward
 
     from transformers.generation.continuous_batching import continuous_api
 
