@@ -492,7 +492,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(stanza, end="")
         return 0
     try:
-        settings = settings_from(args.redis_url, args.keys, args.max_body_bytes, args.webhooks)
+        settings = settings_from(
+            args.redis_url, args.keys, args.max_body_bytes, args.webhooks, args.config
+        )
         settings.keepalive_s = args.keepalive_s
         serve(settings, args.address, args.port, args.log_level)
     except (ValueError, Unprotected) as e:
@@ -675,6 +677,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv = add("serve", "an HTTP gateway: jobs over HTTP, with API keys (docs/http.md)", cmd_serve)
     sv.add_argument("--port", type=_port, default=8000)
+    sv.add_argument(
+        "--config",
+        default=env_config,
+        help="deployments TOML: those naming their own redis_url are served on that Redis",
+    )
     sv.add_argument(
         "--address",
         default="127.0.0.1",

@@ -1,7 +1,8 @@
 """Deployments on several Redis servers (docs/redis.md, "Several Redis servers"): three
-local redis-servers (the default one, A, and B with a password), a real worker of
-`alpha` on A and of `beta` on B; jobs land on their deployment's Redis only, `pipeq
-status` and the exporter read all three, and B going down fails only what touches beta."""
+local redis-servers (the default one, A, and B with a password), real workers of
+`alpha` (sentiment) and `gamma` (embeddings) on A and of `beta` (sentiment) on B; jobs
+land on their deployment's Redis only, `pipeq status`, the exporter and the HTTP
+gateway read all three, and B going down fails only what touches beta."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from prometheus_client.core import Metric
@@ -24,9 +27,11 @@ from pipeq._redis import masked
 from pipeq._stack import start_redis, stop_process
 from pipeq._status import Collector
 from pipeq.errors import InvalidRequest
+from pipeq.serve._webhooks import new_secret
 
 from .cluster import Cluster, renamed, wait_until
-from .conftest import free_port, is_sentiment
+from .conftest import free_port, is_sentiment, start_gateway
+from .test_webhooks import Receiver, receiver  # noqa: F401  (a fixture)
 
 # one test process runs the module: its tests share the servers and workers, in order
 pytestmark = pytest.mark.xdist_group("several-redis")
@@ -67,18 +72,19 @@ def servers(
     )
     a = f"redis://127.0.0.1:{port_a}/0"
     b = f"redis://:{PASSWORD.replace(':', '%3A')}@127.0.0.1:{port_b}/0"
-    sentiment = deployments["sentiment-analysis"]
+    sentiment, embeddings = deployments["sentiment-analysis"], deployments["feature-extraction"]
     # the cluster's own redis-server is the default one (its workers' --redis-url)
     cluster = Cluster(
         tmp,
         {
             "alpha": renamed(sentiment, "alpha", redis_url=a),
             "beta": renamed(sentiment, "beta", redis_url=b),
+            "gamma": renamed(embeddings, "gamma", redis_url=a),
         },
     )
     try:
-        procs = {name: cluster.start_worker(name) for name in ("alpha", "beta")}  # at once
-        for name, url in (("alpha", a), ("beta", b)):
+        procs = {name: cluster.start_worker(name) for name in ("alpha", "beta", "gamma")}
+        for name, url in (("alpha", a), ("beta", b), ("gamma", a)):
             proc, r = procs[name], redis.Redis.from_url(url)
 
             def beats(proc: Any = proc, r: redis.Redis = r, name: str = name) -> bool:
@@ -159,7 +165,7 @@ def test_each_deployments_jobs_go_to_its_own_redis_only(servers: Servers) -> Non
         # each worker announced on its own Redis, and never its URL
         announced = redis.Redis.from_url(servers.b).hgetall("pipeq:deployments")
         assert set(announced) == {b"beta"} and PASSWORD.encode() not in announced[b"beta"]
-        assert set(client.deployments()) == {"alpha", "beta"}
+        assert set(client.deployments()) == {"alpha", "beta", "gamma"}
         # by task: a deployment of that task on any Redis (alpha: first by name)
         by_task = client.submit("sentiment-analysis", "Fine.")
         assert by_task.deployment == "alpha" and is_sentiment(by_task.result(timeout=60))
@@ -176,12 +182,13 @@ def test_status_and_the_exporter_read_every_redis(servers: Servers) -> None:
     code, out, err = pipeq(servers, "status", "--json")
     assert code == 0, (out, err)
     report = json.loads(out)
-    assert [d["name"] for d in report["deployments"]] == ["alpha", "beta"]
+    assert [d["name"] for d in report["deployments"]] == ["alpha", "beta", "gamma"]
     assert all(d["workers"] == 1 for d in report["deployments"]) and report["redis_down"] == []
     code, out, _ = pipeq(servers, "deployments")
     assert code == 0 and [line.split("\t")[:4:3] for line in out.splitlines()] == [
         ["alpha", "1 live worker(s)"],
         ["beta", "1 live worker(s)"],
+        ["gamma", "1 live worker(s)"],
     ]
     s = scrape(servers)
     for url in servers.urls:
@@ -189,6 +196,125 @@ def test_status_and_the_exporter_read_every_redis(servers: Servers) -> None:
     assert s[("pipeq_workers", (("deployment", "alpha"),))] == 1
     assert s[("pipeq_workers", (("deployment", "beta"),))] == 1
     assert PASSWORD not in json.dumps([list(k) for k in s])
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    servers: Servers,
+    receiver: Receiver,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """`pipeq serve` on the default Redis with the servers' config (no keys: loopback),
+    webhooks allowed to this host; its fallback re-read of pending webhooks is 30 s, so a
+    delivery sooner came from the result subscription of the job's own Redis."""
+    tmp = tmp_path_factory.mktemp("several-redis-gateway")
+    hooks = tmp / "webhooks.toml"
+    hooks.write_text(
+        f'[webhooks]\nsecrets = ["{new_secret()}"]\nallow = ["127.0.0.1"]\nrecheck_s = 30\n'
+    )
+    config = str(servers.cluster.config)
+    url, proc, log = start_gateway(
+        servers.default, tmp, None, "--config", config, "--webhooks", str(hooks)
+    )
+    try:
+        yield url
+    finally:
+        stop_process(proc)
+        assert PASSWORD not in log.read_text()
+
+
+def keys_of(url: str, job_id: str) -> set[str]:
+    """The keys about one job on the Redis at `url`."""
+    return {k.decode() for k in redis.Redis.from_url(url).keys(f"*{job_id}*")}
+
+
+def test_the_gateway_serves_every_redis_and_keeps_each_job_on_its_own(
+    servers: Servers,
+    gateway: str,
+    receiver: Receiver,  # noqa: F811
+) -> None:
+    with httpx.Client(base_url=gateway, timeout=60) as http:
+        models = http.get("/v1/models")
+        assert models.status_code == 200, models.text
+        assert [m["id"] for m in models.json()["data"]] == ["alpha", "beta", "gamma"]
+        assert http.get("/ready").json() == {"status": "ready"}
+        assert http.get("/ready/beta").json()["live_workers"] == 1
+        jobs = {}
+        for name in ("alpha", "beta"):
+            hook = f"{receiver.url}/ok/{name}"
+            body = {"deployment": name, "inputs": "I love this", "webhook": hook}
+            r = http.post("/v1/jobs", json=body, headers={"Prefer": "wait=30"})
+            assert r.status_code == 200 and is_sentiment(r.json()["result"]), r.text
+            jobs[name] = r.json()["id"]
+        # a job's own keys on its deployment's Redis only; its webhook on the gateway's
+        for name, home in (("alpha", servers.a), ("beta", servers.b)):
+            job_id = jobs[name]
+            assert {f"pipeq:submitted:{job_id}", f"celery-task-meta-{job_id}"} <= keys_of(
+                home, job_id
+            )
+            others = [u for u in servers.urls if u != home]
+            assert [keys_of(u, job_id) for u in others if u != servers.default] == [set()]
+            assert keys_of(servers.default, job_id) == {f"pipeq:webhook:{job_id}"}
+        # its webhook is delivered (woken by the result stored on A, and on B)
+        for name in ("alpha", "beta"):
+            (got,) = receiver.wait(f"/ok/{name}", 1, timeout_s=20)
+            assert got.json["type"] == "job.completed" and got.json["data"]["id"] == jobs[name]
+        # by id alone: found on whichever Redis holds it
+        beta = http.get(f"/v1/jobs/{jobs['beta']}").json()
+        assert beta["status"] == "succeeded" and beta["deployment"] == "beta"
+        assert beta["webhook"]["status"] == "delivered"
+        assert http.get(f"/v1/jobs/{jobs['beta']}/result").json() == beta["result"]
+        with http.stream("GET", f"/v1/jobs/{jobs['beta']}/events") as events:
+            assert "event: completed" in events.read().decode()
+        assert http.get("/v1/jobs/no-such-job").status_code == 404
+        # an own id: idempotent on its deployment's Redis, refused on another's
+        put = {"deployment": "beta", "inputs": "Mine."}
+        first = http.put("/v1/jobs/my-beta-job", json=put, headers={"Prefer": "wait=30"})
+        again = http.put("/v1/jobs/my-beta-job", json=put)
+        assert first.status_code == 200 and again.status_code == 200, (first.text, again.text)
+        assert again.json()["result"] == first.json()["result"]
+        taken = http.put("/v1/jobs/my-beta-job", json={**put, "deployment": "alpha"})
+        assert taken.status_code == 409, taken.text
+        assert keys_of(servers.a, "my-beta-job") == set()
+        # Hugging Face's and OpenAI's routes
+        hf = http.post("/models/beta", json={"inputs": "I hate this"})
+        assert hf.status_code == 200, hf.text
+        assert hf.json()[0][0]["label"] in ("POSITIVE", "NEGATIVE"), hf.text  # TGI's shape
+        emb = http.post(
+            "/v1/embeddings", json={"model": "gamma", "input": "hi", "encoding_format": "float"}
+        )
+        assert emb.status_code == 200, emb.text
+        vector = emb.json()["data"][0]["embedding"]
+        assert len(vector) > 8 and all(isinstance(x, float) for x in vector)
+        # a batch: its state on the gateway's Redis, its jobs on gamma's (A)
+        line = {"method": "POST", "url": "/v1/embeddings", "body": {"model": "gamma"}}
+        data = "\n".join(
+            json.dumps({"custom_id": f"r{i}", **line, "body": {**line["body"], "input": f"t{i}"}})
+            for i in range(3)
+        )
+        up = http.post("/v1/files", files={"file": ("in.jsonl", data)}, data={"purpose": "batch"})
+        assert up.status_code == 200, up.text
+        made = http.post(
+            "/v1/batches",
+            json={
+                "input_file_id": up.json()["id"],
+                "endpoint": "/v1/embeddings",
+                "completion_window": "24h",
+            },
+        )
+        assert made.status_code == 200, made.text
+        deadline = time.monotonic() + 60
+        while (batch := http.get(f"/v1/batches/{made.json()['id']}").json())["status"] not in (
+            "completed",
+            "failed",
+            "expired",
+        ):
+            assert time.monotonic() < deadline, batch
+            time.sleep(0.2)
+        assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 3, batch
+        out = http.get(f"/v1/files/{batch['output_file_id']}/content").text.splitlines()
+        assert [json.loads(o)["response"]["status_code"] for o in out] == [200] * 3
+        assert redis.Redis.from_url(servers.default).exists(f"pipeq:oai:batch:{batch['id']}")
 
 
 def test_a_redis_going_down_fails_only_its_deployments_and_status_names_it(
@@ -222,3 +348,43 @@ def test_a_redis_going_down_fails_only_its_deployments_and_status_names_it(
     assert s[("pipeq_redis_up", (("redis", masked(servers.a)),))] == 1
     assert s[("pipeq_workers", (("deployment", "alpha"),))] == 1
     assert ("pipeq_workers", (("deployment", "beta"),)) not in s
+
+
+def test_the_gateway_with_a_redis_down_fails_only_its_deployments(
+    servers: Servers, gateway: str
+) -> None:
+    """After the test above killed B (and beta's worker): what touches beta is 503
+    BrokerUnavailable within the gateway's broker timeout (2 s), naming B masked; alpha
+    and gamma, on A, are served as before."""
+    assert servers.b_proc.poll() is not None, "B runs: the test above did not kill it"
+    with httpx.Client(base_url=gateway, timeout=60) as http:
+        alpha = http.post(
+            "/v1/jobs",
+            json={"deployment": "alpha", "inputs": "Still here."},
+            headers={"Prefer": "wait=30"},
+        )
+        assert alpha.status_code == 200 and is_sentiment(alpha.json()["result"]), alpha.text
+        # a job on A, by id alone, while B does not answer
+        assert http.get(f"/v1/jobs/{alpha.json()['id']}").json()["status"] == "succeeded"
+        assert http.post("/models/alpha", json={"inputs": "Fine."}).status_code == 200
+        models = http.get("/v1/models")
+        assert [m["id"] for m in models.json()["data"]] == ["alpha", "gamma"], models.text
+        assert http.get("/ready").json() == {"status": "ready", "unavailable": ["beta"]}
+        for method, path, body in (
+            ("POST", "/v1/jobs", {"deployment": "beta", "inputs": "Gone?"}),
+            ("PUT", "/v1/jobs/my-gone-job", {"deployment": "beta", "inputs": "Gone?"}),
+            ("GET", "/v1/jobs/my-beta-job", None),  # on B: no other Redis knows it
+            ("POST", "/v1/jobs/my-beta-job/cancel", None),
+            ("POST", "/models/beta", {"inputs": "Gone?"}),
+            ("GET", "/ready/beta", None),
+        ):
+            began = time.monotonic()
+            r = http.request(method, path, json=body)
+            took = time.monotonic() - began
+            assert r.status_code == 503 and r.headers["retry-after"], (path, r.text)
+            error = r.json()
+            if isinstance(error["error"], dict):  # pipeq's body; TGI's is flat
+                error = {**error["error"], "error": error["error"]["message"]}
+            assert error["type"] == "BrokerUnavailable", (path, error)
+            assert masked(servers.b) in error["error"], (path, error)
+            assert PASSWORD not in r.text and took < 10, (path, took)

@@ -576,7 +576,7 @@ class Runner:
                     await self.gw.cancel(before)
                     if before.status.value in ("queued", "running"):  # a generation that
                         # began meanwhile has its stream's `start` entry
-                        began = await self.redis.exists(stream_key(job_id))
+                        began = await self.gw.job_redis(before).exists(stream_key(job_id))
                         started[line.number] = before.status.value == "running" or bool(began)
             status, body, view = await run
         finally:

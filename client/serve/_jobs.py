@@ -8,10 +8,13 @@ async Redis. Shared by every router (native jobs, Hugging Face format).
 
 A submit runs `Client.prepare` and `Client.send` (the very code `Client.submit` runs:
 resolve, validate, the ledger's atomic enqueue) in a worker thread; waits and event
-streams are async: one pattern subscription per gateway process to the result channels
-(`celery-task-meta-*`, where results are published as they are stored) wakes every
-waiting request, and each wait re-reads the stored result at least once a second, so a
-missed message costs time, never a result.
+streams are async: one pattern subscription per gateway process and Redis to the result
+channels (`celery-task-meta-*`, where results are published as they are stored) wakes
+every waiting request, and each wait re-reads the stored result at least once a second,
+so a missed message costs time, never a result.
+
+With several Redis (docs/redis.md, "Several Redis servers") each job's keys above are on
+its deployment's Redis (`Hub`); the gateway's own state stays on the default one.
 """
 
 from __future__ import annotations
@@ -24,18 +27,22 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import redis
 from celery import states
 
 from pipeq import _app, _floats, _tasks
+from pipeq._broker import Broker
 from pipeq._client import Client, JobState, to_pipeq_error
+from pipeq._config import Deployment
 from pipeq._ledger import META_PREFIX, job_key, stream_key, submitted_key
-from pipeq._registry import DEPLOYMENTS_KEY
+from pipeq._redis import masked
+from pipeq._registry import DEPLOYMENTS_KEY, Announced
 from pipeq.errors import InvalidRequest, JobTimeout, NoLiveWorker, PipeqError
 from pipeq.serve._auth import LOCAL, RATE_SCRIPT, Caller, Keys
 from pipeq.serve._errors import ApiError
@@ -80,6 +87,9 @@ class Settings:
     and environment)."""
 
     redis_url: str | None = None
+    #: a deployments TOML (or its deployments): those naming their own `redis_url` are
+    #: served on that Redis (docs/redis.md, "Several Redis servers"); None: the one Redis
+    config: str | Path | Mapping[str, Deployment] | None = None
     keys: Keys | None = None
     #: a Redis call that fails is tried again this long, then 503
     broker_timeout_s: float = 2.0
@@ -135,6 +145,8 @@ class JobView:
     webhook: dict[str, Any] | None = None
     #: its level (docs/scale.md, Priorities); None: not recorded (sent around the gateway)
     priority: str | None = None
+    #: the URL of the Redis it was found on (never shown); None: its deployment's
+    redis_url: str | None = field(default=None, repr=False)
 
     def urls(self) -> dict[str, str]:
         base = f"/v1/jobs/{self.id}"
@@ -227,9 +239,8 @@ class ResultBus:
                     await asyncio.wait_for(pubsub.aclose(), CLOSE_TIMEOUT_S)
 
     @contextlib.contextmanager
-    def watch(self, job_id: str, event: asyncio.Event | None = None) -> Iterator[_Watch]:
-        """Set `event` (a new one by default) whenever the job's state is stored."""
-        watch = _Watch(event or asyncio.Event())
+    def watch(self, job_id: str, watch: _Watch) -> Iterator[_Watch]:
+        """Set `watch.event` (and `.data`) whenever the job's state is stored."""
         self._watches.setdefault(job_id, set()).add(watch)
         try:
             yield watch
@@ -336,44 +347,94 @@ class StreamReader(Protocol):
         ...
 
 
+@dataclass(eq=False)
+class Hub:
+    """One Redis the gateway reaches jobs on: the `Client`'s Broker of it (submits,
+    cancels, liveness), an async client (reads, waits, streams) and the result and
+    stream buses over that client."""
+
+    broker: Broker
+    aredis: Any
+    results: ResultBus
+    streams: StreamBus
+
+    @property
+    def url(self) -> str:
+        return self.broker.url
+
+
 class Gateway:
-    """What every request of one gateway process shares: a `Client` (submits), an async
-    Redis client (reads, waits, streams), the result bus, the settings. No state of its
-    own outside Redis: any number of them behind a load balancer act as one."""
+    """What every request of one gateway process shares: a `Client` (submits), a `Hub`
+    per Redis (reads, waits, streams), the settings. No state of its own outside Redis:
+    any number of them behind a load balancer act as one.
+
+    Several Redis (a config whose deployments name their own `redis_url`): what is about
+    one job (its submit, record, result, waits, stream, cancel) is on its deployment's
+    Redis; the gateway's own state (rate limits, webhooks, files and batches) on the
+    default one (`aredis`). A job asked for by id alone is read on every Redis at once."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        # one Redis: its waits, streams, rate limits and webhooks read that one, so its
-        # Client must not route to others a config names (docs/redis.md, several Redis)
         self.client = Client(
-            settings.redis_url, config={}, broker_timeout_s=settings.broker_timeout_s
+            settings.redis_url,
+            config=settings.config or {},
+            broker_timeout_s=settings.broker_timeout_s,
         )
-        self.aredis = _app.redis_target(self.client.redis_url).aclient(
-            max_connections=ASYNC_CONNECTIONS,
-            timeout=settings.broker_timeout_s * 5,
-            socket_connect_timeout=_app.CONNECT_TIMEOUT_S,
-        )
-        self.results = ResultBus(self.aredis)
-        self.streams = StreamBus(self.aredis)
+        self.hubs = {url: self._hub(url) for url in self.client.redis_urls}
+        #: the default Redis: the gateway's own state, and the deployments no config routes
+        self.home = self.hubs[self.client.redis_url]
+        self.aredis = self.home.aredis
         self.rate = self.aredis.register_script(RATE_SCRIPT)
         self.webhooks = (
-            Dispatcher(self.aredis, settings.webhooks, self.read) if settings.webhooks else None
+            Dispatcher(self.aredis, settings.webhooks, self.read, self.job_redis)
+            if settings.webhooks
+            else None
         )
         if self.webhooks is not None:
-            self.results.listeners.append(self.webhooks.changed)
+            for hub in self.hubs.values():
+                hub.results.listeners.append(self.webhooks.changed)
         # concurrent.futures' pool: its queue is a SimpleQueue, whose hand-over cost a
         # tenth of what anyio's Condition-based one did (py-spy --gil, a submit's CPU)
         self.threads = ThreadPoolExecutor(settings.submit_threads, "pipeq-submit")
         self._body_limit = (0.0, 0)
 
+    def _hub(self, url: str) -> Hub:
+        aredis = _app.redis_target(url).aclient(
+            max_connections=ASYNC_CONNECTIONS,
+            timeout=self.settings.broker_timeout_s * 5,
+            socket_connect_timeout=_app.CONNECT_TIMEOUT_S,
+        )
+        return Hub(self.client.broker_at(url), aredis, ResultBus(aredis), StreamBus(aredis))
+
     @property
     def keys(self) -> Keys | None:
         return self.settings.keys
 
+    def hub_of(self, view: JobView) -> Hub:
+        """The Redis a job lives on: where it was found, else its deployment's."""
+        if view.redis_url is not None:
+            return self.hubs[view.redis_url]
+        return self.hubs[self.client.broker(view.deployment).url]
+
+    def job_redis(self, view: JobView) -> Any:
+        """The async client of the Redis a job lives on (the webhooks' stream reads)."""
+        return self.hub_of(view).aredis
+
+    @contextlib.contextmanager
+    def watch(self, job_id: str, event: asyncio.Event | None = None) -> Iterator[_Watch]:
+        """Set `event` (a new one by default) whenever the job's state is stored, on
+        whichever Redis it is (a watch costs no Redis command)."""
+        watch = _Watch(event or asyncio.Event())
+        with contextlib.ExitStack() as held:
+            for hub in self.hubs.values():
+                held.enter_context(hub.results.watch(job_id, watch))
+            yield watch
+
     async def start(self) -> None:
-        await self.results.start()
-        await self.streams.start()
+        for hub in self.hubs.values():
+            await hub.results.start()
+            await hub.streams.start()
         if self.webhooks is not None:
             await self.webhooks.start()
 
@@ -385,10 +446,11 @@ class Gateway:
         self.threads.shutdown(wait=False)
         if self.webhooks is not None:
             await self.webhooks.close()
-        await self.streams.close()
-        await self.results.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.aredis.aclose(), CLOSE_TIMEOUT_S)
+        for hub in self.hubs.values():
+            await hub.streams.close()
+            await hub.results.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(hub.aredis.aclose(), CLOSE_TIMEOUT_S)
         self.client.close()
 
     # -- limits -------------------------------------------------------------------------
@@ -400,14 +462,43 @@ class Gateway:
         if time.monotonic() - at < 5.0 and limit:
             return limit
         largest = _tasks.DEFAULT_LIMITS["request_bytes"]
-        with contextlib.suppress(redis.RedisError, OSError, ValueError):
-            raw = await self.aredis.hvals(DEPLOYMENTS_KEY)
-            for value in raw:
-                limits = json.loads(value).get("limits") or {}
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            found, _ = await self.deployments()
+            for d in found.values():
+                limits = d.info.get("limits") or {}
                 largest = max(largest, int(limits.get("request_bytes") or 0))
         limit = largest + ENVELOPE_BYTES
         self._body_limit = (time.monotonic(), limit)
         return limit
+
+    async def deployments(self, name: str | None = None) -> tuple[dict[str, Announced], list[Hub]]:
+        """The deployments announced on every Redis, read at once (each counts only on the
+        Redis its config puts it on), and the Redis that did not answer. `name`, a
+        deployment of the config: only its Redis is read (one that does not answer cannot
+        slow the others' requests)."""
+
+        async def announced(hub: Hub) -> dict[bytes, bytes]:
+            raw: dict[bytes, bytes] = await hub.aredis.hgetall(DEPLOYMENTS_KEY)
+            return raw
+
+        hubs = list(self.hubs.values())
+        if name is not None and name in self.client.config:
+            hubs = [self.hubs[self.client.broker(name).url]]
+        replies = await asyncio.gather(*map(announced, hubs), return_exceptions=True)
+        found: dict[str, Announced] = {}
+        down: list[Hub] = []
+        for hub, reply in zip(hubs, replies, strict=True):
+            if isinstance(reply, (redis.RedisError, OSError)):
+                down.append(hub)
+                log.warning("Redis at %s did not answer (%s)", masked(hub.url), reply)
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            for k, v in reply.items():
+                name, info = k.decode(), json.loads(v)
+                if self.client.broker(name) is hub.broker:
+                    found[name] = Announced(name, info["task"], info["model"], info)
+        return found, down
 
     # -- submit ------------------------------------------------------------------------
     async def submit(
@@ -433,14 +524,14 @@ class Gateway:
         ApiError 403 for a deployment the caller may not use, 409 for a `job_id` taken
         by another request, InvalidRequest for a webhook this gateway may not call.
         `priority`: as `Client.submit`'s."""
-        job_id = job_id or _new_id()
+        chosen, job_id = job_id is not None, job_id or _new_id()
         hooks = self.webhooks
         registered = False
         if webhook is not None:  # recorded before the send: no outcome missed
             if hooks is None:
                 raise InvalidRequest("webhook: this gateway has no webhooks configured")
             registered = await hooks.register(job_id, webhook, webhook_events)
-        with self.results.watch(job_id) as watch:  # before the send: no result missed
+        with self.watch(job_id) as watch:  # before the send: no result missed
             try:
                 view, created = await self.in_thread(
                     self._submit,
@@ -453,7 +544,10 @@ class Gateway:
                     job_id,
                     digest,
                     priority,
+                    chosen,
                 )
+                if not created:  # the job an earlier identical request made
+                    view = await self.read(job_id, where=view)
             except Exception:  # not sent (a cancelled request's send may go on: kept)
                 if hooks is not None and registered:
                     await hooks.unregister(job_id)
@@ -481,63 +575,130 @@ class Gateway:
         job_id: str,
         digest: str,
         priority: str,
+        chosen: bool = False,
     ) -> tuple[JobView, bool]:
+        """The job sent, and True; or, for an identical request's `job_id` (same key,
+        same digest), a view saying where that job is, and False."""
         client = self.client
         found = client.resolve(target, model)
         caller.require(found.name)
         prepared = client.prepare(found.name, inputs, None, expires, params, priority)
+        broker = client.broker(found.name)
+        view = JobView(job_id, found.name, JobState.QUEUED, created_at=time.time())
+        view.redis_url, view.priority = broker.url, prepared.priority
+        if chosen:
+            self._check_elsewhere(broker, job_id)
         # who submitted it is recorded by the enqueue step itself, which refuses an id
         # already taken: one round trip, and no record of a job that was not sent
         token = _app.enqueue_submitted.set((caller.name, digest))
         try:
             client.send(prepared, job_id)
         except _app.JobIdTaken:
-            record = client.call(client.redis.hgetall, submitted_key(job_id))
+            record = broker.call(broker.redis.hgetall, submitted_key(job_id))
             owner, was = record.get(b"owner"), record.get(b"digest", b"")
             # the same request again (a PUT repeated, or a send retried after a lost
             # connection): the job it made
             if owner is not None and owner.decode() == caller.name and was.decode() == digest:
-                return self.read_sync(job_id), False
+                return view, False
             raise ApiError(
                 409, "Conflict", "this job id is taken by another request", job_id=job_id
             ) from None
         finally:
             _app.enqueue_submitted.reset(token)
-        view = JobView(job_id, found.name, JobState.QUEUED, created_at=time.time())
-        view.priority = prepared.priority
         return view, True
 
-    # -- reading jobs --------------------------------------------------------------------
-    def read_sync(self, job_id: str) -> JobView:
-        pipe = self.client.redis.pipeline(transaction=False)
-        pipe.hgetall(submitted_key(job_id))
-        pipe.get(job_key(job_id))
-        pipe.get(META_PREFIX + job_id)
-        pipe.hgetall(webhook_key(job_id))
-        record, deployment, meta, hook = self.client.call(pipe.execute)
-        view = self._view(job_id, record, deployment, meta)
-        view.webhook = delivery_state(hook)
-        return view
+    def _check_elsewhere(self, broker: Broker, job_id: str) -> None:
+        """ApiError 409 if a job id a caller chose is taken on a Redis other than the one
+        its job goes to (the enqueue refuses one taken on its own). Best effort: a Redis
+        that does not answer is not waited for, and two requests racing with one id to
+        two Redis are not seen."""
+        for other in self.hubs.values():
+            if other.broker is broker:
+                continue
+            try:
+                known, _ = other.broker.holds(job_id)
+            except Exception:
+                continue
+            if known:
+                raise ApiError(
+                    409, "Conflict", "this job id is taken by another request", job_id=job_id
+                )
 
-    async def read(self, job_id: str, caller: Caller | None = None) -> JobView:
-        """One read of the job (its record, deployment, result); `caller`: ApiError 404
-        unless it may see the job (another key's job answers as an unknown id does)."""
-        try:
-            async with self.aredis.pipeline(transaction=False) as pipe:
-                pipe.hgetall(submitted_key(job_id))
-                pipe.get(job_key(job_id))
-                pipe.get(META_PREFIX + job_id)
+    # -- reading jobs --------------------------------------------------------------------
+    async def _read_at(self, hub: Hub, job_id: str) -> tuple[Hub, list[Any]]:
+        """The job's record, deployment, stored result and (on the default Redis) its
+        webhook's delivery, in one round trip to `hub`."""
+        async with hub.aredis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(submitted_key(job_id))
+            pipe.get(job_key(job_id))
+            pipe.get(META_PREFIX + job_id)
+            if hub is self.home:
                 pipe.hgetall(webhook_key(job_id))
-                record, deployment, meta, hook = await pipe.execute()
-        except (redis.RedisError, OSError) as e:
-            raise _unavailable(e) from None
+            got: list[Any] = await pipe.execute()
+        return hub, got
+
+    async def read(
+        self, job_id: str, caller: Caller | None = None, *, where: JobView | None = None
+    ) -> JobView:
+        """One read of the job (its record, deployment, result); `caller`: ApiError 404
+        unless it may see the job (another key's job answers as an unknown id does).
+        `where`: a view of it read before, which says which Redis it is on; without
+        one, and with several Redis, each is read at once and the first that knows the
+        job answers (those that do not answer: 503 only when none knows it)."""
+        hubs = [self.hub_of(where)] if where is not None else list(self.hubs.values())
+        hub, got = await self._first(hubs, job_id)
+        record, deployment, meta = got[:3]
+        if hub is self.home:
+            hook = got[3]
+        else:  # its webhook's delivery is the gateway's own state
+            try:
+                hook = await self.aredis.hgetall(webhook_key(job_id))
+            except (redis.RedisError, OSError) as e:
+                raise _unavailable(e, self.home) from None
         if caller is not None:
             self._check_owner(caller, job_id, record)
         view = self._view(job_id, record, deployment, meta)
         view.webhook = delivery_state(hook)
+        view.redis_url = hub.url
         if caller is not None and view.status is JobState.UNKNOWN:
             raise ApiError(404, "NotFound", "no such job", job_id=job_id)
         return view
+
+    async def _first(self, hubs: list[Hub], job_id: str) -> tuple[Hub, list[Any]]:
+        """`_read_at` on each of `hubs` at once: the first reply that knows the job, else
+        the default Redis' (or the only one's); ApiError 503 if one that did not answer
+        might hold it."""
+        if len(hubs) == 1:
+            try:
+                return await self._read_at(hubs[0], job_id)
+            except (redis.RedisError, OSError) as e:
+                raise _unavailable(e, hubs[0]) from None
+        pending = {asyncio.ensure_future(self._read_at(hub, job_id)): hub for hub in hubs}
+        unknown: tuple[Hub, list[Any]] | None = None
+        failed: tuple[Hub, BaseException] | None = None
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    hub = pending.pop(task)
+                    error = task.exception()
+                    if isinstance(error, (redis.RedisError, OSError)):
+                        failed = failed or (hub, error)
+                        continue
+                    if error is not None:
+                        raise error
+                    reply = task.result()
+                    if any(reply[1][:3]):
+                        return reply
+                    if hub is self.home or unknown is None:
+                        unknown = reply
+        finally:
+            for task in pending:
+                task.cancel()
+        if failed is not None:
+            raise _unavailable(failed[1], failed[0])
+        assert unknown is not None
+        return unknown
 
     def _check_owner(self, caller: Caller, job_id: str, record: dict[bytes, bytes]) -> None:
         if self.keys is None and caller.name == LOCAL:
@@ -589,9 +750,9 @@ class Gateway:
         """The job once done, or as it is after `timeout_s`."""
         if view.status.done or timeout_s <= 0:
             return view
-        with self.results.watch(view.id) as watch:
+        with self.watch(view.id) as watch:
             # read after watching: a result stored meanwhile is seen either way
-            return await self._wait(watch, await self.read(view.id), timeout_s)
+            return await self._wait(watch, await self.read(view.id, where=view), timeout_s)
 
     async def _wait(self, watch: _Watch, view: JobView, timeout_s: float) -> JobView:
         deadline = time.monotonic() + timeout_s
@@ -607,11 +768,11 @@ class Gateway:
             watch.event.clear()
             if data is not None:  # the state just stored
                 meta = json.loads(data)
-                hook, level = view.webhook, view.priority
+                hook, level, at = view.webhook, view.priority, view.redis_url
                 view = self._from_meta(view.id, view.deployment, view.created_at, meta, True)
-                view.webhook, view.priority = hook, level
+                view.webhook, view.priority, view.redis_url = hook, level, at
             else:  # a re-read: no message (or the subscription came back)
-                view = await self.read(view.id)
+                view = await self.read(view.id, where=view)
                 if not view.status.done and not await self.live(view.deployment):
                     break  # no worker will take it soon: the caller says so now
         return view
@@ -644,7 +805,7 @@ class Gateway:
         if deployment is None:
             return True
         try:
-            await self.in_thread(self.client.registry.require_live, deployment)
+            await self.in_thread(self.client.broker(deployment).registry.require_live, deployment)
         except NoLiveWorker:
             return False
         except Exception:  # Redis away: the wait goes on, as it did
@@ -654,25 +815,26 @@ class Gateway:
     async def cancel(self, view: JobView) -> str:
         """'cancelled', 'running' (its forward pass cannot be stopped), 'finished' or
         'unknown' (`_app.cancel_job`)."""
-        client = self.client
+        broker = self.hub_of(view).broker
         return await self.in_thread(
-            client.call,
+            broker.call,
             _app.cancel_job,
-            client.app,
+            broker.app,
             view.id,
             "cancelled by the producer",
-            client.ledger,
+            broker.ledger,
         )
 
     async def stream_entries(
-        self, key: str, after: str, block_ms: int | None
+        self, view: JobView, after: str, block_ms: int | None
     ) -> list[tuple[str, dict[bytes, bytes]]]:
         """Entries of a job's stream after `after`, waiting up to `block_ms` for one
         (None: not at all)."""
+        hub = self.hub_of(view)
         try:
-            reply = await self.aredis.xread({key: after}, block=block_ms)
+            reply = await hub.aredis.xread({stream_key(view.id): after}, block=block_ms)
         except (redis.RedisError, OSError) as e:
-            raise _unavailable(e) from None
+            raise _unavailable(e, hub) from None
         entries = reply[0][1] if reply else []
         return [(i.decode() if isinstance(i, bytes) else i, f) for i, f in entries]
 
@@ -685,15 +847,17 @@ class Gateway:
         generator: the job runs on. Raises ApiError 503 when Redis does not answer."""
         keepalive = self.settings.keepalive_s
         key = stream_key(view.id)
+        hub = self.hub_of(view)
         self.metrics.open_streams.inc()
         try:
             wake = asyncio.Event()
-            with self.results.watch(view.id, wake) as watch:
-                for chunk in reader.events(await self.stream_entries(key, reader.cursor, None)):
+            with self.watch(view.id, wake) as watch:
+                for chunk in reader.events(await self.stream_entries(view, reader.cursor, None)):
                     yield chunk  # what the stream holds already
-                view = await self.read(view.id)  # after watching: an end meanwhile is seen
+                # after watching: an end meanwhile is seen
+                view = await self.read(view.id, where=view)
                 sent_at = time.monotonic()
-                with self.streams.follow(key, reader.cursor, wake) as follow:
+                with hub.streams.follow(key, reader.cursor, wake) as follow:
                     while not view.status.done:
                         left = keepalive - (time.monotonic() - sent_at)
                         with contextlib.suppress(TimeoutError):
@@ -706,27 +870,40 @@ class Gateway:
                         ended = any(b"end" in fields for _, fields in entries)
                         if ended or watch.data is not None:
                             watch.data = None
-                            view = await self.read(view.id)
+                            view = await self.read(view.id, where=view)
                             if ended:  # the result is stored as the end is written
                                 view = await self.wait(view, 5.0)
                         if not view.status.done and time.monotonic() - sent_at >= keepalive:
                             yield b": keep-alive\n\n"
                             sent_at = time.monotonic()
                 # what the stream got since the last read
-                for chunk in reader.events(await self.stream_entries(key, reader.cursor, None)):
+                for chunk in reader.events(await self.stream_entries(view, reader.cursor, None)):
                     yield chunk
             reader.view = view
         finally:
             self.metrics.open_streams.dec()
 
-    async def attempts_before(self, key: str, last: str) -> int:
+    async def attempts_before(self, view: JobView, last: str) -> int:
         """How many attempts began in a job's stream up to entry `last` (a resumed
         reader's count, so its next start is a restart)."""
+        hub = self.hub_of(view)
         try:
-            entries = await self.aredis.xrange(key, "-", last)
+            entries = await hub.aredis.xrange(stream_key(view.id), "-", last)
         except (redis.RedisError, OSError) as e:
-            raise _unavailable(e) from None
+            raise _unavailable(e, hub) from None
         return sum(1 for _, fields in entries if b"start" in fields)
+
+    async def token_counts(self, view: JobView) -> list[Any] | None:
+        """The worker's token counts of a done text-generation job (its stream's `end`);
+        None when not there or Redis does not answer."""
+        try:
+            last = await self.hub_of(view).aredis.xrevrange(stream_key(view.id), count=1)
+        except (redis.RedisError, OSError):
+            return None
+        if not last or b"usage" not in last[0][1]:
+            return None
+        counts: list[Any] = json.loads(last[0][1][b"usage"])
+        return counts
 
     async def batch_event(self, batch: dict[str, Any], event_type: str) -> str | None:
         """Queue a Batch API event (`batch.completed`, `batch.failed`, `batch.expired`,
@@ -744,7 +921,7 @@ class Gateway:
         try:
             await check_rate(self.aredis, self.rate, caller)
         except (redis.RedisError, OSError) as e:
-            raise _unavailable(e) from None
+            raise _unavailable(e, self.home) from None
 
 
 async def _stop(task: asyncio.Task[None] | None) -> None:
@@ -762,9 +939,13 @@ def _new_id() -> str:
     return str(uuid.uuid4())
 
 
-def _unavailable(e: BaseException) -> ApiError:
+def _unavailable(e: BaseException, hub: Hub) -> ApiError:
+    """503 naming the Redis (its password masked, as `Broker.call`'s BrokerUnavailable)."""
     return ApiError(
-        503, "BrokerUnavailable", f"Redis did not answer ({type(e).__name__})", retry_after_s=5
+        503,
+        "BrokerUnavailable",
+        f"Redis at {masked(hub.url)} did not answer ({type(e).__name__})",
+        retry_after_s=5,
     )
 
 

@@ -6,6 +6,7 @@ import logging
 import resource
 import sys
 
+from pipeq._config import load_deployments
 from pipeq._stack import is_loopback
 from pipeq.serve._auth import hash_key, load_keys, new_key
 from pipeq.serve._jobs import Settings
@@ -62,9 +63,12 @@ def settings_from(
     keys_file: str | None,
     max_body_bytes: int | None,
     webhooks_file: str | None = None,
+    config: str | None = None,
 ) -> Settings:
     return Settings(
         redis_url=redis_url,
+        # read now: a config it cannot use stops `pipeq serve` before it listens (exit 2)
+        config=load_deployments(config) if config else None,
         keys=load_keys(keys_file),
         max_body_bytes=max_body_bytes,
         webhooks=load_webhooks(webhooks_file),

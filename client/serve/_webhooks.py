@@ -386,11 +386,14 @@ class Dispatcher:
         aredis: Any,
         config: WebhookConfig,
         read: Callable[[str], Awaitable[JobView]],
+        job_redis: Callable[[JobView], Any] | None = None,
     ) -> None:
         self.aredis = aredis
         self.config = config
         self._keys = config.keys
         self._read = read
+        #: the async client of a job's own Redis (its stream); default `aredis`
+        self._job_redis = job_redis or (lambda view: aredis)
         self._claim = aredis.register_script(_CLAIM)
         # follow_redirects off: a redirect could name any address; trust_env off: no
         # proxy from the environment between the allowlist and the receiver
@@ -555,7 +558,7 @@ class Dispatcher:
                 return
         if "output" in events:
             cursor = hook.get(b"cursor", b"0-0").decode()
-            entries = await self.aredis.xrange(stream_key(job_id), f"({cursor}", "+")
+            entries = await self._job_redis(view).xrange(stream_key(job_id), f"({cursor}", "+")
             pieces = [
                 {"item": int(f.get(b"i", b"0")), "text": f[b"t"].decode()}
                 for _, f in entries

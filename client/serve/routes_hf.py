@@ -22,19 +22,18 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import redis
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pipeq import _tasks
-from pipeq._ledger import stream_key
-from pipeq._registry import DEPLOYMENTS_KEY, Announced
-from pipeq.errors import PipeqError, StreamRestarted
+from pipeq._redis import masked
+from pipeq._registry import Announced
+from pipeq.errors import PipeqError, StreamRestarted, UnknownDeployment
 from pipeq.serve import _hf
 from pipeq.serve._app import GatewayDep, caller
 from pipeq.serve._auth import Caller
 from pipeq.serve._errors import HF_STATUS, ApiError, error_response
-from pipeq.serve._jobs import Gateway, JobView, parse_json
+from pipeq.serve._jobs import Gateway, Hub, JobView, parse_json
 
 __all__ = ["JOB_HEADER", "SYNC_WAIT_S", "router"]
 
@@ -95,22 +94,34 @@ def hf_error(exc: BaseException) -> Response:
     return JSONResponse(body, status_code=response.status_code, headers=retry)
 
 
+def _down(hubs: list[Hub]) -> ApiError:
+    said = ", ".join(masked(hub.url) for hub in hubs)
+    return ApiError(503, "BrokerUnavailable", f"Redis at {said} did not answer", retry_after_s=5)
+
+
 async def _deployments(gw: Gateway) -> dict[str, Announced]:
+    """Every Redis' deployments; those of a Redis that does not answer are left out
+    (503 when none answers)."""
+    found, down = await gw.deployments()
+    if down and len(down) == len(gw.hubs):
+        raise _down(down)
+    return found
+
+
+async def find(gw: Gateway, m: str) -> Announced:
+    """The deployment `m` names (`_hf.find_deployment`) on any Redis; 503 rather than
+    UnknownDeployment when a Redis that does not answer may hold it."""
+    found, down = await gw.deployments(m)
     try:
-        raw = await gw.aredis.hgetall(DEPLOYMENTS_KEY)
-    except (redis.RedisError, OSError) as e:
-        raise ApiError(
-            503, "BrokerUnavailable", f"Redis did not answer ({type(e).__name__})", retry_after_s=5
-        ) from None
-    out = {}
-    for k, v in raw.items():
-        info = json.loads(v)
-        out[k.decode()] = Announced(k.decode(), info["task"], info["model"], info)
-    return out
+        return _hf.find_deployment(found, m)
+    except UnknownDeployment:
+        if down:
+            raise _down(down) from None
+        raise
 
 
 async def _answer(gw: Gateway, who: Caller, m: str, request: Request, task: str | None) -> Response:
-    target = _hf.find_deployment(await _deployments(gw), m)
+    target = await find(gw, m)
     if task is not None and _tasks.canonical_task(task) != target.canonical_task:
         raise ApiError(
             422,
@@ -128,15 +139,15 @@ async def _answer(gw: Gateway, who: Caller, m: str, request: Request, task: str 
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", JOB_HEADER: view.id},
         )
     result = await gw.outcome(view, SYNC_WAIT_S)
-    pieces = await _streamed(gw, view.id) if hf.details else None
+    pieces = await _streamed(gw, view) if hf.details else None
     return JSONResponse(_hf.to_hf(target.task, hf, result, pieces), headers={JOB_HEADER: view.id})
 
 
-async def _streamed(gw: Gateway, job_id: str) -> dict[int, list[str]]:
+async def _streamed(gw: Gateway, view: JobView) -> dict[int, list[str]]:
     """The pieces of text a done text-generation job's stream holds, by prompt index,
     of its last attempt."""
     pieces: dict[int, list[str]] = {}
-    for _, fields in await gw.stream_entries(stream_key(job_id), "0-0", None):
+    for _, fields in await gw.stream_entries(view, "0-0", None):
         if b"start" in fields:
             pieces = {}
         elif b"t" in fields:

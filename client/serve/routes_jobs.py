@@ -21,7 +21,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeq._client import JobState
-from pipeq._ledger import stream_key
 from pipeq.serve._app import CallerDep, GatewayDep
 from pipeq.serve._auth import Caller
 from pipeq.serve._errors import ApiError, error_response
@@ -219,7 +218,7 @@ async def cancel_job(job_id: str, who: Caller = CallerDep, gw: Gateway = Gateway
     view = await gw.read(job_id, who)
     outcome = await gw.cancel(view)
     if outcome == "cancelled":
-        return job_response(await gw.read(job_id), 200)
+        return job_response(await gw.read(job_id, where=view), 200)
     why = {
         "running": "its forward pass has begun: it will finish",
         "finished": "it is finished",
@@ -267,7 +266,7 @@ async def _events(gw: Gateway, view: JobView, last: str | None) -> AsyncIterator
     its stream entry's id as the SSE id; then completed (the job: status, result or
     error). A comment every keepalive_s while nothing else is sent. A client that goes
     away ends only this generator: the job runs on."""
-    said = _Said(await gw.attempts_before(stream_key(view.id), last) if last else 0, last or "0-0")
+    said = _Said(await gw.attempts_before(view, last) if last else 0, last or "0-0")
     async for chunk in gw.follow(view, said):
         yield chunk
     assert said.view is not None

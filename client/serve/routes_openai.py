@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import redis
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -35,15 +34,14 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from pipeq._ledger import stream_key
 from pipeq._registry import Announced
 from pipeq.errors import InvalidRequest, PipeqError, StreamRestarted, UnknownDeployment
-from pipeq.serve import _hf, _openai
+from pipeq.serve import _openai
 from pipeq.serve._app import CallerDep, GatewayDep
 from pipeq.serve._auth import Caller
 from pipeq.serve._errors import ApiError, error_response
 from pipeq.serve._jobs import Gateway, JobView
-from pipeq.serve.routes_hf import JOB_HEADER, SYNC_WAIT_S, _deployments
+from pipeq.serve.routes_hf import JOB_HEADER, SYNC_WAIT_S, _deployments, find
 
 __all__ = [
     "Generation",
@@ -147,13 +145,13 @@ async def list_models(who: Caller = CallerDep, gw: Gateway = GatewayDep) -> Any:
 
 @router.get("/models/{model:path}", summary="One deployment (OpenAI's model)")
 async def get_model(model: str, who: Caller = CallerDep, gw: Gateway = GatewayDep) -> Any:
-    target = _hf.find_deployment(await _deployments(gw), model)
+    target = await find(gw, model)
     who.require(target.name)
     return _model(target)
 
 
 async def target_of(gw: Gateway, model: str, task: str, route: str) -> Announced:
-    target = _hf.find_deployment(await _deployments(gw), model)
+    target = await find(gw, model)
     if target.canonical_task != task:
         raise InvalidRequest(f"model {model!r} is a {target.task} deployment; {route} needs {task}")
     return target
@@ -240,22 +238,10 @@ def _sse(data: Any) -> bytes:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def token_counts(gw: Gateway, job_id: str) -> list[Any] | None:
-    """The worker's token counts of a done text-generation job (its stream's `end`)."""
-    try:
-        last = await gw.aredis.xrevrange(stream_key(job_id), count=1)
-    except (redis.RedisError, OSError):
-        return None
-    if not last or b"usage" not in last[0][1]:
-        return None
-    counts: list[Any] = json.loads(last[0][1][b"usage"])
-    return counts
-
-
 async def answer_generation(gw: Gateway, gen: Generation, view: JobView) -> Any:
     """The body OpenAI returns for a done completion or chat job."""
     result = await gw.outcome(view, SYNC_WAIT_S)
-    answers, usage = gen.answers(result, await token_counts(gw, view.id))
+    answers, usage = gen.answers(result, await gw.token_counts(view))
     choices: list[Any] = []
     for k, (text, finish) in enumerate(answers):
         choice: dict[str, Any] = {"index": k, "finish_reason": finish, "logprobs": None}
@@ -393,7 +379,7 @@ async def _chunks(gw: Gateway, gen: Generation, view: JobView) -> AsyncIterator[
         ended = True
         assert reader.view is not None
         answers, usage = gen.answers(
-            await gw.outcome(reader.view, SYNC_WAIT_S), await token_counts(gw, view.id)
+            await gw.outcome(reader.view, SYNC_WAIT_S), await gw.token_counts(view)
         )
         for k, (text, finish) in enumerate(answers):
             said = reader.said.get(k, "")
