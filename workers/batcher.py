@@ -199,6 +199,7 @@ class _Lane:
                 done.set_result(fn(*args))
             except BaseException as e:  # handed to the caller, which decides
                 done.set_exception(e)
+            del done, fn, args  # not the last batch's items held until the next call
 
 
 class Batcher:
