@@ -134,6 +134,7 @@ class _Staged:
 
     def finish(self) -> list[Any]:
         if "bad" in self.items:
+            time.sleep(0.3)  # long enough for a `stop()` to come meanwhile
             raise ValueError("post-processing failed on 'bad'")
         return [f"staged {i}" for i in self.items]
 
@@ -224,3 +225,43 @@ def test_the_staged_results_through_a_worker_equal_in_process(
     jobs = [client.submit("ner", t) for t in texts]
     got = [j.result(timeout=120) for j in jobs]
     assert_close(got, [pipe(t) for t in texts], tol=1e-4)
+
+
+def test_a_hung_tokenizing_or_post_processing_is_a_hang_and_stop_ends_every_thread() -> None:
+    """The worker's liveness asks `stuck()`: a batch's tokenizing (on its own thread) that
+    hangs counts as a forward pass that hangs, so the worker stops beating and its jobs
+    run elsewhere (it was healthy for ever, holding them). A batch whose post-processing
+    fails after `stop()` still runs again and answers; the batcher's threads end."""
+    gate, hang = threading.Event(), threading.Event()
+    gate.set()
+    run, fake_stage, log = _fake(gate)
+
+    def stage(items: list[Any], params: dict[str, Any]) -> Any:
+        if "hang" in items:
+            hang.wait(10)
+        return fake_stage(items, params)
+
+    before = threading.active_count()
+    batcher = Batcher(run, max_batch_size=2, max_batch_wait_ms=0, stage=stage).start()
+    try:
+        jobs = [batcher.submit(f"j{i}", [x], {}) for i, x in enumerate(["a", "b", "hang", "c"])]
+        assert jobs[0].futures[0].result(timeout=10) == "staged a"
+        deadline = time.monotonic() + 5
+        while not batcher.stuck(0.5) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert batcher.stuck(0.5)
+        hang.set()
+        assert [j.futures[0].result(timeout=10) for j in jobs[2:]] == ["staged hang", "staged c"]
+        assert not batcher.stuck(0.5)
+        bad = batcher.submit("bad", ["x", "bad"], {})
+        while ["x", "bad"] not in log and time.monotonic() < deadline + 5:
+            time.sleep(0.01)
+        batcher.stop()  # while its post-processing runs, to fail
+        assert bad.futures[0].result(timeout=1) == "ran x"
+        assert isinstance(bad.futures[1].exception(timeout=1), ValueError)
+    finally:
+        batcher.stop()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before

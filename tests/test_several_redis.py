@@ -46,6 +46,7 @@ class Servers:
     b: str
     b_proc: subprocess.Popen[bytes]
     cluster: Cluster
+    a_proc: subprocess.Popen[bytes] | None = None
 
     @property
     def urls(self) -> list[str]:
@@ -92,7 +93,7 @@ def servers(
                 return bool(r.zcard(f"pipeq:workers:{name}"))
 
             wait_until(beats, 120, f"the worker of {name} beats on its own Redis")
-        yield Servers(cluster.url, a, b, b_proc, cluster)
+        yield Servers(cluster.url, a, b, b_proc, cluster, a_proc)
     finally:
         cluster.close()
         stop_process(a_proc)
@@ -388,3 +389,82 @@ def test_the_gateway_with_a_redis_down_fails_only_its_deployments(
             assert error["type"] == "BrokerUnavailable", (path, error)
             assert masked(servers.b) in error["error"], (path, error)
             assert PASSWORD not in r.text and took < 10, (path, took)
+
+
+def test_a_flood_of_requests_for_a_redis_that_is_down_holds_up_no_other_deployment(
+    servers: Servers, gateway: str
+) -> None:
+    """64 requests for beta (B is down) at once with 8 for alpha (A): each Redis has its
+    own submit threads, and B's calls fail at once for a second after one did not answer,
+    so alpha's jobs are answered as if B's flood were not there (before: the 8 shared
+    threads each waited 2 s a beta request, 64 / 8 x 2 s = 16 s before alpha's turn), and
+    every beta request is a 503 in bounded time (queued ones too: they fail at once
+    when their thread finds B marked down)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert servers.b_proc.poll() is not None, "B runs: an earlier test did not kill it"
+
+    def post(deployment: str) -> tuple[str, int, float]:
+        began = time.monotonic()
+        with httpx.Client(base_url=gateway, timeout=120) as http:
+            r = http.post(
+                "/v1/jobs",
+                json={"deployment": deployment, "inputs": "Is it still there?"},
+                headers={"Prefer": "wait=60"},
+            )
+        return deployment, r.status_code, time.monotonic() - began
+
+    with ThreadPoolExecutor(72) as pool:
+        answers = list(pool.map(post, ["beta"] * 64 + ["alpha"] * 8))
+    alpha = [a for a in answers if a[0] == "alpha"]
+    beta = [a for a in answers if a[0] == "beta"]
+    slowest = max(a[2] for a in alpha), max(b[2] for b in beta)
+    print(f"\nthe slowest answer: alpha's {slowest[0]:.1f} s, beta's {slowest[1]:.1f} s")
+    assert {code for _, code, _ in alpha} == {200}, alpha
+    assert {code for _, code, _ in beta} == {503}, beta
+    # measured: alpha 1.1-1.5 s, beta 3.0 s at most; before: alpha 7.9-12.4 s, beta 14 s
+    assert slowest[0] < 6 and slowest[1] < 10, (alpha, beta)
+
+
+def test_a_frozen_redis_holds_up_no_route_and_an_accepted_job_keeps_its_id(
+    servers: Servers, gateway: str
+) -> None:
+    """A (alpha's Redis) frozen (SIGSTOP: it neither answers nor refuses) while a
+    `Prefer: wait` request for an accepted alpha job waits: the request answers 202 with
+    the job's id once its wait ends (a 503 there made clients send the job again), and
+    `/health` (which reads no Redis, but the body limit read every Redis) answers at once
+    throughout. Thawed, the job runs."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert servers.a_proc is not None
+    alpha_worker = servers.cluster.workers[0]
+    alpha_worker.send_signal(signal.SIGSTOP)  # the job stays queued
+    try:
+        with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=gateway, timeout=60) as http:
+            waiting = pool.submit(
+                http.post,
+                "/v1/jobs",
+                json={"deployment": "alpha", "inputs": "Frozen, then thawed."},
+                headers={"Prefer": "wait=12"},
+            )
+            time.sleep(1.5)  # accepted, waiting
+            servers.a_proc.send_signal(signal.SIGSTOP)
+            try:
+                health = []
+                for _ in range(12):
+                    began = time.monotonic()
+                    assert http.get("/health").status_code == 200
+                    health.append(time.monotonic() - began)
+                    time.sleep(0.5)
+                r = waiting.result(timeout=60)
+            finally:
+                servers.a_proc.send_signal(signal.SIGCONT)
+            assert r.status_code == 202, r.text
+            job_id = r.json()["id"]
+            assert max(health) < 1.0, health
+            alpha_worker.send_signal(signal.SIGCONT)
+            done = http.get(f"/v1/jobs/{job_id}/result", params={"wait": 60})
+            assert done.status_code == 200 and is_sentiment(done.json()), done.text
+    finally:
+        alpha_worker.send_signal(signal.SIGCONT)

@@ -180,11 +180,14 @@ def _is_oom(e: BaseException) -> bool:
 
 
 class _Lane:
-    """One daemon thread that runs the calls submitted to it, in order."""
+    """One daemon thread that runs the calls submitted to it, in order, until closed."""
 
     def __init__(self, name: str) -> None:
-        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]]
-        self._calls = queue.SimpleQueue()
+        self._calls: queue.SimpleQueue[
+            tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None
+        ] = queue.SimpleQueue()
+        #: time.monotonic() when the call running now began; None between calls
+        self.busy_since: float | None = None
         threading.Thread(target=self._serve, name=name, daemon=True).start()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -192,14 +195,21 @@ class _Lane:
         self._calls.put((done, fn, args))
         return done
 
+    def close(self) -> None:
+        """The thread ends once the calls submitted before are done."""
+        self._calls.put(None)
+
     def _serve(self) -> None:
-        while True:
-            done, fn, args = self._calls.get()
+        while (call := self._calls.get()) is not None:
+            done, fn, args = call
+            self.busy_since = time.monotonic()
             try:
                 done.set_result(fn(*args))
             except BaseException as e:  # handed to the caller, which decides
                 done.set_exception(e)
-            del done, fn, args  # not the last batch's items held until the next call
+            finally:
+                self.busy_since = None
+            del call, done, fn, args  # not the last batch's items held until the next call
 
 
 class Batcher:
@@ -254,6 +264,9 @@ class Batcher:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout=10)
+        for lane in (self._ahead, self._behind):
+            if lane is not None:
+                lane.close()
 
     def submit(
         self, job_id: str, items: list[Any], params: dict[str, Any], rank: int = 1
@@ -285,9 +298,11 @@ class Batcher:
         return len(back)
 
     def stuck(self, limit_s: float) -> bool:
-        """A forward pass has run longer than `limit_s`: hung (a driver, a deadlock)."""
-        since = self.forward_since
-        return since is not None and time.monotonic() - since > limit_s
+        """A forward pass has run longer than `limit_s`: hung (a driver, a deadlock). With
+        pipelining, so has a batch's tokenizing or post-processing (its own thread)."""
+        now = time.monotonic()
+        lanes = [lane.busy_since for lane in (self._ahead, self._behind) if lane is not None]
+        return any(t is not None and now - t > limit_s for t in [self.forward_since, *lanes])
 
     @property
     def alive(self) -> bool:
@@ -315,7 +330,13 @@ class Batcher:
                 ahead = None
                 continue
             ahead = None
-            if batch is None:
+            if batch is None:  # stopping: what post-processing sends back runs first
+                if self._behind is not None:
+                    self._behind.submit(lambda: None).result()
+                    with self._cond:
+                        redo, self._redo = self._redo, []
+                    for items in redo:
+                        self._forward(items)
                 return
             try:
                 ahead = self._execute(batch, staged)
@@ -331,10 +352,10 @@ class Batcher:
             while True:
                 while not self._pending and not self._stopping and not self._redo:
                     self._cond.wait()
+                if self._redo:  # begun: run again by `run` (before stopping too)
+                    return self._redo.pop(0)
                 if self._stopping:
                     return None
-                if self._redo:  # admitted already: run again by `run`, an item at a time
-                    return self._redo.pop(0)
                 suspect = next((i for i in self._pending if i.alone), None)
                 if suspect is not None:
                     # first the rest of the jobs already begun, then the suspect alone

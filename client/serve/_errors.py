@@ -12,6 +12,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -184,10 +185,18 @@ def install_handlers(app: FastAPI) -> None:
         response.headers.update(exc.headers or {})
         return response
 
+    async def on_redis(request: Request, exc: Exception) -> JSONResponse:
+        # a Redis call no route turned into its own 503 (files, batches): the same answer
+        said = f"Redis did not answer ({type(exc).__name__})"
+        error = ApiError(503, "BrokerUnavailable", said, retry_after_s=5)
+        return error_response(error, getattr(request.state, "status_overrides", None))
+
     async def on_disconnect(request: Request, exc: Exception) -> Response:
         return Response(status_code=499)  # the client left: nobody reads this, nothing to log
 
     app.add_exception_handler(ClientDisconnect, on_disconnect)
+    app.add_exception_handler(redis.RedisError, on_redis)
+    app.add_exception_handler(TimeoutError, on_redis)  # `Gateway.bounded`'s
     app.add_exception_handler(PipeqError, on_error)
     app.add_exception_handler(ApiError, on_error)
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -27,7 +27,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +43,7 @@ from pipeq._config import Deployment
 from pipeq._ledger import META_PREFIX, job_key, stream_key, submitted_key
 from pipeq._redis import masked
 from pipeq._registry import DEPLOYMENTS_KEY, Announced
-from pipeq.errors import InvalidRequest, JobTimeout, NoLiveWorker, PipeqError
+from pipeq.errors import BrokerUnavailable, InvalidRequest, JobTimeout, NoLiveWorker, PipeqError
 from pipeq.serve._auth import LOCAL, RATE_SCRIPT, Caller, Keys
 from pipeq.serve._errors import ApiError
 from pipeq.serve._metrics import Metrics
@@ -73,6 +73,9 @@ RECHECK_S = 5.0
 ASYNC_CONNECTIONS = 256
 #: what closing waits for a background task or a connection pool at most (s)
 CLOSE_TIMEOUT_S = 2.0
+#: after a Redis did not answer a call (for `broker_timeout_s`), its deployments' calls
+#: fail at once this long (s): a flood of them holds no thread, and asks it again soon
+DOWN_FOR_S = 1.0
 #: `Retry-After` of a job still queued or running
 POLL_AFTER_S = 1
 #: the JSON of the request around `inputs` and `params` (for the body cap)
@@ -357,6 +360,11 @@ class Hub:
     aredis: Any
     results: ResultBus
     streams: StreamBus
+    #: the threads its deployments' sync calls run in (`Gateway.in_thread`): a Redis
+    #: that does not answer holds its own deployments' requests only
+    threads: ThreadPoolExecutor
+    #: time.monotonic() until which a call fails at once (it did not answer just now)
+    down_until: float = 0.0
 
     @property
     def url(self) -> str:
@@ -394,10 +402,9 @@ class Gateway:
         if self.webhooks is not None:
             for hub in self.hubs.values():
                 hub.results.listeners.append(self.webhooks.changed)
-        # concurrent.futures' pool: its queue is a SimpleQueue, whose hand-over cost a
-        # tenth of what anyio's Condition-based one did (py-spy --gil, a submit's CPU)
-        self.threads = ThreadPoolExecutor(settings.submit_threads, "pipeq-submit")
+        self.threads = self.home.threads
         self._body_limit = (0.0, 0)
+        self._body_limit_read: asyncio.Future[int] | None = None
 
     def _hub(self, url: str) -> Hub:
         aredis = _app.redis_target(url).aclient(
@@ -405,7 +412,17 @@ class Gateway:
             timeout=self.settings.broker_timeout_s * 5,
             socket_connect_timeout=_app.CONNECT_TIMEOUT_S,
         )
-        return Hub(self.client.broker_at(url), aredis, ResultBus(aredis), StreamBus(aredis))
+        # concurrent.futures' pool: its queue is a SimpleQueue, whose hand-over cost a
+        # tenth of what anyio's Condition-based one did (py-spy --gil, a submit's CPU)
+        threads = ThreadPoolExecutor(self.settings.submit_threads, "pipeq-submit")
+        broker = self.client.broker_at(url)
+        return Hub(broker, aredis, ResultBus(aredis), StreamBus(aredis), threads)
+
+    def hub_for(self, deployment: str | None) -> Hub | None:
+        """The Redis a deployment the config routes lives on; None for any other name (a
+        task, a model, a deployment of the default Redis)."""
+        url = self.client.routes.get(deployment or "")
+        return self.hubs[url] if url is not None else None
 
     @property
     def keys(self) -> Keys | None:
@@ -438,12 +455,20 @@ class Gateway:
         if self.webhooks is not None:
             await self.webhooks.start()
 
-    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` in one of the submit threads (the sync `Client`'s calls)."""
-        return await asyncio.get_running_loop().run_in_executor(self.threads, fn, *args)
+    async def in_thread(self, fn: Callable[..., T], *args: Any, hub: Hub | None = None) -> T:
+        """`fn(*args)` in one of the submit threads (the sync `Client`'s calls): `hub`'s,
+        when the call is about its deployments only, else the default Redis'. A `hub`
+        whose call raised BrokerUnavailable less than `DOWN_FOR_S` ago fails the next at
+        once (503) rather than each waiting `broker_timeout_s` in turn for a thread."""
+        loop = asyncio.get_running_loop()
+        if hub is None:
+            return await loop.run_in_executor(self.threads, fn, *args)
+        _check_up(hub)
+        return await loop.run_in_executor(hub.threads, _guarded, hub, fn, args)
 
     async def close(self) -> None:
-        self.threads.shutdown(wait=False)
+        for hub in self.hubs.values():
+            hub.threads.shutdown(wait=False)
         if self.webhooks is not None:
             await self.webhooks.close()
         for hub in self.hubs.values():
@@ -455,14 +480,22 @@ class Gateway:
 
     # -- limits -------------------------------------------------------------------------
     async def body_limit(self) -> int:
-        """Bytes a request body may have (`Settings.max_body_bytes`)."""
+        """Bytes a request body may have (`Settings.max_body_bytes`): the deployments'
+        largest, read again every 5 s by one task while requests go on with the last one
+        read (every request asks: a Redis that does not answer must hold none up)."""
         if self.settings.max_body_bytes is not None:
             return self.settings.max_body_bytes
         at, limit = self._body_limit
-        if time.monotonic() - at < 5.0 and limit:
+        reading = self._body_limit_read
+        if time.monotonic() - at >= 5.0 and (reading is None or reading.done()):
+            reading = self._body_limit_read = asyncio.ensure_future(self._read_body_limit())
+        if limit or reading is None:
             return limit
+        return await asyncio.shield(reading)  # the first: every request waits for one read
+
+    async def _read_body_limit(self) -> int:
         largest = _tasks.DEFAULT_LIMITS["request_bytes"]
-        with contextlib.suppress(ValueError, TypeError, KeyError):
+        with contextlib.suppress(Exception):  # none answers: the default, read again in 5 s
             found, _ = await self.deployments()
             for d in found.values():
                 limits = d.info.get("limits") or {}
@@ -478,7 +511,7 @@ class Gateway:
         slow the others' requests)."""
 
         async def announced(hub: Hub) -> dict[bytes, bytes]:
-            raw: dict[bytes, bytes] = await hub.aredis.hgetall(DEPLOYMENTS_KEY)
+            raw: dict[bytes, bytes] = await self.bounded(hub.aredis.hgetall(DEPLOYMENTS_KEY))
             return raw
 
         hubs = list(self.hubs.values())
@@ -545,6 +578,7 @@ class Gateway:
                     digest,
                     priority,
                     chosen,
+                    hub=self.hub_for(target),
                 )
                 if not created:  # the job an earlier identical request made
                     view = await self.read(job_id, where=view)
@@ -634,8 +668,14 @@ class Gateway:
             pipe.get(META_PREFIX + job_id)
             if hub is self.home:
                 pipe.hgetall(webhook_key(job_id))
-            got: list[Any] = await pipe.execute()
+            got: list[Any] = await self.bounded(pipe.execute())
         return hub, got
+
+    async def bounded(self, call: Awaitable[T]) -> T:
+        """`call`, or TimeoutError (an OSError, as a refused connection is) after
+        `broker_timeout_s`: a Redis that stopped answering without refusing (frozen,
+        partitioned) costs a request that long, not the socket's own timeout."""
+        return await asyncio.wait_for(call, self.settings.broker_timeout_s)
 
     async def read(
         self, job_id: str, caller: Caller | None = None, *, where: JobView | None = None
@@ -747,12 +787,22 @@ class Gateway:
         return view
 
     async def wait(self, view: JobView, timeout_s: float) -> JobView:
-        """The job once done, or as it is after `timeout_s`."""
+        """The job once done, or as it is after `timeout_s`. While its Redis does not
+        answer, the job as last seen: it was accepted, and the caller gets its id (a 503
+        would have a client send it again: a second job)."""
         if view.status.done or timeout_s <= 0:
             return view
         with self.watch(view.id) as watch:
             # read after watching: a result stored meanwhile is seen either way
-            return await self._wait(watch, await self.read(view.id, where=view), timeout_s)
+            return await self._wait(watch, await self._reread(view), timeout_s)
+
+    async def _reread(self, view: JobView) -> JobView:
+        try:
+            return await self.read(view.id, where=view)
+        except ApiError as e:
+            if e.status != 503:
+                raise
+            return view
 
     async def _wait(self, watch: _Watch, view: JobView, timeout_s: float) -> JobView:
         deadline = time.monotonic() + timeout_s
@@ -772,7 +822,7 @@ class Gateway:
                 view = self._from_meta(view.id, view.deployment, view.created_at, meta, True)
                 view.webhook, view.priority, view.redis_url = hook, level, at
             else:  # a re-read: no message (or the subscription came back)
-                view = await self.read(view.id, where=view)
+                view = await self._reread(view)
                 if not view.status.done and not await self.live(view.deployment):
                     break  # no worker will take it soon: the caller says so now
         return view
@@ -805,7 +855,8 @@ class Gateway:
         if deployment is None:
             return True
         try:
-            await self.in_thread(self.client.broker(deployment).registry.require_live, deployment)
+            require = self.client.broker(deployment).registry.require_live
+            await self.in_thread(require, deployment, hub=self.hub_for(deployment))
         except NoLiveWorker:
             return False
         except Exception:  # Redis away: the wait goes on, as it did
@@ -815,7 +866,8 @@ class Gateway:
     async def cancel(self, view: JobView) -> str:
         """'cancelled', 'running' (its forward pass cannot be stopped), 'finished' or
         'unknown' (`_app.cancel_job`)."""
-        broker = self.hub_of(view).broker
+        hub = self.hub_of(view)
+        broker = hub.broker
         return await self.in_thread(
             broker.call,
             _app.cancel_job,
@@ -823,6 +875,7 @@ class Gateway:
             view.id,
             "cancelled by the producer",
             broker.ledger,
+            hub=hub,
         )
 
     async def stream_entries(
@@ -937,6 +990,26 @@ def _new_id() -> str:
     import uuid
 
     return str(uuid.uuid4())
+
+
+def _check_up(hub: Hub) -> None:
+    """BrokerUnavailable if `hub` did not answer a call less than `DOWN_FOR_S` ago."""
+    if hub.down_until > time.monotonic():
+        raise BrokerUnavailable(
+            f"Redis at {masked(hub.url)} did not answer less than {DOWN_FOR_S:g} s ago: not "
+            "asked again yet"
+        )
+
+
+def _guarded(hub: Hub, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    """`fn(*args)` in `hub`'s thread, unless it was found down while the call waited for
+    the thread (then at once); its BrokerUnavailable marks it down."""
+    _check_up(hub)
+    try:
+        return fn(*args)
+    except BrokerUnavailable:
+        hub.down_until = time.monotonic() + DOWN_FOR_S
+        raise
 
 
 def _unavailable(e: BaseException, hub: Hub) -> ApiError:

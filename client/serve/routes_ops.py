@@ -30,7 +30,7 @@ async def ready(gw: Gateway = GatewayDep) -> dict[str, object]:
 
     async def answers(hub: Hub) -> BaseException | None:
         try:
-            await hub.aredis.ping()
+            await gw.bounded(hub.aredis.ping())
         except (redis.RedisError, OSError) as e:
             return e
         return None
