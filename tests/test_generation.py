@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeq import Client, InvalidRequest, JobCancelled, JobState, JobTimeout
+from pipeq import Client, InvalidRequest, JobCancelled, JobState, JobTimeout, StreamRestarted
 from pipeq._ledger import stream_key
 
 from .cluster import renamed, wait_until
@@ -192,15 +192,27 @@ def test_a_worker_killed_mid_stream_loses_no_job_and_the_stream_says_it_restarte
         for t in readers:
             t.join(120)
         got = [j.result(timeout=60) for j in jobs]
+        restarted = {
+            i for i, j in enumerate(jobs) if sum("start" in e for e in entries(client, j.id)) > 1
+        }
     knife_edges = 0
     for (prompt, ps), result, i in zip(others, got, range(len(jobs)), strict=True):
         alone = _in_process_seeded(deployments, prompt, **ps)
-        if result != alone:  # allowed only on a near-tie that a batch's last bits flip
+        edge = result != alone
+        if edge:  # allowed only on a near-tie that a batch's last bits flip
             assert _in_process_seeded(deployments, prompt, logits_noise=1e-6, **ps) != alone, (
                 prompt,
                 ps,
             )
             knife_edges += 1
+        if isinstance(followed[i], StreamRestarted) and i in restarted:
+            # a near-tie in the attempt the kill cut short (on a loaded host more of the 99
+            # run there): it drew another token, the next attempt made other text, and the
+            # reader says so, as it must
+            if not edge:
+                assert _in_process_seeded(deployments, prompt, logits_noise=1e-6, **ps) != alone
+                knife_edges += 1
+            continue
         assert followed[i] == result[0]["generated_text"], followed[i]
     assert knife_edges <= 1  # one of these 99 (seed 8): docs/generation.md
     assert "".join(read) == text
