@@ -312,6 +312,7 @@ class Batcher:
     # -- the batcher thread --------------------------------------------------------
     def _loop(self) -> None:
         ahead: tuple[list[_Item], Any] | None = None  # formed and staged while the model ran
+        drained = False  # stopping: the post-processing lane has no call left
         while True:
             batch, staged = None, None
             try:
@@ -330,13 +331,11 @@ class Batcher:
                 ahead = None
                 continue
             ahead = None
-            if batch is None:  # stopping: what post-processing sends back runs first
-                if self._behind is not None:
+            if batch is None:  # stopping: once post-processing is done, what it sent back
+                if self._behind is not None and not drained:  # runs (`_next_batch`'s redo)
                     self._behind.submit(lambda: None).result()
-                    with self._cond:
-                        redo, self._redo = self._redo, []
-                    for items in redo:
-                        self._forward(items)
+                    drained = True
+                    continue
                 return
             try:
                 ahead = self._execute(batch, staged)
@@ -373,16 +372,25 @@ class Batcher:
                         break
                     self._cond.wait(0.02)  # earlier jobs' results are being stored
                     continue
-                oldest = min(self._pending, key=lambda i: i.rank)  # the first of its level
-                peers = [i for i in self._pending if i.key == oldest.key]
+                oldest, peers = self._leading_peers()
                 wait = oldest.arrived + self.max_batch_wait_s - time.monotonic()
                 if len(peers) >= self.max_batch_size or wait <= 0:
                     batch = self._by_level(peers)
                     break
                 self._cond.wait(wait)
-            chosen = {id(i) for i in batch}
-            self._pending = [i for i in self._pending if id(i) not in chosen]
+            self._take(batch)
         return batch
+
+    def _leading_peers(self) -> tuple[_Item, list[_Item]]:
+        """The oldest item of the most urgent level, and the waiting items that share its
+        parameters, in waiting order (under `_cond`)."""
+        oldest = min(self._pending, key=lambda i: i.rank)  # the first of its level
+        return oldest, [i for i in self._pending if i.key == oldest.key]
+
+    def _take(self, batch: list[_Item]) -> None:
+        """`batch` out of the waiting items (under `_cond`)."""
+        chosen = {id(i) for i in batch}
+        self._pending = [i for i in self._pending if id(i) not in chosen]
 
     def _by_level(self, peers: list[_Item]) -> list[_Item]:
         """`max_batch_size` of `peers`, most urgent level first; the last level reached
@@ -527,13 +535,11 @@ class Batcher:
                 return None
             if any(i.alone for i in self._pending):
                 return None
-            oldest = min(self._pending, key=lambda i: i.rank)
-            peers = [i for i in self._pending if i.key == oldest.key]
+            _, peers = self._leading_peers()
             if len(peers) < self.max_batch_size:
                 return None
             batch = self._by_level(peers)
-            chosen = {id(i) for i in batch}
-            self._pending = [i for i in self._pending if id(i) not in chosen]
+            self._take(batch)
         return batch, self._staged(batch)
 
     def _prepared(self, ahead: tuple[list[_Item], Any]) -> tuple[list[_Item] | None, Any]:
